@@ -1,0 +1,31 @@
+# Every target creates .venv from nothing when it is missing; nothing depends on hand installs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/quickstart.yaml
+
+.PHONY: setup run test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) jobs/build_catalog.py --config $(CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+bench: $(STAMP)
+	$(PY) -m pytest -q -s tests/benchmarks -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check hspace pipeline jobs tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
