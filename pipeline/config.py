@@ -1,0 +1,650 @@
+"""Build configuration: strict pydantic models loaded from YAML, checked before any work starts.
+
+A config names the model, the sampler, how many seeded samples to draw and how to cut them into
+seed blocks (the unit of work and of resumption), the Ray resources, where the run data and the
+catalog live (fsspec URLs + storage_options) and the settings of every stage. Anything wrong -- an
+unknown key, a wrong type, an impossible value, a sampler with more steps than the model was
+trained with -- raises :class:`ConfigError` whose message names the field
+(``sampler.num_inference_steps: ...``); command-line entry points turn it into exit code 2.
+
+:func:`plan` is the dry run: seed blocks, shards, rows and bytes a build will write, computed from
+the config and the model's ``unet/config.json`` without loading weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "AggregateConfig",
+    "AnnotateConfig",
+    "BuildConfig",
+    "CatalogConfig",
+    "ConfigError",
+    "EvaluateConfig",
+    "GenerateConfig",
+    "JacobianSpec",
+    "ModelConfig",
+    "ModelInfo",
+    "PCAConfig",
+    "Plan",
+    "ResourcesConfig",
+    "SamplerConfig",
+    "SeedBlock",
+    "StorageConfig",
+    "describe_model",
+    "load_config",
+    "load_config_or_exit",
+    "main",
+    "plan",
+    "seed_blocks",
+    "validate_config",
+]
+
+#: Exit status of a command-line entry point given a bad config (same as argparse usage errors).
+CONFIG_ERROR_EXIT_CODE = 2
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConfigError(ValueError):
+    """A build config is invalid; ``errors`` holds ``(field, message)`` pairs, the message names them."""
+
+    def __init__(self, errors: Sequence[tuple[str, str]], source: str | None = None) -> None:
+        self.errors = list(errors)
+        self.source = source
+        head = f"invalid build config {source}" if source else "invalid build config"
+        lines = [f"  {field}: {msg}" if field else f"  {msg}" for field, msg in self.errors]
+        super().__init__(head + ":\n" + "\n".join(lines))
+
+
+class _Strict(BaseModel):
+    """Base of every section: unknown keys and silent type coercions are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Which diffusion model: ``toy`` (the shipped toy model), a local directory or a hub id."""
+
+    source: str = Field(min_length=1)
+    revision: str | None = None
+    #: h-space shape [C, H, W]; needed only for dry runs of hub models not present locally.
+    h_shape: list[int] | None = Field(default=None, min_length=3, max_length=3)
+    #: Training steps of the model; read from the scheduler config when it is present.
+    num_train_timesteps: int | None = Field(default=None, gt=0)
+
+    @field_validator("h_shape")
+    @classmethod
+    def _positive_shape(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(d <= 0 for d in v):
+            raise ValueError(f"every dimension must be positive, got {v}")
+        return v
+
+
+class SamplerConfig(_Strict):
+    """The seeded sampler: DDPM (eta 1, the paper's default) or DDIM (eta 0), any eta."""
+
+    kind: Literal["ddpm", "ddim"] = "ddpm"
+    num_inference_steps: int = Field(default=50, gt=0)
+    eta: float | None = Field(default=None, ge=0.0)
+
+
+class GenerateConfig(_Strict):
+    """Seeds ``seed_start .. seed_start + n_samples - 1``, cut into blocks of ``seeds_per_block``."""
+
+    n_samples: int = Field(gt=0)
+    seed_start: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=32, gt=0)
+    seeds_per_block: int = Field(default=256, gt=0)
+
+
+class ResourcesConfig(_Strict):
+    """Ray resources: the actor pool size and what each actor reserves."""
+
+    workers: int = Field(default=1, gt=0)
+    num_gpus_per_worker: float = Field(default=0.0, ge=0.0)
+    num_cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    #: Passed to ``ray.init(address=...)``; None starts or joins the local / RAY_ADDRESS cluster.
+    ray_address: str | None = None
+
+    @property
+    def device(self) -> str:
+        """``cuda`` when workers reserve GPUs, else ``cpu``."""
+        return "cuda" if self.num_gpus_per_worker > 0 else "cpu"
+
+
+class StorageConfig(_Strict):
+    """Where the run's intermediate data lives (any fsspec URL)."""
+
+    run_url: str = Field(min_length=1)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class CatalogConfig(_Strict):
+    """Where the published catalog lives and under which model name and ref."""
+
+    url: str = Field(min_length=1)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    ref: str = Field(default="latest", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class PCAConfig(_Strict):
+    """Streaming per-timestep PCA (paper Sec. IV-A): k components at the chosen sampler steps."""
+
+    n_components: int = Field(default=16, gt=0)
+    #: Sampler step indices (0 = noisiest); None = every step.
+    steps: list[int] | None = None
+    backend: Literal["torch", "sklearn"] = "torch"
+    batch_size: int = Field(default=256, gt=0)
+    #: Checkpoint an actor's state to the run dir every this many batches.
+    checkpoint_every: int = Field(default=8, gt=0)
+    steps_per_actor: int = Field(default=10, gt=0)
+    num_cpus_per_actor: float = Field(default=1.0, gt=0.0)
+    num_gpus_per_actor: float = Field(default=0.0, ge=0.0)
+
+
+class AnnotateConfig(_Strict):
+    """Attribute classifier that scores the final images: ``toy`` or a local/URL directory."""
+
+    classifier: str = Field(default="toy", min_length=1)
+    #: Attributes to build directions for; None = every attribute of the classifier.
+    attributes: list[str] | None = Field(default=None, min_length=1)
+    batch_size: int = Field(default=64, gt=0)
+
+
+class AggregateConfig(_Strict):
+    """Supervised directions (paper eq. 11) from quantiles, disentangling (eq. 12), baselines."""
+
+    quantile: float = Field(default=0.1, gt=0.0, le=0.5)
+    #: direction -> directions to project out of it.
+    disentangle: dict[str, list[str]] = Field(default_factory=dict)
+    random_baselines: int = Field(default=2, ge=0)
+
+
+class EvaluateConfig(_Strict):
+    """Effect matrix on held-out seeds: every direction at every scale, scored by the classifier."""
+
+    seed_start: int = Field(ge=0)
+    n_seeds: int = Field(default=16, gt=0)
+    scales: list[float] = Field(default_factory=lambda: [-2.0, 2.0], min_length=1)
+    units: Literal["sigma", "raw"] = "sigma"
+    batch_size: int = Field(default=16, gt=0)
+
+
+class JacobianSpec(_Strict):
+    """One image-specific Jacobian direction set (paper Alg. 1/2) at ``seed`` and sampler ``step``."""
+
+    name: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$")
+    seed: int = Field(ge=0)
+    step: int = Field(ge=0)
+    k: int = Field(default=3, gt=0)
+    method: Literal["subspace", "sequential"] = "subspace"
+    #: Pixel box [y0, x0, y1, x1] (end-exclusive) of a local edit; None = whole image.
+    mask: list[int] | None = Field(default=None, min_length=4, max_length=4)
+
+    @field_validator("mask")
+    @classmethod
+    def _box(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            y0, x0, y1, x1 = v
+            if min(v) < 0 or y1 <= y0 or x1 <= x0:
+                raise ValueError(f"mask must be [y0, x0, y1, x1] with 0 <= y0 < y1, 0 <= x0 < x1, got {v}")
+        return v
+
+
+class BuildConfig(_Strict):
+    """A whole catalog build. Cross-field checks that need no model live here; see :func:`validate_config`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelConfig
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    generate: GenerateConfig
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    storage: StorageConfig
+    catalog: CatalogConfig
+    pca: PCAConfig = Field(default_factory=PCAConfig)
+    annotate: AnnotateConfig | None = None
+    aggregate: AggregateConfig | None = None
+    evaluate: EvaluateConfig | None = None
+    jacobian: list[JacobianSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> BuildConfig:
+        errors = _cross_field_errors(self)
+        if errors:
+            # Raised as a plain ValueError so pydantic wraps it; validate_config re-splits the fields.
+            raise ValueError("\n".join(f"{f}: {m}" for f, m in errors))
+        return self
+
+    @property
+    def torch_dtype(self) -> Any:
+        """The torch dtype named by ``dtype`` (torch imported lazily)."""
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    @property
+    def pca_steps(self) -> list[int]:
+        """Sampler steps the PCA covers (every step when ``pca.steps`` is None)."""
+        if self.pca.steps is None:
+            return list(range(self.sampler.num_inference_steps))
+        return sorted(self.pca.steps)
+
+    @property
+    def seeds(self) -> range:
+        """Every generation seed."""
+        return range(self.generate.seed_start, self.generate.seed_start + self.generate.n_samples)
+
+
+def _cross_field_errors(cfg: BuildConfig) -> list[tuple[str, str]]:
+    """Checks between fields of one config (no model, no I/O)."""
+    errors: list[tuple[str, str]] = []
+    steps = cfg.sampler.num_inference_steps
+    if cfg.pca.steps is not None:
+        if not cfg.pca.steps:
+            errors.append(("pca.steps", "must list at least one step (or be null for all steps)"))
+        bad = [s for s in cfg.pca.steps if not 0 <= s < steps]
+        if bad:
+            errors.append(("pca.steps", f"steps {bad} outside 0..{steps - 1} (sampler.num_inference_steps={steps})"))
+        if len(set(cfg.pca.steps)) != len(cfg.pca.steps):
+            errors.append(("pca.steps", f"duplicate steps in {cfg.pca.steps}"))
+    if cfg.pca.n_components > cfg.generate.n_samples:
+        errors.append(
+            ("pca.n_components", f"{cfg.pca.n_components} exceeds generate.n_samples={cfg.generate.n_samples}")
+        )
+    if cfg.pca.backend == "sklearn" and cfg.pca.batch_size < cfg.pca.n_components:
+        errors.append(
+            ("pca.batch_size", f"{cfg.pca.batch_size} < pca.n_components={cfg.pca.n_components}; "
+             "scikit-learn's partial_fit needs at least n_components rows per batch")
+        )
+    if cfg.aggregate is not None and cfg.annotate is None:
+        errors.append(("aggregate", "needs an annotate section (a classifier to score samples)"))
+    if cfg.evaluate is not None and cfg.annotate is None:
+        errors.append(("evaluate", "needs an annotate section (the classifier scores the edits)"))
+    if cfg.evaluate is not None:
+        lo, hi = cfg.evaluate.seed_start, cfg.evaluate.seed_start + cfg.evaluate.n_seeds
+        g0, g1 = cfg.generate.seed_start, cfg.generate.seed_start + cfg.generate.n_samples
+        if lo < g1 and g0 < hi:
+            errors.append(
+                ("evaluate.seed_start", f"evaluation seeds {lo}..{hi - 1} overlap the generation seeds "
+                 f"{g0}..{g1 - 1}; held-out seeds must be disjoint")
+            )
+    if cfg.aggregate is not None:
+        attrs = cfg.annotate.attributes if cfg.annotate is not None else None
+        for target, others in cfg.aggregate.disentangle.items():
+            field = f"aggregate.disentangle.{target}"
+            if not others:
+                errors.append((field, "list at least one direction to project out"))
+            if target in others:
+                errors.append((field, f"'{target}' cannot be projected out of itself"))
+            if attrs is not None:
+                unknown = [a for a in [target, *others] if a not in attrs]
+                if unknown:
+                    errors.append((field, f"unknown attributes {unknown}; annotate.attributes is {attrs}"))
+    if cfg.aggregate is not None and cfg.generate.n_samples * cfg.aggregate.quantile < 1:
+        errors.append(
+            ("aggregate.quantile", f"{cfg.aggregate.quantile} of generate.n_samples={cfg.generate.n_samples} "
+             "selects no sample")
+        )
+    for i, spec in enumerate(cfg.jacobian):
+        if spec.step >= steps:
+            errors.append((f"jacobian[{i}].step", f"{spec.step} outside 0..{steps - 1}"))
+    names = [s.name for s in cfg.jacobian if s.name]
+    if len(set(names)) != len(names):
+        errors.append(("jacobian", f"duplicate names {names}"))
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# The model, described without loading weights
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the pipeline needs to know about a model before loading it.
+
+    ``location`` is a local directory or a hub id; ``h_shape`` / ``image_size`` /
+    ``num_train_timesteps`` are None when neither the model files nor the config give them.
+    """
+
+    location: str
+    revision: str | None
+    is_local: bool
+    h_shape: tuple[int, int, int] | None
+    image_size: int | None
+    num_train_timesteps: int | None
+
+
+def _toy_model_dir() -> Path:
+    try:
+        from hspace.toy import TOY_MODEL_DIR
+    except ImportError as e:  # the toy package is part of this project; a broken install is fatal
+        raise ConfigError([("model.source", f"'toy' needs hspace.toy.TOY_MODEL_DIR, which failed to import: {e}")]) from e
+    return Path(TOY_MODEL_DIR)
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or "\\" in source or not _HUB_ID.match(source)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    with path.open() as f:
+        return json.load(f)
+
+
+def unet_h_shape(unet_config: dict[str, Any]) -> tuple[tuple[int, int, int], int]:
+    """``(h_shape, image_size)`` of a diffusers ``UNet2DModel`` config.
+
+    The mid-block sees ``block_out_channels[-1]`` channels at the input size divided by two for
+    every down block except the last (diffusers adds no downsampler to the final block).
+    """
+    size = unet_config["sample_size"]
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    channels = int(unet_config["block_out_channels"][-1])
+    n_down = len(unet_config["down_block_types"])
+    side = size // (2 ** (n_down - 1))
+    return (channels, side, side), size
+
+
+def _local_config_files(root: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    unet = _read_json(root / "unet" / "config.json") or _read_json(root / "config.json")
+    sched = _read_json(root / "scheduler" / "scheduler_config.json")
+    return unet, sched
+
+
+def _hub_cached_config_files(repo_id: str, revision: str | None) -> tuple[dict | None, dict | None]:
+    """Configs of a hub model from the local Hugging Face cache only (never the network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None, None
+    out: list[dict | None] = []
+    for name in ("unet/config.json", "scheduler/scheduler_config.json"):
+        hit = try_to_load_from_cache(repo_id, name, revision=revision)
+        out.append(_read_json(Path(hit)) if isinstance(hit, str) else None)
+    return out[0], out[1]
+
+
+def describe_model(model: ModelConfig) -> ModelInfo:
+    """Resolve ``model.source`` and read its shapes from config files (no weights loaded).
+
+    Raises ConfigError naming ``model.source`` for a missing local directory and ``model.h_shape``
+    / ``model.num_train_timesteps`` when an explicit value contradicts the model's own config.
+    """
+    source = model.source
+    if source == "toy":
+        root = _toy_model_dir()
+        if not root.is_dir():
+            raise ConfigError([("model.source", f"toy model directory {root} does not exist (toy weights not built)")])
+        unet_cfg, sched_cfg = _local_config_files(root)
+        location, is_local = str(root), True
+    elif Path(source).expanduser().is_dir():
+        root = Path(source).expanduser()
+        unet_cfg, sched_cfg = _local_config_files(root)
+        if unet_cfg is None:
+            raise ConfigError([("model.source", f"{root} has no unet/config.json (expected DDPMPipeline layout)")])
+        location, is_local = str(root), True
+    elif _looks_like_path(source):
+        raise ConfigError([("model.source", f"local model directory {source!r} does not exist")])
+    else:
+        unet_cfg, sched_cfg = _hub_cached_config_files(source, model.revision)
+        location, is_local = source, False
+
+    errors: list[tuple[str, str]] = []
+    h_shape = tuple(model.h_shape) if model.h_shape is not None else None
+    image_size = None
+    if unet_cfg is not None:
+        derived, image_size = unet_h_shape(unet_cfg)
+        if h_shape is not None and h_shape != derived:
+            errors.append(("model.h_shape", f"{list(h_shape)} contradicts the model's unet config ({list(derived)})"))
+        h_shape = derived
+    n_train = model.num_train_timesteps
+    if sched_cfg is not None and "num_train_timesteps" in sched_cfg:
+        derived_n = int(sched_cfg["num_train_timesteps"])
+        if n_train is not None and n_train != derived_n:
+            errors.append(("model.num_train_timesteps", f"{n_train} contradicts the scheduler config ({derived_n})"))
+        n_train = derived_n
+    if errors:
+        raise ConfigError(errors)
+    return ModelInfo(location, model.revision, is_local, h_shape, image_size, n_train)  # type: ignore[arg-type]
+
+
+def _model_errors(cfg: BuildConfig, info: ModelInfo) -> list[tuple[str, str]]:
+    errors: list[tuple[str, str]] = []
+    steps = cfg.sampler.num_inference_steps
+    if info.num_train_timesteps is not None and steps > info.num_train_timesteps:
+        errors.append(
+            ("sampler.num_inference_steps", f"{steps} exceeds the model's num_train_timesteps={info.num_train_timesteps}")
+        )
+    if info.h_shape is not None:
+        dim = math.prod(info.h_shape)
+        if cfg.pca.n_components > dim:
+            errors.append(("pca.n_components", f"{cfg.pca.n_components} exceeds the h-space dimension {dim}"))
+    if info.image_size is not None:
+        for i, spec in enumerate(cfg.jacobian):
+            if spec.mask is not None and max(spec.mask[2], spec.mask[3]) > info.image_size:
+                errors.append((f"jacobian[{i}].mask", f"{spec.mask} exceeds the {info.image_size}px image"))
+    return errors
+
+
+def _classifier_errors(cfg: BuildConfig) -> list[tuple[str, str]]:
+    if cfg.annotate is None or cfg.annotate.classifier == "toy" or "://" in cfg.annotate.classifier:
+        return []
+    path = Path(cfg.annotate.classifier).expanduser()
+    if not path.is_dir():
+        return [("annotate.classifier", f"classifier directory {path} does not exist")]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _split_validation_error(e: ValidationError) -> list[tuple[str, str]]:
+    errors: list[tuple[str, str]] = []
+    for err in e.errors():
+        loc = _format_loc(tuple(err["loc"]))
+        msg = err["msg"]
+        if err["type"] == "value_error" and not loc:
+            # Our own cross-field errors: "field: message" lines.
+            for line in str(err.get("ctx", {}).get("error", msg)).splitlines():
+                field, _, rest = line.partition(": ")
+                errors.append((field, rest) if rest else ("", line))
+            continue
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if err["type"] not in ("missing", "extra_forbidden") and "input" in err:
+            shown = repr(err["input"])
+            msg += f" (got {shown if len(shown) < 80 else shown[:77] + '...'})"
+        errors.append((loc, msg))
+    return errors
+
+
+def validate_config(data: Any, *, source: str | None = None, check_model: bool = True) -> BuildConfig:
+    """Validate a config mapping; with ``check_model`` also check it against the model's config files."""
+    if not isinstance(data, dict):
+        raise ConfigError([("", f"top level must be a mapping, got {type(data).__name__}")], source)
+    try:
+        cfg = BuildConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_split_validation_error(e), source) from None
+    if check_model:
+        try:
+            info = describe_model(cfg.model)
+        except ConfigError as e:
+            raise ConfigError(e.errors, source) from None
+        errors = _model_errors(cfg, info) + _classifier_errors(cfg)
+        if errors:
+            raise ConfigError(errors, source)
+    return cfg
+
+
+def load_config(path: str | Path, *, check_model: bool = True) -> BuildConfig:
+    """Read and validate a YAML build config; raises ConfigError (or FileNotFoundError for the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"build config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError([("", f"not valid YAML: {e}")], str(path)) from None
+    return validate_config(data, source=str(path), check_model=check_model)
+
+
+def load_config_or_exit(path: str | Path, *, check_model: bool = True) -> BuildConfig:
+    """For CLIs: load the config, or print what is wrong to stderr and exit with status 2."""
+    try:
+        return load_config(path, check_model=check_model)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(CONFIG_ERROR_EXIT_CODE) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Seed blocks and the dry-run plan
+
+
+@dataclass(frozen=True)
+class SeedBlock:
+    """Seeds ``start .. stop - 1``: the unit of generation work, of shards and of resumption."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def key(self) -> str:
+        """Stable manifest key; a block whose range changed (grown run) is a different block."""
+        return f"{self.start:012d}-{self.stop:012d}"
+
+    @property
+    def seeds(self) -> range:
+        return range(self.start, self.stop)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def seed_blocks(cfg: BuildConfig) -> list[SeedBlock]:
+    """Blocks of ``seeds_per_block`` consecutive seeds from ``seed_start``; the last may be short."""
+    g = cfg.generate
+    end = g.seed_start + g.n_samples
+    return [
+        SeedBlock(i, s, min(s + g.seeds_per_block, end))
+        for i, s in enumerate(range(g.seed_start, end, g.seeds_per_block))
+    ]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Dry-run numbers of a build (nothing executed)."""
+
+    n_samples: int
+    n_steps: int
+    n_blocks: int
+    n_activation_shards: int
+    n_sample_shards: int
+    rows: int
+    h_shape: tuple[int, int, int] | None
+    bytes_per_row: int | None
+    estimated_bytes: int | None
+    pca_steps: int
+    pca_actors: int
+    workers: int
+    device: str
+
+    def summary(self) -> str:
+        """Human-readable lines for ``--dry-run``."""
+        size = "unknown (set model.h_shape)" if self.estimated_bytes is None else _human_bytes(self.estimated_bytes)
+        return "\n".join(
+            [
+                f"samples:            {self.n_samples} in {self.n_blocks} seed blocks",
+                f"sampler steps:      {self.n_steps}",
+                f"activation shards:  {self.n_activation_shards} (+{self.n_sample_shards} sample shards)",
+                f"activation rows:    {self.rows}",
+                f"h shape:            {list(self.h_shape) if self.h_shape else 'unknown'}",
+                f"activation bytes:   {size} (float16, before compression)",
+                f"pca:                {self.pca_steps} steps over {self.pca_actors} actors",
+                f"workers:            {self.workers} on {self.device}",
+            ]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000  # type: ignore[assignment]
+    raise AssertionError("unreachable")
+
+
+def plan(cfg: BuildConfig, info: ModelInfo | None = None) -> Plan:
+    """Dry run: blocks, shards (one per step per block), rows (seed x step) and float16 h bytes."""
+    if info is None:
+        info = describe_model(cfg.model)
+    steps = cfg.sampler.num_inference_steps
+    blocks = seed_blocks(cfg)
+    rows = cfg.generate.n_samples * steps
+    per_row = 2 * math.prod(info.h_shape) if info.h_shape is not None else None
+    n_pca = len(cfg.pca_steps)
+    return Plan(
+        n_samples=cfg.generate.n_samples,
+        n_steps=steps,
+        n_blocks=len(blocks),
+        n_activation_shards=len(blocks) * steps,
+        n_sample_shards=len(blocks),
+        rows=rows,
+        h_shape=info.h_shape,
+        bytes_per_row=per_row,
+        estimated_bytes=rows * per_row if per_row is not None else None,
+        pca_steps=n_pca,
+        pca_actors=math.ceil(n_pca / cfg.pca.steps_per_actor),
+        workers=cfg.resources.workers,
+        device=cfg.resources.device,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.config CONFIG...``: validate configs and print their dry-run plans (exit 2 if bad)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.config", description=main.__doc__)
+    parser.add_argument("configs", nargs="+", help="YAML build configs")
+    args = parser.parse_args(argv)
+    for path in args.configs:
+        cfg = load_config_or_exit(path)
+        print(f"{path}: ok ({cfg.name})")
+        print(plan(cfg).summary())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,450 @@
+"""Run storage: activation and sample shards as parquet, and the run manifest, on any fsspec URL.
+
+Layout under the run URL::
+
+    _manifest.json                                   completed seed blocks and their shards
+    activations/t=<step>/part-<worker>-<n>.parquet   seed int64, step int16, timestep int16,
+                                                     h fixed_shape_tensor(float16, [C, H, W])
+    samples/part-<worker>-<n>.parquet                seed int64, png binary (final image)
+
+A shard counts only once the manifest lists it (path, rows, bytes, sha256), so a crashed worker
+leaves at most an unlisted file that a re-run overwrites or ignores. The manifest is replaced
+atomically (written to a temporary name, then moved), and only the driver writes it. Readers check
+every shard's size and sha256 before parsing it, so a truncated or corrupt file fails loudly with
+its path instead of feeding garbage to the PCA. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "BlockRecord",
+    "CorruptShardError",
+    "RunStore",
+    "ShardInfo",
+    "StepBatch",
+    "activation_table",
+    "samples_table",
+]
+
+MANIFEST_NAME = "_manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+
+
+class CorruptShardError(IOError):
+    """A listed shard is missing, truncated, fails its checksum, or is not valid parquet."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One parquet file of the run: path relative to the run root, rows, bytes, sha256, step (or None)."""
+
+    path: str
+    rows: int
+    bytes: int
+    sha256: str
+    step: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256, "step": self.step}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShardInfo:
+        return cls(str(d["path"]), int(d["rows"]), int(d["bytes"]), str(d["sha256"]), d.get("step"))
+
+
+@dataclass(frozen=True)
+class BlockRecord:
+    """A completed seed block: seeds ``start .. stop - 1``, one activation shard per step, one sample shard."""
+
+    key: str
+    start: int
+    stop: int
+    activations: tuple[ShardInfo, ...]
+    samples: ShardInfo
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def shard_for_step(self, step: int) -> ShardInfo:
+        for s in self.activations:
+            if s.step == step:
+                return s
+        raise KeyError(f"block {self.key} has no activation shard for step {step}")
+
+    @property
+    def n_seeds(self) -> int:
+        return self.stop - self.start
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "start": self.start,
+            "stop": self.stop,
+            "activations": [s.to_dict() for s in self.activations],
+            "samples": self.samples.to_dict(),
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BlockRecord:
+        return cls(
+            key=str(d["key"]),
+            start=int(d["start"]),
+            stop=int(d["stop"]),
+            activations=tuple(ShardInfo.from_dict(s) for s in d["activations"]),
+            samples=ShardInfo.from_dict(d["samples"]),
+            extra=dict(d.get("extra", {})),
+        )
+
+    @property
+    def bytes(self) -> int:
+        return self.samples.bytes + sum(s.bytes for s in self.activations)
+
+
+@dataclass
+class StepBatch:
+    """Rows of one sampler step: ``seeds`` [N] int64 and ``h`` [N, C, H, W] float16."""
+
+    step: int
+    seeds: np.ndarray
+    h: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def activation_table(seeds: Sequence[int] | np.ndarray, step: int, timestep: int, h: np.ndarray) -> pa.Table:
+    """Rows of one step: ``h`` [N, C, H, W] stored as Arrow's canonical fixed_shape_tensor (float16)."""
+    h = np.ascontiguousarray(np.asarray(h, dtype=np.float16))
+    seeds = np.asarray(seeds, dtype=np.int64)
+    if h.ndim != 4 or h.shape[0] != seeds.shape[0]:
+        raise ValueError(f"h must be [N, C, H, W] with N = len(seeds) = {seeds.shape[0]}, got {tuple(h.shape)}")
+    n = seeds.shape[0]
+    return pa.table(
+        {
+            "seed": pa.array(seeds, pa.int64()),
+            "step": pa.array(np.full(n, step, np.int16), pa.int16()),
+            "timestep": pa.array(np.full(n, timestep, np.int16), pa.int16()),
+            "h": pa.FixedShapeTensorArray.from_numpy_ndarray(h),
+        }
+    )
+
+
+def samples_table(seeds: Sequence[int] | np.ndarray, pngs: Sequence[bytes]) -> pa.Table:
+    """Final images of seeds as PNG bytes."""
+    if len(seeds) != len(pngs):
+        raise ValueError(f"{len(seeds)} seeds but {len(pngs)} images")
+    return pa.table({"seed": pa.array(np.asarray(seeds, np.int64), pa.int64()), "png": pa.array(pngs, pa.binary())})
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    """Parquet with zstd; ``h`` gets byte-stream-split and no dictionary (random floats do not repeat)."""
+    names = table.column_names
+    dictionary = [c for c in ("step", "timestep") if c in names]
+    split = ["h.list.element"] if "h" in names else False
+    buf = io.BytesIO()
+    pq.write_table(
+        table,
+        buf,
+        compression="zstd",
+        use_dictionary=dictionary,
+        use_byte_stream_split=split,
+        row_group_size=max(1, table.num_rows),
+    )
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+class RunStore:
+    """A run directory on any fsspec URL: shards, checkpoints and the manifest.
+
+    ``RunStore(url, storage_options)`` resolves the filesystem once with ``fsspec.core.url_to_fs``;
+    every path handed out or recorded is relative to the run root.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
+
+    def __repr__(self) -> str:
+        return f"RunStore({self.url!r})"
+
+    # -- paths and raw bytes ------------------------------------------------------------------
+
+    def abspath(self, rel: str) -> str:
+        """Filesystem path of a path relative to the run root."""
+        return posixpath.join(self.root, rel)
+
+    def describe(self, rel: str) -> str:
+        """A path as a user-readable URL (for error messages)."""
+        return posixpath.join(self.url.rstrip("/"), rel)
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.abspath(rel))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a file (parents created). Not atomic by itself; see :meth:`write_bytes_atomic`."""
+        path = self.abspath(rel)
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with self.fs.open(path, "wb") as f:
+            f.write(data)
+
+    def write_bytes_atomic(self, rel: str, data: bytes) -> None:
+        """Write to a unique temporary name, then move over ``rel``: readers see old or new, never half."""
+        tmp = f"{rel}.tmp-{uuid.uuid4().hex}"
+        self.write_bytes(tmp, data)
+        try:
+            self.fs.mv(self.abspath(tmp), self.abspath(rel))
+        except BaseException:
+            self.delete(tmp)
+            raise
+
+    def read_bytes(self, rel: str) -> bytes:
+        path = self.abspath(rel)
+        if not self.fs.exists(path):
+            raise FileNotFoundError(f"{self.describe(rel)} does not exist")
+        return self.fs.cat_file(path)
+
+    def delete(self, rel: str, recursive: bool = False) -> None:
+        path = self.abspath(rel)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=recursive)
+
+    def write_table(self, rel: str, table: pa.Table, step: int | None = None) -> ShardInfo:
+        """Write a parquet shard and return what the manifest records about it."""
+        data = _parquet_bytes(table)
+        self.write_bytes(rel, data)
+        return ShardInfo(rel, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), step)
+
+    def write_activations(
+        self, step: int, timestep: int, seeds: Sequence[int] | np.ndarray, h: np.ndarray, worker: str, n: int
+    ) -> ShardInfo:
+        """``activations/t=<step>/part-<worker>-<n>.parquet`` with h [N, C, H, W] as float16."""
+        rel = f"activations/t={step}/part-{worker}-{n:06d}.parquet"
+        return self.write_table(rel, activation_table(seeds, step, timestep, h), step=step)
+
+    def write_samples(self, seeds: Sequence[int] | np.ndarray, pngs: Sequence[bytes], worker: str, n: int) -> ShardInfo:
+        """``samples/part-<worker>-<n>.parquet`` with the final images as PNG bytes."""
+        return self.write_table(f"samples/part-{worker}-{n:06d}.parquet", samples_table(seeds, pngs))
+
+    # -- verified reads -------------------------------------------------------------------------
+
+    def verified_bytes(self, shard: ShardInfo) -> bytes:
+        """The shard's bytes after checking size and sha256 against the manifest."""
+        try:
+            data = self.read_bytes(shard.path)
+        except FileNotFoundError as e:
+            raise CorruptShardError(f"{self.describe(shard.path)}: listed in the manifest but missing") from e
+        if len(data) != shard.bytes:
+            raise CorruptShardError(
+                f"{self.describe(shard.path)}: {len(data)} bytes, manifest says {shard.bytes} (truncated or rewritten)"
+            )
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != shard.sha256:
+            raise CorruptShardError(f"{self.describe(shard.path)}: sha256 {digest[:12]}... does not match the manifest")
+        return data
+
+    def open_shard(self, shard: ShardInfo, verify: bool = True) -> pq.ParquetFile:
+        """A ParquetFile over the verified bytes; parquet errors are re-raised naming the file."""
+        data = self.verified_bytes(shard) if verify else self.read_bytes(shard.path)
+        try:
+            pf = pq.ParquetFile(pa.BufferReader(data))
+        except (pa.ArrowException, OSError) as e:
+            raise CorruptShardError(f"{self.describe(shard.path)}: not a valid parquet file: {e}") from e
+        if pf.metadata.num_rows != shard.rows:
+            raise CorruptShardError(f"{self.describe(shard.path)}: {pf.metadata.num_rows} rows, manifest says {shard.rows}")
+        return pf
+
+    def read_table(self, shard: ShardInfo, columns: Sequence[str] | None = None, verify: bool = True) -> pa.Table:
+        pf = self.open_shard(shard, verify=verify)
+        try:
+            return pf.read(columns=list(columns) if columns is not None else None)
+        except (pa.ArrowException, OSError) as e:
+            raise CorruptShardError(f"{self.describe(shard.path)}: cannot read parquet data: {e}") from e
+
+    # -- the manifest ---------------------------------------------------------------------------
+
+    def read_manifest(self) -> dict[str, Any]:
+        """The manifest, or an empty one for a new run."""
+        if not self.exists(MANIFEST_NAME):
+            return {"schema_version": MANIFEST_SCHEMA_VERSION, "identity": None, "blocks": {}, "stages": {}}
+        try:
+            manifest = json.loads(self.read_bytes(MANIFEST_NAME))
+        except json.JSONDecodeError as e:
+            raise CorruptShardError(f"{self.describe(MANIFEST_NAME)}: not valid JSON: {e}") from e
+        if manifest.get("schema_version") != MANIFEST_SCHEMA_VERSION:
+            raise ValueError(
+                f"{self.describe(MANIFEST_NAME)}: schema_version {manifest.get('schema_version')!r}, "
+                f"this code reads {MANIFEST_SCHEMA_VERSION}"
+            )
+        return manifest
+
+    def update_manifest(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Read, apply ``change`` in place, write atomically. Only the driver calls this (single writer)."""
+        manifest = self.read_manifest()
+        change(manifest)
+        self.write_bytes_atomic(MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        return manifest
+
+    def identity(self) -> dict[str, Any] | None:
+        return self.read_manifest()["identity"]
+
+    def ensure_identity(self, identity: dict[str, Any]) -> None:
+        """Record what generated this run, or refuse to mix data from a different model/sampler."""
+        current = self.read_manifest()["identity"]
+        if current is None:
+            self.update_manifest(lambda m: m.__setitem__("identity", identity))
+            return
+        normal = json.loads(json.dumps(identity))  # tuples -> lists, as stored
+        diff = sorted(k for k in set(current) | set(normal) if current.get(k) != normal.get(k))
+        if diff:
+            details = "; ".join(f"{k}: run has {current.get(k)!r}, config gives {normal.get(k)!r}" for k in diff)
+            raise ValueError(
+                f"run {self.url} was generated with different settings ({details}); "
+                "use a new storage.run_url or delete the run"
+            )
+
+    def blocks(self) -> dict[str, BlockRecord]:
+        """Completed seed blocks by key, in seed order."""
+        raw = self.read_manifest()["blocks"]
+        records = [BlockRecord.from_dict(d) for d in raw.values()]
+        return {r.key: r for r in sorted(records, key=lambda r: r.start)}
+
+    def add_blocks(self, records: Iterable[BlockRecord]) -> None:
+        """List completed blocks; a listed block whose seed range overlaps a new one is replaced."""
+        records = list(records)
+        if not records:
+            return
+
+        def change(m: dict[str, Any]) -> None:
+            for rec in records:
+                stale = [k for k, d in m["blocks"].items() if d["start"] < rec.stop and rec.start < d["stop"]]
+                for k in stale:
+                    del m["blocks"][k]
+                m["blocks"][rec.key] = rec.to_dict()
+
+        self.update_manifest(change)
+
+    def remove_blocks(self, keys: Iterable[str]) -> None:
+        keys = set(keys)
+        self.update_manifest(lambda m: [m["blocks"].pop(k, None) for k in keys])
+
+    def stage(self, name: str) -> dict[str, Any] | None:
+        """What a stage recorded about itself (None if nothing)."""
+        return self.read_manifest()["stages"].get(name)
+
+    def record_stage(self, name: str, info: dict[str, Any]) -> None:
+        """Record a stage's result (JSON-serialisable) in the manifest."""
+        self.update_manifest(lambda m: m["stages"].__setitem__(name, info))
+
+    # -- readers --------------------------------------------------------------------------------
+
+    def _select(self, blocks: Iterable[str] | None) -> list[BlockRecord]:
+        all_blocks = self.blocks()
+        if blocks is None:
+            return list(all_blocks.values())
+        wanted = list(blocks)
+        missing = [k for k in wanted if k not in all_blocks]
+        if missing:
+            raise KeyError(f"blocks {missing} are not completed in run {self.url}")
+        return sorted((all_blocks[k] for k in wanted), key=lambda r: r.start)
+
+    def iter_step_batches(
+        self, step: int, batch_size: int, blocks: Iterable[str] | None = None
+    ) -> Iterator[StepBatch]:
+        """Rows of one step in seed order, ``batch_size`` at a time (the last batch may be shorter).
+
+        Only one shard and one batch are in memory at a time. ``blocks`` restricts to those block
+        keys (e.g. the new blocks of a grown run).
+        """
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        pending_s: list[np.ndarray] = []
+        pending_h: list[np.ndarray] = []
+        n_pending = 0
+        for rec in self._select(blocks):
+            pf = self.open_shard(rec.shard_for_step(step))
+            for rb in pf.iter_batches(batch_size=batch_size, columns=["seed", "h"]):
+                pending_s.append(rb.column("seed").to_numpy())
+                pending_h.append(rb.column("h").to_numpy_ndarray())
+                n_pending += rb.num_rows
+                while n_pending >= batch_size:
+                    seeds, h = np.concatenate(pending_s), np.concatenate(pending_h)
+                    yield StepBatch(step, seeds[:batch_size], h[:batch_size])
+                    pending_s, pending_h = [seeds[batch_size:]], [h[batch_size:]]
+                    n_pending -= batch_size
+        if n_pending:
+            yield StepBatch(step, np.concatenate(pending_s), np.concatenate(pending_h))
+
+    def read_h(self, seeds: Sequence[int], steps: Sequence[int] | None = None) -> np.ndarray:
+        """h of the given seeds, [N, T, C, H, W] float16 in the order given (steps: all recorded by default).
+
+        Reads only the blocks that contain the seeds (for aggregate: the top/bottom quantiles).
+        """
+        want = np.asarray(list(seeds), dtype=np.int64)
+        recs = self._select(None)
+        if steps is None:
+            steps = sorted({s.step for r in recs for s in r.activations if s.step is not None})
+        steps = list(steps)
+        owner: dict[int, BlockRecord] = {}
+        starts = np.array([r.start for r in recs], dtype=np.int64)  # blocks are disjoint and sorted
+        missing = []
+        for s in want.tolist():
+            i = int(np.searchsorted(starts, s, side="right")) - 1
+            if i < 0 or not recs[i].start <= s < recs[i].stop:
+                missing.append(s)
+            else:
+                owner[s] = recs[i]
+        if missing:
+            raise KeyError(f"seeds {missing[:10]}{'...' if len(missing) > 10 else ''} are in no completed block of {self.url}")
+        out: np.ndarray | None = None
+        by_block: dict[str, tuple[BlockRecord, list[int]]] = {}
+        for pos, s in enumerate(want.tolist()):
+            by_block.setdefault(owner[s].key, (owner[s], []))[1].append(pos)
+        for rec, positions in by_block.values():
+            for ti, step in enumerate(steps):
+                table = self.read_table(rec.shard_for_step(step), columns=["seed", "h"])
+                block_seeds = table.column("seed").to_numpy()
+                h = table.column("h").combine_chunks().to_numpy_ndarray()
+                if out is None:
+                    out = np.empty((len(want), len(steps), *h.shape[1:]), dtype=np.float16)
+                row_of = {int(s): i for i, s in enumerate(block_seeds)}
+                idx = [row_of[int(want[p])] for p in positions]
+                out[positions, ti] = h[idx]
+        if out is None:
+            raise ValueError("no seeds requested")
+        return out
+
+    def read_samples(self, blocks: Iterable[str] | None = None) -> pa.Table:
+        """Final images: a table (seed int64, png binary) sorted by seed."""
+        tables = [self.read_table(r.samples) for r in self._select(blocks)]
+        if not tables:
+            return samples_table([], [])
+        return pa.concat_tables(tables).sort_by("seed")
+
+    def summary(self) -> dict[str, int]:
+        """Blocks, samples, activation rows and bytes listed in the manifest."""
+        recs = list(self.blocks().values())
+        return {
+            "blocks": len(recs),
+            "samples": sum(r.n_seeds for r in recs),
+            "rows": sum(s.rows for r in recs for s in r.activations),
+            "bytes": sum(r.bytes for r in recs),
+        }
