@@ -305,7 +305,7 @@ def save_directions(
 
     tensors, metadata = directions_to_safetensors(directions)
     data = save(tensors, metadata=metadata)
-    _write_bytes(url, data, storage_options)
+    write_bytes(url, data, storage_options)
 
 
 def load_directions(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Direction]:
@@ -318,7 +318,7 @@ def read_safetensors(
     url: str, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors and string metadata of a safetensors file on an fsspec URL."""
-    data = _read_bytes(url, storage_options)
+    data = read_bytes(url, storage_options)
     return safetensors_from_bytes(data, url)
 
 
@@ -339,7 +339,8 @@ def safetensors_from_bytes(data: bytes, what: str = "<bytes>") -> tuple[dict[str
     return load(data), dict(metadata)
 
 
-def _write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None) -> None:
+def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write bytes to an fsspec URL, creating parent folders."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
@@ -350,7 +351,8 @@ def _write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | Non
         f.write(data)
 
 
-def _read_bytes(url: str, storage_options: Mapping[str, Any] | None) -> bytes:
+def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """Read the bytes at an fsspec URL; FileNotFoundError names the URL when missing."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
