@@ -31,8 +31,10 @@ Guarantees per backend:
   rename) and re-reads to verify; a lock older than ``lock_timeout_s`` is considered stale and
   broken. That is a CAS among cooperating writers on local disks and in one process for
   ``memory://``, and best effort elsewhere.
-- publishing never moves a ref backwards: if the ref already names a version id that sorts after
-  the new one, it is left alone (ids are UTC timestamps, so "after" means "published later").
+- publishing never moves a ref backwards: if the ref already names a generated version id (UTC
+  timestamp + random suffix) that sorts after the new one, it is left alone. Explicit version ids
+  given by the caller are not compared; they should sort by time, as ``versions()`` and ``gc``
+  order versions by id.
 """
 
 from __future__ import annotations
@@ -212,6 +214,10 @@ def _mtime(info: Mapping[str, Any]) -> float | None:
         except ValueError:
             continue
     return None
+
+
+def _is_generated_id(version: str) -> bool:
+    return _VERSION_TS_RE.match(version) is not None
 
 
 def _version_timestamp(version: str) -> float | None:
@@ -536,6 +542,9 @@ class Catalog:
             if not isinstance(f, dict) or not {"path", "sha256", "bytes"} <= set(f):
                 raise ValueError(f"{path}: every entry of 'files' needs path, sha256 and bytes, got {f!r}")
             _check_relpath(f["path"], f"file path in {path}")
+        for d in manifest["directions"]:
+            if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+                raise ValueError(f"{path}: every entry of 'directions' needs a name, got {d!r}")
         return manifest
 
     def version(self, model: str, ref_or_version: str = "latest") -> CatalogVersion:
@@ -729,12 +738,12 @@ class Catalog:
         self._update_ref(model, ref, update)
 
     def _advance_ref(self, model: str, ref: str, version: str) -> None:
-        """Move ``ref`` to ``version`` unless it already names a version that sorts after it."""
+        """Move ``ref`` to ``version`` unless it names a later generated version id (no moving back)."""
 
         def update(current: dict[str, Any] | None) -> dict[str, Any] | None:
             now = None if current is None else current["version"]
-            if now is not None and now > version:
-                return None
+            if now is not None and _is_generated_id(now) and _is_generated_id(version) and now > version:
+                return None  # a later publish already moved it
             return {"version": version, "updated": _utc_now(), "previous": now}
 
         self._update_ref(model, ref, update)
@@ -883,9 +892,11 @@ class _RefLock:
                 return self
             except FileExistsError:
                 pass
-            if self._stale():
-                try:
-                    fs.rm_file(self.path)
+            stale = self._stale_content()
+            if stale is not None:
+                try:  # re-check right before removing, so a lock just re-taken is left alone
+                    if fs.cat_file(self.path) == stale:
+                        fs.rm_file(self.path)
                 except FileNotFoundError:
                     pass
                 continue
@@ -896,14 +907,18 @@ class _RefLock:
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    def _stale(self) -> bool:
+    def _stale_content(self) -> bytes | None:
+        """The lock's bytes if it is older than the timeout (its holder presumably died), else None."""
+        fs = self.catalog.fs
         try:
-            created = json.loads(self.catalog.fs.cat_file(self.path))["created"]
+            data = fs.cat_file(self.path)
+            try:
+                created = float(json.loads(data)["created"])
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+                created = _mtime(fs.info(self.path)) or 0.0  # half-written lock: use its mtime
         except FileNotFoundError:
-            return False
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            created = _mtime(self.catalog.fs.info(self.path)) or 0.0  # half-written lock: use its mtime
-        return time.time() - float(created) > self.catalog.lock_timeout_s
+            return None
+        return data if time.time() - created > self.catalog.lock_timeout_s else None
 
     def __exit__(self, *exc: object) -> None:
         try:

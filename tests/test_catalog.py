@@ -141,6 +141,11 @@ def test_publish_never_moves_ref_backwards(cat):
     old = cat.publish("toy", [make_direction("smile", 2)], metadata=META, version=old_id)
     assert cat.versions("toy") == [old, new]
     assert cat.resolve("toy") == new
+    # Explicit ids are not ordered against generated ones: the ref simply moves.
+    cat.publish("toy", [make_direction("smile", 3)], metadata=META, version="zz-manual")
+    assert cat.resolve("toy") == "zz-manual"
+    newest = cat.publish("toy", [make_direction("smile", 4)], metadata=META)
+    assert cat.resolve("toy") == newest
 
 
 def test_tampered_file_raises_checksum_error_naming_it(cat):
@@ -371,3 +376,13 @@ def test_hub_ids_map_to_catalog_model_names():
     assert hcat.model_key("google/ddpm-ema-celebahq-256") == "google--ddpm-ema-celebahq-256"
     with pytest.raises(ValueError, match="model"):
         hcat.model_key("../x")
+
+
+def test_manifest_listing_a_path_outside_the_version_is_rejected(local_cat):
+    v = local_cat.publish("m", [make_direction("d", 1)], metadata=META, version="v1")
+    path = f"{local_cat.root}/m/versions/{v}/manifest.json"
+    manifest = json.loads(local_cat.fs.cat_file(path))
+    manifest["files"].append({"path": "../../../etc/passwd", "sha256": "0" * 64, "bytes": 1})
+    local_cat.fs.pipe_file(path, json.dumps(manifest).encode())
+    with pytest.raises(ValueError, match="file path"):
+        local_cat.version("m", v)
