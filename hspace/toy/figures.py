@@ -1,0 +1,129 @@
+"""Pictures for people: image grids, edit strips and effect-matrix heatmaps, drawn with PIL only.
+
+Kept apart from the math (GANSpace keeps its viewer apart from its estimators). ``python -m
+hspace.toy.figures --out docs/images`` renders the README's figures from the shipped toy model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[..., 3, H, W] floats in [0, 1] -> [..., H, W, 3] uint8."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
+
+
+def image_grid(images: torch.Tensor, upscale: int = 3, pad: int = 2, labels: Sequence[str] | None = None) -> Image.Image:
+    """A grid from images [R, C, 3, H, W] (or [N, 3, H, W] as one row), nearest-neighbour upscaled.
+
+    ``labels`` (one per row) are written to the left of each row.
+    """
+    if images.ndim == 4:
+        images = images[None]
+    rows, cols, _, h, w = images.shape
+    arr = to_uint8(images)
+    cell_h, cell_w = h * upscale, w * upscale
+    left = 0 if labels is None else 8 + 7 * max(len(s) for s in labels)
+    canvas = Image.new("RGB", (left + cols * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r in range(rows):
+        if labels is not None:
+            draw.text((4, pad + r * (cell_h + pad) + cell_h // 2 - 5), labels[r], fill=(0, 0, 0))
+        for c in range(cols):
+            tile = Image.fromarray(arr[r, c]).resize((cell_w, cell_h), Image.NEAREST)
+            canvas.paste(tile, (left + pad + c * (cell_w + pad), pad + r * (cell_h + pad)))
+    return canvas
+
+
+def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str = "", cell: int = 64) -> Image.Image:
+    """A diverging heatmap (blue negative, red positive) with the value written in each cell."""
+    m = np.asarray(matrix, dtype=np.float64)
+    scale = float(np.nanmax(np.abs(m))) or 1.0
+    left, top = 8 + 7 * max(len(r) for r in rows), 40
+    img = Image.new("RGB", (left + cell * len(cols) + 8, top + cell * len(rows) + 8), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    d.text((4, 4), title, fill=(0, 0, 0))
+    for j, c in enumerate(cols):
+        d.text((left + j * cell + 2, top - 14), c[:10], fill=(0, 0, 0))
+    for i, r in enumerate(rows):
+        d.text((4, top + i * cell + cell // 2 - 5), r, fill=(0, 0, 0))
+        for j in range(len(cols)):
+            v = m[i, j] / scale
+            color = (255, int(255 * (1 - v)), int(255 * (1 - v))) if v >= 0 else (int(255 * (1 + v)), int(255 * (1 + v)), 255)
+            x0, y0 = left + j * cell, top + i * cell
+            d.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=color, outline=(200, 200, 200))
+            d.text((x0 + 6, y0 + cell // 2 - 5), f"{m[i, j]:+.2f}", fill=(0, 0, 0))
+    return img
+
+
+def render_readme_figures(out: Path, steps: int = 20, n_train: int = 512) -> dict:
+    """Samples grid, PCA and supervised edit strips and the disentangling heatmap of the toy model."""
+    from hspace.directions import disentangle, supervised_direction
+    from hspace.pca import PerTimestepPCA
+    from hspace.sampling import HSpaceSampler
+    from hspace.toy import load_toy_classifier, load_toy_model
+    from hspace.toy.evaluate import edit_effects, score_images, with_step_norms
+    from hspace.toy.world import make_dataset
+
+    out.mkdir(parents=True, exist_ok=True)
+    model, clf = load_toy_model(), load_toy_classifier()
+    sampler = HSpaceSampler(model, sampler="ddpm", num_inference_steps=steps)
+    samples = sampler.sample(list(range(48)), record_h=False).images
+    image_grid(samples.reshape(4, 12, *samples.shape[1:])).save(out / "samples.png")
+    real, _ = make_dataset(range(48))
+    real_t = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 255
+    image_grid(real_t.reshape(4, 12, *real_t.shape[1:])).save(out / "world.png")
+
+    seeds = list(range(1_000_000, 1_000_000 + n_train))
+    traj = sampler.sample(seeds, batch_size=256)
+    scores = score_images(clf, traj.images)
+    pca = PerTimestepPCA(n_components=6, n_steps=steps, timesteps=sampler.timesteps)
+    for i in range(0, n_train, 128):
+        pca.partial_fit(traj.h[i : i + 128])
+    strip_seeds = [11, 12, 13]
+    rows, labels = [], []
+    for j in range(4):
+        strips = sampler.sample_edits(strip_seeds, pca.direction(j, name=f"pc{j}"), [-3, -1.5, 0, 1.5, 3], units="sigma")
+        rows.append(strips[0])
+        labels.append(f"pc{j}")
+    image_grid(torch.stack(rows), labels=labels).save(out / "pca_edits.png")
+
+    dirs = {a: supervised_direction(traj.h, scores[:, clf.index(a)], 0.2, a, timesteps=sampler.timesteps)
+            for a in ("grey_hair", "glasses", "hat", "smile", "eyes_open", "pose")}
+    rows, labels = [], []
+    for a, d in dirs.items():
+        rows.append(sampler.sample_edits([21], d, [-1.0, -0.5, 0, 0.5, 1.0])[0])
+        labels.append(a)
+    image_grid(torch.stack(rows), labels=labels).save(out / "supervised_edits.png")
+
+    g, a = dirs["glasses"], dirs["grey_hair"]
+    table = [g, with_step_norms(disentangle(g, [a], name="glasses_perp_grey"), g.norm_per_step()),
+             a, with_step_norms(disentangle(a, [g], name="grey_perp_glasses"), a.norm_per_step())]
+    eff = edit_effects(sampler, clf, table, list(range(4_000_000, 4_000_064)), [1.0])
+    cols = [c for c in clf.attributes]
+    m = eff.mean()[:, 0].numpy()
+    heatmap(m, [d.name for d in table], cols, title="effect (logit / value change) of each direction").save(
+        out / "disentangle_heatmap.png")
+    result = {"rows": [d.name for d in table], "columns": cols, "matrix": m.tolist()}
+    (out / "disentangle_matrix.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Render the README figures from the shipped toy model")
+    p.add_argument("--out", type=Path, default=Path("docs/images"))
+    p.add_argument("--steps", type=int, default=20)
+    a = p.parse_args()
+    print(json.dumps(render_readme_figures(a.out, a.steps), indent=2))
+
+
+if __name__ == "__main__":
+    main()

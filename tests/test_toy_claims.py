@@ -1,0 +1,253 @@
+"""The paper's claims, reproduced on the shipped toy model and judged by the shipped classifier.
+
+Every claim is compared with matched-norm random directions on the same seeds (identical noise),
+and every test prints its numbers (run with ``-s`` or read the captured log). Effects are read in
+classifier logits (binary factors) or values (continuous ones), never in probabilities, which
+saturate. Thresholds were set after measuring (numbers in the issue note): each lies well above
+the random baseline and below what the model reaches.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hspace.directions import disentangle, random_like, supervised_direction
+from hspace.inversion import psnr, reconstruct, reconstruction_report
+from hspace.jacobian import jacobian_directions
+from hspace.pca import PerTimestepPCA
+from hspace.sampling import Edit, HSpaceSampler
+from hspace.toy import load_toy_classifier, load_toy_model
+from hspace.toy.evaluate import edit_effects, sample_quality, score_images, with_step_norms
+from hspace.toy.world import make_dataset
+
+pytestmark = pytest.mark.slow
+
+STEPS = 20  # DDPM steps (eta = 1, the paper's default sampler)
+N_TRAIN = 512  # annotated model samples for PCA and supervised directions
+N_EVAL = 32  # held-out seeds per effect measurement
+N_RANDOM = 6  # random draws per baseline
+TRAIN_SEEDS = list(range(1_000_000, 1_000_000 + N_TRAIN))
+EVAL_SEEDS = list(range(2_000_000, 2_000_000 + N_EVAL))
+Q = 0.2  # top / bottom quantile for mean-difference directions
+GLOBAL = ["grey_hair", "glasses", "hat", "pose", "skin_tone", "background_hue"]
+
+
+def log(title: str, payload: dict) -> None:
+    print(f"\n[claim] {title}: {json.dumps(payload, indent=None, default=float)}")
+
+
+@pytest.fixture(scope="module")
+def world():
+    """Model, classifier, sampler, and N_TRAIN annotated samples with their h and x_T."""
+    torch.manual_seed(0)
+    model = load_toy_model()
+    clf = load_toy_classifier()
+    sampler = HSpaceSampler(model, sampler="ddpm", num_inference_steps=STEPS)
+    traj = sampler.sample(TRAIN_SEEDS, batch_size=256)
+    scores = score_images(clf, traj.images)
+    return {"model": model, "clf": clf, "sampler": sampler, "traj": traj, "scores": scores}
+
+
+@pytest.fixture(scope="module")
+def supervised(world):
+    """Mean-difference directions (eq. 11) per attribute, in h and in x_T."""
+    clf, traj, scores = world["clf"], world["traj"], world["scores"]
+    ts, fp = world["sampler"].timesteps, world["model"].fingerprint
+    dirs_h, dirs_x = {}, {}
+    for a in clf.attributes:
+        s = scores[:, clf.index(a)]
+        dirs_h[a] = supervised_direction(traj.h, s, Q, f"{a}", timesteps=ts, model_fingerprint=fp)
+        dirs_x[a] = supervised_direction(traj.x_T, s, Q, f"{a}_xT", space="x_T")
+    return dirs_h, dirs_x
+
+
+def test_sample_quality_is_reported_and_model_samples_look_like_the_world(world):
+    q = sample_quality(world["sampler"], world["clf"], list(range(3_000_000, 3_000_256)))
+    log("sample quality", q)
+    assert q["confident_fraction"] >= 0.75
+    for name, f in q["frequencies"].items():
+        assert abs(f["model"] - f["generator"]) <= 0.15, name
+
+
+def test_pca_directions_move_attributes_far_more_than_random(world):
+    """Claim 1: top principal directions each move some attribute beyond the random 95th percentile."""
+    model, clf, sampler, traj = world["model"], world["clf"], world["sampler"], world["traj"]
+    pca = PerTimestepPCA(n_components=6, n_steps=STEPS, timesteps=sampler.timesteps)
+    for i in range(0, N_TRAIN, 128):
+        pca.partial_fit(traj.h[i : i + 128])
+    k = 4
+    # every direction, PCA or random, edits with the same per-step norm: 2 sigma of component 0
+    norms = 2.0 * pca.explained_variance_[:, 0].sqrt().float()
+    pcs = [with_step_norms(pca.direction(j, name=f"pc{j}"), norms) for j in range(k)]
+    rnd = [with_step_norms(random_like(pcs[0], seed=100 + r, name=f"random{r}"), norms) for r in range(N_RANDOM)]
+    eff = edit_effects(sampler, clf, pcs + rnd, EVAL_SEEDS, [1.0])
+    mean = eff.mean()[:, 0].abs()  # [D, A]
+    p95 = torch.quantile(mean[k:], 0.95, dim=0)  # per attribute
+    table = {pcs[j].name: {a: round(float(mean[j, i]), 3) for i, a in enumerate(clf.attributes)} for j in range(k)}
+    ratio = (mean[:k] / p95.clamp_min(1e-6)).max(1)
+    log("pca effects |mean delta| (pcs)", table)
+    log("pca random p95", {a: round(float(p95[i]), 3) for i, a in enumerate(clf.attributes)})
+    log("pca best ratio to random p95", {pcs[j].name: round(float(ratio.values[j]), 2) for j in range(k)})
+    strong = [j for j in range(k) if ratio.values[j] > 3.0]
+    assert len(strong) >= 3, f"only {strong} of the top {k} PCs beat 3x the random p95"
+
+
+def test_supervised_directions_move_their_attribute_monotonically_on_most_seeds(world, supervised):
+    """Claim 2: mean-difference directions move their own attribute on >= 90% of seeds, monotonically."""
+    clf, sampler = world["clf"], world["sampler"]
+    dirs_h, dirs_x = supervised
+    attrs = list(clf.attributes)
+    eff = edit_effects(sampler, clf, [dirs_h[a] for a in attrs], EVAL_SEEDS, [0.5, 1.0])
+    rnd_dirs = [random_like(dirs_h[a], seed=7 + r, name=f"{a}_random{r}") for a in attrs for r in range(2)]
+    rnd = edit_effects(sampler, clf, rnd_dirs, EVAL_SEEDS, [1.0])
+    report, failures = {}, []
+    for i, a in enumerate(attrs):
+        c = clf.index(a)
+        d_half, d_full = eff.deltas[i, 0, :, c], eff.deltas[i, 1, :, c]
+        frac = float((d_full > 0).float().mean())
+        monotone = float(((d_full > d_half) & (d_half > 0)).float().mean())
+        rnd_mean = rnd.deltas[2 * i : 2 * i + 2, 0, :, c].mean(1).abs().max()
+        ratio = float(d_full.mean() / rnd_mean.clamp_min(1e-6))
+        report[a] = {"frac_intended": frac, "frac_monotone": monotone, "mean": float(d_full.mean()),
+                     "mean_half": float(d_half.mean()), "random_abs_mean": float(rnd_mean), "ratio": ratio}
+        if frac < 0.9 or d_full.mean() <= d_half.mean() or ratio < 5:
+            failures.append(a)
+    log("supervised (h) per attribute", report)
+    # x_T as the latent (paper Fig. 8a), at the same scale convention
+    eff_x = edit_effects_xT(sampler, clf, dirs_x, attrs, EVAL_SEEDS)
+    log("supervised (x_T) per attribute", eff_x)
+    assert not failures, f"attributes failing the 90% / monotone / 5x-random bar: {failures}"
+
+
+def edit_effects_xT(sampler, clf, dirs_x, attrs, seeds) -> dict:
+    """Shift x_T by the x_T mean-difference direction and report the same numbers."""
+    base = sampler.sample(seeds, record_h=False)
+    base_scores = score_images(clf, base.images)
+    out = {}
+    for a in attrs:
+        shifted = base.x_T + dirs_x[a].vector[None]
+        imgs = sampler.sample(seeds, x_T=shifted, record_h=False).images
+        d = score_images(clf, imgs)[:, clf.index(a)] - base_scores[:, clf.index(a)]
+        out[a] = {"frac_intended": float((d > 0).float().mean()), "mean": float(d.mean())}
+    return out
+
+
+def test_disentangling_cuts_the_cross_effect_of_the_correlated_pair(world, supervised):
+    """Claim 3 (Table I): projection removes most of glasses<->grey-hair entanglement at equal norm."""
+    clf, sampler = world["clf"], world["sampler"]
+    dirs_h, _ = supervised
+    g, a = dirs_h["glasses"], dirs_h["grey_hair"]
+    g_perp = with_step_norms(disentangle(g, [a], name="glasses_perp_grey"), g.norm_per_step())
+    a_perp = with_step_norms(disentangle(a, [g], name="grey_perp_glasses"), a.norm_per_step())
+    rows = [g, g_perp, a, a_perp]
+    seeds = list(range(4_000_000, 4_000_000 + 80))
+    eff = edit_effects(sampler, clf, rows, seeds, [1.0])
+    groups = eff.deltas[:, 0].reshape(len(rows), 10, 8, -1).mean(2)  # [D, 10 groups, A]
+    m, s = groups.mean(1), groups.std(1)
+    matrix = {d.name: {c: f"{m[i, j]:+.2f}±{s[i, j]:.2f}" for j, c in enumerate(clf.attributes)} for i, d in enumerate(rows)}
+    log("Table I effect matrix (mean±std over 10 groups of 8 seeds)", matrix)
+    cg, ca = clf.index("glasses"), clf.index("grey_hair")
+    cross_raw, cross_perp = float(m[0, ca]), float(m[1, ca])
+    own_raw, own_perp = float(m[0, cg]), float(m[1, cg])
+    log("glasses direction: cross-effect on grey hair raw vs disentangled", {"raw": cross_raw, "perp": cross_perp,
+        "own_raw": own_raw, "own_perp": own_perp})
+    log("grey direction: cross-effect on glasses raw vs disentangled", {"raw": float(m[2, cg]), "perp": float(m[3, cg]),
+        "own_raw": float(m[2, ca]), "own_perp": float(m[3, ca])})
+    assert abs(cross_perp) < 0.5 * abs(cross_raw)
+    assert own_perp > 0.6 * own_raw
+    assert abs(float(m[3, cg])) < 0.5 * abs(float(m[2, cg]))
+    assert float(m[3, ca]) > 0.6 * float(m[2, ca])
+
+
+def test_masked_jacobian_direction_stays_inside_the_mask(world):
+    """Claim 4: a masked Jacobian direction changes pixels mostly inside the mask; unmasked beat random."""
+    model, sampler = world["model"], world["sampler"]
+    seeds = [5_000_000, 5_000_001, 5_000_002, 5_000_003]
+    step = STEPS // 2
+    traj = sampler.sample(seeds, record_x=True)
+    mask = torch.zeros(32, 32)
+    mask[19:27, 9:23] = 1.0  # the mouth region of a centred face
+    area = float(mask.mean())
+    x_t, t = traj.x_t[:, step], int(sampler.timesteps[step])
+    masked = jacobian_directions(model, x_t, t, k=2, mask=mask)
+    free = jacobian_directions(model, x_t, t, k=2)
+    shares, ratios = [], []
+    for b, seed in enumerate(seeds):
+        v = masked.vectors[b, 0]
+        base = traj.images[b : b + 1]
+        for sign in (1.0, -1.0):
+            d = _as_direction(v * sign * 8.0 * traj.h[b].flatten(1).norm(dim=1).mean() / v.norm(), "jac")
+            img = sampler.sample([seed], edit=Edit(d, scales=1.0), record_h=False).images
+            energy = ((img - base) ** 2).sum(1)[0]
+            shares.append(float((energy * mask).sum() / energy.sum().clamp_min(1e-12)))
+        u = free.vectors[b, 0]
+        scale = 8.0 * traj.h[b].flatten(1).norm(dim=1).mean() / u.norm()
+        du = _as_direction(u * scale, "jac_free")
+        dr = _as_direction(random_like(du, seed=b).vector, "rand")
+        img_u = sampler.sample([seed], edit=Edit(du, scales=1.0), record_h=False).images
+        img_r = sampler.sample([seed], edit=Edit(dr, scales=1.0), record_h=False).images
+        ratios.append(float((img_u - base).pow(2).sum() / (img_r - base).pow(2).sum().clamp_min(1e-12)))
+    log("masked jacobian", {"mask_area_share": area, "energy_share_in_mask": shares, "mean_share": float(np.mean(shares)),
+        "unmasked_vs_random_energy_ratio": ratios, "singular_values_masked": masked.singular_values[:, :2].tolist(),
+        "singular_values_free": free.singular_values[:, :2].tolist()})
+    assert float(np.mean(shares)) > 3 * area
+    assert float(np.median(ratios)) > 2.0
+
+
+def _random_inversion(inv):
+    """The same inversion with x_T replaced by fresh noise: the reconstruction a broken inversion gives."""
+    import dataclasses
+
+    return dataclasses.replace(inv, x_T=torch.randn(inv.x_T.shape, generator=torch.Generator().manual_seed(0)))
+
+
+def _as_direction(vector: torch.Tensor, name: str):
+    from hspace.directions import Direction
+
+    return Direction(vector=vector.detach().float(), name=name, kind="jacobian")
+
+
+def test_h_swap_moves_global_attributes_towards_the_donor(world):
+    """Claim 5: rendering seed a with h_{T:1} of seed b moves a's global attributes toward b's."""
+    clf, sampler = world["clf"], world["sampler"]
+    a_seeds = list(range(6_000_000, 6_000_032))
+    b_seeds = list(range(6_100_000, 6_100_032))
+    sa = score_images(clf, sampler.sample(a_seeds, record_h=False).images)
+    sb = score_images(clf, sampler.sample(b_seeds, record_h=False).images)
+    ss = score_images(clf, sampler.h_swap(a_seeds, b_seeds).images)
+    report = {}
+    for a in GLOBAL:
+        c = clf.index(a)
+        before = (sa[:, c] - sb[:, c]).abs()
+        after = (ss[:, c] - sb[:, c]).abs()
+        report[a] = {"gap_before": float(before.mean()), "gap_after": float(after.mean()),
+                     "closed_fraction": float(1 - after.mean() / before.mean())}
+    log("h-swap: distance to donor's scores", report)
+    closed = [a for a in GLOBAL if report[a]["closed_fraction"] > 0.5]
+    assert len(closed) >= 4, f"h-swap closed more than half the gap for only {closed}"
+
+
+def test_real_images_are_inverted_reconstructed_and_edited(world, supervised):
+    """Claim 6: generator images (not model samples) -> DDIM inversion -> reconstruction -> edit."""
+    model, clf = world["model"], world["clf"]
+    dirs_h, _ = supervised
+    images, _ = make_dataset(range(7_000_000, 7_000_016))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    report = reconstruction_report(model, x, num_inference_steps=STEPS)
+    rec = report.reconstruction.images
+    noise_psnr = float(psnr(x, reconstruct(model, _random_inversion(report.inversion), record_h=False).images).mean())
+    results = {"psnr": report.psnr.tolist(), "psnr_mean": report.mean_psnr, "psnr_from_random_x_T": noise_psnr}
+    for a in ("grey_hair", "hat"):
+        c = clf.index(a)
+        edited = reconstruct(model, report.inversion, edit=Edit(dirs_h[a], scales=1.0), record_h=False).images
+        d = score_images(clf, edited)[:, c] - score_images(clf, rec)[:, c]
+        results[a] = {"frac_moved": float((d > 0).float().mean()), "mean_delta": float(d.mean())}
+    log("real images", results)
+    assert report.mean_psnr > 22.0
+    assert report.mean_psnr > noise_psnr + 10
+    for a in ("grey_hair", "hat"):
+        assert results[a]["frac_moved"] >= 0.8, a
