@@ -1,0 +1,446 @@
+"""Aggregate stage: turn scores and stored h into the catalog's directions (paper Sec. IV-V).
+
+Per attribute (classifier column; quantiles of the logit for a binary attribute, of the value for
+a continuous one):
+
+- ``<attr>``: the supervised mean-difference direction v_t = mean(h_t | top q) - mean(h_t | bottom q)
+  (eq. 11), from the h of those seeds only, read back through ``RunStore.read_h``;
+- ``<attr>_boundary``: a second supervised finder, InterFaceGAN-style: a linear boundary
+  (scikit-learn ``LogisticRegression``) fitted per step on the same top/bottom h, its unit normal
+  oriented towards the top group and scaled to the mean difference's norm at that step, so both
+  finders edit with the same strength and differ only in direction;
+- ``<target>_disentangled``: the mean difference with the span of the configured other
+  attributes' directions projected out (eq. 12);
+- ``random_<attr>_<i>``: matched-norm Gaussian baselines (same per-step norm as ``<attr>``).
+
+Plus ``pca_<j>`` from the PCA stage (sigma = sqrt of the explained variance) and, for configured
+seeds/steps/masks, ``jac_<name>_<i>`` Jacobian directions (Alg. 1/2, applied at every step).
+
+Every non-PCA direction gets an exact ``sigma[t]``: the standard deviation over all generated
+samples of h_t projected on the unit direction, from one streaming pass over the activation
+shards (Ray tasks per step), so that "gamma sigma" means the same thing for every kind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from hspace.directions import Direction, disentangle, mean_difference, random_like, select_quantiles
+from pipeline.storage import RunStore
+
+if TYPE_CHECKING:
+    from hspace.pca import PerTimestepPCA
+    from pipeline.config import BuildConfig
+
+__all__ = [
+    "AggregateResult",
+    "aggregate",
+    "attribute_directions",
+    "boundary_normal",
+    "mean_difference_and_boundary",
+    "projection_sigma_streaming",
+    "random_baselines",
+]
+
+#: Bytes of float32 h the per-attribute task holds at a time (steps are read in chunks under it).
+H_CHUNK_BYTES = 1 << 30
+
+
+@dataclass
+class AggregateResult:
+    """The directions of a build, in catalog order, and what each finder reported."""
+
+    directions: dict[str, Direction]
+    #: random baseline name -> name of the direction whose norm it matches
+    random_of: dict[str, str]
+    #: attribute -> {"boundary_accuracy": ..., "cos_md_boundary": ..., ...}
+    attribute_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def names(self, kind: str | None = None) -> list[str]:
+        return [n for n, d in self.directions.items() if kind is None or d.kind == kind]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-attribute finders (pure functions: tested without Ray)
+
+
+def boundary_normal(h_pos: np.ndarray, h_neg: np.ndarray, *, C: float = 1.0, max_iter: int = 1000) -> tuple[np.ndarray, float]:
+    """Unit normal [D] of a logistic-regression boundary between two groups, pointing to ``h_pos``.
+
+    InterFaceGAN's recipe with a logistic loss instead of an SVM's: an L2-regularised
+    ``LogisticRegression`` on the flattened h. Its weight vector lies in the span of the centred
+    samples (the intercept absorbs the mean, the penalty kills anything orthogonal), so it is
+    fitted exactly on the N coordinates of the samples in that span (thin SVD) and mapped back --
+    the same solution as fitting on all D = C*H*W features, at O(N^2 D) instead of an iterative
+    solve in D dimensions. Returns (normal, training accuracy).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.concatenate([h_pos, h_neg]).reshape(len(h_pos) + len(h_neg), -1).astype(np.float64)
+    y = np.concatenate([np.ones(len(h_pos)), np.zeros(len(h_neg))])
+    xc = x - x.mean(0)
+    u, s, vt = np.linalg.svd(xc, full_matrices=False)
+    keep = s > s.max() * 1e-10
+    z = u[:, keep] * s[keep]  # sample coordinates in the span, [N, r]; ||w|| is preserved by vt
+    clf = LogisticRegression(C=C, max_iter=max_iter)
+    clf.fit(z, y)
+    w = clf.coef_[0] @ vt[keep]
+    norm = np.linalg.norm(w)
+    if not np.isfinite(norm) or norm == 0:
+        raise ValueError("logistic regression found no boundary (zero or non-finite weights)")
+    return (w / norm).astype(np.float32), float(clf.score(z, y))
+
+
+def mean_difference_and_boundary(h_pos: torch.Tensor, h_neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Both supervised finders on explicit groups h_pos [P, T, C, H, W], h_neg [Q, T, C, H, W].
+
+    Returns the mean difference [T, C, H, W] (eq. 11), the boundary direction [T, C, H, W] (unit
+    normal per step scaled to the mean difference's norm there) and the per-step training accuracy.
+    """
+    md = mean_difference(h_pos, h_neg).to(torch.float32)
+    normals, accs = [], []
+    for t in range(md.shape[0]):
+        n_t, acc = boundary_normal(h_pos[:, t].float().numpy(), h_neg[:, t].float().numpy())
+        normals.append(torch.from_numpy(n_t).reshape(md.shape[1:]) * md[t].norm())
+        accs.append(acc)
+    return md, torch.stack(normals), accs
+
+
+def _supervised_pair(
+    name: str, md: torch.Tensor, boundary: torch.Tensor, accs: Sequence[float], scores_pos: np.ndarray,
+    scores_neg: np.ndarray, q: float, timesteps: torch.Tensor | None, model_fingerprint: str | None,
+    provenance: dict[str, Any] | None,
+) -> tuple[Direction, Direction, dict[str, Any]]:
+    cos = torch.nn.functional.cosine_similarity(md.flatten(1).double(), boundary.flatten(1).double(), dim=1)
+    stats = {
+        "n_pos": int(len(scores_pos)),
+        "n_neg": int(len(scores_neg)),
+        "score_pos_mean": float(np.mean(scores_pos)),
+        "score_neg_mean": float(np.mean(scores_neg)),
+        "boundary_train_accuracy": float(np.mean(accs)),
+        "cos_mean_difference_boundary": float(cos.mean()),
+    }
+    base = dict(provenance or {}) | {"attribute": name, "q": float(q), "n_pos": stats["n_pos"], "n_neg": stats["n_neg"]}
+    md_dir = Direction(
+        vector=md, name=name, kind="supervised", units="raw", timesteps=timesteps,
+        model_fingerprint=model_fingerprint,
+        provenance=base | {
+            "method": "mean_difference", "equation": "paper eq. 11",
+            "score_pos_mean": stats["score_pos_mean"], "score_neg_mean": stats["score_neg_mean"],
+        },
+    )
+    b_dir = Direction(
+        vector=boundary.to(torch.float32), name=f"{name}_boundary", kind="supervised", units="raw",
+        timesteps=timesteps, model_fingerprint=model_fingerprint,
+        provenance=base | {
+            "method": "logistic_regression_boundary",
+            "note": "unit normal of a per-step sklearn LogisticRegression boundary (InterFaceGAN-style), "
+                    "oriented to the top group, scaled to the mean difference's norm at each step",
+            "train_accuracy": stats["boundary_train_accuracy"],
+            "cos_to_mean_difference": stats["cos_mean_difference_boundary"],
+            "sign_rule": "+gamma moves towards the top-scored side of the boundary",
+        },
+    )
+    return md_dir, b_dir, stats
+
+
+def attribute_directions(
+    h: np.ndarray | torch.Tensor,
+    scores: np.ndarray,
+    q: float,
+    name: str,
+    *,
+    timesteps: torch.Tensor | None = None,
+    model_fingerprint: str | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> tuple[Direction, Direction, dict[str, Any]]:
+    """Mean-difference ``name`` and boundary ``name_boundary`` directions of one attribute.
+
+    h [N, T, C, H, W] of all samples in memory and their scores [N]; the top / bottom ``q``
+    fractions by score are the two groups. Returns (mean difference, boundary, stats).
+    """
+    h = torch.as_tensor(np.asarray(h))
+    scores = np.asarray(scores, dtype=np.float64)
+    if h.ndim != 5 or h.shape[0] != scores.shape[0]:
+        raise ValueError(f"h must be [N, T, C, H, W] with N = len(scores) = {len(scores)}, got {tuple(h.shape)}")
+    pos, neg = select_quantiles(torch.from_numpy(scores), q)
+    md, boundary, accs = mean_difference_and_boundary(h[pos], h[neg])
+    return _supervised_pair(name, md, boundary, accs, scores[pos.numpy()], scores[neg.numpy()], q, timesteps,
+                            model_fingerprint, provenance)
+
+
+def random_baselines(references: Sequence[Direction], n: int) -> tuple[list[Direction], dict[str, str]]:
+    """``n`` matched-norm random directions per reference: ``random_<ref>_<i>``, seeded deterministically."""
+    out, of = [], {}
+    for a, ref in enumerate(references):
+        for i in range(n):
+            r = random_like(ref, seed=7919 * (a + 1) + i, name=f"random_{ref.name}_{i}")
+            out.append(r)
+            of[r.name] = ref.name
+    return out, of
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming sigma: std of every direction's projection over all stored samples
+
+
+def _unit_rows(directions: Sequence[Direction], step: int) -> np.ndarray:
+    """[n_dirs, D] float32 unit vectors of the directions at ``step``."""
+    rows = []
+    for d in directions:
+        v = d.at_step(step).reshape(-1).double()
+        rows.append((v / v.norm().clamp_min(1e-300)).float().numpy())
+    return np.stack(rows)
+
+
+def _projection_moments(run_url: str, storage_options: dict, step: int, units: np.ndarray, batch_size: int) -> np.ndarray:
+    """[3, n_dirs] float64: count, sum and sum of squares of h_step @ units.T over every stored seed."""
+    store = RunStore(run_url, storage_options)
+    out = np.zeros((3, units.shape[0]))
+    for batch in store.iter_step_batches(step, batch_size):
+        proj = (batch.h.reshape(batch.h.shape[0], -1).astype(np.float32) @ units.T).astype(np.float64)
+        out[0] += proj.shape[0]
+        out[1] += proj.sum(0)
+        out[2] += (proj**2).sum(0)
+    return out
+
+
+def projection_sigma_streaming(
+    store: RunStore, directions: Sequence[Direction], n_steps: int, *, batch_size: int = 256, use_ray: bool = True
+) -> dict[str, torch.Tensor]:
+    """sigma[t] (unbiased std of <h_t, v_t/||v_t||> over every stored sample) for each direction.
+
+    One Ray task per step reads that step's shards once and projects on every direction at once.
+    """
+    if not directions:
+        return {}
+    units = [_unit_rows(directions, t) for t in range(n_steps)]
+    if use_ray:
+        import ray
+
+        task = ray.remote(num_cpus=1)(_projection_moments)
+        moments = ray.get([task.remote(store.url, store.storage_options, t, units[t], batch_size) for t in range(n_steps)])
+    else:
+        moments = [_projection_moments(store.url, store.storage_options, t, units[t], batch_size) for t in range(n_steps)]
+    m = np.stack(moments)  # [T, 3, n_dirs]
+    n, s, ss = m[:, 0], m[:, 1], m[:, 2]
+    if (n < 2).any():
+        raise ValueError(f"sigma needs at least 2 stored samples per step in {store.url}")
+    var = np.clip((ss - s**2 / n) / (n - 1), 0.0, None)
+    sigma = np.sqrt(var)  # [T, n_dirs]
+    return {d.name: torch.from_numpy(sigma[:, i]).float() for i, d in enumerate(directions)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray task bodies
+
+
+def _attribute_task(
+    run_url: str,
+    storage_options: dict,
+    seeds: np.ndarray,
+    scores: np.ndarray,
+    q: float,
+    name: str,
+    n_steps: int,
+    timesteps: list[int] | None,
+    model_fingerprint: str | None,
+    provenance: dict,
+) -> tuple[dict, dict, dict]:
+    """Read back h of the top/bottom seeds only, steps in memory-bounded chunks; build both directions."""
+    store = RunStore(run_url, storage_options)
+    scores = np.asarray(scores, np.float64)
+    pos, neg = (i.numpy() for i in select_quantiles(torch.from_numpy(scores), q))
+    seeds = np.asarray(seeds)
+    probe = store.read_h(seeds[pos[:1]], steps=[0])
+    per_step = (len(pos) + len(neg)) * int(np.prod(probe.shape[2:])) * 4
+    chunk = max(1, min(n_steps, H_CHUNK_BYTES // max(per_step, 1)))
+    md_parts, b_parts, accs = [], [], []
+    for start in range(0, n_steps, chunk):
+        steps = list(range(start, min(n_steps, start + chunk)))
+        h_pos = torch.from_numpy(store.read_h(seeds[pos], steps=steps))
+        h_neg = torch.from_numpy(store.read_h(seeds[neg], steps=steps))
+        md, boundary, acc = mean_difference_and_boundary(h_pos, h_neg)
+        md_parts.append(md)
+        b_parts.append(boundary)
+        accs += acc
+    ts = torch.tensor(timesteps) if timesteps is not None else None
+    md_dir, b_dir, stats = _supervised_pair(name, torch.cat(md_parts), torch.cat(b_parts), accs, scores[pos],
+                                            scores[neg], q, ts, model_fingerprint, provenance)
+    return _to_wire(md_dir), _to_wire(b_dir), stats
+
+
+def _to_wire(d: Direction) -> dict:
+    """A Direction as plain tensors + JSON for Ray's object store (safetensors-style, no custom classes)."""
+    tensors, meta = d.to_safetensors_dict()
+    return {"tensors": {k: v.numpy() for k, v in tensors.items()}, "meta": meta}
+
+
+def _from_wire(w: dict) -> Direction:
+    return Direction.from_safetensors_dict({k: torch.from_numpy(np.array(v)) for k, v in w["tensors"].items()}, w["meta"])
+
+
+def _jacobian_task(cfg_json: dict, spec: dict, model_fingerprint: str | None) -> list[dict]:
+    """Jacobian directions (paper Alg. 1/2) at one seed and step; runs where the model can be loaded."""
+    from hspace.jacobian import jacobian_directions
+    from hspace.sampling import HSpaceSampler
+    from pipeline.config import BuildConfig
+    from pipeline.evaluate import load_model
+
+    cfg = BuildConfig.model_validate(cfg_json)
+    model = load_model(cfg)
+    sampler = HSpaceSampler(model, sampler=cfg.sampler.kind, num_inference_steps=cfg.sampler.num_inference_steps, eta=cfg.sampler.eta)
+    traj = sampler.sample([spec["seed"]], record_h=False, record_x=True)
+    step = spec["step"]
+    x_t = traj.x_t[:, step].to(model.device, model.dtype)
+    timestep = int(sampler.timesteps[step])
+    mask = None
+    if spec.get("mask") is not None:
+        y0, x0, y1, x1 = spec["mask"]
+        mask = torch.zeros(1, 1, *model.image_shape[1:], device=model.device, dtype=model.dtype)
+        mask[..., y0:y1, x0:x1] = 1.0
+    result = jacobian_directions(model, x_t, timestep, spec["k"], method=spec["method"], mask=mask)
+    label = spec["name"] or f"s{spec['seed']}t{step}"
+    out = []
+    for i in range(spec["k"]):
+        out.append(_to_wire(Direction(
+            vector=result.vectors[0, i].detach().float().cpu(),
+            name=f"jac_{label}_{i}",
+            kind="jacobian",
+            units="unit",
+            timesteps=None,
+            model_fingerprint=model_fingerprint,
+            provenance={
+                "method": f"jacobian_{spec['method']}",
+                "algorithm": "paper Alg. 1" if spec["method"] == "subspace" else "paper Alg. 2",
+                "seed": int(spec["seed"]),
+                "step": int(step),
+                "timestep": timestep,
+                "index": i,
+                "mask": spec.get("mask"),
+                "singular_value": float(result.singular_values[0, i]),
+                "note": "found at one step, applied at every step",
+            },
+        )))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def aggregate(
+    cfg: BuildConfig,
+    store: RunStore,
+    *,
+    scores: Any | None,
+    attributes: Sequence[str],
+    binary: Sequence[bool],
+    pca: PerTimestepPCA | None,
+    timesteps: torch.Tensor | None,
+    model_fingerprint: str | None,
+    classifier_fingerprint: str | None = None,
+    progress: bool = True,
+) -> AggregateResult:
+    """All directions of the build (see the module docstring).
+
+    ``scores`` is the annotate table; without it (or without an ``aggregate`` section) only the
+    PCA and Jacobian directions are built. Raises if no direction results.
+    """
+    import ray
+
+    t0 = time.perf_counter()
+    agg = cfg.aggregate
+    supervised_on = agg is not None and scores is not None
+    n_steps = cfg.sampler.num_inference_steps
+    ts_list = [int(t) for t in timesteps] if timesteps is not None else None
+
+    # 1. supervised directions, one Ray task per attribute (reads only its top/bottom seeds' h)
+    refs = []
+    if supervised_on:
+        seeds = scores.column("seed").to_numpy()
+        named = {t for target, others in agg.disentangle.items() for t in [target, *others]}
+        missing = sorted(named - set(attributes))
+        if missing:
+            raise ValueError(f"aggregate.disentangle names {missing}, which are not annotated attributes {list(attributes)}")
+        task = ray.remote(num_cpus=1)(_attribute_task)
+        for attr, is_bin in zip(attributes, binary, strict=True):
+            prov = {
+                "score": "logit" if is_bin else "value",
+                "classifier": cfg.annotate.classifier if cfg.annotate else None,
+                "classifier_fingerprint": classifier_fingerprint,
+                "n_samples": int(len(seeds)),
+            }
+            col = scores.column(attr).to_numpy().astype(np.float64)
+            refs.append(task.remote(store.url, store.storage_options, seeds, col, agg.quantile, attr, n_steps,
+                                    ts_list, model_fingerprint, prov))
+    # 2. Jacobian directions, one task per configured seed/step (in parallel with the above)
+    jac_refs = []
+    if cfg.jacobian:
+        jtask = ray.remote(num_cpus=cfg.resources.num_cpus_per_worker, num_gpus=cfg.resources.num_gpus_per_worker)(
+            _jacobian_task
+        )
+        cfg_json = cfg.model_dump(mode="json")
+        jac_refs = [jtask.remote(cfg_json, spec.model_dump(mode="json"), model_fingerprint) for spec in cfg.jacobian]
+
+    supervised: dict[str, Direction] = {}
+    boundaries: dict[str, Direction] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for attr, ref in zip(attributes if supervised_on else [], refs, strict=True):
+        md_w, b_w, stats = ray.get(ref)
+        supervised[attr], boundaries[attr] = _from_wire(md_w), _from_wire(b_w)
+        info[attr] = stats
+        if progress:
+            print(f"aggregate: {attr}: boundary accuracy {stats['boundary_train_accuracy']:.3f}, "
+                  f"cos(mean difference, boundary) {stats['cos_mean_difference_boundary']:.3f}")
+    jacobians = [_from_wire(w) for ws in ray.get(jac_refs) for w in ws]
+
+    # 3. disentangled by projection (eq. 12)
+    disentangled = [
+        disentangle(supervised[target], [supervised[o] for o in others], name=f"{target}_disentangled")
+        for target, others in (agg.disentangle.items() if supervised_on else [])
+    ]
+    # 4. matched-norm random baselines of every mean-difference direction
+    randoms, random_of = random_baselines(list(supervised.values()), agg.random_baselines if supervised_on else 0)
+
+    # 5. exact sigma of every non-PCA direction over all stored samples
+    need_sigma = [*supervised.values(), *boundaries.values(), *disentangled, *jacobians, *randoms]
+    sigmas = projection_sigma_streaming(store, need_sigma, n_steps, batch_size=cfg.pca.batch_size)
+    ts = timesteps.to(torch.int64) if timesteps is not None else None
+
+    def with_sigma(d: Direction) -> Direction:
+        return replace(d, sigma=sigmas[d.name], timesteps=ts if d.per_step else None)
+
+    directions: dict[str, Direction] = {}
+    for attr in supervised:
+        directions[attr] = with_sigma(supervised[attr])
+    for attr in boundaries:
+        directions[f"{attr}_boundary"] = with_sigma(boundaries[attr])
+    for d in disentangled:
+        directions[d.name] = with_sigma(d)
+    if pca is not None:
+        for d in pca.directions():
+            directions[d.name] = d
+    for d in jacobians:
+        directions[d.name] = with_sigma(d)
+    for d in randoms:
+        directions[d.name] = with_sigma(d)
+    for name, d in directions.items():
+        if d.sigma is not None and not bool(torch.isfinite(d.sigma).all()):
+            raise ValueError(f"aggregate: direction {name!r} got a non-finite sigma")
+    if not directions:
+        raise ValueError("aggregate: no directions (no PCA state, no annotate/aggregate sections, no jacobian specs)")
+    seconds = time.perf_counter() - t0
+    if progress:
+        kinds: dict[str, int] = {}
+        for d in directions.values():
+            kinds[d.kind] = kinds.get(d.kind, 0) + 1
+        print(f"aggregate: {len(directions)} directions {kinds} in {seconds:.1f}s")
+    return AggregateResult(directions, random_of, info, seconds)
