@@ -243,7 +243,8 @@ def test_config_hash_ignores_execution_settings_and_sample_count(tmp_path, tiny_
 # --------------------------------------------------------------------------------------------- annotate (Ray)
 
 
-def test_annotate_scores_every_seed_and_only_new_blocks_on_growth(tmp_path, tiny_model_dir, classifier_dir, ray_local):
+@pytest.mark.usefixtures("ray_local")
+def test_annotate_scores_every_seed_and_only_new_blocks_on_growth(tmp_path, tiny_model_dir, classifier_dir):
     from hspace.toy.classifier import AttributeClassifier
     from pipeline.annotate import annotate, read_scores
 
@@ -285,7 +286,8 @@ def test_annotate_rejects_unknown_attributes(classifier_dir):
 # --------------------------------------------------------------------------------------------- evaluate + publish (Ray, tiny model)
 
 
-def test_evaluate_effects_and_publish_a_verified_version(tmp_path, tiny_model_dir, classifier_dir, ray_local):
+@pytest.mark.usefixtures("ray_local")
+def test_evaluate_effects_and_publish_a_verified_version(tmp_path, tiny_model_dir, classifier_dir):
     from hspace import catalog as hcatalog
     from pipeline.evaluate import evaluate, load_model
     from pipeline.publish import build_inputs, publish
