@@ -62,7 +62,8 @@ class MidBlockHook:
         if self.replace is not None:
             if self.replace.shape[-3:] != h.shape[-3:]:
                 raise ValueError(f"h replacement has shape {tuple(self.replace.shape)}, h is {tuple(h.shape)}")
-            h = self.replace.to(device=h.device, dtype=h.dtype).expand_as(h)
+            # same memory layout as the real output, so the decoder computes bit-identically
+            h = torch.empty_like(output).copy_(self.replace.to(device=h.device, dtype=h.dtype).expand_as(h))
         if self.delta is not None:
             h = h + self.delta.to(device=h.device, dtype=h.dtype)
         if self.capture_h:

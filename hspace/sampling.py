@@ -1,0 +1,517 @@
+"""Seeded DDPM/DDIM sampling that records h-space, applies edits and swaps h between samples.
+
+The sampler is one readable loop over a diffusers scheduler, like ``DDPMPipeline`` and
+``DDIMPipeline``: every sample's x_T and every z_t come from its own
+``torch.Generator().manual_seed(seed)`` through diffusers' ``randn_tensor`` with a list of
+generators, so a sample does not depend on the batch it is rendered in, and with the same
+generators the loop reproduces the pipelines' images.
+
+Paper references: the update x_{t-1} = sqrt(a_{t-1}) P_t + D_t + sigma_t z_t (eq. 2-5); an edit
+adds gamma * v_t to h_t (Sec. III). Mode ``both`` (the paper's default) feeds the edited h to
+P_t and D_t in one U-Net pass; mode ``asyrp`` (Kwon et al.) uses it in P_t only and an unedited
+second pass for D_t. The h-swap of Fig. 2a renders one seed with another seed's h_{T:1}.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+
+from hspace.model import HSpaceModel
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from hspace.directions import Direction
+
+EditMode = Literal["both", "asyrp"]
+EditUnits = Literal["raw", "sigma"]
+Steps = int | Iterable[int] | slice | None
+
+
+# ---------------------------------------------------------------------------------------------
+# results and edits
+@dataclass
+class Trajectory:
+    """The result of a sampling run; row b belongs to ``seeds[b]``.
+
+    images [B, 3, H, W] float32 in [0, 1]; x_T [B, 3, H, W] float32; timesteps [T] in sampling
+    order (step 0 is the noisiest); h [B, T, C, H, W] (the h the decoder saw, i.e. after an edit
+    or swap) or None; x_t [B, T, 3, H, W] the U-Net input at each step (``record_x``);
+    mid_input [B, T, C', H', W'] the mid-block input at each step (``record_mid_input``).
+    """
+
+    images: Tensor
+    x_T: Tensor
+    timesteps: Tensor
+    seeds: list[int]
+    h: Tensor | None = None
+    x_t: Tensor | None = None
+    mid_input: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def to_pil(self) -> list[Image.Image]:
+        """The images as 8-bit RGB PIL images (rounded like diffusers' ``numpy_to_pil``)."""
+        from PIL import Image
+
+        arrays = (self.images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
+
+
+@dataclass
+class Edit:
+    """An h-space edit: h_t <- h_t + sum_d scale[b, d] * v_{d,t} at the chosen steps.
+
+    directions: one Direction or several (their deltas add up).
+    scales: a float (every row and direction); a 1-D sequence with one entry per direction, or,
+        for a single direction, one entry per row (length B); or a [B, D] tensor (per row and
+        direction).
+    steps: step indices (0 = noisiest) where the edit is applied; None = all steps.
+    mode: "both" (edited h in P_t and D_t, one pass) or "asyrp" (P_t only, two passes).
+    units: "raw" (gamma * v_t as stored) or "sigma" (gamma * sigma_t * v_t / ||v_t||).
+    """
+
+    directions: Direction | Sequence[Direction]
+    scales: float | Sequence[float] | Tensor = 1.0
+    steps: Steps = None
+    mode: EditMode = "both"
+    units: EditUnits = "raw"
+    _directions: list[Any] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("both", "asyrp"):
+            raise ValueError(f"Edit.mode must be 'both' or 'asyrp', got {self.mode!r}")
+        if self.units not in ("raw", "sigma"):
+            raise ValueError(f"Edit.units must be 'raw' or 'sigma', got {self.units!r}")
+        dirs = [self.directions] if hasattr(self.directions, "vector") else list(self.directions)
+        if not dirs:
+            raise ValueError("Edit.directions is empty")
+        for d in dirs:
+            if not hasattr(d, "vector"):
+                raise ValueError(f"Edit.directions must be Direction objects, got {type(d).__name__}")
+        self._directions = dirs
+
+    @property
+    def direction_list(self) -> list[Any]:
+        return list(self._directions)
+
+
+@dataclass
+class _EditPlan:
+    """An Edit resolved against a sampler: raw vectors on the device and per-row scales."""
+
+    vectors: Tensor  # [D, T, C, H, W] float32, raw h units
+    scales: Tensor  # [N, D] float32
+    active: list[bool]  # [T]
+    mode: EditMode
+
+    def delta(self, step: int, rows: slice) -> Tensor | None:
+        """sum_d scale[n, d] * v_{d, step} for the rows, or None where the step is not edited."""
+        if not self.active[step]:
+            return None
+        return torch.einsum("nd,dchw->nchw", self.scales[rows], self.vectors[:, step])
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers
+def resolve_steps(steps: Steps, num_steps: int, what: str = "steps") -> list[bool]:
+    """A [T] mask from step indices (0 = noisiest), a slice, or None (all); out of range raises."""
+    if steps is None:
+        return [True] * num_steps
+    if isinstance(steps, slice):
+        indices: list[int] = list(range(num_steps))[steps]
+    elif isinstance(steps, int):
+        indices = [steps]
+    else:
+        indices = [int(i) for i in steps]
+    mask = [False] * num_steps
+    for i in indices:
+        if not 0 <= i < num_steps:
+            raise ValueError(f"{what}: step {i} out of range 0..{num_steps - 1} (0 is the noisiest step)")
+        mask[i] = True
+    return mask
+
+
+def check_direction(direction: Any, model: HSpaceModel, timesteps: Tensor) -> None:
+    """Raise ValueError naming what does not match: h shape, number of steps, timesteps, fingerprint."""
+    name = getattr(direction, "name", "direction")
+    vector = direction.vector
+    if tuple(vector.shape[-3:]) != tuple(model.h_shape) or vector.ndim not in (3, 4):
+        raise ValueError(
+            f"direction {name!r}: shape {tuple(vector.shape)} does not match the model's h shape {model.h_shape}"
+        )
+    if vector.ndim == 4 and vector.shape[0] != len(timesteps):
+        raise ValueError(
+            f"direction {name!r}: has {vector.shape[0]} steps but the sampler has {len(timesteps)} steps"
+        )
+    checker = getattr(direction, "check_compatible", None)
+    if callable(checker):
+        checker(model.h_shape, timesteps, model.fingerprint)
+        return
+    own = getattr(direction, "timesteps", None)
+    if own is not None and not torch.equal(torch.as_tensor(own).cpu().long(), timesteps.cpu().long()):
+        raise ValueError(f"direction {name!r}: timesteps {list(own)} do not match the sampler's {timesteps.tolist()}")
+    fingerprint = getattr(direction, "model_fingerprint", None)
+    if fingerprint is not None and fingerprint != model.fingerprint:
+        raise ValueError(
+            f"direction {name!r}: model_fingerprint {fingerprint!r} does not match the model's {model.fingerprint!r}"
+        )
+
+
+def _raw_vectors(direction: Any, num_steps: int, units: EditUnits) -> Tensor:
+    """[T, C, H, W] float32 in raw h units: v_t, or sigma_t * v_t / ||v_t|| for units='sigma'."""
+    name = getattr(direction, "name", "direction")
+    v = direction.vector.detach().float()
+    v = v.unsqueeze(0).expand(num_steps, *v.shape) if v.ndim == 3 else v
+    if units == "raw":
+        return v
+    sigma = getattr(direction, "sigma", None)
+    if sigma is None:
+        raise ValueError(f"direction {name!r} has no sigma: use units='raw' or give it a sigma per step")
+    sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).to(v.device)
+    if sigma.numel() == 1:
+        sigma = sigma.expand(num_steps)
+    if sigma.numel() != num_steps:
+        raise ValueError(f"direction {name!r}: sigma has {sigma.numel()} entries but the sampler has {num_steps} steps")
+    norms = v.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    return v * (sigma / norms).view(-1, 1, 1, 1)
+
+
+def _scales_matrix(scales: float | Sequence[float] | Tensor, n_rows: int, n_dirs: int) -> Tensor:
+    """Scales as [N, D] float32 (see :class:`Edit` for the accepted forms)."""
+    s = torch.as_tensor(scales, dtype=torch.float32).detach().cpu()
+    if s.ndim == 0:
+        return s.expand(n_rows, n_dirs).clone()
+    if s.ndim == 1:
+        if n_dirs == 1 and s.numel() in (1, n_rows):
+            return s.reshape(-1, 1).expand(n_rows, 1).clone()
+        if s.numel() == n_dirs:
+            return s.reshape(1, -1).expand(n_rows, n_dirs).clone()
+        raise ValueError(
+            f"Edit.scales has {s.numel()} entries: give one per direction ({n_dirs}), "
+            f"or for one direction one per row ({n_rows}), or a [{n_rows}, {n_dirs}] tensor"
+        )
+    if s.ndim == 2 and s.shape[1] == n_dirs and s.shape[0] in (1, n_rows):
+        return s.expand(n_rows, n_dirs).clone()
+    raise ValueError(f"Edit.scales has shape {tuple(s.shape)}, expected a float, [D], [N] or [{n_rows}, {n_dirs}]")
+
+
+def _progress(iterable: Iterable, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sampler
+class HSpaceSampler:
+    """Seeded DDPM / DDIM / any-eta sampler over an :class:`HSpaceModel` that records h.
+
+    sampler="ddpm": DDPMScheduler (eta = 1, the default); sampler="ddim": DDIMScheduler with
+    ``eta`` (default 0). ``clip_sample`` overrides the scheduler config's x0 clipping (None keeps
+    it; DDIM inversion reconstructs with False).
+    """
+
+    def __init__(
+        self,
+        model: HSpaceModel,
+        *,
+        sampler: Literal["ddpm", "ddim"] = "ddpm",
+        num_inference_steps: int = 50,
+        eta: float | None = None,
+        clip_sample: bool | None = None,
+    ) -> None:
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        if sampler == "ddpm" and eta not in (None, 1, 1.0):
+            raise ValueError(f"sampler='ddpm' has eta=1; for eta={eta} use sampler='ddim' with eta={eta}")
+        if eta is not None and eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if not 1 <= int(num_inference_steps) <= model.num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps must be in 1..{model.num_train_timesteps}, got {num_inference_steps}"
+            )
+        self.model = model
+        self.sampler = sampler
+        self.num_inference_steps = int(num_inference_steps)
+        self.eta = float(eta) if eta is not None else (1.0 if sampler == "ddpm" else 0.0)
+        self.clip_sample = clip_sample
+        self.timesteps = self.make_scheduler().timesteps.clone()
+
+    @property
+    def num_steps(self) -> int:
+        return int(len(self.timesteps))
+
+    def make_scheduler(self):
+        """A fresh scheduler with its timesteps set (no state is shared between runs)."""
+        overrides = {} if self.clip_sample is None else {"clip_sample": self.clip_sample}
+        scheduler = self.model.make_scheduler(self.sampler, **overrides)
+        scheduler.set_timesteps(self.num_inference_steps)
+        return scheduler
+
+    # -- public API ---------------------------------------------------------------------------
+    def sample(
+        self,
+        seeds: Sequence[int] | int | None = None,
+        *,
+        edit: Edit | None = None,
+        record_h: bool = True,
+        record_x: bool = False,
+        record_mid_input: bool = False,
+        h_replace: Tensor | Trajectory | None = None,
+        h_replace_steps: Steps = None,
+        x_T: Tensor | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+        h_dtype: torch.dtype | None = None,
+    ) -> Trajectory:
+        """Render one sample per seed, recording h at every step; see :class:`Trajectory`.
+
+        edit: an :class:`Edit` applied at its steps. h_replace: [B, T, C, H, W] h to use instead
+        of the model's at ``h_replace_steps`` (None = all). x_T: [B, 3, H, W] start noise instead
+        of the seed's (the seed's x_T is still drawn and discarded, so z_t stay the seed's).
+        batch_size: rows per U-Net batch (results do not depend on it). h_dtype: storage dtype of
+        h (default the model's; torch.float16 halves the memory).
+        """
+        model, num_steps = self.model, self.num_steps
+        seeds = self._seed_list(seeds, x_T)
+        n = len(seeds)
+        plan = self._plan(edit, n) if edit is not None else None
+        replace_h, replace_mask = self._replacement(h_replace, h_replace_steps, n)
+        if x_T is not None and tuple(x_T.shape) != (n, *model.image_shape):
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {(n, *model.image_shape)}")
+        batch_size = n if batch_size is None else int(batch_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+        pin = model.device.type == "cuda"
+        out = Trajectory(
+            images=torch.empty(n, *model.image_shape),
+            x_T=torch.empty(n, *model.image_shape),
+            timesteps=self.timesteps.clone(),
+            seeds=seeds,
+            h=_buffer((n, num_steps, *model.h_shape), h_dtype or model.dtype, pin) if record_h else None,
+            x_t=_buffer((n, num_steps, *model.image_shape), torch.float32, pin) if record_x else None,
+            mid_input=(
+                _buffer((n, num_steps, *model.mid_input_shape), h_dtype or model.dtype, pin)
+                if record_mid_input
+                else None
+            ),
+        )
+        for start in range(0, n, batch_size):
+            rows = slice(start, min(start + batch_size, n))
+            self._run(rows, out, plan, replace_h, replace_mask, x_T, progress)
+        if pin:
+            torch.cuda.synchronize(model.device)
+        return out
+
+    def sample_edits(
+        self,
+        seeds: Sequence[int],
+        edit_directions: Direction | Sequence[Direction],
+        scales: Sequence[float] | Tensor,
+        *,
+        mode: EditMode = "both",
+        units: EditUnits = "raw",
+        steps: Steps = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Render every seed at every scale in one batch: images [B, S, 3, H, W].
+
+        scales: [S] (the same scale for every direction) or [S, D]. Row (b, s) uses seed b, so
+        column s=j with scale 0 is the unedited sample.
+        """
+        seeds = self._seed_list(seeds, None)
+        dirs = [edit_directions] if hasattr(edit_directions, "vector") else list(edit_directions)
+        s = torch.as_tensor(scales, dtype=torch.float32)
+        s = s.reshape(-1, 1).expand(-1, len(dirs)) if s.ndim <= 1 else s
+        if s.ndim != 2 or s.shape[1] != len(dirs):
+            raise ValueError(f"scales must be [S] or [S, {len(dirs)}], got shape {tuple(s.shape)}")
+        n_seeds, n_scales = len(seeds), s.shape[0]
+        row_seeds = [seed for seed in seeds for _ in range(n_scales)]
+        row_scales = s.repeat(n_seeds, 1)  # row b*S + j has scale j
+        edit = Edit(dirs, scales=row_scales, steps=steps, mode=mode, units=units)
+        traj = self.sample(row_seeds, edit=edit, record_h=False, batch_size=batch_size, progress=progress)
+        return traj.images.view(n_seeds, n_scales, *self.model.image_shape)
+
+    def h_swap(
+        self,
+        seeds_a: Sequence[int],
+        seeds_b: Sequence[int],
+        steps: Steps = None,
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> Trajectory:
+        """Render seeds_a with h taken from seeds_b at ``steps`` (None = h_{T:1}, paper Fig. 2a)."""
+        seeds_a, seeds_b = self._seed_list(seeds_a, None), self._seed_list(seeds_b, None)
+        if len(seeds_a) != len(seeds_b):
+            raise ValueError(f"seeds_a has {len(seeds_a)} seeds but seeds_b has {len(seeds_b)}")
+        donor = self.sample(seeds_b, batch_size=batch_size, progress=progress)
+        return self.sample(
+            seeds_a, h_replace=donor.h, h_replace_steps=steps, batch_size=batch_size, progress=progress
+        )
+
+    # -- the loop -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _run(
+        self,
+        rows: slice,
+        out: Trajectory,
+        plan: _EditPlan | None,
+        replace_h: Tensor | None,
+        replace_mask: list[bool],
+        x_T: Tensor | None,
+        progress: bool,
+    ) -> None:
+        """One batch: the pipelines' loop, with the hook capturing / editing / replacing h."""
+        model = self.model
+        device, dtype = model.device, model.dtype
+        from diffusers.utils.torch_utils import randn_tensor
+
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in out.seeds[rows]]
+        scheduler = self.make_scheduler()
+        shape = (len(generators), *model.image_shape)
+        x = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        if x_T is not None:
+            x = x_T[rows].to(device=device, dtype=dtype)
+        out.x_T[rows] = x.float().cpu()
+        asyrp = plan is not None and plan.mode == "asyrp"
+
+        with model.hooks(capture_h=out.h is not None, capture_input=out.mid_input is not None) as hook:
+            for i, t in enumerate(_progress(scheduler.timesteps, progress, f"{self.sampler} sampling")):
+                if out.x_t is not None:
+                    out.x_t[rows, i].copy_(x, non_blocking=True)
+                hook.replace = replace_h[rows, i] if replace_h is not None and replace_mask[i] else None
+                delta = plan.delta(i, rows) if plan is not None else None
+                hook.delta = delta
+                eps = model.unet(x, t).sample
+                self._record(out, rows, i, hook)
+                if asyrp and delta is not None:
+                    hook.delta = None
+                    eps_plain = model.unet(x, t).sample
+                    x = self._asyrp_step(scheduler, eps, eps_plain, t, x, generators)
+                else:
+                    x = self._step(scheduler, eps, t, x, generators)
+
+        out.images[rows] = (x / 2 + 0.5).clamp(0, 1).float().cpu()
+
+    @staticmethod
+    def _record(out: Trajectory, rows: slice, step: int, hook: Any) -> None:
+        """One copy per step into the preallocated host buffers."""
+        if out.h is not None:
+            out.h[rows, step].copy_(hook.h, non_blocking=True)
+        if out.mid_input is not None:
+            out.mid_input[rows, step].copy_(hook.mid_input, non_blocking=True)
+
+    def _step(self, scheduler: Any, eps: Tensor, t: Tensor, x: Tensor, generators: list) -> Tensor:
+        """The scheduler's own update (bit-identical to DDPMPipeline / DDIMPipeline)."""
+        if self.sampler == "ddpm":
+            return scheduler.step(eps, t, x, generator=generators).prev_sample
+        return scheduler.step(eps, t, x, eta=self.eta, generator=generators).prev_sample
+
+    def _asyrp_step(
+        self, scheduler: Any, eps_p: Tensor, eps_d: Tensor, t: Tensor, x: Tensor, generators: list
+    ) -> Tensor:
+        """Paper eq. 2-5 with P_t from the edited eps and D_t from the unedited one.
+
+        x_{t-1} = sqrt(a_{t-1}) P_t(eps_p) + sqrt(1 - a_{t-1} - sigma_t^2) eps_d + sigma_t z_t,
+        sigma_t = eta sqrt((1 - a_{t-1}) / (1 - a_t)) sqrt(1 - a_t / a_{t-1}), a = alphas_cumprod.
+        z_t is drawn exactly when the scheduler would draw it, from the same generators.
+        """
+        config = scheduler.config
+        if config.prediction_type != "epsilon":
+            raise ValueError(f"asyrp edits need an epsilon-prediction model, got {config.prediction_type!r}")
+        if getattr(config, "thresholding", False):
+            raise ValueError("asyrp edits do not support a scheduler with thresholding=True")
+        alpha_prod_t = scheduler.alphas_cumprod[t]
+        alpha_prod_t_prev = _alpha_prod_prev(scheduler, t)
+        beta_prod_t = 1 - alpha_prod_t
+        pred_original_sample = (x - beta_prod_t ** (0.5) * eps_p) / alpha_prod_t ** (0.5)  # P_t, eq. 3
+        if config.clip_sample:
+            pred_original_sample = pred_original_sample.clamp(-config.clip_sample_range, config.clip_sample_range)
+        variance = (1 - alpha_prod_t_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_t_prev)
+        std_dev_t = self.eta * variance ** (0.5)  # sigma_t, eq. 5
+        pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * eps_d  # D_t, eq. 4
+        prev_sample = alpha_prod_t_prev ** (0.5) * pred_original_sample + pred_sample_direction
+        draws = (int(t) > 0) if self.sampler == "ddpm" else (self.eta > 0)
+        if draws:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            z = randn_tensor(eps_d.shape, generator=generators, device=eps_d.device, dtype=eps_d.dtype)
+            prev_sample = prev_sample + std_dev_t * z
+        return prev_sample
+
+    # -- input handling -----------------------------------------------------------------------
+    @staticmethod
+    def _seed_list(seeds: Sequence[int] | int | None, x_T: Tensor | None) -> list[int]:
+        if seeds is None:
+            if x_T is None:
+                raise ValueError("give seeds (a list of ints), or x_T")
+            return list(range(int(x_T.shape[0])))
+        if isinstance(seeds, int):
+            seeds = [seeds]
+        out = []
+        for s in seeds:
+            try:
+                if isinstance(s, bool):
+                    raise TypeError
+                out.append(operator.index(s))
+            except TypeError:
+                raise ValueError(f"seeds must be ints, got {s!r}") from None
+        if not out:
+            raise ValueError("seeds is empty")
+        return out
+
+    def _plan(self, edit: Edit, n_rows: int) -> _EditPlan:
+        if not isinstance(edit, Edit):
+            raise ValueError(f"edit must be an hspace.Edit, got {type(edit).__name__}")
+        model, num_steps = self.model, self.num_steps
+        dirs = edit.direction_list
+        for d in dirs:
+            check_direction(d, model, self.timesteps)
+        vectors = torch.stack([_raw_vectors(d, num_steps, edit.units) for d in dirs]).to(model.device)
+        scales = _scales_matrix(edit.scales, n_rows, len(dirs)).to(model.device)
+        active = resolve_steps(edit.steps, num_steps, "Edit.steps")
+        return _EditPlan(vectors=vectors, scales=scales, active=active, mode=edit.mode)
+
+    def _replacement(
+        self, h_replace: Tensor | Trajectory | None, steps: Steps, n_rows: int
+    ) -> tuple[Tensor | None, list[bool]]:
+        mask = resolve_steps(steps, self.num_steps, "h_replace_steps")
+        if h_replace is None:
+            return None, mask
+        if isinstance(h_replace, Trajectory):
+            if h_replace.h is None:
+                raise ValueError("h_replace trajectory has no h (it was sampled with record_h=False)")
+            h_replace = h_replace.h
+        want = (n_rows, self.num_steps, *self.model.h_shape)
+        if tuple(h_replace.shape) != want:
+            raise ValueError(f"h_replace has shape {tuple(h_replace.shape)}, expected {want}")
+        return h_replace, mask
+
+
+def _alpha_prod_prev(scheduler: Any, t: Tensor) -> Tensor:
+    """alphas_cumprod at the step after t, as the scheduler itself defines it."""
+    from diffusers import DDIMScheduler
+
+    if isinstance(scheduler, DDIMScheduler):
+        prev = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        return scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+    prev = int(scheduler.previous_timestep(t))
+    return scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.one
+
+
+def _buffer(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> Tensor:
+    """A preallocated host buffer (pinned when the model is on CUDA, for async copies)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
