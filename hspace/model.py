@@ -88,7 +88,7 @@ def use_forward_ad_safe_attention(unet: nn.Module) -> nn.Module:
 
 def unet_fingerprint(unet: nn.Module) -> str:
     """Short sha256 of the U-Net config (without private ``_`` keys such as the load path) and its
-    weights as float32: ties directions to a model whatever its dtype or location."""
+    weights as float32, to tie directions to a model wherever it was loaded from."""
     digest = hashlib.sha256()
     config = {k: v for k, v in dict(getattr(unet, "config", {})).items() if not k.startswith("_")}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
