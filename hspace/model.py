@@ -196,7 +196,7 @@ class HSpaceModel:
                 unet, config = _load_hub(str(path_or_id), revision)
             except Exception as error:  # no network, unknown repo, bad revision
                 raise FileNotFoundError(
-                    f"{path_or_id!r} is not a local directory and could not be loaded from the hub "
+                    f"{path_or_id!r}: no such local directory, and loading it as a hub id failed "
                     f"(revision={revision!r}): {error}"
                 ) from error
             model_id = str(path_or_id)

@@ -74,7 +74,9 @@ class Edit:
         for a single direction, one entry per row (length B); or a [B, D] tensor (per row and
         direction).
     steps: step indices (0 = noisiest) where the edit is applied; None = all steps.
-    mode: "both" (edited h in P_t and D_t, one pass) or "asyrp" (P_t only, two passes).
+    mode: "both" (edited h in P_t and D_t, one pass) or "asyrp" (P_t only, two passes, paper
+        eq. 2-5; with scale 0 it equals plain DDIM, and plain DDPM when x0 is not clipped: eq. 2-5
+        clip P_t but keep the unclipped eps in D_t, where DDPMScheduler uses the clipped x0 twice).
     units: "raw" (gamma * v_t as stored) or "sigma" (gamma * sigma_t * v_t / ||v_t||).
     """
 
