@@ -1,0 +1,500 @@
+"""Image-specific directions from the Jacobian d eps / d h (paper section IV-B, eqs. 6-9, Alg. 1-2).
+
+At one image x_t and timestep t, J_t = d eps_t / d h_t with x_t and the skip connections fixed
+(eq. 6). Its top right singular vectors are the directions in h-space that change the noise
+prediction most. They are found without forming J:
+
+- :func:`split_unet` runs the U-Net encoder once (time embedding, ``conv_in``, down blocks that
+  collect the skip connections, mid block -> h) and returns a ``decode(h)`` that runs only the
+  up blocks and the output head, exactly as ``UNet2DModel.forward`` does;
+- J V by forward-mode AD (``torch.func.jvp``, eq. 8) vmapped over the k tangents, and J^T U by
+  reverse mode through one ``torch.func.vjp`` function kept for all iterations (eq. 7);
+- subspace iteration (Alg. 1: QR, then V <- left singular vectors of J^T J V) or its sequential
+  mini-batch variant with deflation (supplementary Alg. 2), with a Rayleigh-Ritz rotation of the
+  iterate (free: it reuses J^T J V) for the reported singular values and residuals
+  ||J^T J v - s^2 v||;
+- an optional pixel mask M restricts the output to a region: J_masked = d (eps * M) / d h (eq. 9).
+
+Images in a batch are independent (the decoder mixes nothing across the batch in eval mode), so
+B images are handled in one call with per-image subspaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hspace.directions import Direction
+
+# ---------------------------------------------------------------------- the U-Net split at h
+
+
+@contextlib.contextmanager
+def forward_ad_safe(unet: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily make ``unet`` usable under forward-mode AD, restoring it on exit.
+
+    - every attention module gets the classic ``AttnProcessor`` (SDPA kernels lack forward-AD
+      formulas on some backends);
+    - every GroupNorm gets a contiguous input (on the CPU, GroupNorm under forward AD fails on
+      the channels_last-strided tensors attention blocks produce).
+    """
+    from diffusers.models.attention_processor import AttnProcessor
+
+    saved = []
+    for module in unet.modules():
+        if hasattr(module, "set_processor") and hasattr(module, "processor"):
+            saved.append((module, module.processor))
+            module.set_processor(AttnProcessor())
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args: tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args))
+        for m in unet.modules()
+        if isinstance(m, nn.GroupNorm)
+    ]
+    try:
+        yield unet
+    finally:
+        for h in handles:
+            h.remove()
+        for module, processor in saved:
+            module.set_processor(processor)
+
+
+@dataclass
+class UNetSplit:
+    """A UNet2DModel cut at the mid block for one batch of inputs.
+
+    ``h`` [B, C, H, W] is the mid-block output; ``emb`` the time (+class) embedding and
+    ``res_samples`` the skip connections, both fixed; ``decode(h)`` gives eps [B, 3, H, W].
+    """
+
+    unet: nn.Module
+    h: Tensor
+    emb: Tensor
+    res_samples: tuple[Tensor, ...]
+    timesteps: Tensor
+
+    def decode(self, h: Tensor) -> Tensor:
+        """Up blocks and output head of ``UNet2DModel.forward`` (diffusers steps 5-6) from h."""
+        unet = self.unet
+        sample = h
+        res_all = self.res_samples
+        skip_sample = None
+        for up in unet.up_blocks:
+            res = res_all[-len(up.resnets) :]
+            res_all = res_all[: -len(up.resnets)]
+            if hasattr(up, "skip_conv"):
+                sample, skip_sample = up(sample, res, self.emb, skip_sample)
+            else:
+                sample = up(sample, res, self.emb)
+        sample = unet.conv_norm_out(sample)
+        sample = unet.conv_act(sample)
+        sample = unet.conv_out(sample)
+        if skip_sample is not None:
+            sample = sample + skip_sample
+        if unet.config.time_embedding_type == "fourier":
+            sample = sample / self.timesteps.reshape((sample.shape[0], *([1] * (sample.ndim - 1))))
+        return sample
+
+
+@torch.no_grad()
+def split_unet(
+    unet: nn.Module, x_t: Tensor, timestep: int | float | Tensor, class_labels: Tensor | None = None
+) -> UNetSplit:
+    """Run the encoder half of ``UNet2DModel.forward`` (diffusers steps 0-4) once and return the split.
+
+    ``timestep`` is a number or a tensor [] / [B].
+    """
+    if getattr(unet, "mid_block", None) is None:
+        raise ValueError("the U-Net has no mid block: h-space is undefined")
+    if x_t.ndim != 4:
+        raise ValueError(f"x_t must be [B, C, H, W], got shape {tuple(x_t.shape)}")
+    config = unet.config
+    sample = x_t.to(device=unet.device, dtype=unet.dtype).contiguous()
+    if config.center_input_sample:
+        sample = 2 * sample - 1.0
+    timesteps = timestep
+    if not torch.is_tensor(timesteps):
+        timesteps = torch.tensor([timesteps], dtype=torch.long, device=sample.device)
+    elif timesteps.ndim == 0:
+        timesteps = timesteps[None].to(sample.device)
+    if timesteps.shape[0] not in (1, sample.shape[0]):
+        raise ValueError(f"timestep has {timesteps.shape[0]} entries for a batch of {sample.shape[0]}")
+    timesteps = timesteps.to(sample.device) * torch.ones(sample.shape[0], dtype=timesteps.dtype, device=sample.device)
+    emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype=unet.dtype))
+    if unet.class_embedding is not None:
+        if class_labels is None:
+            raise ValueError("class_labels are required: the U-Net is class conditional")
+        if config.class_embed_type == "timestep":
+            class_labels = unet.time_proj(class_labels)
+        emb = emb + unet.class_embedding(class_labels).to(dtype=unet.dtype)
+    elif class_labels is not None:
+        raise ValueError("class_labels given but the U-Net has no class embedding")
+
+    skip_sample = sample
+    sample = unet.conv_in(sample)
+    res_samples: tuple[Tensor, ...] = (sample,)
+    for down in unet.down_blocks:
+        if hasattr(down, "skip_conv"):
+            sample, res, skip_sample = down(hidden_states=sample, temb=emb, skip_sample=skip_sample)
+        else:
+            sample, res = down(hidden_states=sample, temb=emb)
+        res_samples += res
+    h = unet.mid_block(sample, emb)
+    return UNetSplit(
+        unet=unet,
+        h=h.contiguous(),
+        emb=emb,
+        res_samples=tuple(r.contiguous() for r in res_samples),
+        timesteps=timesteps,
+    )
+
+
+def _broadcast_mask(mask: Tensor | None, batch: int, out_hw: tuple[int, int], like: Tensor) -> Tensor | None:
+    """Mask [H, W], [1, H, W], [B, H, W], [1|B, 1, H, W] -> [1|B, 1, H, W] in ``like``'s dtype."""
+    if mask is None:
+        return None
+    m = torch.as_tensor(mask)
+    if m.ndim == 2:
+        m = m[None, None]
+    elif m.ndim == 3:
+        m = m[None] if m.shape[0] == 1 else m[:, None]
+    if m.ndim != 4 or m.shape[1] != 1 or m.shape[0] not in (1, batch) or tuple(m.shape[-2:]) != out_hw:
+        raise ValueError(
+            f"mask must be [H, W], [1, H, W], [B, H, W] or [B, 1, H, W] with (H, W) = {out_hw} and "
+            f"B in (1, {batch}); got shape {tuple(torch.as_tensor(mask).shape)}"
+        )
+    if not bool(torch.isfinite(m.float()).all()):
+        raise ValueError("mask has non-finite values")
+    return m.to(device=like.device, dtype=like.dtype)
+
+
+def _masked_decoder(split: UNetSplit, mask: Tensor | None) -> Callable[[Tensor], Tensor]:
+    if mask is None:
+        return split.decode
+
+    def f(h: Tensor) -> Tensor:
+        return split.decode(h) * mask
+
+    return f
+
+
+# ---------------------------------------------------------------------- explicit Jacobian (tests)
+def explicit_jacobian(
+    model: Any,
+    x_t: Tensor,
+    timestep: int | float | Tensor,
+    *,
+    mask: Tensor | None = None,
+    class_labels: Tensor | None = None,
+    chunk_size: int | None = 256,
+) -> Tensor:
+    """The full Jacobian d(eps [* M]) / dh for each image: [B, 3*H*W, C*h*w], by reverse mode
+    (``torch.func.jacrev``) one image at a time. Only for tiny models (tests, checks)."""
+    unet = getattr(model, "unet", model)
+    b = x_t.shape[0]
+    ts = torch.as_tensor(timestep).reshape(-1)
+    out = []
+    with torch.no_grad(), forward_ad_safe(unet):
+        for i in range(b):
+            t_i = ts[i] if ts.shape[0] == b else ts[0]
+            labels = class_labels[i : i + 1] if class_labels is not None else None
+            split = split_unet(unet, x_t[i : i + 1], t_i, labels)
+            m = _broadcast_mask(mask, b, tuple(x_t.shape[-2:]), split.h)
+            f = _masked_decoder(split, m[i : i + 1] if m is not None and m.shape[0] == b else m)
+            jac = torch.func.jacrev(f, chunk_size=chunk_size)(split.h)
+            out.append(jac.reshape(-1, split.h.numel()))
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------- subspace iteration
+@dataclass
+class JacobianResult:
+    """Top-k right singular vectors of J (or J_masked) per image.
+
+    vectors [B, k, C, H, W] (unit norm, by decreasing singular value), singular_values [B, k],
+    residuals [B, k] = ||J^T J v - s^2 v||, converged [B] (residual <= tol * s_1^2 for all k),
+    iterations (operator applications in total) and block_iterations (one entry per block; one
+    block for Alg. 1). left_vectors [B, k, 3, H, W] = J v / s when requested.
+    """
+
+    vectors: Tensor
+    singular_values: Tensor
+    residuals: Tensor
+    converged: Tensor
+    iterations: int
+    block_iterations: list[int]
+    left_vectors: Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_directions(
+        self,
+        image: int = 0,
+        *,
+        name_prefix: str = "jacobian",
+        seed: int | None = None,
+        step: int | None = None,
+        model_fingerprint: str | None = None,
+        provenance: dict[str, Any] | None = None,
+    ) -> list[Direction]:
+        """Directions ``<name_prefix>_<i>`` (kind "jacobian", unit [C, H, W] applied at every step)
+        for image ``image``; ``seed``/``step`` say where x_t came from."""
+        if not 0 <= image < self.vectors.shape[0]:
+            raise ValueError(f"image {image} out of range for a batch of {self.vectors.shape[0]}")
+        fp = model_fingerprint if model_fingerprint is not None else self.meta.get("model_fingerprint")
+        out = []
+        for i in range(self.vectors.shape[1]):
+            prov = dict(self.meta)
+            prov.pop("model_fingerprint", None)
+            prov.update(
+                index=i,
+                singular_value=float(self.singular_values[image, i]),
+                residual=float(self.residuals[image, i]),
+                seed=seed,
+                step=step,
+                timestep=_timestep_of(self.meta.get("timestep"), image),
+            )
+            prov.update(dict(provenance or {}))
+            out.append(
+                Direction(
+                    vector=self.vectors[image, i].detach().to(torch.float32).cpu(),
+                    name=f"{name_prefix}_{i}",
+                    kind="jacobian",
+                    units="unit",
+                    model_fingerprint=fp,
+                    provenance=prov,
+                )
+            )
+        return out
+
+
+def _timestep_of(ts: Any, image: int) -> Any:
+    return ts[image] if isinstance(ts, list) else ts
+
+
+def _mask_info(mask: Tensor | None) -> dict[str, Any] | None:
+    if mask is None:
+        return None
+    m = torch.as_tensor(mask).detach().to(torch.float32).cpu().contiguous()
+    return {
+        "shape": list(m.shape),
+        "coverage": float((m != 0).float().mean()),
+        "sha256": hashlib.sha256(m.numpy().tobytes()).hexdigest()[:16],
+    }
+
+
+class _Operators:
+    """J V and J^T J V for per-image blocks V [B, D, m] (float64 in, float64 out)."""
+
+    def __init__(self, f: Callable[[Tensor], Tensor], h: Tensor) -> None:
+        self.f = f
+        self.h = h
+        self.h_shape = tuple(h.shape[1:])
+        _, self._vjp = torch.func.vjp(f, h)  # one linearisation for every iteration
+        self.applications = 0
+
+    def _tangents(self, v: Tensor) -> Tensor:
+        b, _, m = v.shape
+        return v.permute(2, 0, 1).reshape(m, b, *self.h_shape).to(self.h.dtype).contiguous()
+
+    def jv(self, v: Tensor) -> Tensor:
+        """J V: [B, D, m] -> [m, B, *out] (batched forward mode, eq. 8)."""
+
+        def one(t: Tensor) -> Tensor:
+            return torch.func.jvp(self.f, (self.h,), (t,))[1]
+
+        return torch.func.vmap(one)(self._tangents(v))
+
+    def jt(self, u: Tensor) -> Tensor:
+        """J^T U: [m, B, *out] -> [B, D, m] (reverse mode through the kept VJP, eq. 7)."""
+        w = torch.func.vmap(self._vjp)(u)[0]
+        m, b = w.shape[:2]
+        return w.reshape(m, b, -1).permute(1, 2, 0).to(torch.float64)
+
+    def jtj(self, v: Tensor) -> Tensor:
+        self.applications += 1
+        return self.jt(self.jv(v))
+
+
+def _orthonormalize(v: Tensor) -> Tensor:
+    q, _ = torch.linalg.qr(v)
+    return q
+
+
+def _ritz(v: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Rayleigh-Ritz on span(V) with W = J^T J V: rotated V, eigenvalues (desc) and residuals."""
+    m = v.transpose(1, 2) @ w
+    lam, r = torch.linalg.eigh((m + m.transpose(1, 2)) / 2)
+    lam, r = lam.flip(-1), r.flip(-1)
+    v_r, w_r = v @ r, w @ r
+    res = (w_r - v_r * lam[:, None, :]).norm(dim=1)
+    return v_r, lam.clamp_min(0), res
+
+
+def _subspace_block(
+    ops: _Operators,
+    v0: Tensor,
+    n_check: int,
+    n_iter: int,
+    tol: float,
+    scale: Tensor | None,
+    deflate: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """Subspace iteration on one block (Alg. 1 body; with ``deflate`` the Alg. 2 body).
+
+    Returns Ritz vectors [B, D, m], eigenvalues of J^T J [B, m], residuals [B, m], converged [B]
+    (first ``n_check`` residuals <= tol * scale) and the number of iterations.
+    """
+    v = _orthonormalize(v0)
+    for it in range(1, n_iter + 1):
+        if deflate is not None:
+            v = _orthonormalize(v - deflate @ (deflate.transpose(1, 2) @ v))
+        w = ops.jtj(v)
+        v_r, lam, res = _ritz(v, w)
+        ref = lam[:, :1] if scale is None else torch.maximum(scale[:, None], lam[:, :1])
+        converged = (res[:, :n_check] <= tol * ref).all(dim=1)
+        if bool(converged.all()) or it == n_iter:
+            return v_r, lam, res, converged, it
+        v = torch.linalg.svd(w, full_matrices=False)[0]  # V <- left singular vectors of J^T J V
+    raise AssertionError("unreachable")
+
+
+def jacobian_directions(
+    model: Any,
+    x_t: Tensor,
+    timestep: int | float | Tensor,
+    k: int,
+    *,
+    method: str = "subspace",
+    mask: Tensor | None = None,
+    n_iter: int = 100,
+    tol: float = 1e-4,
+    block_size: int | None = None,
+    oversample: int = 0,
+    init: Tensor | None = None,
+    init_seed: int = 0,
+    class_labels: Tensor | None = None,
+    return_left: bool = False,
+) -> JacobianResult:
+    """Top-k right singular vectors and values of J_t = d eps / d h at x_t [B, 3, H, W].
+
+    Args:
+        model: an HSpaceModel (uses ``.unet`` and ``.fingerprint``) or a UNet2DModel.
+        timestep: the model timestep t of x_t (number, or tensor [] / [B]).
+        k: number of singular vectors.
+        method: ``"subspace"`` (Alg. 1, all k at once) or ``"sequential"`` (Alg. 2, blocks of
+            ``block_size`` vectors, each deflated against the ones found before; less memory).
+        mask: pixel mask M ([H, W], [1, H, W], [B, H, W] or [B, 1, H, W]); uses J of eps * M (eq. 9).
+        n_iter: iteration limit per block; tol: stop when every residual
+            ||J^T J v - s^2 v|| <= tol * s_1^2 (relative to the largest eigenvalue of J^T J).
+        oversample: extra vectors iterated with each block (not returned), which speeds up
+            convergence when s_k and s_{k+1} are close.
+        init: initial guess [k, C, H, W] or [B, k, C, H, W] (Alg. 2's Theta); random otherwise,
+            drawn on the CPU from ``init_seed``.
+        return_left: also return u = J v / s (one more batched JVP).
+    """
+    unet = getattr(model, "unet", model)
+    if method not in ("subspace", "sequential"):
+        raise ValueError(f"method must be 'subspace' or 'sequential', got {method!r}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if n_iter < 1 or not tol > 0:
+        raise ValueError(f"n_iter must be >= 1 and tol > 0, got n_iter={n_iter}, tol={tol}")
+    if oversample < 0:
+        raise ValueError(f"oversample must be >= 0, got {oversample}")
+    b = x_t.shape[0]
+    # no_grad keeps autograd from recording the weights; the torch.func transforms still work inside.
+    with torch.no_grad(), forward_ad_safe(unet):
+        split = split_unet(unet, x_t, timestep, class_labels)
+        d = split.h[0].numel()
+        if k > d:
+            raise ValueError(f"k={k} exceeds the dimension of h ({d})")
+        m = _broadcast_mask(mask, b, tuple(x_t.shape[-2:]), split.h)
+        ops = _Operators(_masked_decoder(split, m), split.h.detach())
+        theta = _initial_vectors(init, init_seed, b, d, k, tuple(split.h.shape[1:]), split.h.device)
+
+        if method == "subspace":
+            blocks = [(0, k)]
+        else:
+            size = block_size if block_size is not None else max(1, k // 4)
+            if size < 1:
+                raise ValueError(f"block_size must be >= 1, got {size}")
+            blocks = [(s, min(s + size, k)) for s in range(0, k, size)]
+
+        found_v, found_lam, found_res, block_iters = [], [], [], []
+        converged = torch.ones(b, dtype=torch.bool, device=split.h.device)
+        scale: Tensor | None = None
+        gen = torch.Generator().manual_seed(init_seed + 1)
+        for start, end in blocks:
+            width = end - start
+            extra = min(oversample, d - end)
+            v0 = theta[:, :, start:end]
+            if extra:
+                v0 = torch.cat([v0, torch.randn(b, d, extra, generator=gen, dtype=torch.float64).to(v0.device)], 2)
+            deflate = torch.cat(found_v, 2) if found_v else None
+            v, lam, res, conv, iters = _subspace_block(ops, v0, width, n_iter, tol, scale, deflate)
+            found_v.append(v[:, :, :width])
+            found_lam.append(lam[:, :width])
+            found_res.append(res[:, :width])
+            block_iters.append(iters)
+            converged &= conv
+            scale = lam[:, 0] if scale is None else torch.maximum(scale, lam[:, 0])
+
+        v = torch.cat(found_v, 2)
+        lam = torch.cat(found_lam, 1)
+        res = torch.cat(found_res, 1)
+        order = lam.argsort(dim=1, descending=True)
+        lam = lam.gather(1, order)
+        res = res.gather(1, order)
+        v = v.gather(2, order[:, None, :].expand_as(v))
+        s = lam.sqrt()
+        vectors = v.permute(0, 2, 1).reshape(b, k, *split.h.shape[1:])
+        left = None
+        if return_left:
+            u = ops.jv(v).to(torch.float64)  # [k, B, *out]
+            u = u / s.T.reshape(k, b, *([1] * (u.ndim - 2))).clamp_min(torch.finfo(torch.float64).tiny)
+            left = u.transpose(0, 1).to(split.h.dtype)
+
+    ts = split.timesteps.detach().cpu().tolist()
+    meta = {
+        "method": "alg1_subspace_iteration" if method == "subspace" else "alg2_sequential_subspace_iteration",
+        "k": k,
+        "n_iter": n_iter,
+        "tol": tol,
+        "oversample": oversample,
+        "block_size": None if method == "subspace" else blocks[0][1] - blocks[0][0],
+        "init_seed": None if init is not None else init_seed,
+        "timestep": ts if len(set(ts)) > 1 else ts[0],
+        "mask": _mask_info(mask),
+        "model_fingerprint": getattr(model, "fingerprint", None),
+    }
+    return JacobianResult(
+        vectors=vectors.to(split.h.dtype),
+        singular_values=s.to(torch.float32),
+        residuals=res.to(torch.float32),
+        converged=converged.cpu(),
+        iterations=ops.applications,
+        block_iterations=block_iters,
+        left_vectors=left,
+        meta=meta,
+    )
+
+
+def _initial_vectors(
+    init: Tensor | None, seed: int, b: int, d: int, k: int, h_shape: tuple[int, ...], device: torch.device
+) -> Tensor:
+    """Theta [B, D, k] in float64: the given guess or i.i.d. Gaussian from ``seed`` (CPU generator)."""
+    if init is None:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(b, d, k, generator=g, dtype=torch.float64).to(device)
+    t = torch.as_tensor(init)
+    if t.ndim == 4:
+        t = t[None].expand(b, *t.shape)
+    if t.ndim != 5 or t.shape[0] != b or t.shape[1] != k or tuple(t.shape[2:]) != h_shape:
+        raise ValueError(f"init must be [k, C, H, W] or [B, k, C, H, W] = [{b}, {k}, {h_shape}], got {tuple(t.shape)}")
+    return t.reshape(b, k, d).transpose(1, 2).to(device=device, dtype=torch.float64)
