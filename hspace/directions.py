@@ -403,17 +403,18 @@ def select_quantiles(scores: Tensor | Sequence[float], q: float) -> tuple[Tensor
 def projection_sigma(latents: Tensor, vector: Tensor) -> Tensor:
     """Std (unbiased) of the projection of ``latents`` on the unit ``vector``, per step.
 
-    latents [N, T, *shape] with vector [T, *shape] -> [T]; latents [N, *shape] with vector
+    latents [N, T, C, H, W] with vector [T, C, H, W] -> [T]; latents [N, *shape] with vector
     [*shape] -> [1].
     """
     x = latents.to(torch.float64)
     v = vector.to(torch.float64)
-    if v.ndim == x.ndim - 1 and x.ndim >= 2 and x.shape[1:] == v.shape and v.ndim == 4:
+    if x.ndim == 5 and v.ndim == 4 and x.shape[1:] == v.shape:
         unit = v.flatten(1) / v.flatten(1).norm(dim=1, keepdim=True).clamp_min(1e-300)
         proj = torch.einsum("ntd,td->nt", x.flatten(2), unit)
+    elif x.shape[1:] == v.shape:
+        proj = x.reshape(x.shape[0], -1) @ (v.reshape(-1, 1) / v.norm().clamp_min(1e-300))
     else:
-        unit = v.reshape(1, -1) / v.norm().clamp_min(1e-300)
-        proj = x.reshape(x.shape[0], -1) @ unit.T
+        raise ValueError(f"latents {tuple(x.shape)} do not match vector {tuple(v.shape)}")
     return proj.std(dim=0, unbiased=True).to(torch.float32)
 
 
@@ -441,7 +442,8 @@ def supervised_direction(
         raise ValueError(f"scores has {s.shape[0]} entries but latents has {latents.shape[0]} samples")
     pos, neg = select_quantiles(s, q)
     v = mean_difference(latents[pos], latents[neg]).to(torch.float32)
-    sigma = projection_sigma(latents, v) if latents.shape[0] > 1 else None
+    # sigma only for per-step h: a [C,H,W] direction is used at every step, where its spread differs.
+    sigma = projection_sigma(latents, v) if latents.ndim == 5 else None
     s64 = s.to(torch.float64)
     prov: dict[str, Any] = {
         "method": "mean_difference",
@@ -459,7 +461,7 @@ def supervised_direction(
         name=name,
         kind="supervised",
         units="raw",
-        sigma=sigma if latents.ndim == 5 else None,
+        sigma=sigma,
         timesteps=timesteps,
         model_fingerprint=model_fingerprint,
         provenance=prov,
