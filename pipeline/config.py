@@ -389,9 +389,9 @@ def describe_model(model: ModelConfig) -> ModelInfo:
     source = model.source
     if source == "toy":
         root = _toy_model_dir()
-        if not root.is_dir():
-            raise ConfigError([("model.source", f"toy model directory {root} does not exist (toy weights not built)")])
         unet_cfg, sched_cfg = _local_config_files(root)
+        if unet_cfg is None:
+            raise ConfigError([("model.source", f"toy model {root} has no unet/config.json (toy weights not built)")])
         location, is_local = str(root), True
     elif Path(source).expanduser().is_dir():
         root = Path(source).expanduser()

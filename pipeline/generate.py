@@ -1,0 +1,268 @@
+"""Generate stage: seeded trajectories -> h per step as parquet shards, resumable by seed block.
+
+Ray Data maps over the seed blocks that the run manifest does not list yet. A callable class
+(:class:`BlockGenerator`) loads the model once per actor and, for each block, samples its seeds
+with :class:`hspace.sampling.HSpaceSampler` (x_T and z_t from each seed's own generator), writes
+one activation shard per sampler step and one shard of PNG images, and returns the block's
+record. The driver lists each record in the manifest as it arrives, so an interrupted run keeps
+every finished block and a re-run redoes only the rest.
+
+Determinism: a block is always sampled as the same sub-batches (``generate.batch_size``) of the
+same seeds, whichever actor gets it, so h is bit-identical for any number of workers and across
+re-runs. A different batch size changes only floating-point rounding of batched convolutions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import BuildConfig, SeedBlock, describe_model, seed_blocks
+from pipeline.storage import BlockRecord, RunStore
+
+__all__ = ["BlockGenerator", "GenerateReport", "generate", "run_identity", "ensure_ray"]
+
+
+@dataclass(frozen=True)
+class GenerateReport:
+    """What a generate call did: blocks skipped (already listed) and generated, rows, bytes, speed."""
+
+    blocks_total: int
+    blocks_skipped: int
+    blocks_generated: int
+    samples: int
+    rows: int
+    bytes: int
+    seconds: float
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else math.inf
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else math.inf
+
+    def summary(self) -> str:
+        return (
+            f"generate: {self.blocks_generated} blocks generated, {self.blocks_skipped} already complete; "
+            f"{self.samples} samples, {self.rows} rows, {self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s "
+            f"({self.samples_per_s:.2f} samples/s, {self.rows_per_s:.1f} rows/s)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rows_per_s": self.rows_per_s, "samples_per_s": self.samples_per_s}
+
+
+def run_identity(cfg: BuildConfig) -> dict[str, Any]:
+    """The settings that determine every stored row; a run never mixes rows made with other ones."""
+    info = describe_model(cfg.model)
+    return {
+        "model": cfg.model.source,
+        "revision": cfg.model.revision,
+        "sampler": cfg.sampler.kind,
+        "num_inference_steps": cfg.sampler.num_inference_steps,
+        "eta": cfg.sampler.eta,
+        "dtype": cfg.dtype,
+        "h_shape": list(info.h_shape) if info.h_shape is not None else None,
+        "batch_size": cfg.generate.batch_size,
+    }
+
+
+def ensure_ray(cfg: BuildConfig) -> None:
+    """Join the configured cluster (``resources.ray_address``) unless Ray is already initialised."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.resources.ray_address, log_to_driver=True)
+
+
+def _png(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+class BlockGenerator:
+    """Ray Data callable class: holds the model, turns a batch of seed blocks into block records.
+
+    Input batch: columns ``index``, ``start``, ``stop`` (one row per block). Output: column
+    ``record`` (the block's :class:`BlockRecord` as JSON) and ``worker``.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_url: str,
+        storage_options: dict[str, Any],
+        model_location: str,
+        revision: str | None,
+        device: str,
+        dtype: str,
+        sampler: str,
+        num_inference_steps: int,
+        eta: float | None,
+        batch_size: int,
+    ) -> None:
+        import torch
+
+        from hspace.model import HSpaceModel
+        from hspace.sampling import HSpaceSampler
+
+        self.store = RunStore(run_url, storage_options)
+        self.model = HSpaceModel.from_pretrained(
+            model_location, revision=revision, device=device, dtype=getattr(torch, dtype)
+        )
+        self.sampler = HSpaceSampler(self.model, sampler=sampler, num_inference_steps=num_inference_steps, eta=eta)
+        self.batch_size = batch_size
+        self.worker = uuid.uuid4().hex[:8]  # unique file names even if a block is retried elsewhere
+
+    def generate_block(self, block: SeedBlock) -> BlockRecord:
+        """Sample the block's seeds, write one shard per step and the images; return the record."""
+        import torch
+
+        t0 = time.perf_counter()
+        seeds = list(block.seeds)
+        traj = self.sampler.sample(seeds, record_h=True, h_dtype=torch.float16, batch_size=self.batch_size)
+        h = traj.h.cpu().numpy()  # [B, T, C, H, W] float16
+        timesteps = [int(t) for t in traj.timesteps]
+        shards = tuple(
+            self.store.write_activations(step, timesteps[step], seeds, h[:, step], self.worker, block.index)
+            for step in range(h.shape[1])
+        )
+        samples = self.store.write_samples(seeds, [_png(im) for im in traj.to_pil()], self.worker, block.index)
+        extra = {
+            "worker": self.worker,
+            "seconds": time.perf_counter() - t0,
+            "model_fingerprint": self.model.fingerprint,
+            "timesteps": timesteps,
+            "h_shape": list(self.model.h_shape),
+        }
+        return BlockRecord(block.key, block.start, block.stop, shards, samples, extra)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        records = []
+        for index, start, stop in zip(batch["index"], batch["start"], batch["stop"], strict=True):
+            rec = self.generate_block(SeedBlock(int(index), int(start), int(stop)))
+            records.append(json.dumps(rec.to_dict()))
+        return {"record": records, "worker": [self.worker] * len(records)}
+
+
+_MODEL_FACTS = ("model_fingerprint", "timesteps", "h_shape")
+
+
+def _record_model_facts(store: RunStore, rec: BlockRecord) -> None:
+    """Every block of a run must come from the same weights and timesteps; the first block sets them.
+
+    They are kept in the manifest under ``stages.generate.model`` for the later stages.
+    """
+    facts = {k: rec.extra[k] for k in _MODEL_FACTS}
+    known = store.stage("generate")
+    if known is None or "model" not in known:
+        store.update_manifest(lambda m: m["stages"].setdefault("generate", {}).__setitem__("model", facts))
+        return
+    diff = [k for k in facts if known["model"].get(k) != facts[k]]
+    if diff:
+        raise ValueError(
+            f"block {rec.key} was generated with a different {', '.join(diff)} than the rest of run {store.url} "
+            f"({[known['model'].get(k) for k in diff]} vs {[facts[k] for k in diff]}); the model changed"
+        )
+
+
+def generate(
+    cfg: BuildConfig,
+    store: RunStore | None = None,
+    *,
+    progress: bool = True,
+    max_blocks: int | None = None,
+) -> GenerateReport:
+    """Generate every seed block the run manifest does not list yet; returns the report.
+
+    ``max_blocks`` stops after that many new blocks (a partial run, e.g. to grow a run in steps
+    or to test resumption).
+    """
+    store = store or RunStore(cfg.storage.run_url, cfg.storage.storage_options)
+    store.ensure_identity(run_identity(cfg))
+    t0 = time.perf_counter()
+    blocks = seed_blocks(cfg)
+    done = store.blocks()
+    todo = [b for b in blocks if b.key not in done]
+    if max_blocks is not None:
+        todo = todo[:max_blocks]
+    generated: list[BlockRecord] = []
+    if todo:
+        generated = _run_blocks(cfg, store, todo, progress)
+    seconds = time.perf_counter() - t0
+    report = GenerateReport(
+        blocks_total=len(blocks),
+        blocks_skipped=len(blocks) - len([b for b in blocks if b.key not in done]),
+        blocks_generated=len(generated),
+        samples=sum(r.n_seeds for r in generated),
+        rows=sum(s.rows for r in generated for s in r.activations),
+        bytes=sum(r.bytes for r in generated),
+        seconds=seconds,
+    )
+
+    def record(m: dict[str, Any]) -> None:
+        stage = m["stages"].setdefault("generate", {})
+        stage["last_report"] = report.to_dict()
+        listed = [b for b in blocks if b.key in m["blocks"]]
+        stage["complete"] = len(listed) == len(blocks)
+
+    store.update_manifest(record)
+    if progress:
+        print(report.summary(), flush=True)
+    return report
+
+
+def _run_blocks(cfg: BuildConfig, store: RunStore, todo: list[SeedBlock], progress: bool) -> list[BlockRecord]:
+    import ray
+    from tqdm.auto import tqdm
+
+    ensure_ray(cfg)
+    info = describe_model(cfg.model)
+    res = cfg.resources
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ds = ray.data.from_items(
+        [{"index": b.index, "start": b.start, "stop": b.stop} for b in todo], override_num_blocks=len(todo)
+    )
+    out = ds.map_batches(
+        BlockGenerator,
+        fn_constructor_kwargs={
+            "run_url": cfg.storage.run_url,
+            "storage_options": cfg.storage.storage_options,
+            "model_location": info.location,
+            "revision": cfg.model.revision,
+            "device": res.device,
+            "dtype": cfg.dtype,
+            "sampler": cfg.sampler.kind,
+            "num_inference_steps": cfg.sampler.num_inference_steps,
+            "eta": cfg.sampler.eta,
+            "batch_size": cfg.generate.batch_size,
+        },
+        batch_size=1,
+        concurrency=min(res.workers, len(todo)),  # no idle actors loading a model for nothing
+        num_gpus=res.num_gpus_per_worker or None,
+        num_cpus=res.num_cpus_per_worker,
+    )
+    records: list[BlockRecord] = []
+    bar = tqdm(total=len(todo), desc="seed blocks", unit="block", disable=not progress)
+    try:
+        for row in out.iter_rows():
+            rec = BlockRecord.from_dict(json.loads(row["record"]))
+            _record_model_facts(store, rec)
+            store.add_blocks([rec])  # listed as soon as it is done: an interruption keeps it
+            records.append(rec)
+            bar.update(1)
+            bar.set_postfix(samples=sum(r.n_seeds for r in records))
+    finally:
+        bar.close()
+    return records
