@@ -44,6 +44,7 @@ __all__ = [
     "attribute_directions",
     "boundary_normal",
     "mean_difference_and_boundary",
+    "pca_directions",
     "projection_sigma_streaming",
     "random_baselines",
 ]
@@ -187,6 +188,29 @@ def random_baselines(references: Sequence[Direction], n: int) -> tuple[list[Dire
     return out, of
 
 
+def pca_directions(pca: PerTimestepPCA) -> list[Direction]:
+    """``pca_<j>`` for every component; with PCA on a subset of steps (``pca.steps``), the
+    components live at those steps and the vector (and sigma) is zero at the others, so an edit
+    touches only the steps the PCA covers."""
+    fitted = pca.fitted_steps
+    if len(fitted) == pca.n_steps:
+        return pca.directions()
+    if not fitted:
+        raise ValueError("the PCA stage fitted no step")
+    from hspace.pca import PerTimestepPCA as _PCA
+
+    sub = _PCA(pca.n_components, len(fitted), h_shape=pca.h_shape, model_fingerprint=pca.model_fingerprint)
+    sub.estimators = [pca.estimators[t] for t in fitted]
+    out = []
+    for d in sub.directions():
+        vector = torch.zeros(pca.n_steps, *d.vector.shape[1:])
+        sigma = torch.zeros(pca.n_steps)
+        vector[fitted], sigma[fitted] = d.vector, d.sigma
+        out.append(replace(d, vector=vector, sigma=sigma, timesteps=pca.timesteps,
+                           provenance=d.provenance | {"steps": fitted, "other_steps": "zero (not in pca.steps)"}))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Streaming sigma: std of every direction's projection over all stored samples
 
@@ -256,7 +280,7 @@ def _attribute_task(
 ) -> tuple[dict, dict, dict]:
     """Read back h of the top/bottom seeds only, steps in memory-bounded chunks; build both directions."""
     store = RunStore(run_url, storage_options)
-    scores = np.asarray(scores, np.float64)
+    scores = np.array(scores, np.float64)  # a writable copy (Ray hands out read-only arrays)
     pos, neg = (i.numpy() for i in select_quantiles(torch.from_numpy(scores), q))
     seeds = np.asarray(seeds)
     probe = store.read_h(seeds[pos[:1]], steps=[0])
@@ -426,7 +450,7 @@ def aggregate(
     for d in disentangled:
         directions[d.name] = with_sigma(d)
     if pca is not None:
-        for d in pca.directions():
+        for d in pca_directions(pca):
             directions[d.name] = d
     for d in jacobians:
         directions[d.name] = with_sigma(d)

@@ -33,6 +33,7 @@ __all__ = [
     "code_version",
     "config_hash",
     "direction_rows",
+    "pca_state",
     "preview_name",
     "publish",
 ]
@@ -99,6 +100,14 @@ def direction_rows(directions: Mapping[str, Direction]) -> list[dict[str, Any]]:
     return rows
 
 
+def pca_state(pca: Any) -> Any:
+    """What the catalog stores as pca.safetensors: the PCA's ``(tensors, metadata)`` with float32
+    tensors (half the size of the float64 accumulation state; ``CatalogVersion.pca()`` reads it back)."""
+    if pca is None:
+        return None
+    return pca.to_safetensors_dict(torch.float32)
+
+
 @dataclass(frozen=True)
 class PublishResult:
     """Where the version went."""
@@ -160,7 +169,7 @@ def publish(
     published = cat.publish(
         cat_cfg.model_name,
         dict(directions),
-        pca=pca,
+        pca=pca_state(pca),
         effects=effects,
         extra_files=extra,
         metadata={

@@ -47,8 +47,9 @@ def edit_strip_png(images: np.ndarray, *, min_cell: int = 64, gutter: int = 2) -
     return buf.getvalue()
 
 
-def _fmt(x: float | None, digits: int = 2) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{x:+.{digits}f}"
+def _fmt(x: float | None, digits: int = 3) -> str:
+    """Signed, ``digits`` significant digits (effects of tiny and large edits both stay readable)."""
+    return "–" if x is None or not math.isfinite(x) else f"{x:+.{digits}g}"
 
 
 def effect_table_text(effects: Mapping[str, Any], *, max_rows: int | None = None) -> str:

@@ -227,7 +227,7 @@ def test_report_is_self_contained_html_with_inline_images_and_escaped_names():
     srcs = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(srcs) == 1 and base64.b64decode(srcs[0]) == png
     assert "http" not in html.replace("https://", "")  # nothing fetched from elsewhere
-    assert "<table" in html and "+0.00" in html  # effect (1 - 1) / 2 = 0 in the matrix
+    assert "<table" in html and "<td>+0</td>" in html  # effect (1 - 1) / 2 = 0 in the matrix
     assert "x" in effect_table_text(effects)
 
 
