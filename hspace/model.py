@@ -116,10 +116,10 @@ def _load_local(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path}")
     if (path / "unet" / "config.json").is_file():
-        unet = UNet2DModel.from_pretrained(path, subfolder="unet")
+        unet = UNet2DModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=False)
         candidates = [path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"]
     elif (path / "config.json").is_file():
-        unet = UNet2DModel.from_pretrained(path)
+        unet = UNet2DModel.from_pretrained(path, low_cpu_mem_usage=False)
         candidates = [path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"]
     else:
         raise FileNotFoundError(
@@ -137,9 +137,9 @@ def _load_hub(model_id: str, revision: str | None) -> tuple[nn.Module, dict[str,
     from diffusers import DDPMScheduler, UNet2DModel
 
     try:
-        unet = UNet2DModel.from_pretrained(model_id, subfolder="unet", revision=revision)
+        unet = UNet2DModel.from_pretrained(model_id, subfolder="unet", revision=revision, low_cpu_mem_usage=False)
     except OSError:
-        unet = UNet2DModel.from_pretrained(model_id, revision=revision)
+        unet = UNet2DModel.from_pretrained(model_id, revision=revision, low_cpu_mem_usage=False)
     try:
         config = DDPMScheduler.load_config(model_id, subfolder="scheduler", revision=revision)
     except OSError:
@@ -201,7 +201,7 @@ class HSpaceModel:
                 ) from error
             model_id = str(path_or_id)
         fingerprint = unet_fingerprint(unet)
-        unet = unet.to(device=device, dtype=dtype)
+        unet = unet.to(device=device) if dtype == unet.dtype else unet.to(device=device, dtype=dtype)
         return cls(unet, config, model_id=model_id, revision=revision, fingerprint=fingerprint)
 
     # -- properties ---------------------------------------------------------------------------
