@@ -289,9 +289,8 @@ def _attribute_task(
     md_parts, b_parts, accs = [], [], []
     for start in range(0, n_steps, chunk):
         steps = list(range(start, min(n_steps, start + chunk)))
-        h_pos = torch.from_numpy(store.read_h(seeds[pos], steps=steps))
-        h_neg = torch.from_numpy(store.read_h(seeds[neg], steps=steps))
-        md, boundary, acc = mean_difference_and_boundary(h_pos, h_neg)
+        h = torch.from_numpy(store.read_h(seeds[np.concatenate([pos, neg])], steps=steps))  # one read for both groups
+        md, boundary, acc = mean_difference_and_boundary(h[: len(pos)], h[len(pos) :])
         md_parts.append(md)
         b_parts.append(boundary)
         accs += acc

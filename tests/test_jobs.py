@@ -265,7 +265,8 @@ def test_rebuild_grow_adds_seeds_continues_pca_and_publishes_a_new_version(built
     old = cat.resolve("tiny", "latest")
     # the scheduled path: the rebuild runs as a Ray job, like the RayCronJob's entrypoint
     logs = _submit_and_wait(ray_head, f"python jobs/rebuild.py --config {tiny_config} --grow 8 --quiet")
-    assert "rebuilding tiny-job: n_samples (samples 16 -> 24)" in logs
+    reason = next(line for line in logs.splitlines() if line.startswith("rebuilding tiny-job: "))
+    assert "n_samples" in reason and reason.endswith("(samples 16 -> 24)"), reason
     new = cat.resolve("tiny", "latest")
     assert new != old and cat.versions("tiny") == sorted([old, new])
     v = cat.version("tiny", new)
