@@ -249,7 +249,9 @@ def _run_blocks(cfg: BuildConfig, store: RunStore, todo: list[SeedBlock], progre
             "batch_size": cfg.generate.batch_size,
         },
         batch_size=1,
-        concurrency=min(res.workers, len(todo)),  # no idle actors loading a model for nothing
+        # No idle actors loading a model for nothing; one block in flight per actor so the
+        # last blocks are not queued behind a busy actor while another one idles.
+        compute=ray.data.ActorPoolStrategy(size=min(res.workers, len(todo)), max_tasks_in_flight_per_actor=1),
         num_gpus=res.num_gpus_per_worker or None,
         num_cpus=res.num_cpus_per_worker,
     )

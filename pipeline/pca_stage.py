@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import BuildConfig
-from pipeline.storage import RunStore, StepBatch
+from pipeline.storage import CorruptShardError, RunStore, StepBatch
 
 __all__ = [
     "PCAGroupWorker",
@@ -250,8 +250,13 @@ class PCAGroupWorker:
         if not self.store.exists(self.checkpoint_path):
             return
         data = self.store.read_bytes(self.checkpoint_path)
-        tensors = load(data)
-        meta = json.loads(_safetensors_metadata(data)["checkpoint"])
+        try:
+            tensors = load(data)
+            meta = json.loads(_safetensors_metadata(data)["checkpoint"])
+        except Exception as e:  # checkpoints are replaced atomically; this is damage, not a crash
+            raise CorruptShardError(
+                f"{self.store.describe(self.checkpoint_path)}: unreadable PCA checkpoint ({e}); delete it to refit"
+            ) from e
         if meta.get("format") != CHECKPOINT_FORMAT or meta.get("steps") != self.steps:
             self.restart_note = f"ignored checkpoint {self.checkpoint_path}: written for other steps/format"
             return
