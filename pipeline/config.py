@@ -253,6 +253,8 @@ def _cross_field_errors(cfg: BuildConfig) -> list[tuple[str, str]]:
     """Checks between fields of one config (no model, no I/O)."""
     errors: list[tuple[str, str]] = []
     steps = cfg.sampler.num_inference_steps
+    if cfg.sampler.kind == "ddpm" and cfg.sampler.eta not in (None, 1.0):
+        errors.append(("sampler.eta", f"ddpm sampling has eta=1; for eta={cfg.sampler.eta} set sampler.kind: ddim"))
     if cfg.pca.steps is not None:
         if not cfg.pca.steps:
             errors.append(("pca.steps", "must list at least one step (or be null for all steps)"))

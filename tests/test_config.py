@@ -132,6 +132,7 @@ BAD = [
     ("quantile zero", "aggregate.quantile", 0.0, "aggregate.quantile: Input should be greater than 0"),
     ("quantile above half", "aggregate.quantile", 0.6, "aggregate.quantile: Input should be less than or equal to 0.5"),
     ("negative eta", "sampler.eta", -1.0, "sampler.eta: Input should be greater than or equal to 0"),
+    ("eta with ddpm", "sampler.eta", 0.5, "sampler.eta: ddpm sampling has eta=1; for eta=0.5 set sampler.kind: ddim"),
     ("pca step out of range", "pca.steps", [0, 7], "pca.steps: steps [7] outside 0..4"),
     ("pca backend", "pca.backend", "numpy", "pca.backend: Input should be 'torch' or 'sklearn'"),
     ("k above samples", "pca.n_components", 32, "pca.n_components: 32 exceeds generate.n_samples=16"),
