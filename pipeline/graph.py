@@ -21,7 +21,7 @@ from typing import Any
 from pipeline.config import BuildConfig
 from pipeline.storage import RunStore
 
-__all__ = ["BuildResult", "build_catalog", "init_ray", "override_urls"]
+__all__ = ["BuildResult", "build_catalog", "ephemeral_path_warnings", "init_ray", "override_urls"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +38,27 @@ def override_urls(cfg: BuildConfig, *, run_url: str | None = None, catalog_url: 
     storage = cfg.storage.model_copy(update={"run_url": _absolute(run_url or cfg.storage.run_url)})
     catalog = cfg.catalog.model_copy(update={"url": _absolute(catalog_url or cfg.catalog.url)})
     return cfg.model_copy(update={"storage": storage, "catalog": catalog})
+
+
+def ephemeral_path_warnings(cfg: BuildConfig, *, run_url: str | None = None, catalog_url: str | None = None) -> list[str]:
+    """Warnings for relative local paths inside a submitted Ray job with a working_dir.
+
+    ``ray job submit --working-dir .`` runs the entrypoint in a temporary copy of the directory, so
+    ``runs/quickstart`` would land there and vanish with the Ray session.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw or "working_dir" not in raw:
+        return []
+    out = []
+    urls = (("storage.run_url", run_url or cfg.storage.run_url), ("catalog.url", catalog_url or cfg.catalog.url))
+    for field_name, url in urls:
+        if "://" not in url and not url.startswith("/"):
+            out.append(
+                f"warning: {field_name}={url!r} is relative; in this Ray job it resolves inside the job's temporary "
+                f"working dir ({Path(url).resolve()}), which is deleted with the Ray session. Pass an absolute path "
+                f"or a URL (--run-url / --catalog-url) to keep the results."
+            )
+    return out
 
 
 def init_ray(cfg: BuildConfig) -> str:

@@ -330,3 +330,16 @@ def test_evaluate_effects_and_publish_a_verified_version(tmp_path, tiny_model_di
     assert "storage_options" not in json.dumps(v.manifest["extra"])
     html = v.read_file("report.html").decode()
     assert pub.version in html and html.count("data:image/png;base64,") == 3
+
+
+def test_relative_paths_inside_a_submitted_job_are_flagged(tmp_path, tiny_model_dir, classifier_dir, monkeypatch):
+    from pipeline.graph import ephemeral_path_warnings, override_urls
+
+    cfg = _config(tmp_path, tiny_model_dir, classifier_dir, storage={"run_url": "runs/x"})
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert ephemeral_path_warnings(cfg) == []  # a local run: relative to the user's directory, fine
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://pkg.zip"}}))
+    warnings = ephemeral_path_warnings(cfg)
+    assert len(warnings) == 1 and "storage.run_url='runs/x'" in warnings[0]
+    assert ephemeral_path_warnings(cfg, run_url="s3://bucket/run") == []
+    assert override_urls(cfg).storage.run_url.startswith("/")  # made absolute for the workers
