@@ -304,8 +304,11 @@ class PCAGroupWorker:
     # -- work -----------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """Position, what the actor resumed from, samples seen per step."""
+        """Position, what the actor resumed from, samples seen per step, process id."""
+        import os
+
         return {
+            "pid": os.getpid(),
             "steps": self.steps,
             "position": asdict(self.position),
             "blocks_seen": list(self.blocks_seen),

@@ -7,6 +7,8 @@ The data are synthetic h with known spectral gaps (variances 16, 8, 4 over a noi
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -153,7 +155,16 @@ def test_killed_actor_restarts_from_its_checkpoint(ray_local, tiny_model_dir, tm
     partial = ray.get(actor.run.remote(max_batches=3))
     assert partial["position"]["batches"] == 3 and partial["resumed_from"] is None
     ray.kill(actor, no_restart=False)  # dies; Ray restarts it and __init__ reloads the checkpoint
-    status = ray.get(actor.status.remote())
+    deadline = time.monotonic() + 120
+    while True:  # ray.kill is asynchronous: wait until a new process answers
+        try:
+            status = ray.get(actor.status.remote(), timeout=60)
+            if status["pid"] != partial["pid"]:
+                break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        assert time.monotonic() < deadline, "the killed PCA actor was not restarted within 120 s"
+        time.sleep(0.2)
     assert status["resumed_from"] is not None
     assert status["resumed_from"]["step_index"] == 0 and status["resumed_from"]["batches"] == 3
     assert status["n_samples_seen"][0] == 60  # 3 batches of 20 survived the kill
