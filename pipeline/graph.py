@@ -78,8 +78,8 @@ def init_ray(cfg: BuildConfig) -> str:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # the raylet waits this long for its agents; on a loaded machine the default is too short
         os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
-    if address is None:  # a private local cluster: no dashboard needed, starts faster
-        ray.init(log_to_driver=True, configure_logging=False, include_dashboard=False)
+    if address is None:  # a private local cluster (never a stale one from /tmp/ray): no dashboard, starts faster
+        ray.init(address="local", log_to_driver=True, configure_logging=False, include_dashboard=False)
     else:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
