@@ -64,7 +64,7 @@ def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title:
     return img
 
 
-def render_readme_figures(out: Path, steps: int = 20, n_train: int = 512) -> dict:
+def render_readme_figures(out: Path, steps: int = 20, n_train: int = 256) -> dict:
     """Samples grid, PCA and supervised edit strips and the disentangling heatmap of the toy model."""
     from hspace.directions import disentangle, supervised_direction
     from hspace.pca import PerTimestepPCA
