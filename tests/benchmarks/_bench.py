@@ -20,23 +20,15 @@ from typing import Any
 
 import torch
 
+from hspace.toy.train import TOY_UNET_CONFIG
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 
-#: The toy model's architecture (hspace.toy.train.TOY_UNET_CONFIG): 32 px, h = 64 x 8 x 8.
-TOY_UNET = dict(
-    sample_size=32,
-    in_channels=3,
-    out_channels=3,
-    layers_per_block=1,
-    block_out_channels=(32, 64, 64),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=16,
-    attention_head_dim=32,
-)
+#: The toy model's architecture: 32 px, h = 64 x 8 x 8 (one definition, in the training script).
+TOY_UNET = dict(TOY_UNET_CONFIG)
 #: A larger U-Net for GPU runs (64 px, h = 256 x 8 x 8, about 40 M parameters).
 GPU_UNET = dict(
     sample_size=64,
