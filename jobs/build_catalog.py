@@ -39,13 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Validate the config (exit 2 on error), then dry-run or build; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from pipeline.config import load_config_or_exit, plan
-    from pipeline.graph import ephemeral_path_warnings, override_urls
+    from pipeline.config import plan
+    from pipeline.graph import load_job_config
 
-    loaded = load_config_or_exit(args.config)
-    for line in ephemeral_path_warnings(loaded, run_url=args.run_url, catalog_url=args.catalog_url):
-        print(line, file=sys.stderr)
-    cfg = override_urls(loaded, run_url=args.run_url, catalog_url=args.catalog_url)
+    cfg = load_job_config(args.config, run_url=args.run_url, catalog_url=args.catalog_url)
     if args.dry_run:
         print(f"{args.config}: ok ({cfg.name}); dry run, nothing written")
         print(plan(cfg).summary())

@@ -78,13 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.grow < 0:
         print(f"error: --grow must be >= 0, got {args.grow}", file=sys.stderr)
         return 2
-    from pipeline.config import load_config_or_exit
-    from pipeline.graph import ephemeral_path_warnings, override_urls
+    from pipeline.graph import load_job_config
 
-    loaded = load_config_or_exit(args.config)
-    for line in ephemeral_path_warnings(loaded, run_url=args.run_url, catalog_url=args.catalog_url):
-        print(line, file=sys.stderr)
-    cfg = override_urls(loaded, run_url=args.run_url, catalog_url=args.catalog_url)
+    cfg = load_job_config(args.config, run_url=args.run_url, catalog_url=args.catalog_url)
     before = published_inputs(cfg)
     n_before = int(before.get("n_samples", 0)) if before else 0
     n_samples = max(cfg.generate.n_samples, n_before) + args.grow

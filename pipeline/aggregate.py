@@ -329,7 +329,10 @@ def _jacobian_task(cfg_json: dict, spec: dict, model_fingerprint: str | None) ->
         y0, x0, y1, x1 = spec["mask"]
         mask = torch.zeros(1, 1, *model.image_shape[1:], device=model.device, dtype=model.dtype)
         mask[..., y0:y1, x0:x1] = 1.0
-    result = jacobian_directions(model, x_t, timestep, spec["k"], method=spec["method"], mask=mask)
+    result = jacobian_directions(
+        model, x_t, timestep, spec["k"], method=spec["method"], mask=mask,
+        oversample=spec.get("oversample", 0), n_iter=spec.get("n_iter", 100), tol=spec.get("tol", 1e-4),
+    )
     label = spec["name"] or f"s{spec['seed']}t{step}"
     out = []
     for i in range(spec["k"]):
@@ -348,6 +351,9 @@ def _jacobian_task(cfg_json: dict, spec: dict, model_fingerprint: str | None) ->
                 "timestep": timestep,
                 "index": i,
                 "mask": spec.get("mask"),
+                "oversample": int(spec.get("oversample", 0)),
+                "iterations": int(result.iterations),
+                "converged": bool(result.converged[0]),
                 "singular_value": float(result.singular_values[0, i]),
                 "note": "found at one step, applied at every step",
             },

@@ -61,6 +61,19 @@ def ephemeral_path_warnings(cfg: BuildConfig, *, run_url: str | None = None, cat
     return out
 
 
+def load_job_config(path: str | Path, *, run_url: str | None = None, catalog_url: str | None = None) -> BuildConfig:
+    """What every job does first: validate ``path`` (exit 2 naming the field on error), warn about
+    paths that would vanish inside a submitted Ray job, then apply the URL overrides."""
+    import sys
+
+    from pipeline.config import load_config_or_exit
+
+    loaded = load_config_or_exit(path)
+    for line in ephemeral_path_warnings(loaded, run_url=run_url, catalog_url=catalog_url):
+        print(line, file=sys.stderr)
+    return override_urls(loaded, run_url=run_url, catalog_url=catalog_url)
+
+
 def init_ray(cfg: BuildConfig) -> str:
     """Join the cluster (``resources.ray_address`` or ``RAY_ADDRESS``) or start a local one.
 

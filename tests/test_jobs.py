@@ -233,6 +233,8 @@ def test_submitted_build_publishes_a_verified_catalog_version(built):
     assert {"round", "size", "round_boundary", "size_boundary", "round_disentangled", "random_round_0",
             "pca_0", "pca_1", "jac_j_0"} <= set(names)
     assert kinds["round_disentangled"] == "disentangled" and kinds["jac_j_0"] == "jacobian"
+    jac = v.directions()["jac_j_0"]
+    assert jac.provenance["oversample"] == 6 and jac.provenance["converged"], jac.provenance
     assert {"effects.json", "report.html", "pca.safetensors", "previews/round.png"} <= set(v.files())
     effects = v.effects()
     assert effects["version"] == v.version and effects["matrix"]["rows"] == names

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from hspace.toy.train import TOY_UNET_CONFIG
+from tests.conftest import TINY_UNET_CONFIG
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -169,15 +170,5 @@ def toy_model_or_random():
         return load_toy_model(device=DEVICE), "toy (trained)"
     return bench_model(TOY_UNET), "toy architecture, random weights"
 
-#: The tests' tiny U-Net (tests/conftest.py): 16 px, h = 32 x 4 x 4; small enough for an explicit Jacobian on a CPU.
-TINY_UNET = dict(
-    sample_size=16,
-    in_channels=3,
-    out_channels=3,
-    layers_per_block=1,
-    block_out_channels=(16, 32, 32),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=8,
-    attention_head_dim=8,
-)
+#: The tests' tiny U-Net (tests/conftest.py): 16 px, h = 32 x 4 x 4.
+TINY_UNET = dict(TINY_UNET_CONFIG)
