@@ -154,73 +154,120 @@ def edit_effects_xT(sampler, clf, dirs_x, attrs, seeds) -> dict:
 
 
 def test_disentangling_cuts_the_cross_effect_of_the_correlated_pair(world, supervised, tmp_path):
-    """Claim 3 (Table I): projection removes most of glasses<->grey-hair entanglement at equal norm."""
-    clf, sampler = world["clf"], world["sampler"]
+    """Claim 3 (Table I): projection cuts the glasses<->grey-hair cross-effect, keeping the own effect.
+
+    Protocol: DDIM (eta = 0, so an image is fixed by x_T and the edit; the paper's eq. 13 setting),
+    raw and disentangled directions at equal per-step norm, gamma 0.5 and 1 of the mean difference,
+    80 held-out seeds in 10 groups of 8. With DDPM (eta = 1) the fresh noise of every step lets the
+    model re-draw the correlated attribute, and the cut is smaller (see the issue note).
+    """
+    clf, model = world["clf"], world["model"]
+    sampler = HSpaceSampler(model, sampler="ddim", num_inference_steps=STEPS)
     dirs_h, _ = supervised
     g, a = dirs_h["glasses"], dirs_h["grey_hair"]
     g_perp = with_step_norms(disentangle(g, [a], name="glasses_perp_grey"), g.norm_per_step())
     a_perp = with_step_norms(disentangle(a, [g], name="grey_perp_glasses"), a.norm_per_step())
     rows = [g, g_perp, a, a_perp]
+    cosine = torch.nn.functional.cosine_similarity(g.vector.flatten(1), a.vector.flatten(1), dim=1)
+    log("cosine(glasses, grey_hair) per step", {"min": float(cosine.min()), "max": float(cosine.max())})
     seeds = list(range(4_000_000, 4_000_000 + 80))
-    eff = edit_effects(sampler, clf, rows, seeds, [1.0])
-    groups = eff.deltas[:, 0].reshape(len(rows), 10, 8, -1).mean(2)  # [D, 10 groups, A]
-    m, s = groups.mean(1), groups.std(1)
-    matrix = {d.name: {c: f"{m[i, j]:+.2f}±{s[i, j]:.2f}" for j, c in enumerate(clf.attributes)} for i, d in enumerate(rows)}
-    log("Table I effect matrix (mean±std over 10 groups of 8 seeds)", matrix)
+    gammas = [0.5, 1.0]
+    eff = edit_effects(sampler, clf, rows, seeds, gammas)
     cg, ca = clf.index("glasses"), clf.index("grey_hair")
-    cross_raw, cross_perp = float(m[0, ca]), float(m[1, ca])
-    own_raw, own_perp = float(m[0, cg]), float(m[1, cg])
-    log("glasses direction: cross-effect on grey hair raw vs disentangled", {"raw": cross_raw, "perp": cross_perp,
-        "own_raw": own_raw, "own_perp": own_perp})
-    log("grey direction: cross-effect on glasses raw vs disentangled", {"raw": float(m[2, cg]), "perp": float(m[3, cg]),
-        "own_raw": float(m[2, ca]), "own_perp": float(m[3, ca])})
-    heatmap(m.numpy(), [d.name for d in rows], list(clf.attributes), title="Table I on the toy model").save(
-        tmp_path / "table1.png")
-    (tmp_path / "table1.json").write_text(json.dumps({"rows": [d.name for d in rows], "columns": clf.attributes,
-                                                      "mean": m.tolist(), "std": s.tolist()}))
+    summary = {}
+    for si, gamma in enumerate(gammas):
+        groups = eff.deltas[:, si].reshape(len(rows), 10, 8, -1).mean(2)  # [D, 10 groups, A]
+        m, s = groups.mean(1), groups.std(1)
+        matrix = {d.name: {c: f"{m[i, j]:+.2f}±{s[i, j]:.2f}" for j, c in enumerate(clf.attributes)}
+                  for i, d in enumerate(rows)}
+        log(f"Table I effect matrix, gamma {gamma} (mean±std over 10 groups of 8 seeds)", matrix)
+        summary[gamma] = {
+            "glasses": {"own_raw": float(m[0, cg]), "own_perp": float(m[1, cg]),
+                        "cross_raw": float(m[0, ca]), "cross_perp": float(m[1, ca])},
+            "grey_hair": {"own_raw": float(m[2, ca]), "own_perp": float(m[3, ca]),
+                          "cross_raw": float(m[2, cg]), "cross_perp": float(m[3, cg])},
+        }
+        for r in summary[gamma].values():
+            r["cross_cut"] = 1 - abs(r["cross_perp"]) / abs(r["cross_raw"])
+            r["own_kept"] = r["own_perp"] / r["own_raw"]
+        if gamma == 0.5:
+            heatmap(m.numpy(), [d.name for d in rows], list(clf.attributes), title="Table I on the toy model").save(
+                tmp_path / "table1.png")
+            (tmp_path / "table1.json").write_text(json.dumps(
+                {"gamma": gamma, "rows": [d.name for d in rows], "columns": clf.attributes,
+                 "mean": m.tolist(), "std": s.tolist()}))
+    log("cross-effect cut and own effect kept", summary)
     assert (tmp_path / "table1.png").stat().st_size > 0
-    # measured: cross-effect cut to 0.83x (glasses) and 0.72x (grey hair); own effect kept 0.90x / 0.81x
-    assert abs(cross_perp) < 0.9 * abs(cross_raw)
-    assert own_perp > 0.7 * own_raw
-    assert abs(float(m[3, cg])) < 0.9 * abs(float(m[2, cg]))
-    assert float(m[3, ca]) > 0.7 * float(m[2, ca])
+    # measured at gamma 0.5: cross-effect cut by 0.33 (glasses on grey) and 0.33 (grey on glasses),
+    # own effect kept 0.79 / 0.71 (at gamma 1: cut 0.33 / 0.22). The prototype's > 90% does not hold.
+    cut_min, kept_min = 0.25, 0.6
+    for r in summary[0.5].values():
+        assert r["cross_cut"] >= cut_min, summary
+        assert r["own_kept"] >= kept_min, summary
+
+
+#: Pixel boxes [y0:y1, x0:x1] of a centred face's mouth and eyes (each 10.9% of the image).
+MASKS = {"mouth": (slice(19, 27), slice(9, 23)), "eyes": (slice(13, 20), slice(8, 24))}
+JAC_STEP = 18  # a late step (t ~ 100 of 1000): the image's layout is settled, details are not
+JAC_EDIT_STEPS = list(range(JAC_STEP - 2, STEPS))  # the direction is applied around its own step
 
 
 def test_masked_jacobian_direction_stays_inside_the_mask(world):
-    """Claim 4: a masked Jacobian direction changes pixels mostly inside the mask; unmasked beat random."""
+    """Claim 4: a masked Jacobian direction changes pixels mostly inside the mask; unmasked beat random.
+
+    Protocol: top singular direction of J_t (eq. 9 with a mask, and unmasked) at step JAC_STEP of
+    4 samples, added at steps JAC_EDIT_STEPS with the norm of h itself, both signs; the share of
+    the final image's change energy that lies inside the mask, against the mask's share of the
+    area and against the unmasked top direction's share.
+    """
     model, sampler = world["model"], world["sampler"]
     seeds = [5_000_000, 5_000_001, 5_000_002, 5_000_003]
-    step = STEPS // 2
     traj = sampler.sample(seeds, record_x=True)
-    mask = torch.zeros(32, 32)
-    mask[19:27, 9:23] = 1.0  # the mouth region of a centred face
-    area = float(mask.mean())
-    x_t, t = traj.x_t[:, step], int(sampler.timesteps[step])
-    masked = jacobian_directions(model, x_t, t, k=2, mask=mask, oversample=6)
-    free = jacobian_directions(model, x_t, t, k=2, oversample=6)
-    shares, ratios = [], []
-    for b, seed in enumerate(seeds):
-        v = masked.vectors[b, 0]
-        base = traj.images[b : b + 1]
+    x_t, t = traj.x_t[:, JAC_STEP], int(sampler.timesteps[JAC_STEP])
+    h_norm = traj.h.flatten(2).norm(dim=2).mean(1)  # [B] mean per-step |h| of each sample
+
+    def edited(b: int, v: torch.Tensor) -> torch.Tensor:
+        d = _as_direction(v * h_norm[b] / v.norm(), "jac")
+        return sampler.sample([seeds[b]], edit=Edit(d, scales=1.0, steps=JAC_EDIT_STEPS), record_h=False).images
+
+    def share_in(mask: torch.Tensor, b: int, v: torch.Tensor) -> list[float]:
+        out = []
         for sign in (1.0, -1.0):
-            d = _as_direction(v * sign * 1.0 * traj.h[b].flatten(1).norm(dim=1).mean() / v.norm(), "jac")
-            img = sampler.sample([seed], edit=Edit(d, scales=1.0), record_h=False).images
-            energy = ((img - base) ** 2).sum(1)[0]
-            shares.append(float((energy * mask).sum() / energy.sum().clamp_min(1e-12)))
+            energy = ((edited(b, sign * v) - traj.images[b : b + 1]) ** 2).sum(1)[0]
+            out.append(float((energy * mask).sum() / energy.sum().clamp_min(1e-12)))
+        return out
+
+    free = jacobian_directions(model, x_t, t, k=1, oversample=6)
+    report = {}
+    for name, (ys, xs) in MASKS.items():
+        mask = torch.zeros(32, 32)
+        mask[ys, xs] = 1.0
+        masked = jacobian_directions(model, x_t, t, k=1, mask=mask, oversample=6)
+        assert bool(masked.converged.all()) and bool(free.converged.all())
+        shares = [x for b in range(len(seeds)) for x in share_in(mask, b, masked.vectors[b, 0])]
+        shares_free = [x for b in range(len(seeds)) for x in share_in(mask, b, free.vectors[b, 0])]
+        area = float(mask.mean())
+        report[name] = {"area_share": area, "masked_share": float(np.mean(shares)),
+                        "unmasked_share": float(np.mean(shares_free)), "masked_shares": shares}
+    ratios = []
+    for b in range(len(seeds)):
         u = free.vectors[b, 0]
-        scale = 1.0 * traj.h[b].flatten(1).norm(dim=1).mean() / u.norm()
-        du = _as_direction(u * scale, "jac_free")
+        du = _as_direction(u * h_norm[b] / u.norm(), "jac_free")
         dr = _as_direction(random_like(du, seed=b).vector, "rand")
-        img_u = sampler.sample([seed], edit=Edit(du, scales=1.0), record_h=False).images
-        img_r = sampler.sample([seed], edit=Edit(dr, scales=1.0), record_h=False).images
+        base = traj.images[b : b + 1]
+        img_u = sampler.sample([seeds[b]], edit=Edit(du, scales=1.0), record_h=False).images
+        img_r = sampler.sample([seeds[b]], edit=Edit(dr, scales=1.0), record_h=False).images
         ratios.append(float((img_u - base).pow(2).sum() / (img_r - base).pow(2).sum().clamp_min(1e-12)))
-    log("masked jacobian", {"mask_area_share": area, "energy_share_in_mask": shares, "mean_share": float(np.mean(shares)),
-        "unmasked_vs_random_energy_ratio": ratios, "singular_values_masked": masked.singular_values[:, :2].tolist(),
-        "singular_values_free": free.singular_values[:, :2].tolist()})
-    # edits of the size of h itself. Measured: the masked direction puts 1.68x the mask's area share
-    # of the change energy inside the mask (weak locality on this model: 1.5-1.9x at any scale);
-    # the unmasked top direction changes the image 24.6x (median) more than a random one.
-    assert float(np.mean(shares)) > 1.3 * area
+    report["unmasked_vs_random_energy_ratio"] = ratios
+    log("masked jacobian", report)
+    # measured: masked share 3.02x (mouth) and 4.54x (eyes) the mask's area share, against 1.74x and
+    # 1.93x for the unmasked top direction; unmasked vs random energy median 23x. (Direction at the
+    # middle step applied at every step: only 1.5-1.7x area, no better than unmasked; see the note.)
+    share_over_area, masked_over_free = 2.0, 1.3
+    for name in MASKS:
+        r = report[name]
+        assert r["masked_share"] > share_over_area * r["area_share"], (name, r)
+        assert r["masked_share"] > masked_over_free * r["unmasked_share"], (name, r)
     assert float(np.median(ratios)) > 5.0
 
 

@@ -107,14 +107,46 @@ def render_readme_figures(out: Path, steps: int = 20, n_train: int = 256) -> dic
     g, a = dirs["glasses"], dirs["grey_hair"]
     table = [g, with_step_norms(disentangle(g, [a], name="glasses_perp_grey"), g.norm_per_step()),
              a, with_step_norms(disentangle(a, [g], name="grey_perp_glasses"), a.norm_per_step())]
-    eff = edit_effects(sampler, clf, table, list(range(4_000_000, 4_000_064)), [1.0])
+    # the acceptance test's Table I protocol: DDIM, gamma 0.5 of the mean difference, equal norms
+    ddim = HSpaceSampler(model, sampler="ddim", num_inference_steps=steps)
+    eff = edit_effects(ddim, clf, table, list(range(4_000_000, 4_000_064)), [0.5])
     cols = [c for c in clf.attributes]
     m = eff.mean()[:, 0].numpy()
     heatmap(m, [d.name for d in table], cols, title="effect (logit / value change) of each direction").save(
         out / "disentangle_heatmap.png")
-    result = {"rows": [d.name for d in table], "columns": cols, "matrix": m.tolist()}
+    result = {"rows": [d.name for d in table], "columns": cols, "matrix": m.tolist(),
+              "protocol": "ddim, gamma 0.5, 64 seeds"}
     (out / "disentangle_matrix.json").write_text(json.dumps(result, indent=2))
+    render_jacobian_figure(out / "jacobian_edits.png", model, sampler)
     return result
+
+
+def render_jacobian_figure(path: Path, model, sampler, seeds: tuple[int, ...] = (5_000_000, 5_000_001, 5_000_002),
+                           step: int = 18) -> None:
+    """Masked Jacobian edits (paper Fig. 6): per seed, the top direction for a mouth and an eyes
+    mask at a late step, added around that step at -1, -0.5, 0, 0.5, 1 times the norm of h."""
+    from hspace.directions import Direction
+    from hspace.jacobian import jacobian_directions
+    from hspace.sampling import Edit
+
+    boxes = {"mouth": (slice(19, 27), slice(9, 23)), "eyes": (slice(13, 20), slice(8, 24))}
+    traj = sampler.sample(list(seeds), record_x=True)
+    x_t, t = traj.x_t[:, step], int(sampler.timesteps[step])
+    h_norm = traj.h.flatten(2).norm(dim=2).mean(1)
+    edit_steps = list(range(step - 2, len(sampler.timesteps)))
+    rows, labels = [], []
+    for name, (ys, xs) in boxes.items():
+        mask = torch.zeros(*traj.images.shape[-2:])
+        mask[ys, xs] = 1.0
+        vecs = jacobian_directions(model, x_t, t, k=1, mask=mask, oversample=6).vectors[:, 0]
+        for b, seed in enumerate(seeds):
+            v = vecs[b] * h_norm[b] / vecs[b].norm()
+            d = Direction(vector=v.float(), name=f"jac_{name}", kind="jacobian")
+            row = [sampler.sample([seed], edit=Edit(d, scales=g, steps=edit_steps), record_h=False).images[0]
+                   for g in (-1.0, -0.5, 0.0, 0.5, 1.0)]
+            rows.append(torch.stack(row))
+            labels.append(f"{name} s{b}")
+    image_grid(torch.stack(rows), labels=labels).save(path)
 
 
 def main() -> None:
