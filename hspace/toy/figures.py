@@ -145,7 +145,7 @@ def render_jacobian_figure(path: Path, model, sampler, seeds: tuple[int, ...] = 
             row = [sampler.sample([seed], edit=Edit(d, scales=g, steps=edit_steps), record_h=False).images[0]
                    for g in (-1.0, -0.5, 0.0, 0.5, 1.0)]
             rows.append(torch.stack(row))
-            labels.append(f"{name} s{b}")
+            labels.append(f"{name}, seed {b}")
     image_grid(torch.stack(rows), labels=labels).save(path)
 
 
