@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 #: The tests' tiny U-Net: 16 px, h = 32 x 4 x 4; small enough for an explicit Jacobian on a CPU.
 TINY_UNET_CONFIG: dict = dict(
     sample_size=16,

@@ -106,13 +106,20 @@ def test_supervised_directions_move_their_attribute_monotonically_on_most_seeds(
     dirs_h, dirs_x = supervised
     attrs = list(clf.attributes)
     eff = edit_effects(sampler, clf, [dirs_h[a] for a in attrs], EVAL_SEEDS, [0.5, 1.0])
-    rnd_dirs = [random_like(dirs_h[a], seed=7 + r, name=f"{a}_random{r}") for a in attrs for r in range(2)]
+    # matched-norm random baselines (2 draws) for the attributes the test asserts on
+    claimed = STRONG + WEAKER
+    rnd_dirs = [random_like(dirs_h[a], seed=7 + r, name=f"{a}_random{r}") for a in claimed for r in range(2)]
     rnd = edit_effects(sampler, clf, rnd_dirs, EVAL_SEEDS, [1.0])
     report = {}
     for i, a in enumerate(attrs):
         c = clf.index(a)
         d_half, d_full = eff.deltas[i, 0, :, c], eff.deltas[i, 1, :, c]
-        rnd_mean = rnd.deltas[2 * i : 2 * i + 2, 0, :, c].mean(1).abs().max()
+        if a not in claimed:
+            report[a] = {"frac_intended": float((d_full > 0).float().mean()), "mean": float(d_full.mean()),
+                         "mean_half": float(d_half.mean())}
+            continue
+        k = claimed.index(a)
+        rnd_mean = rnd.deltas[2 * k : 2 * k + 2, 0, :, c].mean(1).abs().max()
         report[a] = {"frac_intended": float((d_full > 0).float().mean()),
                      "frac_monotone": float(((d_full > d_half) & (d_half > 0)).float().mean()),
                      "mean": float(d_full.mean()), "mean_half": float(d_half.mean()),
@@ -157,7 +164,7 @@ def test_disentangling_cuts_the_cross_effect_of_the_correlated_pair(world, super
     """Claim 3 (Table I): projection cuts the glasses<->grey-hair cross-effect, keeping the own effect.
 
     Protocol: DDIM (eta = 0, so an image is fixed by x_T and the edit; the paper's eq. 13 setting),
-    raw and disentangled directions at equal per-step norm, gamma 0.5 and 1 of the mean difference,
+    raw and disentangled directions at equal per-step norm, gamma 0.5 of the mean difference,
     80 held-out seeds in 10 groups of 8. With DDPM (eta = 1) the fresh noise of every step lets the
     model re-draw the correlated attribute, and the cut is smaller (see the issue note).
     """
@@ -171,7 +178,7 @@ def test_disentangling_cuts_the_cross_effect_of_the_correlated_pair(world, super
     cosine = torch.nn.functional.cosine_similarity(g.vector.flatten(1), a.vector.flatten(1), dim=1)
     log("cosine(glasses, grey_hair) per step", {"min": float(cosine.min()), "max": float(cosine.max())})
     seeds = list(range(4_000_000, 4_000_000 + 80))
-    gammas = [0.5, 1.0]
+    gammas = [0.5]  # gamma 1 measured once (cut 0.33 / 0.22, kept 0.93 / 0.76); left out to save CI time
     eff = edit_effects(sampler, clf, rows, seeds, gammas)
     cg, ca = clf.index("glasses"), clf.index("grey_hair")
     summary = {}
@@ -226,16 +233,16 @@ def test_masked_jacobian_direction_stays_inside_the_mask(world):
     x_t, t = traj.x_t[:, JAC_STEP], int(sampler.timesteps[JAC_STEP])
     h_norm = traj.h.flatten(2).norm(dim=2).mean(1)  # [B] mean per-step |h| of each sample
 
-    def edited(b: int, v: torch.Tensor) -> torch.Tensor:
-        d = _as_direction(v * h_norm[b] / v.norm(), "jac")
-        return sampler.sample([seeds[b]], edit=Edit(d, scales=1.0, steps=JAC_EDIT_STEPS), record_h=False).images
+    def edited(vectors: torch.Tensor, steps: list[int] | None) -> torch.Tensor:
+        """Seed b edited by +-vectors[b] (rescaled to |h_b|), all in one batch: [2B, 3, H, W]."""
+        n = len(seeds)
+        dirs = [_as_direction(vectors[b] * h_norm[b] / vectors[b].norm(), f"jac{b}") for b in range(n)]
+        scales = torch.cat([torch.eye(n), -torch.eye(n)])  # row b: +v_b, row n + b: -v_b
+        return sampler.sample(seeds + seeds, edit=Edit(dirs, scales=scales, steps=steps), record_h=False).images
 
-    def share_in(mask: torch.Tensor, b: int, v: torch.Tensor) -> list[float]:
-        out = []
-        for sign in (1.0, -1.0):
-            energy = ((edited(b, sign * v) - traj.images[b : b + 1]) ** 2).sum(1)[0]
-            out.append(float((energy * mask).sum() / energy.sum().clamp_min(1e-12)))
-        return out
+    def shares_in(mask: torch.Tensor, vectors: torch.Tensor) -> list[float]:
+        energy = ((edited(vectors, JAC_EDIT_STEPS) - traj.images.repeat(2, 1, 1, 1)) ** 2).sum(1)
+        return ((energy * mask).flatten(1).sum(1) / energy.flatten(1).sum(1).clamp_min(1e-12)).tolist()
 
     free = jacobian_directions(model, x_t, t, k=1, oversample=6)
     report = {}
@@ -244,24 +251,27 @@ def test_masked_jacobian_direction_stays_inside_the_mask(world):
         mask[ys, xs] = 1.0
         masked = jacobian_directions(model, x_t, t, k=1, mask=mask, oversample=6)
         assert bool(masked.converged.all()) and bool(free.converged.all())
-        shares = [x for b in range(len(seeds)) for x in share_in(mask, b, masked.vectors[b, 0])]
-        shares_free = [x for b in range(len(seeds)) for x in share_in(mask, b, free.vectors[b, 0])]
-        area = float(mask.mean())
-        report[name] = {"area_share": area, "masked_share": float(np.mean(shares)),
+        shares = shares_in(mask, masked.vectors[:, 0])
+        shares_free = shares_in(mask, free.vectors[:, 0])
+        report[name] = {"area_share": float(mask.mean()), "masked_share": float(np.mean(shares)),
                         "unmasked_share": float(np.mean(shares_free)), "masked_shares": shares}
-    ratios = []
-    for b in range(len(seeds)):
-        u = free.vectors[b, 0]
-        du = _as_direction(u * h_norm[b] / u.norm(), "jac_free")
-        dr = _as_direction(random_like(du, seed=b).vector, "rand")
-        base = traj.images[b : b + 1]
-        img_u = sampler.sample([seeds[b]], edit=Edit(du, scales=1.0), record_h=False).images
-        img_r = sampler.sample([seeds[b]], edit=Edit(dr, scales=1.0), record_h=False).images
-        ratios.append(float((img_u - base).pow(2).sum() / (img_r - base).pow(2).sum().clamp_min(1e-12)))
+    # unmasked top directions against random ones of the same norm, applied at every step
+    u = free.vectors[:, 0] * (h_norm / free.vectors[:, 0].flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
+    n, draws = len(seeds), N_RANDOM
+    r = torch.randn((draws * n, *u.shape[1:]), generator=torch.Generator().manual_seed(0))
+    r = r * (u.repeat(draws, 1, 1, 1).flatten(1).norm(dim=1) / r.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
+    img_u = sampler.sample(seeds, edit=Edit([_as_direction(v, "u") for v in u], scales=torch.eye(n)),
+                           record_h=False).images
+    img_r = sampler.sample(seeds * draws, edit=Edit([_as_direction(v, "r") for v in r], scales=torch.eye(draws * n)),
+                           record_h=False).images
+    energy_u = (img_u - traj.images).pow(2).flatten(1).sum(1)
+    energy_r = (img_r - traj.images.repeat(draws, 1, 1, 1)).pow(2).flatten(1).sum(1).view(draws, n).mean(0)
+    ratios = (energy_u / energy_r.clamp_min(1e-12)).tolist()  # per seed, against the mean of N_RANDOM draws
     report["unmasked_vs_random_energy_ratio"] = ratios
     log("masked jacobian", report)
     # measured: masked share 3.02x (mouth) and 4.54x (eyes) the mask's area share, against 1.74x and
-    # 1.93x for the unmasked top direction; unmasked vs random energy median 23x. (Direction at the
+    # 1.93x for the unmasked top direction. The unmasked top direction, applied at every step, changes the
+    # image 5.9x (median; 1.8-13.4x per seed) more than the mean of 6 random draws of equal norm. (Direction at the
     # middle step applied at every step: only 1.5-1.7x area, no better than unmasked; see the note.)
     share_over_area, masked_over_free = 2.0, 1.3
     for name in MASKS:
