@@ -331,7 +331,7 @@ def _jacobian_task(cfg_json: dict, spec: dict, model_fingerprint: str | None) ->
         mask[..., y0:y1, x0:x1] = 1.0
     result = jacobian_directions(
         model, x_t, timestep, spec["k"], method=spec["method"], mask=mask,
-        oversample=spec.get("oversample", 0), n_iter=spec.get("n_iter", 100), tol=spec.get("tol", 1e-4),
+        oversample=spec["oversample"], n_iter=spec["n_iter"], tol=spec["tol"],
     )
     label = spec["name"] or f"s{spec['seed']}t{step}"
     out = []
@@ -351,7 +351,7 @@ def _jacobian_task(cfg_json: dict, spec: dict, model_fingerprint: str | None) ->
                 "timestep": timestep,
                 "index": i,
                 "mask": spec.get("mask"),
-                "oversample": int(spec.get("oversample", 0)),
+                "oversample": int(spec["oversample"]),
                 "iterations": int(result.iterations),
                 "converged": bool(result.converged[0]),
                 "singular_value": float(result.singular_values[0, i]),
