@@ -7,18 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from hspace.toy.train import TOY_UNET_CONFIG
+
 #: The tests' tiny U-Net: 16 px, h = 32 x 4 x 4; small enough for an explicit Jacobian on a CPU.
-TINY_UNET_CONFIG: dict = dict(
-    sample_size=16,
-    in_channels=3,
-    out_channels=3,
-    layers_per_block=1,
-    block_out_channels=(16, 32, 32),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=8,
-    attention_head_dim=8,
-)
+TINY_UNET_CONFIG: dict = {
+    **TOY_UNET_CONFIG,  # the shipped toy architecture, narrowed
+    "sample_size": 16,
+    "block_out_channels": (16, 32, 32),
+    "norm_num_groups": 8,
+    "attention_head_dim": 8,
+}
 
 
 def build_tiny_unet(sample_size: int = 16, seed: int = 0):
