@@ -23,7 +23,7 @@ from hspace.sampling import Edit, HSpaceSampler
 from hspace.toy import load_toy_classifier, load_toy_model
 from hspace.toy.evaluate import edit_effects, sample_quality, score_images, with_step_norms
 from hspace.toy.figures import heatmap
-from hspace.toy.world import make_dataset
+from hspace.toy.world import FACE_REGIONS, make_dataset, region_mask
 
 pytestmark = pytest.mark.slow
 
@@ -213,8 +213,6 @@ def test_disentangling_cuts_the_cross_effect_of_the_correlated_pair(world, super
         assert r["own_kept"] >= kept_min, summary
 
 
-#: Pixel boxes [y0:y1, x0:x1] of a centred face's mouth and eyes (each 10.9% of the image).
-MASKS = {"mouth": (slice(19, 27), slice(9, 23)), "eyes": (slice(13, 20), slice(8, 24))}
 JAC_STEP = 18  # a late step (t ~ 100 of 1000): the image's layout is settled, details are not
 JAC_EDIT_STEPS = list(range(JAC_STEP - 2, STEPS))  # the direction is applied around its own step
 
@@ -246,9 +244,8 @@ def test_masked_jacobian_direction_stays_inside_the_mask(world):
 
     free = jacobian_directions(model, x_t, t, k=1, oversample=6)
     report = {}
-    for name, (ys, xs) in MASKS.items():
-        mask = torch.zeros(32, 32)
-        mask[ys, xs] = 1.0
+    for name in FACE_REGIONS:
+        mask = torch.from_numpy(region_mask(name))
         masked = jacobian_directions(model, x_t, t, k=1, mask=mask, oversample=6)
         assert bool(masked.converged.all()) and bool(free.converged.all())
         shares = shares_in(mask, masked.vectors[:, 0])
@@ -274,7 +271,7 @@ def test_masked_jacobian_direction_stays_inside_the_mask(world):
     # image 5.9x (median; 1.8-13.4x per seed) more than the mean of 6 random draws of equal norm. (Direction at the
     # middle step applied at every step: only 1.5-1.7x area, no better than unmasked; see the note.)
     share_over_area, masked_over_free = 2.0, 1.3
-    for name in MASKS:
+    for name in FACE_REGIONS:
         r = report[name]
         assert r["masked_share"] > share_over_area * r["area_share"], (name, r)
         assert r["masked_share"] > masked_over_free * r["unmasked_share"], (name, r)

@@ -79,3 +79,31 @@ def test_classifier_round_trips_through_safetensors(tmp_path):
         AttributeClassifier.from_pretrained(tmp_path / "missing")
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         clf(torch.rand(3, 32, 32))
+
+
+def test_face_regions_cover_the_drawn_parts_and_scale_with_the_image():
+    from hspace.toy.world import FACE_REGIONS, FaceFactors, region_mask, render_face
+
+    centred = dict(pose=0.0, face_width=0.0, skin_tone=0.0, background_hue=0.0, smile=1.0, hat=0, grey_hair=0)
+    open_eyes = np.asarray(render_face(FaceFactors(**centred, eyes_open=1, glasses=0)), dtype=np.float32)
+    shut_eyes = np.asarray(render_face(FaceFactors(**centred, eyes_open=0, glasses=0)), dtype=np.float32)
+    change = np.abs(open_eyes - shut_eyes).sum(-1)
+    eyes = region_mask("eyes")
+    assert eyes.mean() == pytest.approx(0.109, abs=0.001)
+    assert (change * eyes).sum() / change.sum() > 0.95  # opening the eyes changes pixels inside the box
+    assert region_mask("mouth", 64).sum() == 4 * region_mask("mouth").sum()
+    assert set(FACE_REGIONS) == {"mouth", "eyes"}
+    with pytest.raises(ValueError, match="unknown face region"):
+        region_mask("nose")
+
+
+def test_background_colour_reads_the_world_constants_from_generator_images():
+    from hspace.toy.evaluate import background_colour
+
+    images, _ = make_dataset(range(64))
+    sv = background_colour(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    # the world paints every background with HSV saturation 0.45 and value 0.85
+    assert torch.allclose(sv[:, 0], torch.full((64,), 0.45), atol=0.02)
+    assert torch.allclose(sv[:, 1], torch.full((64,), 0.85), atol=0.02)
+    grey = torch.full((2, 3, 32, 32), 0.5)
+    assert torch.allclose(background_colour(grey), torch.tensor([[0.0, 0.5], [0.0, 0.5]]))

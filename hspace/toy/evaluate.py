@@ -109,10 +109,14 @@ def sample_quality(
     ``confident_fraction``: share of samples whose every binary logit has magnitude >= ``margin``
     (the classifier reads them unambiguously). ``frequencies``: rate of each binary factor among
     model samples next to the generator's own rate on as many fresh generator images.
+    ``background``: mean saturation and value of the background (the top rows, never covered by
+    a face) in model samples next to generator images; colour drift of a model shows here first.
     """
     seeds = list(seeds)
-    scores = score_images(classifier, sampler.sample(seeds, record_h=False, batch_size=batch_size).images)
-    _, labels = make_dataset(range(30_000_000, 30_000_000 + len(seeds)))
+    images = sampler.sample(seeds, record_h=False, batch_size=batch_size).images
+    scores = score_images(classifier, images)
+    real, labels = make_dataset(range(30_000_000, 30_000_000 + len(seeds)))
+    real_t = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 255.0
     out: dict = {"n": len(seeds), "margin": margin, "frequencies": {}}
     binary_cols = [i for i, b in enumerate(classifier.binary) if b]
     confident = (scores[:, binary_cols].abs() >= margin).all(1)
@@ -123,4 +127,21 @@ def sample_quality(
             "model": float((scores[:, i] > 0).float().mean()),
             "generator": float(np.mean(labels[:, FACTORS.index(name)])),
         }
+    model_bg, real_bg = background_colour(images), background_colour(real_t)
+    out["background"] = {
+        key: {"model": float(model_bg[:, i].mean()), "generator": float(real_bg[:, i].mean())}
+        for i, key in enumerate(("saturation", "value"))
+    }
     return out
+
+
+def background_colour(images: torch.Tensor, rows: int = 3) -> torch.Tensor:
+    """HSV saturation and value [N, 2] of the mean colour of each image's top ``rows`` rows.
+
+    In the toy world no face, hair or hat reaches the top three rows at 32 x 32, so these pixels
+    are pure background.
+    """
+    rgb = images[..., :rows, :].clamp(0, 1).mean(dim=(-2, -1))  # [N, 3]
+    value = rgb.max(dim=-1).values
+    saturation = (value - rgb.min(dim=-1).values) / value.clamp_min(1e-6)
+    return torch.stack([saturation, value], dim=-1)

@@ -128,16 +128,15 @@ def render_jacobian_figure(path: Path, model, sampler, seeds: tuple[int, ...] = 
     from hspace.directions import Direction
     from hspace.jacobian import jacobian_directions
     from hspace.sampling import Edit
+    from hspace.toy.world import FACE_REGIONS, region_mask
 
-    boxes = {"mouth": (slice(19, 27), slice(9, 23)), "eyes": (slice(13, 20), slice(8, 24))}
     traj = sampler.sample(list(seeds), record_x=True)
     x_t, t = traj.x_t[:, step], int(sampler.timesteps[step])
     h_norm = traj.h.flatten(2).norm(dim=2).mean(1)
     edit_steps = list(range(step - 2, len(sampler.timesteps)))
     rows, labels = [], []
-    for name, (ys, xs) in boxes.items():
-        mask = torch.zeros(*traj.images.shape[-2:])
-        mask[ys, xs] = 1.0
+    for name in FACE_REGIONS:
+        mask = torch.from_numpy(region_mask(name, traj.images.shape[-1]))
         vecs = jacobian_directions(model, x_t, t, k=1, mask=mask, oversample=6).vectors[:, 0]
         for b, seed in enumerate(seeds):
             v = vecs[b] * h_norm[b] / vecs[b].norm()

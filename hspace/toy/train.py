@@ -1,7 +1,9 @@
 """Train the toy DDPM of the built-in test bed on freshly generated faces.
 
 Seeded and resumable: a checkpoint (model, EMA model, optimiser, step) is written every
-``checkpoint_every`` steps with ``torch.save`` and read back with ``weights_only=True``; the shipped
+``checkpoint_every`` steps with ``torch.save`` and read back with ``weights_only=True``, and every
+step draws its batch from a generator seeded by (seed, step), so a resumed run continues exactly as
+an uninterrupted one would (the shipped weights predate this and used one stream per run). The shipped
 artefact is the EMA U-Net saved with ``save_pretrained`` (safetensors) together with its scheduler,
 in ``DDPMPipeline`` layout, so :class:`hspace.model.HSpaceModel` loads it like any diffusers model.
 
@@ -65,8 +67,14 @@ def train(
     bf16: bool = False,
     seed: int = 0,
     threads: int | None = None,
+    min_snr_gamma: float = 0.0,
 ) -> Path:
-    """Train (or resume) the toy DDPM; returns the directory of the exported pipeline."""
+    """Train (or resume) the toy DDPM; returns the directory of the exported pipeline.
+
+    ``min_snr_gamma`` > 0 weights each sample's noise-prediction loss by min(SNR_t, gamma) / SNR_t
+    (Min-SNR weighting, Hang et al. 2023): the nearly clean steps, which dominate the plain loss,
+    count less, so the noisy steps that fix colour and layout get more of each update.
+    """
     if threads:
         torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,13 +100,14 @@ def train(
     print(f"generated {n_images} training faces in {time.time() - t0:.1f}s")
 
     alphas = scheduler.alphas_cumprod.to(device)
-    gen = torch.Generator().manual_seed(seed * 7919 + start)  # resumed runs continue a fresh stream
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train toy DDPM")
 
     def export() -> None:
         DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(export_dir)
 
     for step in bar:
+        # one generator per step, seeded by (seed, step): a resumed run draws what an uninterrupted one would
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         idx = torch.randint(0, n_images, (batch_size,), generator=gen)
         x0 = data[idx].to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
@@ -109,7 +118,8 @@ def train(
             g["lr"] = lr * min(1.0, (step + 1) / warmup)
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
             pred = unet(xt, t).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weights(a.flatten(), min_snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -131,6 +141,14 @@ def train(
     return export_dir
 
 
+def min_snr_weights(alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights min(SNR, gamma) / SNR for noise prediction; all ones if gamma <= 0."""
+    if gamma <= 0:
+        return torch.ones_like(alpha_bar)
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / snr
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
@@ -142,9 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-snr-gamma", type=float, default=0.0, help="Min-SNR loss weighting (0: plain MSE)")
     a = p.parse_args(argv)
     path = train(a.out, a.steps, a.batch_size, a.lr, n_images=a.n_images, device=a.device, bf16=a.bf16,
-                 threads=a.threads, seed=a.seed)
+                 threads=a.threads, seed=a.seed, min_snr_gamma=a.min_snr_gamma)
     print(f"exported {path}")
 
 
