@@ -400,6 +400,39 @@ def select_quantiles(scores: Tensor | Sequence[float], q: float) -> tuple[Tensor
     return order[:n].clone(), order.flip(0)[:n].clone()
 
 
+def conditional_mean_difference(
+    latents: Tensor, scores: Tensor, q: float, strata: Tensor | Sequence[int]
+) -> tuple[Tensor, Tensor, Tensor, dict[str, int]]:
+    """Equal-weight mean over strata of the within-stratum top-q minus bottom-q mean difference.
+
+    Why: when attribute B is correlated with attribute A in the data, the plain mean difference
+    for A (eq. 11) also carries B, and projecting an entangled B direction out of it (eq. 12)
+    cannot remove A's share of B exactly. Within a stratum of B (B fixed), B cannot differ between
+    A's top and bottom sets, so the average of the within-stratum differences holds B fixed, the
+    "conditional" reading of the paper's disentangling. Returns (vector float32, all positive
+    indices, all negative indices, {stratum: size}).
+    """
+    labels = torch.as_tensor(strata).reshape(-1).detach().cpu()
+    if labels.shape[0] != latents.shape[0]:
+        raise ValueError(f"condition_on has {labels.shape[0]} entries but latents has {latents.shape[0]} samples")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        if labels.dtype.is_floating_point and not bool((labels == labels.round()).all()):
+            raise ValueError("condition_on must hold integer stratum labels (e.g. scores > 0), not scores")
+        labels = labels.long()
+    diffs, pos_all, neg_all, sizes = [], [], [], {}
+    for k in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == k).flatten()
+        if idx.numel() < 2:
+            raise ValueError(f"stratum {k} of condition_on has {idx.numel()} sample(s); each needs at least 2")
+        pos, neg = select_quantiles(scores[idx], q)
+        diffs.append(mean_difference(latents[idx[pos]], latents[idx[neg]]).to(torch.float64))
+        pos_all.append(idx[pos])
+        neg_all.append(idx[neg])
+        sizes[str(k)] = int(idx.numel())
+    v = torch.stack(diffs).mean(0).to(torch.promote_types(latents.dtype, torch.float32)).to(torch.float32)
+    return v, torch.cat(pos_all), torch.cat(neg_all), sizes
+
+
 def projection_sigma(latents: Tensor, vector: Tensor) -> Tensor:
     """Std (unbiased) of the projection of ``latents`` on the unit ``vector``, per step.
 
@@ -428,20 +461,30 @@ def supervised_direction(
     timesteps: Tensor | None = None,
     model_fingerprint: str | None = None,
     provenance: Mapping[str, Any] | None = None,
+    condition_on: Tensor | Sequence[int] | None = None,
 ) -> Direction:
     """Mean-difference direction (eq. 11) between the top and bottom ``q`` fraction by score.
 
     ``latents`` is h [N, T, C, H, W] (per-step direction) or one latent per sample [N, C, H, W],
     e.g. x_T [N, 3, H, W] (``space="x_T"``) as in the paper's Fig. 8a comparison. ``sigma`` is the
     std of all N latents' projection on the unit direction at each step.
+
+    ``condition_on`` [N] (integer stratum per sample, e.g. whether a correlated attribute is
+    present) makes it a *conditional* mean difference: the top and bottom ``q`` are taken within
+    each stratum and the per-stratum differences are averaged with equal weight, so a correlated
+    attribute that is constant within strata does not leak in (see :func:`conditional_mean_difference`).
     """
     if latents.ndim not in (4, 5):
         raise ValueError(f"latents must be [N,T,C,H,W] or [N,C,H,W], got shape {tuple(latents.shape)}")
     s = torch.as_tensor(scores).reshape(-1)
     if s.shape[0] != latents.shape[0]:
         raise ValueError(f"scores has {s.shape[0]} entries but latents has {latents.shape[0]} samples")
-    pos, neg = select_quantiles(s, q)
-    v = mean_difference(latents[pos], latents[neg]).to(torch.float32)
+    if condition_on is None:
+        pos, neg = select_quantiles(s, q)
+        v = mean_difference(latents[pos], latents[neg]).to(torch.float32)
+        strata_sizes = None
+    else:
+        v, pos, neg, strata_sizes = conditional_mean_difference(latents, s, q, condition_on)
     # sigma only for per-step h: a [C,H,W] direction is used at every step, where its spread differs.
     sigma = projection_sigma(latents, v) if latents.ndim == 5 else None
     s64 = s.to(torch.float64)
@@ -455,6 +498,9 @@ def supervised_direction(
         "score_pos_mean": float(s64[pos].mean()),
         "score_neg_mean": float(s64[neg].mean()),
     }
+    if strata_sizes is not None:
+        prov["method"] = "conditional_mean_difference"
+        prov["strata_sizes"] = strata_sizes
     prov.update(dict(provenance or {}))
     return Direction(
         vector=v,

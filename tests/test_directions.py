@@ -181,6 +181,49 @@ def test_supervised_direction_recovers_a_planted_attribute_in_h_and_x_T():
     assert dx.vector.shape == (3, 2, 2) and dx.vector.abs().argmax().item() == 1 * 4 + 0 * 2 + 1
 
 
+def _correlated_pair(n: int = 2000, steps: int = 2):
+    """h = 3 grey * alpha + 3 glasses * beta + noise, with P(glasses | grey) = 0.8 and 0.2 otherwise."""
+    g = torch.Generator().manual_seed(1)
+    grey = (torch.rand(n, generator=g) < 0.5).float()
+    glasses = (torch.rand(n, generator=g) < 0.2 + 0.6 * grey).float()
+    alpha, beta = torch.zeros(steps, *H_SHAPE), torch.zeros(steps, *H_SHAPE)
+    alpha[:, 0, 0, 0], beta[:, 1, 0, 0] = 1.0, 1.0
+    h = 3 * grey.view(n, 1, 1, 1, 1) * alpha + 3 * glasses.view(n, 1, 1, 1, 1) * beta
+    h = h + 0.1 * torch.randn(h.shape, generator=g)
+    glasses_score = 4 * glasses - 2 + 0.5 * torch.randn(n, generator=g)  # a classifier logit
+    return h, glasses_score, grey, alpha, beta
+
+
+def test_conditional_mean_difference_holds_a_correlated_attribute_fixed():
+    h, score, grey, alpha, beta = _correlated_pair()
+
+    def cos(d, ref):
+        return torch.nn.functional.cosine_similarity(d.vector.flatten(1), ref.flatten(1), dim=1)
+
+    plain = supervised_direction(h, score, 0.2, "glasses")
+    conditional = supervised_direction(h, score, 0.2, "glasses_given_grey", condition_on=grey > 0.5)
+    # the plain mean difference carries grey hair (0.8 - 0.2 = 0.6 of it: cos ~ 0.5 with alpha) ...
+    assert bool((cos(plain, alpha) > 0.4).all())
+    # ... the conditional one does not, and points along the glasses axis
+    assert bool((cos(conditional, alpha).abs() < 0.05).all())
+    assert bool((cos(conditional, beta) > 0.99).all())
+    prov = conditional.provenance
+    assert prov["method"] == "conditional_mean_difference" and set(prov["strata_sizes"]) == {"0", "1"}
+    assert sum(prov["strata_sizes"].values()) == len(score) and conditional.sigma.shape == (2,)
+
+
+def test_conditional_mean_difference_rejects_bad_strata():
+    h, score, grey, _, _ = _correlated_pair(n=40)
+    with pytest.raises(ValueError, match="integer stratum labels"):
+        supervised_direction(h, score, 0.2, "x", condition_on=score)
+    with pytest.raises(ValueError, match="has 39 entries"):
+        supervised_direction(h, score, 0.2, "x", condition_on=grey[:39].long())
+    lonely = torch.zeros(40, dtype=torch.long)
+    lonely[0] = 1
+    with pytest.raises(ValueError, match="stratum 1 of condition_on has 1 sample"):
+        supervised_direction(h, score, 0.2, "x", condition_on=lonely)
+
+
 # ---------------------------------------------------------------- eq. 12
 def test_disentangle_result_is_orthogonal_to_every_other_at_every_step():
     v = _direction("v", steps=3, seed=0)

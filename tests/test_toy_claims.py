@@ -31,6 +31,7 @@ STEPS = 20  # DDPM steps (eta = 1, the paper's default sampler)
 N_TRAIN = 512  # annotated model samples for PCA and supervised directions
 N_EVAL = 32  # held-out seeds per effect measurement
 N_RANDOM = 6  # random draws per baseline
+N_RANDOM_SWAP = 2  # random draws per seed for the h-swap and real-image controls
 TRAIN_SEEDS = list(range(1_000_000, 1_000_000 + N_TRAIN))
 EVAL_SEEDS = list(range(2_000_000, 2_000_000 + N_EVAL))
 Q = 0.2  # top / bottom quantile for mean-difference directions
@@ -292,25 +293,40 @@ def _as_direction(vector: torch.Tensor, name: str):
 
 
 def test_h_swap_moves_global_attributes_towards_the_donor(world):
-    """Claim 5: rendering seed a with h_{T:1} of seed b moves a's global attributes toward b's."""
+    """Claim 5: rendering seed a with h_{T:1} of seed b moves a's global attributes toward b's.
+
+    The control adds to a's h a random direction with the swap's own per-step norm |h_b - h_a|
+    (N_RANDOM_SWAP draws per seed): a change of h that large, pointing nowhere in particular.
+    """
     clf, sampler = world["clf"], world["sampler"]
     a_seeds = list(range(6_000_000, 6_000_032))
     b_seeds = list(range(6_100_000, 6_100_032))
-    sa = score_images(clf, sampler.sample(a_seeds, record_h=False).images)
-    sb = score_images(clf, sampler.sample(b_seeds, record_h=False).images)
+    ta, tb = sampler.sample(a_seeds), sampler.sample(b_seeds)
+    sa, sb = score_images(clf, ta.images), score_images(clf, tb.images)
     ss = score_images(clf, sampler.h_swap(a_seeds, b_seeds).images)
+    # random controls: row r * n + i edits seed a_i by its r-th random direction
+    n, draws = len(a_seeds), N_RANDOM_SWAP
+    swap_norms = (tb.h - ta.h).flatten(2).norm(dim=2)  # [n, T]
+    noise = torch.randn((draws * n, *ta.h.shape[1:]), generator=torch.Generator().manual_seed(11))
+    noise = noise * (swap_norms.repeat(draws, 1) / noise.flatten(2).norm(dim=2)).view(*noise.shape[:2], 1, 1, 1)
+    dirs = [_as_direction(v, f"swap_random{i}") for i, v in enumerate(noise)]
+    sr = score_images(clf, sampler.sample(a_seeds * draws, edit=Edit(dirs, scales=torch.eye(draws * n)),
+                                          record_h=False).images)
     report = {}
     for a in SEMANTIC + ["background_hue"]:
         c = clf.index(a)
         before = (sa[:, c] - sb[:, c]).abs()
         after = (ss[:, c] - sb[:, c]).abs()
+        after_random = (sr[:, c] - sb[:, c].repeat(draws)).abs()
         report[a] = {"gap_before": float(before.mean()), "gap_after": float(after.mean()),
-                     "closed_fraction": float(1 - after.mean() / before.mean())}
+                     "closed_fraction": float(1 - after.mean() / before.mean()),
+                     "closed_fraction_random": float(1 - after_random.mean() / before.mean())}
     log("h-swap: distance to donor's scores", report)
     # measured: grey 0.76, hat 0.73, pose 0.89, glasses 0.36 of the gap closed; background 0.02
     closed = [a for a in SEMANTIC if report[a]["closed_fraction"] > 0.5]
     assert len(closed) >= 3, f"h-swap closed more than half the gap for only {closed}"
     assert all(report[a]["closed_fraction"] > 0.2 for a in SEMANTIC)
+    assert all(report[a]["closed_fraction_random"] < 0.1 for a in SEMANTIC), report
     # and, as in the paper's Fig. 2a, the background is not swapped with h
     assert report["background_hue"]["closed_fraction"] < 0.2
 
@@ -325,13 +341,21 @@ def test_real_images_are_inverted_reconstructed_and_edited(world, supervised):
     rec = report.reconstruction.images
     noise_psnr = float(psnr(x, reconstruct(model, _random_inversion(report.inversion), record_h=False).images).mean())
     results = {"psnr": report.psnr.tolist(), "psnr_mean": report.mean_psnr, "psnr_from_random_x_T": noise_psnr}
+    rec_scores = score_images(clf, rec)
     for a in ("grey_hair", "hat"):
         c = clf.index(a)
-        edited = reconstruct(model, report.inversion, edit=Edit(dirs_h[a], scales=1.0), record_h=False).images
-        d = score_images(clf, edited)[:, c] - score_images(clf, rec)[:, c]
-        results[a] = {"frac_moved": float((d > 0).float().mean()), "mean_delta": float(d.mean())}
+        # row 0: the attribute's direction; rows 1..: random directions of the same per-step norm
+        dirs = [dirs_h[a]] + [random_like(dirs_h[a], seed=50 + r) for r in range(N_RANDOM_SWAP)]
+        deltas = []
+        for d in dirs:
+            edited = reconstruct(model, report.inversion, edit=Edit(d, scales=1.0), record_h=False).images
+            deltas.append(score_images(clf, edited)[:, c] - rec_scores[:, c])
+        d, rnd = deltas[0], torch.stack(deltas[1:])
+        results[a] = {"frac_moved": float((d > 0).float().mean()), "mean_delta": float(d.mean()),
+                      "random_abs_mean_delta": float(rnd.mean(1).abs().max())}
     log("real images", results)
     assert report.mean_psnr > 22.0
     assert report.mean_psnr > noise_psnr + 10
     for a in ("grey_hair", "hat"):
         assert results[a]["frac_moved"] >= 0.8, a
+        assert results[a]["mean_delta"] > 5 * results[a]["random_abs_mean_delta"], (a, results[a])
