@@ -21,7 +21,15 @@ import torch
 from torch import Tensor
 
 from hspace.model import HSpaceModel
-from hspace.sampling import Edit, HSpaceSampler, Trajectory, _alpha_prod_prev, _buffer, _progress
+from hspace.sampling import (
+    Edit,
+    HSpaceSampler,
+    Trajectory,
+    _alpha_prod_prev,
+    _buffer,
+    _progress,
+    resolve_batch_size,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -145,9 +153,7 @@ def ddim_invert(
     scheduler = sampler.make_scheduler()
     timesteps = scheduler.timesteps
     n, num_steps = x0.shape[0], len(timesteps)
-    batch_size = n if batch_size is None else int(batch_size)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = resolve_batch_size(batch_size, n, model.device)
     pin = model.device.type == "cuda"
     h_buf = _buffer((n, num_steps, *model.h_shape), h_dtype or model.dtype, pin) if record_h else None
     x_buf = _buffer((n, num_steps, *model.image_shape), torch.float32, pin) if record_x else None

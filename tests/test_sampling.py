@@ -63,6 +63,18 @@ def test_sample_does_not_depend_on_its_batch(ddpm, plain):
     assert (reversed_order.images.flip(0) - plain.images).abs().max() <= TOL
 
 
+def test_default_batch_is_small_on_the_cpu_and_explicit_sizes_are_checked():
+    from hspace.sampling import CPU_DEFAULT_BATCH_SIZE, resolve_batch_size
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_batch_size(None, 1000, cpu) == CPU_DEFAULT_BATCH_SIZE
+    assert resolve_batch_size(None, 3, cpu) == 3
+    assert resolve_batch_size(None, 1000, cuda) == 1000  # an accelerator takes every row at once
+    assert resolve_batch_size(7, 1000, cpu) == 7
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        resolve_batch_size(0, 10, cpu)
+
+
 def test_trajectory_fields(ddpm, plain, model):
     assert plain.images.shape == (8, 3, 16, 16) and plain.images.dtype == torch.float32
     assert 0 <= plain.images.min() and plain.images.max() <= 1

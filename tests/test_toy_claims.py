@@ -51,7 +51,7 @@ def world():
     model = load_toy_model()
     clf = load_toy_classifier()
     sampler = HSpaceSampler(model, sampler="ddpm", num_inference_steps=STEPS)
-    traj = sampler.sample(TRAIN_SEEDS, batch_size=256)
+    traj = sampler.sample(TRAIN_SEEDS)
     scores = score_images(clf, traj.images)
     return {"model": model, "clf": clf, "sampler": sampler, "traj": traj, "scores": scores}
 

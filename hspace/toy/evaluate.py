@@ -61,7 +61,7 @@ def edit_effects(
     *,
     mode: str = "both",
     units: str = "raw",
-    batch_size: int = 256,
+    batch_size: int | None = None,
 ) -> EditEffects:
     """Render every seed unedited and edited by each direction at each scale; score all renders.
 
@@ -102,7 +102,7 @@ def with_step_norms(direction: Direction, norms: torch.Tensor, name: str | None 
 @torch.no_grad()
 def sample_quality(
     sampler: HSpaceSampler, classifier: AttributeClassifier, seeds: Sequence[int], margin: float = 2.0,
-    batch_size: int = 256,
+    batch_size: int | None = None,
 ) -> dict:
     """How world-like the model's samples are, judged by the classifier.
 

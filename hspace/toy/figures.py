@@ -83,7 +83,7 @@ def render_readme_figures(out: Path, steps: int = 20, n_train: int = 256) -> dic
     image_grid(real_t.reshape(4, 12, *real_t.shape[1:])).save(out / "world.png")
 
     seeds = list(range(1_000_000, 1_000_000 + n_train))
-    traj = sampler.sample(seeds, batch_size=256)
+    traj = sampler.sample(seeds)
     scores = score_images(clf, traj.images)
     pca = PerTimestepPCA(n_components=6, n_steps=steps, timesteps=sampler.timesteps)
     for i in range(0, n_train, 128):

@@ -30,7 +30,7 @@ from _bench import (
 
 from hspace.sampling import HSpaceSampler
 
-BATCHES = [1, 8, 32, 128] if ON_GPU else [1, 2, 4, 8]
+BATCHES = [1, 8, 32, 128] if ON_GPU else [1, 4, 16, 64, 256]  # CPU: where cache stops helping
 THROUGHPUT_STEPS = 20 if ON_GPU else 3
 REPEATS = 5 if ON_GPU else 3
 STORE_SEEDS = 64 if ON_GPU else 32  # one block: rows per shard
