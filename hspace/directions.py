@@ -400,6 +400,31 @@ def select_quantiles(scores: Tensor | Sequence[float], q: float) -> tuple[Tensor
     return order[:n].clone(), order.flip(0)[:n].clone()
 
 
+def conditional_quantiles(
+    scores: Tensor | Sequence[float], strata: Tensor | Sequence[int], q: float
+) -> list[tuple[int, Tensor, Tensor]]:
+    """Top and bottom ``q`` fraction of ``scores`` within each stratum: [(stratum, pos_idx, neg_idx)].
+
+    Indices refer to the full ``scores``; strata are integer labels (bool is taken as 0/1), in
+    ascending order. Each stratum needs at least 2 samples.
+    """
+    s = torch.as_tensor(scores).reshape(-1)
+    labels = torch.as_tensor(strata).reshape(-1).detach().cpu()
+    if labels.shape[0] != s.shape[0]:
+        raise ValueError(f"condition_on has {labels.shape[0]} entries but there are {s.shape[0]} samples")
+    if labels.dtype.is_floating_point and not bool((labels == labels.round()).all()):
+        raise ValueError("condition_on must hold integer stratum labels (e.g. scores > 0), not scores")
+    labels = labels.long()
+    out = []
+    for k in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == k).flatten()
+        if idx.numel() < 2:
+            raise ValueError(f"stratum {k} of condition_on has {idx.numel()} sample(s); each needs at least 2")
+        pos, neg = select_quantiles(s[idx], q)
+        out.append((int(k), idx[pos], idx[neg]))
+    return out
+
+
 def conditional_mean_difference(
     latents: Tensor, scores: Tensor, q: float, strata: Tensor | Sequence[int]
 ) -> tuple[Tensor, Tensor, Tensor, dict[str, int]]:
@@ -412,25 +437,12 @@ def conditional_mean_difference(
     "conditional" reading of the paper's disentangling. Returns (vector float32, all positive
     indices, all negative indices, {stratum: size}).
     """
-    labels = torch.as_tensor(strata).reshape(-1).detach().cpu()
-    if labels.shape[0] != latents.shape[0]:
-        raise ValueError(f"condition_on has {labels.shape[0]} entries but latents has {latents.shape[0]} samples")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        if labels.dtype.is_floating_point and not bool((labels == labels.round()).all()):
-            raise ValueError("condition_on must hold integer stratum labels (e.g. scores > 0), not scores")
-        labels = labels.long()
-    diffs, pos_all, neg_all, sizes = [], [], [], {}
-    for k in torch.unique(labels).tolist():
-        idx = torch.nonzero(labels == k).flatten()
-        if idx.numel() < 2:
-            raise ValueError(f"stratum {k} of condition_on has {idx.numel()} sample(s); each needs at least 2")
-        pos, neg = select_quantiles(scores[idx], q)
-        diffs.append(mean_difference(latents[idx[pos]], latents[idx[neg]]).to(torch.float64))
-        pos_all.append(idx[pos])
-        neg_all.append(idx[neg])
-        sizes[str(k)] = int(idx.numel())
-    v = torch.stack(diffs).mean(0).to(torch.promote_types(latents.dtype, torch.float32)).to(torch.float32)
-    return v, torch.cat(pos_all), torch.cat(neg_all), sizes
+    selections = conditional_quantiles(scores, strata, q)
+    labels = torch.as_tensor(strata).reshape(-1).long()
+    diffs = [mean_difference(latents[pos], latents[neg]).to(torch.float64) for _, pos, neg in selections]
+    v = torch.stack(diffs).mean(0).to(torch.float32)
+    sizes = {str(k): int((labels == k).sum()) for k, _, _ in selections}
+    return v, torch.cat([p for _, p, _ in selections]), torch.cat([n for _, _, n in selections]), sizes
 
 
 def projection_sigma(latents: Tensor, vector: Tensor) -> Tensor:

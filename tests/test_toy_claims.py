@@ -31,7 +31,8 @@ STEPS = 20  # DDPM steps (eta = 1, the paper's default sampler)
 N_TRAIN = 512  # annotated model samples for PCA and supervised directions
 N_EVAL = 32  # held-out seeds per effect measurement
 N_RANDOM = 6  # random draws per baseline
-N_RANDOM_SWAP = 2  # random draws per seed for the h-swap and real-image controls
+N_RANDOM_CONTROL = 2  # random draws per seed for the h-swap, Jacobian and real-image controls
+N_MASKED = 8  # seeds for the masked Jacobian's locality
 TRAIN_SEEDS = list(range(1_000_000, 1_000_000 + N_TRAIN))
 EVAL_SEEDS = list(range(2_000_000, 2_000_000 + N_EVAL))
 Q = 0.2  # top / bottom quantile for mean-difference directions
@@ -102,11 +103,18 @@ def test_pca_directions_move_attributes_far_more_than_random(world):
 
 
 def test_supervised_directions_move_their_attribute_monotonically_on_most_seeds(world, supervised):
-    """Claim 2: mean-difference directions move their own attribute on >= 90% of seeds, monotonically."""
+    """Claim 2: mean-difference directions move their own attribute on >= 90% of seeds, monotonically.
+
+    A binary attribute is edited toward the state the seed lacks (+gamma where the unedited render
+    lacks it, -gamma where it has it): a face that already wears glasses cannot gain them, and its
+    saturated logit then moves by noise only. Continuous attributes are edited by +gamma.
+    """
     clf, sampler = world["clf"], world["sampler"]
     dirs_h, dirs_x = supervised
     attrs = list(clf.attributes)
-    eff = edit_effects(sampler, clf, [dirs_h[a] for a in attrs], EVAL_SEEDS, [0.5, 1.0])
+    binary = [a for a in attrs if clf.binary[clf.index(a)]]
+    eff = edit_effects(sampler, clf, [dirs_h[a] for a in attrs], EVAL_SEEDS, [0.5, 1.0],
+                       toward_absent=[a if a in binary else None for a in attrs])
     # matched-norm random baselines (2 draws) for the attributes the test asserts on
     claimed = STRONG + WEAKER
     rnd_dirs = [random_like(dirs_h[a], seed=7 + r, name=f"{a}_random{r}") for a in claimed for r in range(2)]
@@ -114,38 +122,40 @@ def test_supervised_directions_move_their_attribute_monotonically_on_most_seeds(
     report = {}
     for i, a in enumerate(attrs):
         c = clf.index(a)
-        d_half, d_full = eff.deltas[i, 0, :, c], eff.deltas[i, 1, :, c]
-        if a not in claimed:
-            report[a] = {"frac_intended": float((d_full > 0).float().mean()), "mean": float(d_full.mean()),
-                         "mean_half": float(d_half.mean())}
-            continue
-        k = claimed.index(a)
-        rnd_mean = rnd.deltas[2 * k : 2 * k + 2, 0, :, c].mean(1).abs().max()
-        report[a] = {"frac_intended": float((d_full > 0).float().mean()),
-                     "frac_monotone": float(((d_full > d_half) & (d_half > 0)).float().mean()),
-                     "mean": float(d_full.mean()), "mean_half": float(d_half.mean()),
-                     "random_abs_mean": float(rnd_mean), "ratio": float(d_full.mean() / rnd_mean.clamp_min(1e-6))}
+        # the change in the intended direction (sign-corrected for seeds edited toward absence)
+        d_half, d_full = eff.deltas[i, 0, :, c] * eff.signs[i], eff.deltas[i, 1, :, c] * eff.signs[i]
+        r = {"frac_intended": float((d_full > 0).float().mean()),
+             "frac_monotone": float(((d_full > d_half) & (d_half > 0)).float().mean()),
+             "mean": float(d_full.mean()), "mean_half": float(d_half.mean())}
+        if a in binary:
+            r["seeds_edited_toward_absence"] = int((eff.signs[i] < 0).sum())
+        if a in claimed:
+            k = claimed.index(a)
+            rnd_mean = rnd.deltas[2 * k : 2 * k + 2, 0, :, c].mean(1).abs().max()
+            r["random_abs_mean"] = float(rnd_mean)
+            r["ratio"] = float(d_full.mean() / rnd_mean.clamp_min(1e-6))
+        report[a] = r
     log("supervised (h) per attribute", report)
     # x_T as the latent (paper Fig. 8a), at the same scale convention
     eff_x = edit_effects_xT(sampler, clf, dirs_x, attrs, EVAL_SEEDS)
     log("supervised (x_T) per attribute", eff_x)
-    # The paper's bar (>= 90% of seeds, monotone in gamma, far above random) holds for the
-    # global accessories; measured 0.94-0.97 of seeds and 17-280x random.
+    # The paper's bar (>= 90% of seeds, monotone in gamma, far above random) for the global
+    # accessories; measured 0.94-1.0 of seeds toward the missing state and 7-100x random.
     for a in STRONG:
         r = report[a]
         assert r["frac_intended"] >= 0.9, (a, r)
         assert r["mean"] > r["mean_half"] > 0, (a, r)
         assert r["ratio"] >= 5, (a, r)
-    # Geometry and colour: measured 0.875-0.906 of seeds, 4.6-20x random.
+    # Geometry and colour: measured 0.91-1.0 of seeds, 14-42x random.
     for a in WEAKER:
         r = report[a]
-        assert r["frac_intended"] >= 0.8, (a, r)
-        assert r["ratio"] >= 3, (a, r)
-    # h needs far fewer samples than x_T (paper Fig. 8a): measured 9-22x larger mean effect.
+        assert r["frac_intended"] >= 0.85, (a, r)
+        assert r["ratio"] >= 5, (a, r)
+    # h needs far fewer samples than x_T (paper Fig. 8a): h's mean effect is many times x_T's.
     for a in STRONG:
         assert report[a]["mean"] > 3 * eff_x[a]["mean"], (a, report[a], eff_x[a])
-    # Local attributes (eyes_open, smile) and background hue do NOT follow a global mean-difference
-    # direction on this model (eyes 59%, smile 22%, background 69% of seeds): reported, not claimed.
+    # Local attributes and background hue are reported, not claimed: eyes open 0.78 of seeds toward
+    # the missing state, smile 0.84, background hue 0.53 (h-swap shows the background is not in h).
 
 
 def edit_effects_xT(sampler, clf, dirs_x, attrs, seeds) -> dict:
@@ -164,54 +174,62 @@ def edit_effects_xT(sampler, clf, dirs_x, attrs, seeds) -> dict:
 def test_disentangling_cuts_the_cross_effect_of_the_correlated_pair(world, supervised, tmp_path):
     """Claim 3 (Table I): projection cuts the glasses<->grey-hair cross-effect, keeping the own effect.
 
-    Protocol: DDIM (eta = 0, so an image is fixed by x_T and the edit; the paper's eq. 13 setting),
-    raw and disentangled directions at equal per-step norm, gamma 0.5 of the mean difference,
-    80 held-out seeds in 10 groups of 8. With DDPM (eta = 1) the fresh noise of every step lets the
-    model re-draw the correlated attribute, and the cut is smaller (see the issue note).
+    Rows: each raw mean difference, its projection off the other (eq. 12), and its conditional
+    mean difference (top and bottom quantiles taken within each state of the other attribute),
+    all at the raw direction's per-step norm. Protocol: DDIM (eta = 0, so an image is fixed by x_T
+    and the edit; the paper's eq. 13 setting), gamma 0.5 of the mean difference, 80 held-out seeds
+    in 10 groups of 8. With DDPM (eta = 1) the fresh noise of every step lets the model re-draw the
+    correlated attribute, and the cut is smaller (see the issue note).
     """
-    clf, model = world["clf"], world["model"]
+    clf, model, traj, scores = world["clf"], world["model"], world["traj"], world["scores"]
     sampler = HSpaceSampler(model, sampler="ddim", num_inference_steps=STEPS)
     dirs_h, _ = supervised
+    cg, ca = clf.index("glasses"), clf.index("grey_hair")
     g, a = dirs_h["glasses"], dirs_h["grey_hair"]
-    g_perp = with_step_norms(disentangle(g, [a], name="glasses_perp_grey"), g.norm_per_step())
-    a_perp = with_step_norms(disentangle(a, [g], name="grey_perp_glasses"), a.norm_per_step())
-    rows = [g, g_perp, a, a_perp]
+    g_norm, a_norm = g.norm_per_step(), a.norm_per_step()
+    g_cond = supervised_direction(traj.h, scores[:, cg], Q, "glasses_given_grey", condition_on=scores[:, ca] > 0)
+    a_cond = supervised_direction(traj.h, scores[:, ca], Q, "grey_given_glasses", condition_on=scores[:, cg] > 0)
+    rows = [g, with_step_norms(disentangle(g, [a]), g_norm, "glasses_perp_grey"), with_step_norms(g_cond, g_norm),
+            a, with_step_norms(disentangle(a, [g]), a_norm, "grey_perp_glasses"), with_step_norms(a_cond, a_norm)]
     cosine = torch.nn.functional.cosine_similarity(g.vector.flatten(1), a.vector.flatten(1), dim=1)
     log("cosine(glasses, grey_hair) per step", {"min": float(cosine.min()), "max": float(cosine.max())})
     seeds = list(range(4_000_000, 4_000_000 + 80))
-    gammas = [0.5]  # gamma 1 measured once (cut 0.33 / 0.22, kept 0.93 / 0.76); left out to save CI time
-    eff = edit_effects(sampler, clf, rows, seeds, gammas)
-    cg, ca = clf.index("glasses"), clf.index("grey_hair")
+    gamma = 0.5
+    eff = edit_effects(sampler, clf, rows, seeds, [gamma])
+    groups = eff.deltas[:, 0].reshape(len(rows), 10, 8, -1).mean(2)  # [D, 10 groups, A]
+    m, s = groups.mean(1), groups.std(1)
+    matrix = {d.name: {c: f"{m[i, j]:+.2f}±{s[i, j]:.2f}" for j, c in enumerate(clf.attributes)}
+              for i, d in enumerate(rows)}
+    log(f"Table I effect matrix, gamma {gamma} (mean±std over 10 groups of 8 seeds)", matrix)
     summary = {}
-    for si, gamma in enumerate(gammas):
-        groups = eff.deltas[:, si].reshape(len(rows), 10, 8, -1).mean(2)  # [D, 10 groups, A]
-        m, s = groups.mean(1), groups.std(1)
-        matrix = {d.name: {c: f"{m[i, j]:+.2f}±{s[i, j]:.2f}" for j, c in enumerate(clf.attributes)}
-                  for i, d in enumerate(rows)}
-        log(f"Table I effect matrix, gamma {gamma} (mean±std over 10 groups of 8 seeds)", matrix)
-        summary[gamma] = {
-            "glasses": {"own_raw": float(m[0, cg]), "own_perp": float(m[1, cg]),
-                        "cross_raw": float(m[0, ca]), "cross_perp": float(m[1, ca])},
-            "grey_hair": {"own_raw": float(m[2, ca]), "own_perp": float(m[3, ca]),
-                          "cross_raw": float(m[2, cg]), "cross_perp": float(m[3, cg])},
-        }
-        for r in summary[gamma].values():
-            r["cross_cut"] = 1 - abs(r["cross_perp"]) / abs(r["cross_raw"])
-            r["own_kept"] = r["own_perp"] / r["own_raw"]
-        if gamma == 0.5:
-            heatmap(m.numpy(), [d.name for d in rows], list(clf.attributes), title="Table I on the toy model").save(
-                tmp_path / "table1.png")
-            (tmp_path / "table1.json").write_text(json.dumps(
-                {"gamma": gamma, "rows": [d.name for d in rows], "columns": clf.attributes,
-                 "mean": m.tolist(), "std": s.tolist()}))
+    for own, cross, base in (("glasses", "grey_hair", 0), ("grey_hair", "glasses", 3)):
+        co, cc = clf.index(own), clf.index(cross)
+        for variant, i in (("projected", base + 1), ("conditional", base + 2)):
+            summary[f"{own}_{variant}"] = {
+                "own_raw": float(m[base, co]), "own": float(m[i, co]),
+                "cross_raw": float(m[base, cc]), "cross": float(m[i, cc]),
+                "cross_cut": float(1 - m[i, cc].abs() / m[base, cc].abs()),
+                "own_kept": float(m[i, co] / m[base, co]),
+                "own_is_largest": bool(m[i, co].abs() >= m[i].abs().max()),
+            }
     log("cross-effect cut and own effect kept", summary)
+    heatmap(m.numpy(), [d.name for d in rows], list(clf.attributes), title="Table I on the toy model").save(
+        tmp_path / "table1.png")
+    (tmp_path / "table1.json").write_text(json.dumps(
+        {"gamma": gamma, "rows": [d.name for d in rows], "columns": clf.attributes, "mean": m.tolist(), "std": s.tolist()}))
     assert (tmp_path / "table1.png").stat().st_size > 0
-    # measured at gamma 0.5: cross-effect cut by 0.33 (glasses on grey) and 0.33 (grey on glasses),
-    # own effect kept 0.79 / 0.71 (at gamma 1: cut 0.33 / 0.22). The prototype's > 90% does not hold.
-    cut_min, kept_min = 0.25, 0.6
-    for r in summary[0.5].values():
-        assert r["cross_cut"] >= cut_min, summary
-        assert r["own_kept"] >= kept_min, summary
+    # eq. 12 on glasses (the paper's example): measured cross-effect on grey hair cut 0.80, own kept 0.74.
+    r = summary["glasses_projected"]
+    assert r["cross_cut"] >= 0.6 and r["own_kept"] >= 0.6 and r["own_is_largest"], summary
+    # eq. 12 on grey hair cuts its effect on glasses (measured 0.55, overshooting to -2.5) but keeps
+    # only 0.35 of its own effect: with cosine up to 0.93 between the two mean differences, taking
+    # glasses out takes most of grey hair with it. That half of the claim does not hold here.
+    assert summary["grey_hair_projected"]["cross_cut"] >= 0.25, summary
+    # The conditional mean difference keeps the own effect (measured 1.32 and 0.91) and cuts the
+    # cross-effect by about half (0.46 and 0.47), its own attribute the largest effect in its row.
+    for own in ("glasses", "grey_hair"):
+        r = summary[f"{own}_conditional"]
+        assert r["cross_cut"] >= 0.3 and r["own_kept"] >= 0.8 and r["own_is_largest"], summary
 
 
 JAC_STEP = 18  # a late step (t ~ 100 of 1000): the image's layout is settled, details are not
@@ -221,62 +239,69 @@ JAC_EDIT_STEPS = list(range(JAC_STEP - 2, STEPS))  # the direction is applied ar
 def test_masked_jacobian_direction_stays_inside_the_mask(world):
     """Claim 4: a masked Jacobian direction changes pixels mostly inside the mask; unmasked beat random.
 
-    Protocol: top singular direction of J_t (eq. 9 with a mask, and unmasked) at step JAC_STEP of
-    4 samples, added at steps JAC_EDIT_STEPS with the norm of h itself, both signs; the share of
-    the final image's change energy that lies inside the mask, against the mask's share of the
-    area and against the unmasked top direction's share.
+    Protocol: top singular direction of J_t (eq. 9 with a mask, and unmasked) at step JAC_STEP,
+    added at steps JAC_EDIT_STEPS (around the step it was found at) with the norm of h itself.
+    Locality, on the first N_MASKED seeds, both signs: the share of the final image's change
+    energy inside the mask, against the mask's share of the area and against the unmasked top
+    direction's share. Strength, on all N_EVAL seeds: the unmasked top direction's change energy
+    against random directions of the same norm applied at the same steps (2 draws per seed).
     """
     model, sampler = world["model"], world["sampler"]
-    seeds = [5_000_000, 5_000_001, 5_000_002, 5_000_003]
+    seeds = list(range(5_000_000, 5_000_000 + N_EVAL))
     traj = sampler.sample(seeds, record_x=True)
     x_t, t = traj.x_t[:, JAC_STEP], int(sampler.timesteps[JAC_STEP])
     h_norm = traj.h.flatten(2).norm(dim=2).mean(1)  # [B] mean per-step |h| of each sample
+    local = seeds[:N_MASKED]
 
-    def edited(vectors: torch.Tensor, steps: list[int] | None) -> torch.Tensor:
-        """Seed b edited by +-vectors[b] (rescaled to |h_b|), all in one batch: [2B, 3, H, W]."""
-        n = len(seeds)
+    def edited(vectors: torch.Tensor) -> torch.Tensor:
+        """Seed b of ``local`` edited by +-vectors[b] (rescaled to |h_b|), in one batch: [2B, 3, H, W]."""
+        n = len(local)
         dirs = [_as_direction(vectors[b] * h_norm[b] / vectors[b].norm(), f"jac{b}") for b in range(n)]
         scales = torch.cat([torch.eye(n), -torch.eye(n)])  # row b: +v_b, row n + b: -v_b
-        return sampler.sample(seeds + seeds, edit=Edit(dirs, scales=scales, steps=steps), record_h=False).images
+        return sampler.sample(local + local, edit=Edit(dirs, scales=scales, steps=JAC_EDIT_STEPS),
+                              record_h=False).images
 
     def shares_in(mask: torch.Tensor, vectors: torch.Tensor) -> list[float]:
-        energy = ((edited(vectors, JAC_EDIT_STEPS) - traj.images.repeat(2, 1, 1, 1)) ** 2).sum(1)
+        energy = ((edited(vectors) - traj.images[:N_MASKED].repeat(2, 1, 1, 1)) ** 2).sum(1)
         return ((energy * mask).flatten(1).sum(1) / energy.flatten(1).sum(1).clamp_min(1e-12)).tolist()
 
     free = jacobian_directions(model, x_t, t, k=1, oversample=6)
+    assert bool(free.converged.all())
     report = {}
     for name in FACE_REGIONS:
         mask = torch.from_numpy(region_mask(name))
-        masked = jacobian_directions(model, x_t, t, k=1, mask=mask, oversample=6)
-        assert bool(masked.converged.all()) and bool(free.converged.all())
+        masked = jacobian_directions(model, x_t[:N_MASKED], t, k=1, mask=mask, oversample=6)
+        assert bool(masked.converged.all())
         shares = shares_in(mask, masked.vectors[:, 0])
-        shares_free = shares_in(mask, free.vectors[:, 0])
+        shares_free = shares_in(mask, free.vectors[:N_MASKED, 0])
         report[name] = {"area_share": float(mask.mean()), "masked_share": float(np.mean(shares)),
                         "unmasked_share": float(np.mean(shares_free)), "masked_shares": shares}
-    # unmasked top directions against random ones of the same norm, applied at every step
+    # unmasked top directions against random ones of the same norm, at the same steps
     u = free.vectors[:, 0] * (h_norm / free.vectors[:, 0].flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
-    n, draws = len(seeds), N_RANDOM
+    n, draws = len(seeds), N_RANDOM_CONTROL
     r = torch.randn((draws * n, *u.shape[1:]), generator=torch.Generator().manual_seed(0))
     r = r * (u.repeat(draws, 1, 1, 1).flatten(1).norm(dim=1) / r.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
-    img_u = sampler.sample(seeds, edit=Edit([_as_direction(v, "u") for v in u], scales=torch.eye(n)),
-                           record_h=False).images
-    img_r = sampler.sample(seeds * draws, edit=Edit([_as_direction(v, "r") for v in r], scales=torch.eye(draws * n)),
-                           record_h=False).images
+    img_u = sampler.sample(seeds, edit=Edit([_as_direction(v, "u") for v in u], scales=torch.eye(n),
+                                            steps=JAC_EDIT_STEPS), record_h=False).images
+    img_r = sampler.sample(seeds * draws, edit=Edit([_as_direction(v, "r") for v in r], scales=torch.eye(draws * n),
+                                                    steps=JAC_EDIT_STEPS), record_h=False).images
     energy_u = (img_u - traj.images).pow(2).flatten(1).sum(1)
     energy_r = (img_r - traj.images.repeat(draws, 1, 1, 1)).pow(2).flatten(1).sum(1).view(draws, n).mean(0)
-    ratios = (energy_u / energy_r.clamp_min(1e-12)).tolist()  # per seed, against the mean of N_RANDOM draws
-    report["unmasked_vs_random_energy_ratio"] = ratios
+    ratios = energy_u / energy_r.clamp_min(1e-12)  # per seed, against the mean of its random draws
+    report["unmasked_vs_random"] = {"median": float(ratios.median()), "frac_above_1": float((ratios > 1).float().mean()),
+                                    "quartiles": torch.quantile(ratios, torch.tensor([0.25, 0.75])).tolist()}
     log("masked jacobian", report)
-    # measured: masked share 3.02x (mouth) and 4.54x (eyes) the mask's area share, against 1.74x and
-    # 1.93x for the unmasked top direction. The unmasked top direction, applied at every step, changes the
-    # image 5.9x (median; 1.8-13.4x per seed) more than the mean of 6 random draws of equal norm. (Direction at the
-    # middle step applied at every step: only 1.5-1.7x area, no better than unmasked; see the note.)
+    # measured on 4 seeds: masked share 2.9x (mouth) and 4.0x (eyes) the mask's area share, against
+    # 1.8x and 2.8x for the unmasked top direction. Unmasked vs random (32 seeds, 3 draws): median
+    # 119x, every seed above 1. (Applied at every step instead, a direction from step 18 does far
+    # less: median 3.8x, 88% of seeds; a direction from the middle step is not local; see the note.)
     share_over_area, masked_over_free = 2.0, 1.3
     for name in FACE_REGIONS:
         r = report[name]
         assert r["masked_share"] > share_over_area * r["area_share"], (name, r)
         assert r["masked_share"] > masked_over_free * r["unmasked_share"], (name, r)
-    assert float(np.median(ratios)) > 5.0
+    assert report["unmasked_vs_random"]["median"] > 20.0, report["unmasked_vs_random"]
+    assert report["unmasked_vs_random"]["frac_above_1"] >= 0.9, report["unmasked_vs_random"]
 
 
 def _random_inversion(inv):
@@ -296,7 +321,7 @@ def test_h_swap_moves_global_attributes_towards_the_donor(world):
     """Claim 5: rendering seed a with h_{T:1} of seed b moves a's global attributes toward b's.
 
     The control adds to a's h a random direction with the swap's own per-step norm |h_b - h_a|
-    (N_RANDOM_SWAP draws per seed): a change of h that large, pointing nowhere in particular.
+    (N_RANDOM_CONTROL draws per seed): a change of h that large, pointing nowhere in particular.
     """
     clf, sampler = world["clf"], world["sampler"]
     a_seeds = list(range(6_000_000, 6_000_032))
@@ -305,7 +330,7 @@ def test_h_swap_moves_global_attributes_towards_the_donor(world):
     sa, sb = score_images(clf, ta.images), score_images(clf, tb.images)
     ss = score_images(clf, sampler.h_swap(a_seeds, b_seeds).images)
     # random controls: row r * n + i edits seed a_i by its r-th random direction
-    n, draws = len(a_seeds), N_RANDOM_SWAP
+    n, draws = len(a_seeds), N_RANDOM_CONTROL
     swap_norms = (tb.h - ta.h).flatten(2).norm(dim=2)  # [n, T]
     noise = torch.randn((draws * n, *ta.h.shape[1:]), generator=torch.Generator().manual_seed(11))
     noise = noise * (swap_norms.repeat(draws, 1) / noise.flatten(2).norm(dim=2)).view(*noise.shape[:2], 1, 1, 1)
@@ -345,7 +370,7 @@ def test_real_images_are_inverted_reconstructed_and_edited(world, supervised):
     for a in ("grey_hair", "hat"):
         c = clf.index(a)
         # row 0: the attribute's direction; rows 1..: random directions of the same per-step norm
-        dirs = [dirs_h[a]] + [random_like(dirs_h[a], seed=50 + r) for r in range(N_RANDOM_SWAP)]
+        dirs = [dirs_h[a]] + [random_like(dirs_h[a], seed=50 + r) for r in range(N_RANDOM_CONTROL)]
         deltas = []
         for d in dirs:
             edited = reconstruct(model, report.inversion, edit=Edit(d, scales=1.0), record_h=False).images

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from hspace.directions import Direction
-from hspace.sampling import HSpaceSampler
+from hspace.sampling import Edit, HSpaceSampler
 from hspace.toy.classifier import AttributeClassifier
 from hspace.toy.world import FACTORS, make_dataset
 
@@ -43,6 +43,8 @@ class EditEffects:
     attributes: list[str]
     base_scores: torch.Tensor  # [B, A]
     deltas: torch.Tensor  # [D, S, B, A]
+    #: [D, B]: the sign each seed's scales were multiplied by (all +1 unless ``toward_absent``)
+    signs: torch.Tensor | None = None
 
     def mean(self) -> torch.Tensor:
         """Mean effect over seeds [D, S, A]."""
@@ -62,20 +64,39 @@ def edit_effects(
     mode: str = "both",
     units: str = "raw",
     batch_size: int | None = None,
+    toward_absent: Sequence[str | None] | None = None,
 ) -> EditEffects:
     """Render every seed unedited and edited by each direction at each scale; score all renders.
 
     One unedited render per seed serves every direction (same seed, same noise), so each effect
     is a paired difference.
+
+    ``toward_absent[i]`` names a binary attribute for direction i (or None): seeds whose unedited
+    render already shows it (logit > 0) are edited with negated scales, so every edit points to the
+    state the seed lacks. Why: adding glasses to a face that wears them moves a saturated logit by
+    noise only, which says nothing about the direction. ``signs`` records the sign per seed.
     """
     seeds = list(seeds)
     base = sampler.sample(seeds, record_h=False, batch_size=batch_size).images
     base_scores = score_images(classifier, base)
-    deltas = []
-    for d in directions:
-        imgs = sampler.sample_edits(seeds, d, list(scales), mode=mode, units=units, batch_size=batch_size)  # [B,S,...]
-        scores = score_images(classifier, imgs)  # [B, S, A]
+    targets = list(toward_absent) if toward_absent is not None else [None] * len(directions)
+    if len(targets) != len(directions):
+        raise ValueError(f"toward_absent has {len(targets)} entries for {len(directions)} directions")
+    deltas, signs = [], []
+    for d, target in zip(directions, targets, strict=True):
+        sign = torch.ones(len(seeds))
+        if target is not None:
+            col = classifier.index(target)
+            if not classifier.binary[col]:
+                raise ValueError(f"toward_absent needs a binary attribute, {target!r} is continuous")
+            sign = torch.where(base_scores[:, col] > 0, -1.0, 1.0)
+        row_scales = (sign[:, None] * torch.tensor([float(s) for s in scales])[None, :]).reshape(-1, 1)
+        row_seeds = [seed for seed in seeds for _ in scales]  # row b * S + j: seed b at scale j
+        imgs = sampler.sample(row_seeds, edit=Edit(d, scales=row_scales, mode=mode, units=units),
+                              record_h=False, batch_size=batch_size).images
+        scores = score_images(classifier, imgs).view(len(seeds), len(scales), -1)  # [B, S, A]
         deltas.append((scores - base_scores[:, None, :]).permute(1, 0, 2))
+        signs.append(sign)
     return EditEffects(
         names=[d.name for d in directions],
         scales=[float(s) for s in scales],
@@ -83,6 +104,7 @@ def edit_effects(
         attributes=list(classifier.attributes),
         base_scores=base_scores,
         deltas=torch.stack(deltas),
+        signs=torch.stack(signs),
     )
 
 
