@@ -11,6 +11,8 @@ a continuous one):
   finders edit with the same strength and differ only in direction;
 - ``<target>_disentangled``: the mean difference with the span of the configured other
   attributes' directions projected out (eq. 12);
+- ``<attr>_conditional``: the mean difference taken within each state of a configured binary
+  attribute and averaged, so that attribute is held fixed (``aggregate.condition``);
 - ``random_<attr>_<i>``: matched-norm Gaussian baselines (same per-step norm as ``<attr>``).
 
 Plus ``pca_<j>`` from the PCA stage (sigma = sqrt of the explained variance) and, for configured
@@ -31,7 +33,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hspace.directions import Direction, disentangle, mean_difference, random_like, select_quantiles
+from hspace.directions import (
+    Direction,
+    conditional_quantiles,
+    disentangle,
+    mean_difference,
+    random_like,
+    select_quantiles,
+)
 from pipeline.storage import RunStore
 
 if TYPE_CHECKING:
@@ -300,6 +309,56 @@ def _attribute_task(
     return _to_wire(md_dir), _to_wire(b_dir), stats
 
 
+def _conditional_task(
+    run_url: str,
+    storage_options: dict,
+    seeds: np.ndarray,
+    scores: np.ndarray,
+    strata: np.ndarray,
+    q: float,
+    name: str,
+    n_steps: int,
+    timesteps: list[int] | None,
+    model_fingerprint: str | None,
+    provenance: dict,
+) -> dict:
+    """The conditional mean difference ``name``: within-stratum quantiles, h of those seeds only."""
+    store = RunStore(run_url, storage_options)
+    scores, strata, seeds = np.array(scores, np.float64), np.array(strata, np.int64), np.asarray(seeds)
+    selections = conditional_quantiles(torch.from_numpy(scores), torch.from_numpy(strata), q)
+    rows = np.concatenate([np.concatenate([p.numpy(), n.numpy()]) for _, p, n in selections])
+    probe = store.read_h(seeds[rows[:1]], steps=[0])
+    chunk = max(1, min(n_steps, H_CHUNK_BYTES // max(len(rows) * int(np.prod(probe.shape[2:])) * 4, 1)))
+    parts = []
+    for start in range(0, n_steps, chunk):
+        steps = list(range(start, min(n_steps, start + chunk)))
+        h = torch.from_numpy(store.read_h(seeds[rows], steps=steps))  # one read for every stratum's groups
+        diffs, at = [], 0
+        for _, pos, neg in selections:
+            h_pos, h_neg = h[at : at + len(pos)], h[at + len(pos) : at + len(pos) + len(neg)]
+            diffs.append(mean_difference(h_pos, h_neg).to(torch.float64))
+            at += len(pos) + len(neg)
+        parts.append(torch.stack(diffs).mean(0).to(torch.float32))
+    prov = dict(provenance) | {
+        "method": "conditional_mean_difference", "q": float(q),
+        "strata": {str(k): {"n": int((strata == k).sum()), "n_pos": len(p), "n_neg": len(n)} for k, p, n in selections},
+    }
+    d = Direction(vector=torch.cat(parts), name=name, kind="supervised", units="raw",
+                  timesteps=torch.tensor(timesteps) if timesteps is not None else None,
+                  model_fingerprint=model_fingerprint, provenance=prov)
+    return _to_wire(d)
+
+
+def _score_provenance(cfg: BuildConfig, is_binary: bool, seeds: np.ndarray, classifier_fingerprint: str | None) -> dict:
+    """What every supervised direction records about the scores it was selected by."""
+    return {
+        "score": "logit" if is_binary else "value",
+        "classifier": cfg.annotate.classifier if cfg.annotate else None,
+        "classifier_fingerprint": classifier_fingerprint,
+        "n_samples": int(len(seeds)),
+    }
+
+
 def _to_wire(d: Direction) -> dict:
     """A Direction as plain tensors + JSON for Ray's object store (safetensors-style, no custom classes)."""
     tensors, meta = d.to_safetensors_dict()
@@ -391,25 +450,35 @@ def aggregate(
     n_steps = cfg.sampler.num_inference_steps
     ts_list = [int(t) for t in timesteps] if timesteps is not None else None
 
-    # 1. supervised directions, one Ray task per attribute (reads only its top/bottom seeds' h)
-    refs = []
+    # 1. supervised directions, one Ray task per attribute (reads only its top/bottom seeds' h),
+    #    and one per conditional direction (reads only its within-stratum quantiles' h)
+    refs, cond_refs = [], []
     if supervised_on:
         seeds = scores.column("seed").to_numpy()
         named = {t for target, others in agg.disentangle.items() for t in [target, *others]}
         missing = sorted(named - set(attributes))
         if missing:
             raise ValueError(f"aggregate.disentangle names {missing}, which are not annotated attributes {list(attributes)}")
+        named = {a for pair in agg.condition.items() for a in pair}
+        missing = sorted(named - set(attributes))
+        if missing:
+            raise ValueError(f"aggregate.condition names {missing}, which are not annotated attributes {list(attributes)}")
+        continuous = [o for o in agg.condition.values() if not binary[list(attributes).index(o)]]
+        if continuous:
+            raise ValueError(f"aggregate.condition holds {continuous} fixed, but only binary attributes have states")
         task = ray.remote(num_cpus=1)(_attribute_task)
         for attr, is_bin in zip(attributes, binary, strict=True):
-            prov = {
-                "score": "logit" if is_bin else "value",
-                "classifier": cfg.annotate.classifier if cfg.annotate else None,
-                "classifier_fingerprint": classifier_fingerprint,
-                "n_samples": int(len(seeds)),
-            }
             col = scores.column(attr).to_numpy().astype(np.float64)
             refs.append(task.remote(store.url, store.storage_options, seeds, col, agg.quantile, attr, n_steps,
-                                    ts_list, model_fingerprint, prov))
+                                    ts_list, model_fingerprint, _score_provenance(cfg, is_bin, seeds, classifier_fingerprint)))
+        ctask = ray.remote(num_cpus=1)(_conditional_task)
+        for attr, other in agg.condition.items():
+            col = scores.column(attr).to_numpy().astype(np.float64)
+            strata = (scores.column(other).to_numpy() > 0).astype(np.int64)
+            prov = _score_provenance(cfg, binary[list(attributes).index(attr)], seeds, classifier_fingerprint)
+            cond_refs.append(ctask.remote(store.url, store.storage_options, seeds, col, strata, agg.quantile,
+                                          f"{attr}_conditional", n_steps, ts_list, model_fingerprint,
+                                          prov | {"attribute": attr, "conditioned_on": other}))
     # 2. Jacobian directions, one task per configured seed/step (in parallel with the above)
     jac_refs = []
     if cfg.jacobian:
@@ -430,6 +499,7 @@ def aggregate(
             print(f"aggregate: {attr}: boundary accuracy {stats['boundary_train_accuracy']:.3f}, "
                   f"cos(mean difference, boundary) {stats['cos_mean_difference_boundary']:.3f}")
     jacobians = [_from_wire(w) for ws in ray.get(jac_refs) for w in ws]
+    conditional = [_from_wire(w) for w in ray.get(cond_refs)]
 
     # 3. disentangled by projection (eq. 12)
     disentangled = [
@@ -440,7 +510,7 @@ def aggregate(
     randoms, random_of = random_baselines(list(supervised.values()), agg.random_baselines if supervised_on else 0)
 
     # 5. exact sigma of every non-PCA direction over all stored samples
-    need_sigma = [*supervised.values(), *boundaries.values(), *disentangled, *jacobians, *randoms]
+    need_sigma = [*supervised.values(), *boundaries.values(), *disentangled, *conditional, *jacobians, *randoms]
     sigmas = projection_sigma_streaming(store, need_sigma, n_steps, batch_size=cfg.pca.batch_size)
     ts = timesteps.to(torch.int64) if timesteps is not None else None
 
@@ -452,7 +522,7 @@ def aggregate(
         directions[attr] = with_sigma(supervised[attr])
     for attr in boundaries:
         directions[f"{attr}_boundary"] = with_sigma(boundaries[attr])
-    for d in disentangled:
+    for d in [*disentangled, *conditional]:
         directions[d.name] = with_sigma(d)
     if pca is not None:
         for d in pca_directions(pca):

@@ -170,6 +170,9 @@ class AggregateConfig(_Strict):
     quantile: float = Field(default=0.1, gt=0.0, le=0.5)
     #: direction -> directions to project out of it.
     disentangle: dict[str, list[str]] = Field(default_factory=dict)
+    #: attribute -> binary attribute to hold fixed: ``<attr>_conditional``, the mean difference
+    #: taken within each state of the other attribute and averaged (hspace.directions).
+    condition: dict[str, str] = Field(default_factory=dict)
     random_baselines: int = Field(default=2, ge=0)
 
 
@@ -299,6 +302,16 @@ def _cross_field_errors(cfg: BuildConfig) -> list[tuple[str, str]]:
                 errors.append((field, f"'{target}' cannot be projected out of itself"))
             if attrs is not None:
                 unknown = [a for a in [target, *others] if a not in attrs]
+                if unknown:
+                    errors.append((field, f"unknown attributes {unknown}; annotate.attributes is {attrs}"))
+    if cfg.aggregate is not None:
+        attrs = cfg.annotate.attributes if cfg.annotate is not None else None
+        for target, other in cfg.aggregate.condition.items():
+            field = f"aggregate.condition.{target}"
+            if target == other:
+                errors.append((field, f"'{target}' cannot be held fixed while it is edited"))
+            if attrs is not None:
+                unknown = [a for a in (target, other) if a not in attrs]
                 if unknown:
                     errors.append((field, f"unknown attributes {unknown}; annotate.attributes is {attrs}"))
     if cfg.aggregate is not None and cfg.generate.n_samples * cfg.aggregate.quantile < 1:

@@ -140,6 +140,8 @@ BAD = [
     ("contradicting h_shape", "model.h_shape", [64, 8, 8], "model.h_shape: [64, 8, 8] contradicts"),
     ("missing classifier dir", "annotate.classifier", "/no/such/classifier", "annotate.classifier: classifier directory"),
     ("disentangle unknown attr", "aggregate.disentangle", {"a": ["zzz"]}, "aggregate.disentangle.a: unknown attributes ['zzz']"),
+    ("condition unknown attr", "aggregate.condition", {"a": "zzz"}, "aggregate.condition.a: unknown attributes ['zzz']"),
+    ("condition on itself", "aggregate.condition", {"a": "a"}, "aggregate.condition.a: 'a' cannot be held fixed"),
     ("held-out seeds overlap", "evaluate.seed_start", 10, "evaluate.seed_start: evaluation seeds 10..13 overlap"),
     ("mask box", "jacobian", [{"seed": 0, "step": 1, "mask": [4, 4, 2, 8]}], "jacobian[0].mask"),
     ("jacobian step", "jacobian", [{"seed": 0, "step": 9}], "jacobian[0].step: 9 outside 0..4"),

@@ -146,7 +146,8 @@ def tiny_config(tmp_path_factory, tiny_model_dir) -> Path:
         "catalog": {"url": str(root / "catalog"), "model_name": "tiny"},
         "pca": {"n_components": 2, "batch_size": 8, "steps_per_actor": 4},
         "annotate": {"classifier": str(root / "clf"), "batch_size": 8},
-        "aggregate": {"quantile": 0.25, "random_baselines": 1, "disentangle": {"round": ["size"]}},
+        "aggregate": {"quantile": 0.25, "random_baselines": 1, "disentangle": {"round": ["size"]},
+                      "condition": {"size": "round"}},
         "evaluate": {"seed_start": 100_000, "n_seeds": 2, "scales": [-2.0, 2.0], "batch_size": 4},
         "jacobian": [{"name": "j", "seed": 0, "step": 2, "k": 1, "mask": [0, 0, 8, 8]}],
     }
@@ -230,9 +231,10 @@ def test_submitted_build_publishes_a_verified_catalog_version(built):
     v.verify()  # sha256 and size of every listed file
     names = v.direction_names()
     kinds = {d["name"]: d["kind"] for d in v.manifest["directions"]}
-    assert {"round", "size", "round_boundary", "size_boundary", "round_disentangled", "random_round_0",
+    assert {"round", "size", "round_boundary", "size_boundary", "round_disentangled", "size_conditional", "random_round_0",
             "pca_0", "pca_1", "jac_j_0"} <= set(names)
     assert kinds["round_disentangled"] == "disentangled" and kinds["jac_j_0"] == "jacobian"
+    assert kinds["size_conditional"] == "supervised"
     jac = v.directions()["jac_j_0"]
     assert jac.provenance["oversample"] == 6 and jac.provenance["converged"], jac.provenance
     assert {"effects.json", "report.html", "pca.safetensors", "previews/round.png"} <= set(v.files())

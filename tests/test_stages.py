@@ -18,9 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from hspace.directions import Direction
+from hspace.directions import Direction, supervised_direction
 from pipeline.aggregate import (
     _attribute_task,
+    _conditional_task,
     _from_wire,
     attribute_directions,
     boundary_normal,
@@ -152,6 +153,22 @@ def test_attribute_task_reads_back_only_the_quantile_seeds_and_matches_in_memory
     torch.testing.assert_close(b.vector, ref_b.vector, rtol=1e-4, atol=1e-5)
     assert md.timesteps.tolist() == [900, 600, 300] and md.model_fingerprint == "fp"
     assert stats["n_pos"] == 10
+
+
+def test_conditional_task_reads_back_the_within_stratum_quantiles_and_matches_in_memory(tmp_path):
+    h, z, _ = _planted(40)
+    strata = (np.arange(40) % 3 == 0).astype(np.int64)  # two strata of 14 and 26 samples
+    store = RunStore(str(tmp_path / "run"))
+    _write_run(store, h, block=16)
+    w = _conditional_task(store.url, {}, np.arange(40), z, strata, 0.25, "attr_conditional", T, [900, 600, 300],
+                          "fp", {"conditioned_on": "other"})
+    d = _from_wire(w)
+    ref = supervised_direction(torch.from_numpy(h), z, 0.25, "ref", condition_on=torch.from_numpy(strata))
+    torch.testing.assert_close(d.vector, ref.vector, rtol=0, atol=1e-6)
+    assert d.name == "attr_conditional" and d.kind == "supervised" and d.timesteps.tolist() == [900, 600, 300]
+    prov = d.provenance
+    assert prov["method"] == "conditional_mean_difference" and prov["conditioned_on"] == "other"
+    assert prov["strata"] == {"0": {"n": 26, "n_pos": 6, "n_neg": 6}, "1": {"n": 14, "n_pos": 3, "n_neg": 3}}
 
 
 def test_streaming_sigma_equals_the_std_of_projections(tmp_path):
