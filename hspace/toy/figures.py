@@ -64,7 +64,7 @@ def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title:
     return img
 
 
-def render_readme_figures(out: Path, steps: int = 20, n_train: int = 256) -> dict:
+def render_readme_figures(out: Path, steps: int = 20, n_train: int = 512) -> dict:
     """Samples grid, PCA and supervised edit strips and the disentangling heatmap of the toy model."""
     from hspace.directions import disentangle, supervised_direction
     from hspace.pca import PerTimestepPCA
@@ -105,8 +105,13 @@ def render_readme_figures(out: Path, steps: int = 20, n_train: int = 256) -> dic
     image_grid(torch.stack(rows), labels=labels).save(out / "supervised_edits.png")
 
     g, a = dirs["glasses"], dirs["grey_hair"]
+    cg, ca = clf.index("glasses"), clf.index("grey_hair")
+    g_cond = supervised_direction(traj.h, scores[:, cg], 0.2, "glasses_given_grey", condition_on=scores[:, ca] > 0)
+    a_cond = supervised_direction(traj.h, scores[:, ca], 0.2, "grey_given_glasses", condition_on=scores[:, cg] > 0)
     table = [g, with_step_norms(disentangle(g, [a], name="glasses_perp_grey"), g.norm_per_step()),
-             a, with_step_norms(disentangle(a, [g], name="grey_perp_glasses"), a.norm_per_step())]
+             with_step_norms(g_cond, g.norm_per_step()),
+             a, with_step_norms(disentangle(a, [g], name="grey_perp_glasses"), a.norm_per_step()),
+             with_step_norms(a_cond, a.norm_per_step())]
     # the acceptance test's Table I protocol: DDIM, gamma 0.5 of the mean difference, equal norms
     ddim = HSpaceSampler(model, sampler="ddim", num_inference_steps=steps)
     eff = edit_effects(ddim, clf, table, list(range(4_000_000, 4_000_064)), [0.5])
