@@ -275,6 +275,14 @@ def projection_sigma_streaming(
 # Ray task bodies
 
 
+def _step_chunks(store: RunStore, seeds: np.ndarray, n_steps: int) -> list[list[int]]:
+    """Consecutive step ranges whose float32 h of ``seeds`` fits in :data:`H_CHUNK_BYTES`."""
+    probe = store.read_h(seeds[:1], steps=[0])
+    per_step = len(seeds) * int(np.prod(probe.shape[2:])) * 4
+    chunk = max(1, min(n_steps, H_CHUNK_BYTES // max(per_step, 1)))
+    return [list(range(start, min(n_steps, start + chunk))) for start in range(0, n_steps, chunk)]
+
+
 def _attribute_task(
     run_url: str,
     storage_options: dict,
@@ -292,12 +300,8 @@ def _attribute_task(
     scores = np.array(scores, np.float64)  # a writable copy (Ray hands out read-only arrays)
     pos, neg = (i.numpy() for i in select_quantiles(torch.from_numpy(scores), q))
     seeds = np.asarray(seeds)
-    probe = store.read_h(seeds[pos[:1]], steps=[0])
-    per_step = (len(pos) + len(neg)) * int(np.prod(probe.shape[2:])) * 4
-    chunk = max(1, min(n_steps, H_CHUNK_BYTES // max(per_step, 1)))
     md_parts, b_parts, accs = [], [], []
-    for start in range(0, n_steps, chunk):
-        steps = list(range(start, min(n_steps, start + chunk)))
+    for steps in _step_chunks(store, seeds[np.concatenate([pos, neg])], n_steps):
         h = torch.from_numpy(store.read_h(seeds[np.concatenate([pos, neg])], steps=steps))  # one read for both groups
         md, boundary, acc = mean_difference_and_boundary(h[: len(pos)], h[len(pos) :])
         md_parts.append(md)
@@ -327,11 +331,8 @@ def _conditional_task(
     scores, strata, seeds = np.array(scores, np.float64), np.array(strata, np.int64), np.asarray(seeds)
     selections = conditional_quantiles(torch.from_numpy(scores), torch.from_numpy(strata), q)
     rows = np.concatenate([np.concatenate([p.numpy(), n.numpy()]) for _, p, n in selections])
-    probe = store.read_h(seeds[rows[:1]], steps=[0])
-    chunk = max(1, min(n_steps, H_CHUNK_BYTES // max(len(rows) * int(np.prod(probe.shape[2:])) * 4, 1)))
     parts = []
-    for start in range(0, n_steps, chunk):
-        steps = list(range(start, min(n_steps, start + chunk)))
+    for steps in _step_chunks(store, seeds[rows], n_steps):
         h = torch.from_numpy(store.read_h(seeds[rows], steps=steps))  # one read for every stratum's groups
         diffs, at = [], 0
         for _, pos, neg in selections:
