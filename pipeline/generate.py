@@ -14,17 +14,19 @@ re-runs. A different batch size changes only floating-point rounding of batched 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import BuildConfig, SeedBlock, describe_model, seed_blocks
+from pipeline.config import BuildConfig, ModelInfo, SeedBlock, describe_model, seed_blocks
 from pipeline.storage import BlockRecord, RunStore
 
 __all__ = ["BlockGenerator", "GenerateReport", "generate", "run_identity", "ensure_ray"]
@@ -73,7 +75,26 @@ def run_identity(cfg: BuildConfig) -> dict[str, Any]:
         "dtype": cfg.dtype,
         "h_shape": list(info.h_shape) if info.h_shape is not None else None,
         "batch_size": cfg.generate.batch_size,
+        "weights_sha256": local_weights_digest(info),
     }
+
+
+def local_weights_digest(info: ModelInfo) -> str | None:
+    """sha256 over a local model's U-Net weight files (None for a hub id, which its revision pins).
+
+    Part of the run identity: retrained weights in the same directory (the toy model after an
+    upgrade) must not resume a run whose stored h came from the old ones.
+    """
+    if not info.is_local:
+        return None
+    digest = hashlib.sha256()
+    files = sorted((Path(info.location) / "unet").glob("*.safetensors")) or sorted(Path(info.location).glob("*.safetensors"))
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def ensure_ray(cfg: BuildConfig) -> None:

@@ -137,3 +137,22 @@ def test_changed_sampler_settings_are_refused_before_any_work(tiny_model_dir, tm
     with pytest.raises(ValueError, match="num_inference_steps: run has 5, config gives 6"):
         generate(other, progress=False)
     assert RunStore(url).blocks() == {}
+
+
+def test_retrained_weights_in_the_same_directory_are_refused_before_any_work(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    url = str(tmp_path / "run")
+    RunStore(url).ensure_identity(run_identity(_cfg(model_dir, url)))
+    weights = model_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + 1e-3  # "retrained": same config, same shapes, other weights
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match="weights_sha256: run has"):
+        generate(_cfg(model_dir, url), progress=False)
+    assert RunStore(url).blocks() == {}

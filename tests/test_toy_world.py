@@ -107,3 +107,14 @@ def test_background_colour_reads_the_world_constants_from_generator_images():
     assert torch.allclose(sv[:, 1], torch.full((64,), 0.85), atol=0.02)
     grey = torch.full((2, 3, 32, 32), 0.5)
     assert torch.allclose(background_colour(grey), torch.tensor([[0.0, 0.5], [0.0, 0.5]]))
+
+
+def test_sample_quality_reads_the_models_samples_of_the_given_seeds():
+    from hspace.sampling import HSpaceSampler
+    from hspace.toy import load_toy_model
+    from hspace.toy.evaluate import sample_quality
+
+    q = sample_quality(HSpaceSampler(load_toy_model(), num_inference_steps=5), load_toy_classifier(), range(4))
+    assert q["n"] == 4 and set(q["frequencies"]) == {"eyes_open", "glasses", "hat", "grey_hair"}
+    assert 0.0 <= q["confident_fraction"] <= 1.0
+    assert set(q["background"]) == {"saturation", "value"}

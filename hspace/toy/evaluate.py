@@ -126,7 +126,14 @@ def sample_quality(
     sampler: HSpaceSampler, classifier: AttributeClassifier, seeds: Sequence[int], margin: float = 2.0,
     batch_size: int | None = None,
 ) -> dict:
-    """How world-like the model's samples are, judged by the classifier.
+    """How world-like the model's samples of ``seeds`` are; see :func:`image_quality`."""
+    images = sampler.sample(list(seeds), record_h=False, batch_size=batch_size).images
+    return image_quality(images, classifier, margin)
+
+
+@torch.no_grad()
+def image_quality(images: torch.Tensor, classifier: AttributeClassifier, margin: float = 2.0) -> dict:
+    """How world-like model samples ``images`` [N, 3, H, W] are, judged by the classifier.
 
     ``confident_fraction``: share of samples whose every binary logit has magnitude >= ``margin``
     (the classifier reads them unambiguously). ``frequencies``: rate of each binary factor among
@@ -134,12 +141,11 @@ def sample_quality(
     ``background``: mean saturation and value of the background (the top rows, never covered by
     a face) in model samples next to generator images; colour drift of a model shows here first.
     """
-    seeds = list(seeds)
-    images = sampler.sample(seeds, record_h=False, batch_size=batch_size).images
+    n = len(images)
     scores = score_images(classifier, images)
-    real, labels = make_dataset(range(30_000_000, 30_000_000 + len(seeds)))
+    real, labels = make_dataset(range(30_000_000, 30_000_000 + n))
     real_t = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 255.0
-    out: dict = {"n": len(seeds), "margin": margin, "frequencies": {}}
+    out: dict = {"n": n, "margin": margin, "frequencies": {}}
     binary_cols = [i for i, b in enumerate(classifier.binary) if b]
     confident = (scores[:, binary_cols].abs() >= margin).all(1)
     out["confident_fraction"] = float(confident.float().mean())
