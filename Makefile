@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/quickstart.yaml
 
-.PHONY: setup run test bench lint clean
+.PHONY: setup run test test-fast bench lint format clean
 
 setup: $(STAMP)
 
@@ -24,8 +24,16 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest -q -s tests/benchmarks -p no:cacheprovider
 
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not slow" -x; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hspace pipeline jobs tests
+	$(VENV)/bin/ruff format --check hspace pipeline jobs tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix hspace pipeline jobs tests
+	$(VENV)/bin/ruff format hspace pipeline jobs tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -159,7 +159,9 @@ def parse_float_list(text: str, what: str = "--scales") -> list[float]:
         try:
             value = float(part)
         except ValueError:
-            raise UsageError(f"{what}: {part.strip()!r} in {text!r} is not a number; use e.g. -2,0,2") from None
+            raise UsageError(
+                f"{what}: {part.strip()!r} in {text!r} is not a number; use e.g. -2,0,2"
+            ) from None
         if not math.isfinite(value):
             raise UsageError(f"{what}: {part.strip()!r} is not finite")
         values.append(value)
@@ -229,7 +231,9 @@ def image_grid(images: Tensor, *, pad: int = GRID_PAD, fill: int = 255) -> Image
     cells = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     if channels == 1:
         cells = np.repeat(cells, 3, axis=2)
-    canvas = np.full((rows * height + (rows + 1) * pad, cols * width + (cols + 1) * pad, 3), fill, dtype=np.uint8)
+    canvas = np.full(
+        (rows * height + (rows + 1) * pad, cols * width + (cols + 1) * pad, 3), fill, dtype=np.uint8
+    )
     for r in range(rows):
         for c in range(cols):
             y, x = pad + r * (height + pad), pad + c * (width + pad)
@@ -275,7 +279,8 @@ def _progress(flag: bool | None) -> bool:
 # ---------------------------------------------------------------------------------------------
 # shared options
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="'toy' (shipped weights), a local DDPMPipeline/UNet dir, or a hub id")
+    str,
+    typer.Option("--model", "-m", help="'toy' (shipped weights), a local DDPMPipeline/UNet dir, or a hub id"),
 ]
 RevisionOpt = Annotated[str | None, typer.Option(help="hub revision (branch, tag or commit) of --model")]
 SeedsOpt = Annotated[str, typer.Option(help="seeds: ranges and lists, e.g. 0-7, 0,3,5 or 0-3,10")]
@@ -285,9 +290,12 @@ BatchOpt = Annotated[int | None, typer.Option(help="rows per U-Net batch (defaul
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda, cuda:1, ...")]
 DTypeOpt = Annotated[DType, typer.Option(help="model dtype")]
 ProgressOpt = Annotated[
-    bool | None, typer.Option("--progress/--no-progress", help="progress bars (default: when stderr is a terminal)")
+    bool | None,
+    typer.Option("--progress/--no-progress", help="progress bars (default: when stderr is a terminal)"),
 ]
-StorageOpt = Annotated[str | None, typer.Option(help='fsspec storage options as JSON, e.g. \'{"anon": true}\'')]
+StorageOpt = Annotated[
+    str | None, typer.Option(help="fsspec storage options as JSON, e.g. '{\"anon\": true}'")
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +338,11 @@ def sample(
         assert traj.h is not None
         _save_tensors(
             save_h,
-            {"h": traj.h, "seeds": torch.tensor(seed_list, dtype=torch.int64), "timesteps": traj.timesteps.long()},
+            {
+                "h": traj.h,
+                "seeds": torch.tensor(seed_list, dtype=torch.int64),
+                "timesteps": traj.timesteps.long(),
+            },
             {
                 "format": "hspace.h/1",
                 "model_id": hs_model.model_id,
@@ -355,7 +367,9 @@ def _edit_direction(
         raise UsageError("give exactly one of --direction FILE or --catalog URL (with --name NAME)")
     if direction is not None:
         if name is not None or catalog_model is not None:
-            raise UsageError("--name and --catalog-model go with --catalog, not --direction (use --direction-name)")
+            raise UsageError(
+                "--name and --catalog-model go with --catalog, not --direction (use --direction-name)"
+            )
         from hspace.directions import Direction
 
         return Direction.load(direction, storage_options, name=direction_name), None
@@ -379,10 +393,18 @@ def _edit_direction(
 @_user_errors
 def edit(
     seeds: SeedsOpt = "0-3",
-    scales: Annotated[str, typer.Option(help="edit strengths, one column each, e.g. --scales=-2,0,2")] = "-2,0,2",
-    out: Annotated[Path, typer.Option(help="strip PNG to write (rows seeds, columns scales)")] = Path("strip.png"),
-    direction: Annotated[str | None, typer.Option(help="direction safetensors file (path or fsspec URL)")] = None,
-    direction_name: Annotated[str | None, typer.Option(help="which direction, if the file holds several")] = None,
+    scales: Annotated[
+        str, typer.Option(help="edit strengths, one column each, e.g. --scales=-2,0,2")
+    ] = "-2,0,2",
+    out: Annotated[Path, typer.Option(help="strip PNG to write (rows seeds, columns scales)")] = Path(
+        "strip.png"
+    ),
+    direction: Annotated[
+        str | None, typer.Option(help="direction safetensors file (path or fsspec URL)")
+    ] = None,
+    direction_name: Annotated[
+        str | None, typer.Option(help="which direction, if the file holds several")
+    ] = None,
     catalog: Annotated[str | None, typer.Option(help="catalog URL to take the direction from")] = None,
     name: Annotated[str | None, typer.Option(help="direction name in the catalog version")] = None,
     catalog_model: Annotated[
@@ -390,7 +412,9 @@ def edit(
     ] = None,
     ref: Annotated[str, typer.Option("--ref", "--version", help="catalog ref or version id")] = "latest",
     storage_options: StorageOpt = None,
-    units: Annotated[Units, typer.Option(help="raw: gamma * v_t; sigma: gamma * sigma_t * v_t / |v_t|")] = Units.raw,
+    units: Annotated[
+        Units, typer.Option(help="raw: gamma * v_t; sigma: gamma * sigma_t * v_t / |v_t|")
+    ] = Units.raw,
     mode: Annotated[Mode, typer.Option(help="both: edited h in P_t and D_t; asyrp: in P_t only")] = Mode.both,
     edit_steps: Annotated[
         str | None, typer.Option(help="step indices to edit (0 = noisiest), e.g. 0-24; default all")
@@ -414,7 +438,9 @@ def edit(
     scale_list = parse_float_list(scales, "--scales")
     options = parse_storage_options(storage_options)
     step_list = parse_int_list(edit_steps, "--edit-steps") if edit_steps is not None else None
-    vector, built_with = _edit_direction(direction, direction_name, catalog, name, catalog_model, ref, options)
+    vector, built_with = _edit_direction(
+        direction, direction_name, catalog, name, catalog_model, ref, options
+    )
     built_with = built_with or {}
     kind = sampler.value if sampler is not None else str(built_with.get("kind") or "ddpm")
     if steps is None:
@@ -433,7 +459,9 @@ def edit(
         batch_size=batch_size,
         progress=_progress(progress),
     )
-    what = f"{len(seed_list)} seeds x scales {scale_list} of {vector.name!r}, {units.value} units, {mode.value}"
+    what = (
+        f"{len(seed_list)} seeds x scales {scale_list} of {vector.name!r}, {units.value} units, {mode.value}"
+    )
     _save_png(image_grid(images), out, what)
 
 
@@ -469,7 +497,12 @@ def swap(
     plain_a = hs_sampler.sample(list_a, record_h=False, batch_size=batch_size, progress=show)
     donor = hs_sampler.sample(list_b, batch_size=batch_size, progress=show)
     swapped = hs_sampler.sample(
-        list_a, record_h=False, h_replace=donor.h, h_replace_steps=step_list, batch_size=batch_size, progress=show
+        list_a,
+        record_h=False,
+        h_replace=donor.h,
+        h_replace_steps=step_list,
+        batch_size=batch_size,
+        progress=show,
     )
     grid = torch.stack([plain_a.images, donor.images, swapped.images])
     _save_png(image_grid(grid), out, f"{len(list_a)} pairs: a, b, a with h from b")
@@ -478,8 +511,12 @@ def swap(
 @app.command()
 @_user_errors
 def invert(
-    images: Annotated[list[Path], typer.Argument(help="image files (resized and centre-cropped to the model)")],
-    out: Annotated[Path, typer.Option(help="grid PNG: originals over reconstructions")] = Path("inversion.png"),
+    images: Annotated[
+        list[Path], typer.Argument(help="image files (resized and centre-cropped to the model)")
+    ],
+    out: Annotated[Path, typer.Option(help="grid PNG: originals over reconstructions")] = Path(
+        "inversion.png"
+    ),
     save: Annotated[
         Path | None, typer.Option(help="also write x_T and h of the inversion as safetensors")
     ] = None,
@@ -497,8 +534,9 @@ def invert(
     from hspace.inversion import reconstruction_report
 
     hs_model = load_model(model, revision=revision, device=device, dtype=dtype.value)
-    report = reconstruction_report(hs_model, [str(p) for p in images], steps, batch_size=batch_size,
-                                   progress=_progress(progress))
+    report = reconstruction_report(
+        hs_model, [str(p) for p in images], steps, batch_size=batch_size, progress=_progress(progress)
+    )
     for path, value in zip(images, report.psnr.tolist(), strict=True):
         typer.echo(f"{path}: PSNR {value:.2f} dB")
     typer.echo(str(report))
@@ -512,8 +550,13 @@ def invert(
         _save_tensors(
             save,
             tensors,
-            {"format": "hspace.inversion/1", "images": [str(p) for p in images], "model_id": hs_model.model_id,
-             "model_fingerprint": hs_model.fingerprint, "num_inference_steps": inv.num_inference_steps},
+            {
+                "format": "hspace.inversion/1",
+                "images": [str(p) for p in images],
+                "model_id": hs_model.model_id,
+                "model_fingerprint": hs_model.fingerprint,
+                "num_inference_steps": inv.num_inference_steps,
+            },
         )
 
 
@@ -567,17 +610,23 @@ def catalog_list(
         rows = []
         for m in models:
             refs = cat.refs(m)
-            rows.append([m, len(cat.versions(m)), ", ".join(f"{r} -> {v}" for r, v in sorted(refs.items())) or "-"])
+            rows.append(
+                [m, len(cat.versions(m)), ", ".join(f"{r} -> {v}" for r, v in sorted(refs.items())) or "-"]
+            )
         typer.echo(_table(rows, ["model", "versions", "refs"]))
         return
     versions = cat.versions(model)
     if not versions:
-        raise FileNotFoundError(f"catalog {url} has no complete versions of model {model!r}; models: {cat.models()}")
+        raise FileNotFoundError(
+            f"catalog {url} has no complete versions of model {model!r}; models: {cat.models()}"
+        )
     by_version = _refs_by_version(cat.refs(model))
     rows = []
     for v in versions:
         manifest = cat.read_manifest(model, v)
-        rows.append([v, manifest.get("created", "?"), len(manifest["directions"]), ", ".join(by_version.get(v, []))])
+        rows.append(
+            [v, manifest.get("created", "?"), len(manifest["directions"]), ", ".join(by_version.get(v, []))]
+        )
     typer.echo(_table(rows, ["version", "created", "directions", "refs"]))
 
 
@@ -658,7 +707,9 @@ def catalog_diff(
 def catalog_gc(
     url: Annotated[str, typer.Argument(help="catalog URL")],
     model: Annotated[str, typer.Argument(help="model name in the catalog")],
-    keep: Annotated[int, typer.Option(help="newest complete versions to keep (referenced ones are always kept)")] = 5,
+    keep: Annotated[
+        int, typer.Option(help="newest complete versions to keep (referenced ones are always kept)")
+    ] = 5,
     grace_s: Annotated[float, typer.Option(help="leave incomplete versions younger than this (s)")] = 3600.0,
     dry_run: Annotated[bool, typer.Option(help="list what would be removed; remove nothing")] = False,
     storage_options: StorageOpt = None,
@@ -727,7 +778,10 @@ def build(
         code = _run_build(argv)
     except ModuleNotFoundError as err:
         if err.name and err.name.split(".")[0] in ("ray", "pyarrow", "sklearn", "s3fs", "pipeline"):
-            _fail(f"hspace build needs {err.name!r}: install the pipeline extras (pip install 'hspace[pipeline]')", 1)
+            _fail(
+                f"hspace build needs {err.name!r}: install the pipeline extras (pip install 'hspace[pipeline]')",
+                1,
+            )
         raise
     raise typer.Exit(code)
 

@@ -60,16 +60,20 @@ class Direction:
     model_fingerprint: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901
         _check_name(self.name)
         if not isinstance(self.vector, Tensor):
-            raise ValueError(f"Direction {self.name!r}: vector must be a torch.Tensor, got {type(self.vector).__name__}")
+            raise ValueError(
+                f"Direction {self.name!r}: vector must be a torch.Tensor, got {type(self.vector).__name__}"
+            )
         if self.vector.ndim not in (3, 4):
             raise ValueError(
                 f"Direction {self.name!r}: vector must be [T,C,H,W] or [C,H,W], got shape {tuple(self.vector.shape)}"
             )
         if not self.vector.is_floating_point():
-            raise ValueError(f"Direction {self.name!r}: vector must be floating point, got {self.vector.dtype}")
+            raise ValueError(
+                f"Direction {self.name!r}: vector must be floating point, got {self.vector.dtype}"
+            )
         if not bool(torch.isfinite(self.vector).all()):
             raise ValueError(f"Direction {self.name!r}: vector has non-finite values")
         if self.kind not in KINDS:
@@ -79,7 +83,9 @@ class Direction:
         if self.sigma is not None:
             self.sigma = torch.as_tensor(self.sigma, dtype=torch.float32).detach().cpu()
             if self.sigma.ndim != 1:
-                raise ValueError(f"Direction {self.name!r}: sigma must be 1-D [T], got shape {tuple(self.sigma.shape)}")
+                raise ValueError(
+                    f"Direction {self.name!r}: sigma must be 1-D [T], got shape {tuple(self.sigma.shape)}"
+                )
             if self.per_step and self.sigma.shape[0] != self.n_steps:
                 raise ValueError(
                     f"Direction {self.name!r}: sigma has {self.sigma.shape[0]} steps but vector has {self.n_steps}"
@@ -106,7 +112,9 @@ class Direction:
         try:
             json.dumps(self.provenance)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"Direction {self.name!r}: provenance must be JSON-serialisable ({err})") from None
+            raise ValueError(
+                f"Direction {self.name!r}: provenance must be JSON-serialisable ({err})"
+            ) from None
 
     # ------------------------------------------------------------------ shape helpers
     @property
@@ -172,7 +180,9 @@ class Direction:
         """
         want = tuple(int(s) for s in model_h_shape)
         if self.h_shape != want:
-            raise ValueError(f"Direction {self.name!r}: h_shape {self.h_shape} does not match the model's {want}")
+            raise ValueError(
+                f"Direction {self.name!r}: h_shape {self.h_shape} does not match the model's {want}"
+            )
         if timesteps is not None:
             ts = torch.as_tensor(timesteps).detach().cpu().to(torch.int64).reshape(-1)
             if self.per_step and self.n_steps != ts.shape[0]:
@@ -189,7 +199,11 @@ class Direction:
                     f"Direction {self.name!r}: timesteps {self.timesteps.tolist()} do not match the sampler's "
                     f"{ts.tolist()}"
                 )
-        if fingerprint is not None and self.model_fingerprint is not None and fingerprint != self.model_fingerprint:
+        if (
+            fingerprint is not None
+            and self.model_fingerprint is not None
+            and fingerprint != self.model_fingerprint
+        ):
             raise ValueError(
                 f"Direction {self.name!r}: model_fingerprint {self.model_fingerprint!r} does not match the "
                 f"model's {fingerprint!r}"
@@ -370,9 +384,13 @@ def mean_difference(h_pos: Tensor, h_neg: Tensor) -> Tensor:
     that shape and the inputs' dtype (at least float32).
     """
     if h_pos.ndim < 2 or h_neg.ndim < 2:
-        raise ValueError(f"h_pos and h_neg must be [N, ...], got {tuple(h_pos.shape)} and {tuple(h_neg.shape)}")
+        raise ValueError(
+            f"h_pos and h_neg must be [N, ...], got {tuple(h_pos.shape)} and {tuple(h_neg.shape)}"
+        )
     if h_pos.shape[1:] != h_neg.shape[1:]:
-        raise ValueError(f"h_pos {tuple(h_pos.shape)} and h_neg {tuple(h_neg.shape)} differ beyond the first axis")
+        raise ValueError(
+            f"h_pos {tuple(h_pos.shape)} and h_neg {tuple(h_neg.shape)} differ beyond the first axis"
+        )
     if h_pos.shape[0] == 0 or h_neg.shape[0] == 0:
         raise ValueError("h_pos and h_neg need at least one sample each")
     out_dtype = torch.promote_types(torch.promote_types(h_pos.dtype, h_neg.dtype), torch.float32)
@@ -419,7 +437,9 @@ def conditional_quantiles(
     for k in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == k).flatten()
         if idx.numel() < 2:
-            raise ValueError(f"stratum {k} of condition_on has {idx.numel()} sample(s); each needs at least 2")
+            raise ValueError(
+                f"stratum {k} of condition_on has {idx.numel()} sample(s); each needs at least 2"
+            )
         pos, neg = select_quantiles(s[idx], q)
         out.append((int(k), idx[pos], idx[neg]))
     return out
@@ -569,7 +589,9 @@ def disentangle(v: Direction, others: Direction | Sequence[Direction], name: str
             raise ValueError(f"direction {o.name!r} has h_shape {o.h_shape}, {v.name!r} has {v.h_shape}")
     flat, n_steps = _per_step_stack([v.vector.detach().cpu()] + [o.vector.detach().cpu() for o in others])
     target, rest = flat[0], flat[1:]
-    out = torch.stack([project_out(target[t], torch.stack([o[t] for o in rest], dim=1)) for t in range(target.shape[0])])
+    out = torch.stack(
+        [project_out(target[t], torch.stack([o[t] for o in rest], dim=1)) for t in range(target.shape[0])]
+    )
     shape = (n_steps, *v.h_shape) if n_steps is not None else v.h_shape
     vec = out.reshape(shape).to(v.vector.dtype)
     ts = v.timesteps

@@ -87,7 +87,9 @@ def load_images(images: ImageInput, image_shape: Sequence[int]) -> Tensor:
         if x.dtype == torch.uint8:
             x = x.float() / 255
         if x.ndim != 4 or tuple(x.shape[1:]) != (channels, height, width):
-            raise ValueError(f"images tensor has shape {tuple(images.shape)}, expected [B, {channels}, {height}, {width}]")
+            raise ValueError(
+                f"images tensor has shape {tuple(images.shape)}, expected [B, {channels}, {height}, {width}]"
+            )
         if not x.is_floating_point():
             raise ValueError(f"images tensor must be float in [0, 1] or uint8, got {images.dtype}")
         x = x.float()
@@ -178,7 +180,12 @@ def ddim_invert(
     if pin:
         torch.cuda.synchronize(model.device)
     return Inversion(
-        x_T=x_T, images=x0, timesteps=timesteps.clone(), num_inference_steps=int(num_inference_steps), h=h_buf, x_t=x_buf
+        x_T=x_T,
+        images=x0,
+        timesteps=timesteps.clone(),
+        num_inference_steps=int(num_inference_steps),
+        h=h_buf,
+        x_t=x_buf,
     )
 
 
@@ -219,4 +226,6 @@ def reconstruction_report(
     """Invert, reconstruct, and report the PSNR of each image against its reconstruction."""
     inversion = ddim_invert(model, images, num_inference_steps, batch_size=batch_size, progress=progress)
     rec = reconstruct(model, inversion, record_h=False, batch_size=batch_size, progress=progress)
-    return ReconstructionReport(psnr=psnr(inversion.images, rec.images), inversion=inversion, reconstruction=rec)
+    return ReconstructionReport(
+        psnr=psnr(inversion.images, rec.images), inversion=inversion, reconstruction=rec
+    )

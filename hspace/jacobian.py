@@ -52,7 +52,9 @@ def forward_ad_safe(unet: nn.Module) -> Iterator[nn.Module]:
             saved.append((module, module.processor))
             module.set_processor(AttnProcessor())
     handles = [
-        m.register_forward_pre_hook(lambda _m, args: tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args))
+        m.register_forward_pre_hook(
+            lambda _m, args: tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
+        )
         for m in unet.modules()
         if isinstance(m, nn.GroupNorm)
     ]
@@ -103,7 +105,7 @@ class UNetSplit:
 
 
 @torch.no_grad()
-def split_unet(
+def split_unet(  # noqa: C901
     unet: nn.Module, x_t: Tensor, timestep: int | float | Tensor, class_labels: Tensor | None = None
 ) -> UNetSplit:
     """Run the encoder half of ``UNet2DModel.forward`` (diffusers steps 0-4) once and return the split.
@@ -125,7 +127,9 @@ def split_unet(
         timesteps = timesteps[None].to(sample.device)
     if timesteps.shape[0] not in (1, sample.shape[0]):
         raise ValueError(f"timestep has {timesteps.shape[0]} entries for a batch of {sample.shape[0]}")
-    timesteps = timesteps.to(sample.device) * torch.ones(sample.shape[0], dtype=timesteps.dtype, device=sample.device)
+    timesteps = timesteps.to(sample.device) * torch.ones(
+        sample.shape[0], dtype=timesteps.dtype, device=sample.device
+    )
     emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype=unet.dtype))
     if unet.class_embedding is not None:
         if class_labels is None:
@@ -435,7 +439,9 @@ def jacobian_directions(
             extra = min(oversample, d - end)
             v0 = theta[:, :, start:end]
             if extra:
-                v0 = torch.cat([v0, torch.randn(b, d, extra, generator=gen, dtype=torch.float64).to(v0.device)], 2)
+                v0 = torch.cat(
+                    [v0, torch.randn(b, d, extra, generator=gen, dtype=torch.float64).to(v0.device)], 2
+                )
             deflate = torch.cat(found_v, 2) if found_v else None
             v, lam, res, conv, iters = _subspace_block(ops, v0, width, n_iter, tol, scale, deflate)
             found_v.append(v[:, :, :width])
@@ -496,5 +502,7 @@ def _initial_vectors(
     if t.ndim == 4:
         t = t[None].expand(b, *t.shape)
     if t.ndim != 5 or t.shape[0] != b or t.shape[1] != k or tuple(t.shape[2:]) != h_shape:
-        raise ValueError(f"init must be [k, C, H, W] or [B, k, C, H, W] = [{b}, {k}, {h_shape}], got {tuple(t.shape)}")
+        raise ValueError(
+            f"init must be [k, C, H, W] or [B, k, C, H, W] = [{b}, {k}, {h_shape}], got {tuple(t.shape)}"
+        )
     return t.reshape(b, k, d).transpose(1, 2).to(device=device, dtype=torch.float64)

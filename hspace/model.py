@@ -61,7 +61,9 @@ class MidBlockHook:
         h = output
         if self.replace is not None:
             if self.replace.shape[-3:] != h.shape[-3:]:
-                raise ValueError(f"h replacement has shape {tuple(self.replace.shape)}, h is {tuple(h.shape)}")
+                raise ValueError(
+                    f"h replacement has shape {tuple(self.replace.shape)}, h is {tuple(h.shape)}"
+                )
             # same memory layout as the real output, so the decoder computes bit-identically
             h = torch.empty_like(output).copy_(self.replace.to(device=h.device, dtype=h.dtype).expand_as(h))
         if self.delta is not None:
@@ -137,7 +139,9 @@ def _load_hub(model_id: str, revision: str | None) -> tuple[nn.Module, dict[str,
     from diffusers import DDPMScheduler, UNet2DModel
 
     try:
-        unet = UNet2DModel.from_pretrained(model_id, subfolder="unet", revision=revision, low_cpu_mem_usage=False)
+        unet = UNet2DModel.from_pretrained(
+            model_id, subfolder="unet", revision=revision, low_cpu_mem_usage=False
+        )
     except OSError:
         unet = UNet2DModel.from_pretrained(model_id, revision=revision, low_cpu_mem_usage=False)
     try:

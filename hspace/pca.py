@@ -282,7 +282,9 @@ class PerTimestepPCA:
     steps (near-equal eigenvalues).
     """
 
-    SIGN_RULE = "anchor step: largest |entry| positive; others: dot product with the neighbour toward the anchor >= 0"
+    SIGN_RULE = (
+        "anchor step: largest |entry| positive; others: dot product with the neighbour toward the anchor >= 0"
+    )
 
     def __init__(
         self,
@@ -463,9 +465,13 @@ class PerTimestepPCA:
         self._require_all_fitted()
         d = self.estimators[0].n_features_
         if int(torch.tensor(direction.h_shape).prod()) != d:
-            raise ValueError(f"direction {direction.name!r} has h_shape {direction.h_shape}, PCA has {d} features")
+            raise ValueError(
+                f"direction {direction.name!r} has h_shape {direction.h_shape}, PCA has {d} features"
+            )
         if direction.per_step and direction.n_steps != self.n_steps:
-            raise ValueError(f"direction {direction.name!r} has {direction.n_steps} steps, PCA has {self.n_steps}")
+            raise ValueError(
+                f"direction {direction.name!r} has {direction.n_steps} steps, PCA has {self.n_steps}"
+            )
         out = []
         for t, est in enumerate(self.estimators):
             u = direction.at_step(t).reshape(-1).to(device=est.device, dtype=est.dtype)
@@ -479,7 +485,9 @@ class PerTimestepPCA:
         return torch.stack(out).to(torch.float32).cpu()
 
     # ------------------------------------------------------------------ files
-    def to_safetensors_dict(self, dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    def to_safetensors_dict(
+        self, dtype: torch.dtype | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, str]]:
         """Tensors ``step<t>.<attr>`` for every fitted step and JSON metadata (key ``config``).
 
         ``dtype`` casts the stored float tensors (e.g. float32 for a compact catalog file);
@@ -518,7 +526,9 @@ class PerTimestepPCA:
     ) -> PerTimestepPCA:
         """Rebuild from :meth:`to_safetensors_dict` output."""
         if metadata.get("__format__") != PCA_FORMAT or "config" not in metadata:
-            raise ValueError(f"not a PerTimestepPCA file: metadata __format__ is {metadata.get('__format__')!r}")
+            raise ValueError(
+                f"not a PerTimestepPCA file: metadata __format__ is {metadata.get('__format__')!r}"
+            )
         config = json.loads(metadata["config"])
         pca = cls(
             int(config["n_components"]),

@@ -159,7 +159,9 @@ def check_direction(direction: Any, model: HSpaceModel, timesteps: Tensor) -> No
         return
     own = getattr(direction, "timesteps", None)
     if own is not None and not torch.equal(torch.as_tensor(own).cpu().long(), timesteps.cpu().long()):
-        raise ValueError(f"direction {name!r}: timesteps {list(own)} do not match the sampler's {timesteps.tolist()}")
+        raise ValueError(
+            f"direction {name!r}: timesteps {list(own)} do not match the sampler's {timesteps.tolist()}"
+        )
     fingerprint = getattr(direction, "model_fingerprint", None)
     if fingerprint is not None and fingerprint != model.fingerprint:
         raise ValueError(
@@ -181,7 +183,9 @@ def _raw_vectors(direction: Any, num_steps: int, units: EditUnits) -> Tensor:
     if sigma.numel() == 1:
         sigma = sigma.expand(num_steps)
     if sigma.numel() != num_steps:
-        raise ValueError(f"direction {name!r}: sigma has {sigma.numel()} entries but the sampler has {num_steps} steps")
+        raise ValueError(
+            f"direction {name!r}: sigma has {sigma.numel()} entries but the sampler has {num_steps} steps"
+        )
     norms = v.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
     return v * (sigma / norms).view(-1, 1, 1, 1)
 
@@ -202,7 +206,9 @@ def _scales_matrix(scales: float | Sequence[float] | Tensor, n_rows: int, n_dirs
         )
     if s.ndim == 2 and s.shape[1] == n_dirs and s.shape[0] in (1, n_rows):
         return s.expand(n_rows, n_dirs).clone()
-    raise ValueError(f"Edit.scales has shape {tuple(s.shape)}, expected a float, [D], [N] or [{n_rows}, {n_dirs}]")
+    raise ValueError(
+        f"Edit.scales has shape {tuple(s.shape)}, expected a float, [D], [N] or [{n_rows}, {n_dirs}]"
+    )
 
 
 def _progress(iterable: Iterable, enabled: bool, desc: str) -> Iterable:
@@ -440,7 +446,9 @@ class HSpaceSampler:
         beta_prod_t = 1 - alpha_prod_t
         pred_original_sample = (x - beta_prod_t ** (0.5) * eps_p) / alpha_prod_t ** (0.5)  # P_t, eq. 3
         if config.clip_sample:
-            pred_original_sample = pred_original_sample.clamp(-config.clip_sample_range, config.clip_sample_range)
+            pred_original_sample = pred_original_sample.clamp(
+                -config.clip_sample_range, config.clip_sample_range
+            )
         variance = (1 - alpha_prod_t_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_t_prev)
         std_dev_t = self.eta * variance ** (0.5)  # sigma_t, eq. 5
         pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * eps_d  # D_t, eq. 4

@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line arguments (also used by tests/test_infra.py to check the manifests' entrypoints)."""
     parser = argparse.ArgumentParser(prog="build_catalog.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML build config (see configs/)")
-    parser.add_argument("--dry-run", action="store_true", help="validate the config and print the plan; no work")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate the config and print the plan; no work"
+    )
     parser.add_argument("--run-url", default=None, help="override storage.run_url (any fsspec URL)")
     parser.add_argument("--catalog-url", default=None, help="override catalog.url (any fsspec URL)")
     parser.add_argument("--quiet", action="store_true", help="no progress output, only the closing summary")

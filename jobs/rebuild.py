@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rebuild.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML build config (see configs/)")
     parser.add_argument("--force", action="store_true", help="rebuild even if no input changed")
-    parser.add_argument("--grow", type=int, default=0, metavar="N", help="add N seeds to the run and republish")
+    parser.add_argument(
+        "--grow", type=int, default=0, metavar="N", help="add N seeds to the run and republish"
+    )
     parser.add_argument("--run-url", default=None, help="override storage.run_url (any fsspec URL)")
     parser.add_argument("--catalog-url", default=None, help="override catalog.url (any fsspec URL)")
     parser.add_argument("--quiet", action="store_true", help="no progress output, only the result")
@@ -46,7 +48,9 @@ def current_inputs(cfg: Any, n_samples: int) -> dict[str, Any]:
     from pipeline.publish import build_inputs
 
     fingerprint = load_model(cfg, device="cpu").fingerprint
-    clf = classifier_fingerprint(cfg.annotate.classifier, cfg.storage.storage_options) if cfg.annotate else None
+    clf = (
+        classifier_fingerprint(cfg.annotate.classifier, cfg.storage.storage_options) if cfg.annotate else None
+    )
     return build_inputs(cfg, model_fingerprint=fingerprint, classifier_fingerprint=clf, n_samples=n_samples)
 
 
@@ -62,7 +66,14 @@ def published_inputs(cfg: Any) -> dict[str, Any] | None:
     return dict(version.manifest.get("inputs") or {}) | {"version": version.version}
 
 
-COMPARED = ("model_fingerprint", "model_revision", "config_hash", "code", "classifier_fingerprint", "n_samples")
+COMPARED = (
+    "model_fingerprint",
+    "model_revision",
+    "config_hash",
+    "code",
+    "classifier_fingerprint",
+    "n_samples",
+)
 
 
 def changed_inputs(now: dict[str, Any], before: dict[str, Any] | None) -> list[str]:
@@ -87,9 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     now = current_inputs(cfg, n_samples)
     changed = changed_inputs(now, before)
     if not changed and not args.force:
-        print(f"nothing changed: {cfg.catalog.model_name} version {before['version']} in {cfg.catalog.url} "
-              f"already has these inputs (config {now['config_hash']}, model {now['model_fingerprint']}, "
-              f"code {now['code']['source_sha256']}, {n_samples} samples); no rebuild")
+        print(
+            f"nothing changed: {cfg.catalog.model_name} version {before['version']} in {cfg.catalog.url} "
+            f"already has these inputs (config {now['config_hash']}, model {now['model_fingerprint']}, "
+            f"code {now['code']['source_sha256']}, {n_samples} samples); no rebuild"
+        )
         return 0
     reason = ", ".join(changed) if changed else "--force"
     print(f"rebuilding {cfg.name}: {reason} (samples {n_before} -> {n_samples})")

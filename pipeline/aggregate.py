@@ -81,7 +81,9 @@ class AggregateResult:
 # Per-attribute finders (pure functions: tested without Ray)
 
 
-def boundary_normal(h_pos: np.ndarray, h_neg: np.ndarray, *, C: float = 1.0, max_iter: int = 1000) -> tuple[np.ndarray, float]:
+def boundary_normal(
+    h_pos: np.ndarray, h_neg: np.ndarray, *, C: float = 1.0, max_iter: int = 1000
+) -> tuple[np.ndarray, float]:
     """Unit normal [D] of a logistic-regression boundary between two groups, pointing to ``h_pos``.
 
     InterFaceGAN's recipe with a logistic loss instead of an SVM's: an L2-regularised
@@ -108,7 +110,9 @@ def boundary_normal(h_pos: np.ndarray, h_neg: np.ndarray, *, C: float = 1.0, max
     return (w / norm).astype(np.float32), float(clf.score(z, y))
 
 
-def mean_difference_and_boundary(h_pos: torch.Tensor, h_neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+def mean_difference_and_boundary(
+    h_pos: torch.Tensor, h_neg: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Both supervised finders on explicit groups h_pos [P, T, C, H, W], h_neg [Q, T, C, H, W].
 
     Returns the mean difference [T, C, H, W] (eq. 11), the boundary direction [T, C, H, W] (unit
@@ -124,8 +128,15 @@ def mean_difference_and_boundary(h_pos: torch.Tensor, h_neg: torch.Tensor) -> tu
 
 
 def _supervised_pair(
-    name: str, md: torch.Tensor, boundary: torch.Tensor, accs: Sequence[float], scores_pos: np.ndarray,
-    scores_neg: np.ndarray, q: float, timesteps: torch.Tensor | None, model_fingerprint: str | None,
+    name: str,
+    md: torch.Tensor,
+    boundary: torch.Tensor,
+    accs: Sequence[float],
+    scores_pos: np.ndarray,
+    scores_neg: np.ndarray,
+    q: float,
+    timesteps: torch.Tensor | None,
+    model_fingerprint: str | None,
     provenance: dict[str, Any] | None,
 ) -> tuple[Direction, Direction, dict[str, Any]]:
     cos = torch.nn.functional.cosine_similarity(md.flatten(1).double(), boundary.flatten(1).double(), dim=1)
@@ -137,22 +148,39 @@ def _supervised_pair(
         "boundary_train_accuracy": float(np.mean(accs)),
         "cos_mean_difference_boundary": float(cos.mean()),
     }
-    base = dict(provenance or {}) | {"attribute": name, "q": float(q), "n_pos": stats["n_pos"], "n_neg": stats["n_neg"]}
+    base = dict(provenance or {}) | {
+        "attribute": name,
+        "q": float(q),
+        "n_pos": stats["n_pos"],
+        "n_neg": stats["n_neg"],
+    }
     md_dir = Direction(
-        vector=md, name=name, kind="supervised", units="raw", timesteps=timesteps,
+        vector=md,
+        name=name,
+        kind="supervised",
+        units="raw",
+        timesteps=timesteps,
         model_fingerprint=model_fingerprint,
-        provenance=base | {
-            "method": "mean_difference", "equation": "paper eq. 11",
-            "score_pos_mean": stats["score_pos_mean"], "score_neg_mean": stats["score_neg_mean"],
+        provenance=base
+        | {
+            "method": "mean_difference",
+            "equation": "paper eq. 11",
+            "score_pos_mean": stats["score_pos_mean"],
+            "score_neg_mean": stats["score_neg_mean"],
         },
     )
     b_dir = Direction(
-        vector=boundary.to(torch.float32), name=f"{name}_boundary", kind="supervised", units="raw",
-        timesteps=timesteps, model_fingerprint=model_fingerprint,
-        provenance=base | {
+        vector=boundary.to(torch.float32),
+        name=f"{name}_boundary",
+        kind="supervised",
+        units="raw",
+        timesteps=timesteps,
+        model_fingerprint=model_fingerprint,
+        provenance=base
+        | {
             "method": "logistic_regression_boundary",
             "note": "unit normal of a per-step sklearn LogisticRegression boundary (InterFaceGAN-style), "
-                    "oriented to the top group, scaled to the mean difference's norm at each step",
+            "oriented to the top group, scaled to the mean difference's norm at each step",
             "train_accuracy": stats["boundary_train_accuracy"],
             "cos_to_mean_difference": stats["cos_mean_difference_boundary"],
             "sign_rule": "+gamma moves towards the top-scored side of the boundary",
@@ -179,11 +207,23 @@ def attribute_directions(
     h = torch.as_tensor(np.asarray(h))
     scores = np.asarray(scores, dtype=np.float64)
     if h.ndim != 5 or h.shape[0] != scores.shape[0]:
-        raise ValueError(f"h must be [N, T, C, H, W] with N = len(scores) = {len(scores)}, got {tuple(h.shape)}")
+        raise ValueError(
+            f"h must be [N, T, C, H, W] with N = len(scores) = {len(scores)}, got {tuple(h.shape)}"
+        )
     pos, neg = select_quantiles(torch.from_numpy(scores), q)
     md, boundary, accs = mean_difference_and_boundary(h[pos], h[neg])
-    return _supervised_pair(name, md, boundary, accs, scores[pos.numpy()], scores[neg.numpy()], q, timesteps,
-                            model_fingerprint, provenance)
+    return _supervised_pair(
+        name,
+        md,
+        boundary,
+        accs,
+        scores[pos.numpy()],
+        scores[neg.numpy()],
+        q,
+        timesteps,
+        model_fingerprint,
+        provenance,
+    )
 
 
 def random_baselines(references: Sequence[Direction], n: int) -> tuple[list[Direction], dict[str, str]]:
@@ -215,8 +255,15 @@ def pca_directions(pca: PerTimestepPCA) -> list[Direction]:
         vector = torch.zeros(pca.n_steps, *d.vector.shape[1:])
         sigma = torch.zeros(pca.n_steps)
         vector[fitted], sigma[fitted] = d.vector, d.sigma
-        out.append(replace(d, vector=vector, sigma=sigma, timesteps=pca.timesteps,
-                           provenance=d.provenance | {"steps": fitted, "other_steps": "zero (not in pca.steps)"}))
+        out.append(
+            replace(
+                d,
+                vector=vector,
+                sigma=sigma,
+                timesteps=pca.timesteps,
+                provenance=d.provenance | {"steps": fitted, "other_steps": "zero (not in pca.steps)"},
+            )
+        )
     return out
 
 
@@ -233,7 +280,9 @@ def _unit_rows(directions: Sequence[Direction], step: int) -> np.ndarray:
     return np.stack(rows)
 
 
-def _projection_moments(run_url: str, storage_options: dict, step: int, units: np.ndarray, batch_size: int) -> np.ndarray:
+def _projection_moments(
+    run_url: str, storage_options: dict, step: int, units: np.ndarray, batch_size: int
+) -> np.ndarray:
     """[3, n_dirs] float64: count, sum and sum of squares of h_step @ units.T over every stored seed."""
     store = RunStore(run_url, storage_options)
     out = np.zeros((3, units.shape[0]))
@@ -246,7 +295,12 @@ def _projection_moments(run_url: str, storage_options: dict, step: int, units: n
 
 
 def projection_sigma_streaming(
-    store: RunStore, directions: Sequence[Direction], n_steps: int, *, batch_size: int = 256, use_ray: bool = True
+    store: RunStore,
+    directions: Sequence[Direction],
+    n_steps: int,
+    *,
+    batch_size: int = 256,
+    use_ray: bool = True,
 ) -> dict[str, torch.Tensor]:
     """sigma[t] (unbiased std of <h_t, v_t/||v_t||> over every stored sample) for each direction.
 
@@ -259,9 +313,14 @@ def projection_sigma_streaming(
         import ray
 
         task = ray.remote(num_cpus=1)(_projection_moments)
-        moments = ray.get([task.remote(store.url, store.storage_options, t, units[t], batch_size) for t in range(n_steps)])
+        moments = ray.get(
+            [task.remote(store.url, store.storage_options, t, units[t], batch_size) for t in range(n_steps)]
+        )
     else:
-        moments = [_projection_moments(store.url, store.storage_options, t, units[t], batch_size) for t in range(n_steps)]
+        moments = [
+            _projection_moments(store.url, store.storage_options, t, units[t], batch_size)
+            for t in range(n_steps)
+        ]
     m = np.stack(moments)  # [T, 3, n_dirs]
     n, s, ss = m[:, 0], m[:, 1], m[:, 2]
     if (n < 2).any():
@@ -302,14 +361,26 @@ def _attribute_task(
     seeds = np.asarray(seeds)
     md_parts, b_parts, accs = [], [], []
     for steps in _step_chunks(store, seeds[np.concatenate([pos, neg])], n_steps):
-        h = torch.from_numpy(store.read_h(seeds[np.concatenate([pos, neg])], steps=steps))  # one read for both groups
+        h = torch.from_numpy(
+            store.read_h(seeds[np.concatenate([pos, neg])], steps=steps)
+        )  # one read for both groups
         md, boundary, acc = mean_difference_and_boundary(h[: len(pos)], h[len(pos) :])
         md_parts.append(md)
         b_parts.append(boundary)
         accs += acc
     ts = torch.tensor(timesteps) if timesteps is not None else None
-    md_dir, b_dir, stats = _supervised_pair(name, torch.cat(md_parts), torch.cat(b_parts), accs, scores[pos],
-                                            scores[neg], q, ts, model_fingerprint, provenance)
+    md_dir, b_dir, stats = _supervised_pair(
+        name,
+        torch.cat(md_parts),
+        torch.cat(b_parts),
+        accs,
+        scores[pos],
+        scores[neg],
+        q,
+        ts,
+        model_fingerprint,
+        provenance,
+    )
     return _to_wire(md_dir), _to_wire(b_dir), stats
 
 
@@ -341,16 +412,28 @@ def _conditional_task(
             at += len(pos) + len(neg)
         parts.append(torch.stack(diffs).mean(0).to(torch.float32))
     prov = dict(provenance) | {
-        "method": "conditional_mean_difference", "q": float(q),
-        "strata": {str(k): {"n": int((strata == k).sum()), "n_pos": len(p), "n_neg": len(n)} for k, p, n in selections},
+        "method": "conditional_mean_difference",
+        "q": float(q),
+        "strata": {
+            str(k): {"n": int((strata == k).sum()), "n_pos": len(p), "n_neg": len(n)}
+            for k, p, n in selections
+        },
     }
-    d = Direction(vector=torch.cat(parts), name=name, kind="supervised", units="raw",
-                  timesteps=torch.tensor(timesteps) if timesteps is not None else None,
-                  model_fingerprint=model_fingerprint, provenance=prov)
+    d = Direction(
+        vector=torch.cat(parts),
+        name=name,
+        kind="supervised",
+        units="raw",
+        timesteps=torch.tensor(timesteps) if timesteps is not None else None,
+        model_fingerprint=model_fingerprint,
+        provenance=prov,
+    )
     return _to_wire(d)
 
 
-def _score_provenance(cfg: BuildConfig, is_binary: bool, seeds: np.ndarray, classifier_fingerprint: str | None) -> dict:
+def _score_provenance(
+    cfg: BuildConfig, is_binary: bool, seeds: np.ndarray, classifier_fingerprint: str | None
+) -> dict:
     """What every supervised direction records about the scores it was selected by."""
     return {
         "score": "logit" if is_binary else "value",
@@ -367,7 +450,9 @@ def _to_wire(d: Direction) -> dict:
 
 
 def _from_wire(w: dict) -> Direction:
-    return Direction.from_safetensors_dict({k: torch.from_numpy(np.array(v)) for k, v in w["tensors"].items()}, w["meta"])
+    return Direction.from_safetensors_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in w["tensors"].items()}, w["meta"]
+    )
 
 
 def _jacobian_task(cfg_json: dict, spec: dict, model_fingerprint: str | None) -> list[dict]:
@@ -379,7 +464,12 @@ def _jacobian_task(cfg_json: dict, spec: dict, model_fingerprint: str | None) ->
 
     cfg = BuildConfig.model_validate(cfg_json)
     model = load_model(cfg)
-    sampler = HSpaceSampler(model, sampler=cfg.sampler.kind, num_inference_steps=cfg.sampler.num_inference_steps, eta=cfg.sampler.eta)
+    sampler = HSpaceSampler(
+        model,
+        sampler=cfg.sampler.kind,
+        num_inference_steps=cfg.sampler.num_inference_steps,
+        eta=cfg.sampler.eta,
+    )
     traj = sampler.sample([spec["seed"]], record_h=False, record_x=True)
     step = spec["step"]
     x_t = traj.x_t[:, step].to(model.device, model.dtype)
@@ -390,34 +480,45 @@ def _jacobian_task(cfg_json: dict, spec: dict, model_fingerprint: str | None) ->
         mask = torch.zeros(1, 1, *model.image_shape[1:], device=model.device, dtype=model.dtype)
         mask[..., y0:y1, x0:x1] = 1.0
     result = jacobian_directions(
-        model, x_t, timestep, spec["k"], method=spec["method"], mask=mask,
-        oversample=spec["oversample"], n_iter=spec["n_iter"], tol=spec["tol"],
+        model,
+        x_t,
+        timestep,
+        spec["k"],
+        method=spec["method"],
+        mask=mask,
+        oversample=spec["oversample"],
+        n_iter=spec["n_iter"],
+        tol=spec["tol"],
     )
     label = spec["name"] or f"s{spec['seed']}t{step}"
     out = []
     for i in range(spec["k"]):
-        out.append(_to_wire(Direction(
-            vector=result.vectors[0, i].detach().float().cpu(),
-            name=f"jac_{label}_{i}",
-            kind="jacobian",
-            units="unit",
-            timesteps=None,
-            model_fingerprint=model_fingerprint,
-            provenance={
-                "method": f"jacobian_{spec['method']}",
-                "algorithm": "paper Alg. 1" if spec["method"] == "subspace" else "paper Alg. 2",
-                "seed": int(spec["seed"]),
-                "step": int(step),
-                "timestep": timestep,
-                "index": i,
-                "mask": spec.get("mask"),
-                "oversample": int(spec["oversample"]),
-                "iterations": int(result.iterations),
-                "converged": bool(result.converged[0]),
-                "singular_value": float(result.singular_values[0, i]),
-                "note": "found at one step, applied at every step",
-            },
-        )))
+        out.append(
+            _to_wire(
+                Direction(
+                    vector=result.vectors[0, i].detach().float().cpu(),
+                    name=f"jac_{label}_{i}",
+                    kind="jacobian",
+                    units="unit",
+                    timesteps=None,
+                    model_fingerprint=model_fingerprint,
+                    provenance={
+                        "method": f"jacobian_{spec['method']}",
+                        "algorithm": "paper Alg. 1" if spec["method"] == "subspace" else "paper Alg. 2",
+                        "seed": int(spec["seed"]),
+                        "step": int(step),
+                        "timestep": timestep,
+                        "index": i,
+                        "mask": spec.get("mask"),
+                        "oversample": int(spec["oversample"]),
+                        "iterations": int(result.iterations),
+                        "converged": bool(result.converged[0]),
+                        "singular_value": float(result.singular_values[0, i]),
+                        "note": "found at one step, applied at every step",
+                    },
+                )
+            )
+        )
     return out
 
 
@@ -425,7 +526,7 @@ def _jacobian_task(cfg_json: dict, spec: dict, model_fingerprint: str | None) ->
 # The stage
 
 
-def aggregate(
+def aggregate(  # noqa: C901
     cfg: BuildConfig,
     store: RunStore,
     *,
@@ -459,35 +560,67 @@ def aggregate(
         named = {t for target, others in agg.disentangle.items() for t in [target, *others]}
         missing = sorted(named - set(attributes))
         if missing:
-            raise ValueError(f"aggregate.disentangle names {missing}, which are not annotated attributes {list(attributes)}")
+            raise ValueError(
+                f"aggregate.disentangle names {missing}, which are not annotated attributes {list(attributes)}"
+            )
         named = {a for pair in agg.condition.items() for a in pair}
         missing = sorted(named - set(attributes))
         if missing:
-            raise ValueError(f"aggregate.condition names {missing}, which are not annotated attributes {list(attributes)}")
+            raise ValueError(
+                f"aggregate.condition names {missing}, which are not annotated attributes {list(attributes)}"
+            )
         continuous = [o for o in agg.condition.values() if not binary[list(attributes).index(o)]]
         if continuous:
-            raise ValueError(f"aggregate.condition holds {continuous} fixed, but only binary attributes have states")
+            raise ValueError(
+                f"aggregate.condition holds {continuous} fixed, but only binary attributes have states"
+            )
         task = ray.remote(num_cpus=1)(_attribute_task)
         for attr, is_bin in zip(attributes, binary, strict=True):
             col = scores.column(attr).to_numpy().astype(np.float64)
-            refs.append(task.remote(store.url, store.storage_options, seeds, col, agg.quantile, attr, n_steps,
-                                    ts_list, model_fingerprint, _score_provenance(cfg, is_bin, seeds, classifier_fingerprint)))
+            refs.append(
+                task.remote(
+                    store.url,
+                    store.storage_options,
+                    seeds,
+                    col,
+                    agg.quantile,
+                    attr,
+                    n_steps,
+                    ts_list,
+                    model_fingerprint,
+                    _score_provenance(cfg, is_bin, seeds, classifier_fingerprint),
+                )
+            )
         ctask = ray.remote(num_cpus=1)(_conditional_task)
         for attr, other in agg.condition.items():
             col = scores.column(attr).to_numpy().astype(np.float64)
             strata = (scores.column(other).to_numpy() > 0).astype(np.int64)
             prov = _score_provenance(cfg, binary[list(attributes).index(attr)], seeds, classifier_fingerprint)
-            cond_refs.append(ctask.remote(store.url, store.storage_options, seeds, col, strata, agg.quantile,
-                                          f"{attr}_conditional", n_steps, ts_list, model_fingerprint,
-                                          prov | {"attribute": attr, "conditioned_on": other}))
+            cond_refs.append(
+                ctask.remote(
+                    store.url,
+                    store.storage_options,
+                    seeds,
+                    col,
+                    strata,
+                    agg.quantile,
+                    f"{attr}_conditional",
+                    n_steps,
+                    ts_list,
+                    model_fingerprint,
+                    prov | {"attribute": attr, "conditioned_on": other},
+                )
+            )
     # 2. Jacobian directions, one task per configured seed/step (in parallel with the above)
     jac_refs = []
     if cfg.jacobian:
-        jtask = ray.remote(num_cpus=cfg.resources.num_cpus_per_worker, num_gpus=cfg.resources.num_gpus_per_worker)(
-            _jacobian_task
-        )
+        jtask = ray.remote(
+            num_cpus=cfg.resources.num_cpus_per_worker, num_gpus=cfg.resources.num_gpus_per_worker
+        )(_jacobian_task)
         cfg_json = cfg.model_dump(mode="json")
-        jac_refs = [jtask.remote(cfg_json, spec.model_dump(mode="json"), model_fingerprint) for spec in cfg.jacobian]
+        jac_refs = [
+            jtask.remote(cfg_json, spec.model_dump(mode="json"), model_fingerprint) for spec in cfg.jacobian
+        ]
 
     supervised: dict[str, Direction] = {}
     boundaries: dict[str, Direction] = {}
@@ -497,8 +630,10 @@ def aggregate(
         supervised[attr], boundaries[attr] = _from_wire(md_w), _from_wire(b_w)
         info[attr] = stats
         if progress:
-            print(f"aggregate: {attr}: boundary accuracy {stats['boundary_train_accuracy']:.3f}, "
-                  f"cos(mean difference, boundary) {stats['cos_mean_difference_boundary']:.3f}")
+            print(
+                f"aggregate: {attr}: boundary accuracy {stats['boundary_train_accuracy']:.3f}, "
+                f"cos(mean difference, boundary) {stats['cos_mean_difference_boundary']:.3f}"
+            )
     jacobians = [_from_wire(w) for ws in ray.get(jac_refs) for w in ws]
     conditional = [_from_wire(w) for w in ray.get(cond_refs)]
 
@@ -508,10 +643,19 @@ def aggregate(
         for target, others in (agg.disentangle.items() if supervised_on else [])
     ]
     # 4. matched-norm random baselines of every mean-difference direction
-    randoms, random_of = random_baselines(list(supervised.values()), agg.random_baselines if supervised_on else 0)
+    randoms, random_of = random_baselines(
+        list(supervised.values()), agg.random_baselines if supervised_on else 0
+    )
 
     # 5. exact sigma of every non-PCA direction over all stored samples
-    need_sigma = [*supervised.values(), *boundaries.values(), *disentangled, *conditional, *jacobians, *randoms]
+    need_sigma = [
+        *supervised.values(),
+        *boundaries.values(),
+        *disentangled,
+        *conditional,
+        *jacobians,
+        *randoms,
+    ]
     sigmas = projection_sigma_streaming(store, need_sigma, n_steps, batch_size=cfg.pca.batch_size)
     ts = timesteps.to(torch.int64) if timesteps is not None else None
 
@@ -536,7 +680,9 @@ def aggregate(
         if d.sigma is not None and not bool(torch.isfinite(d.sigma).all()):
             raise ValueError(f"aggregate: direction {name!r} got a non-finite sigma")
     if not directions:
-        raise ValueError("aggregate: no directions (no PCA state, no annotate/aggregate sections, no jacobian specs)")
+        raise ValueError(
+            "aggregate: no directions (no PCA state, no annotate/aggregate sections, no jacobian specs)"
+        )
     seconds = time.perf_counter() - t0
     if progress:
         kinds: dict[str, int] = {}

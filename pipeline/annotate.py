@@ -6,11 +6,11 @@ classifier in each actor (loaded once in ``__init__``); one input row is one com
 samples shard (read and sha256-checked through :class:`~pipeline.storage.RunStore` inside the
 actor, so PNG bytes never pass through the driver) and one output batch is that block's scores.
 
-The result is ``annotations/scores-<id>.parquet`` in the run (the stage record names it): ``seed`` plus one float32 column per
-attribute (logit for a binary attribute, value for a continuous one), sorted by seed, joinable with
-``samples/`` on ``seed``. The stage record in the run manifest lists which blocks are scored and by
-which classifier (sha256 of its files), so a grown run scores only its new blocks and a different
-classifier rescores everything.
+The result is ``annotations/scores-<id>.parquet`` in the run (the stage record names it): ``seed``
+plus one float32 column per attribute (logit for a binary attribute, value for a continuous one),
+sorted by seed, joinable with ``samples/`` on ``seed``. The stage record in the run manifest lists
+which blocks are scored and by which classifier (sha256 of its files), so a grown run scores only
+its new blocks and a different classifier rescores everything.
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ def resolve_classifier_dir(spec: str, storage_options: dict[str, Any] | None = N
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(spec, **(storage_options or {}))
-    cache = Path(tempfile.gettempdir()) / "hspace-classifiers" / hashlib.sha256(spec.encode()).hexdigest()[:16]
+    cache = (
+        Path(tempfile.gettempdir()) / "hspace-classifiers" / hashlib.sha256(spec.encode()).hexdigest()[:16]
+    )
     if not (cache / "config.json").is_file():
         if not fs.exists(root):
             raise FileNotFoundError(f"annotate.classifier: {spec} does not exist")
@@ -84,11 +86,15 @@ def resolve_classifier_dir(spec: str, storage_options: dict[str, Any] | None = N
     return cache
 
 
-def load_classifier(spec: str, device: str = "cpu", storage_options: dict[str, Any] | None = None) -> AttributeClassifier:
+def load_classifier(
+    spec: str, device: str = "cpu", storage_options: dict[str, Any] | None = None
+) -> AttributeClassifier:
     """The classifier named by ``annotate.classifier``, in eval mode on ``device``."""
     from hspace.toy.classifier import AttributeClassifier
 
-    return AttributeClassifier.from_pretrained(resolve_classifier_dir(spec, storage_options), device=device).eval()
+    return AttributeClassifier.from_pretrained(
+        resolve_classifier_dir(spec, storage_options), device=device
+    ).eval()
 
 
 def classifier_fingerprint(spec: str, storage_options: dict[str, Any] | None = None) -> str:
@@ -110,7 +116,9 @@ def select_attributes(classifier: AttributeClassifier, wanted: Sequence[str] | N
         return list(classifier.attributes)
     unknown = [a for a in wanted if a not in classifier.attributes]
     if unknown:
-        raise ValueError(f"annotate.attributes: {unknown} are not outputs of the classifier {classifier.attributes}")
+        raise ValueError(
+            f"annotate.attributes: {unknown} are not outputs of the classifier {classifier.attributes}"
+        )
     return list(wanted)
 
 
@@ -127,7 +135,9 @@ def decode_pngs(pngs: Sequence[bytes]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
 
 
-def score_images(classifier: AttributeClassifier, images: torch.Tensor, columns: Sequence[int], batch_size: int) -> np.ndarray:
+def score_images(
+    classifier: AttributeClassifier, images: torch.Tensor, columns: Sequence[int], batch_size: int
+) -> np.ndarray:
     """Classifier outputs [B, len(columns)] float32 for images [B, 3, H, W] in [0, 1], in mini-batches."""
     import torch
 
@@ -165,7 +175,9 @@ class ClassifierScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         seeds, scores = [], []
-        for path, rows, nbytes, sha in zip(batch["path"], batch["rows"], batch["bytes"], batch["sha256"], strict=True):
+        for path, rows, nbytes, sha in zip(
+            batch["path"], batch["rows"], batch["bytes"], batch["sha256"], strict=True
+        ):
             table = self.store.read_table(ShardInfo(str(path), int(rows), int(nbytes), str(sha)))
             images = decode_pngs(table.column("png").to_pylist())
             seeds.append(table.column("seed").to_numpy())
@@ -196,12 +208,16 @@ class AnnotateResult:
         return self.scores.num_rows
 
 
-def _scores_table(seeds: np.ndarray, columns: dict[str, np.ndarray], attributes: Sequence[str], meta: dict) -> pa.Table:
+def _scores_table(
+    seeds: np.ndarray, columns: dict[str, np.ndarray], attributes: Sequence[str], meta: dict
+) -> pa.Table:
     table = pa.table(
         {"seed": pa.array(np.asarray(seeds, np.int64), pa.int64())}
         | {a: pa.array(np.asarray(columns[a], np.float32), pa.float32()) for a in attributes}
     )
-    return table.replace_schema_metadata({"hspace.annotate": json.dumps(meta, sort_keys=True)}).sort_by("seed")
+    return table.replace_schema_metadata({"hspace.annotate": json.dumps(meta, sort_keys=True)}).sort_by(
+        "seed"
+    )
 
 
 def read_scores(store: RunStore) -> tuple[pa.Table, dict[str, Any]]:
@@ -234,7 +250,11 @@ def annotate(cfg: BuildConfig, store: RunStore, *, progress: bool = True) -> Ann
     previous = store.stage(STAGE)
     keep: pa.Table | None = None
     done: set[str] = set()
-    if previous is not None and previous.get("classifier_fingerprint") == fingerprint and previous.get("attributes") == attributes:
+    if (
+        previous is not None
+        and previous.get("classifier_fingerprint") == fingerprint
+        and previous.get("attributes") == attributes
+    ):
         old, _ = read_scores(store)
         done = {k for k in previous.get("blocks", []) if k in blocks}
         ranges = [(blocks[k].start, blocks[k].stop) for k in done]
@@ -248,7 +268,9 @@ def annotate(cfg: BuildConfig, store: RunStore, *, progress: bool = True) -> Ann
     new_tables = []
     if todo:
         shards = [rec.samples.to_dict() for rec in todo]
-        items = [{"path": s["path"], "rows": s["rows"], "bytes": s["bytes"], "sha256": s["sha256"]} for s in shards]
+        items = [
+            {"path": s["path"], "rows": s["rows"], "bytes": s["bytes"], "sha256": s["sha256"]} for s in shards
+        ]
         ds = ray.data.from_items(items).map_batches(
             ClassifierScorer,
             fn_constructor_kwargs={
@@ -270,21 +292,35 @@ def annotate(cfg: BuildConfig, store: RunStore, *, progress: bool = True) -> Ann
 
     parts = ([keep] if keep is not None else []) + new_tables
     combined = pa.concat_tables([t.select(["seed", *attributes]).cast(_schema(attributes)) for t in parts])
-    meta = {"classifier": ann.classifier, "classifier_fingerprint": fingerprint, "attributes": attributes, "binary": binary}
+    meta = {
+        "classifier": ann.classifier,
+        "classifier_fingerprint": fingerprint,
+        "attributes": attributes,
+        "binary": binary,
+    }
     table = _scores_table(
-        combined.column("seed").to_numpy(), {a: combined.column(a).to_numpy() for a in attributes}, attributes, meta
+        combined.column("seed").to_numpy(),
+        {a: combined.column(a).to_numpy() for a in attributes},
+        attributes,
+        meta,
     )
     expected = sum(rec.n_seeds for rec in blocks.values())
     if table.num_rows != expected or len(set(table.column("seed").to_pylist())) != expected:
-        raise RuntimeError(f"annotate: scored {table.num_rows} rows for {expected} generated seeds in {store.url}")
+        raise RuntimeError(
+            f"annotate: scored {table.num_rows} rows for {expected} generated seeds in {store.url}"
+        )
     # A fresh file name per write: the manifest names the complete file, a crash leaves only an orphan.
     shard = store.write_table(f"annotations/scores-{uuid.uuid4().hex[:12]}.parquet", table)
-    store.record_stage(STAGE, meta | {"blocks": sorted(blocks), "shard": shard.to_dict(), "rows": table.num_rows})
+    store.record_stage(
+        STAGE, meta | {"blocks": sorted(blocks), "shard": shard.to_dict(), "rows": table.num_rows}
+    )
     if previous is not None and previous["shard"]["path"] != shard.path:
         store.delete(previous["shard"]["path"])
     seconds = time.perf_counter() - t0
     if progress:
-        print(f"annotate: {n_new} new / {table.num_rows} samples scored on {len(attributes)} attributes in {seconds:.1f}s")
+        print(
+            f"annotate: {n_new} new / {table.num_rows} samples scored on {len(attributes)} attributes in {seconds:.1f}s"
+        )
     return AnnotateResult(table, attributes, binary, fingerprint, n_new, seconds)
 
 

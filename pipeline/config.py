@@ -257,28 +257,38 @@ class BuildConfig(_Strict):
         return range(self.generate.seed_start, self.generate.seed_start + self.generate.n_samples)
 
 
-def _cross_field_errors(cfg: BuildConfig) -> list[tuple[str, str]]:
+def _cross_field_errors(cfg: BuildConfig) -> list[tuple[str, str]]:  # noqa: C901
     """Checks between fields of one config (no model, no I/O)."""
     errors: list[tuple[str, str]] = []
     steps = cfg.sampler.num_inference_steps
     if cfg.sampler.kind == "ddpm" and cfg.sampler.eta not in (None, 1.0):
-        errors.append(("sampler.eta", f"ddpm sampling has eta=1; for eta={cfg.sampler.eta} set sampler.kind: ddim"))
+        errors.append(
+            ("sampler.eta", f"ddpm sampling has eta=1; for eta={cfg.sampler.eta} set sampler.kind: ddim")
+        )
     if cfg.pca.steps is not None:
         if not cfg.pca.steps:
             errors.append(("pca.steps", "must list at least one step (or be null for all steps)"))
         bad = [s for s in cfg.pca.steps if not 0 <= s < steps]
         if bad:
-            errors.append(("pca.steps", f"steps {bad} outside 0..{steps - 1} (sampler.num_inference_steps={steps})"))
+            errors.append(
+                ("pca.steps", f"steps {bad} outside 0..{steps - 1} (sampler.num_inference_steps={steps})")
+            )
         if len(set(cfg.pca.steps)) != len(cfg.pca.steps):
             errors.append(("pca.steps", f"duplicate steps in {cfg.pca.steps}"))
     if cfg.pca.n_components > cfg.generate.n_samples:
         errors.append(
-            ("pca.n_components", f"{cfg.pca.n_components} exceeds generate.n_samples={cfg.generate.n_samples}")
+            (
+                "pca.n_components",
+                f"{cfg.pca.n_components} exceeds generate.n_samples={cfg.generate.n_samples}",
+            )
         )
     if cfg.pca.backend == "sklearn" and cfg.pca.batch_size < cfg.pca.n_components:
         errors.append(
-            ("pca.batch_size", f"{cfg.pca.batch_size} < pca.n_components={cfg.pca.n_components}; "
-             "scikit-learn's partial_fit needs at least n_components rows per batch")
+            (
+                "pca.batch_size",
+                f"{cfg.pca.batch_size} < pca.n_components={cfg.pca.n_components}; "
+                "scikit-learn's partial_fit needs at least n_components rows per batch",
+            )
         )
     if cfg.aggregate is not None and cfg.annotate is None:
         errors.append(("aggregate", "needs an annotate section (a classifier to score samples)"))
@@ -289,8 +299,11 @@ def _cross_field_errors(cfg: BuildConfig) -> list[tuple[str, str]]:
         g0, g1 = cfg.generate.seed_start, cfg.generate.seed_start + cfg.generate.n_samples
         if lo < g1 and g0 < hi:
             errors.append(
-                ("evaluate.seed_start", f"evaluation seeds {lo}..{hi - 1} overlap the generation seeds "
-                 f"{g0}..{g1 - 1}; held-out seeds must be disjoint")
+                (
+                    "evaluate.seed_start",
+                    f"evaluation seeds {lo}..{hi - 1} overlap the generation seeds "
+                    f"{g0}..{g1 - 1}; held-out seeds must be disjoint",
+                )
             )
     if cfg.aggregate is not None:
         attrs = cfg.annotate.attributes if cfg.annotate is not None else None
@@ -316,8 +329,10 @@ def _cross_field_errors(cfg: BuildConfig) -> list[tuple[str, str]]:
                     errors.append((field, f"unknown attributes {unknown}; annotate.attributes is {attrs}"))
     if cfg.aggregate is not None and cfg.generate.n_samples * cfg.aggregate.quantile < 1:
         errors.append(
-            ("aggregate.quantile", f"{cfg.aggregate.quantile} of generate.n_samples={cfg.generate.n_samples} "
-             "selects no sample")
+            (
+                "aggregate.quantile",
+                f"{cfg.aggregate.quantile} of generate.n_samples={cfg.generate.n_samples} selects no sample",
+            )
         )
     for i, spec in enumerate(cfg.jacobian):
         if spec.step >= steps:
@@ -352,7 +367,9 @@ def _toy_model_dir() -> Path:
     try:
         from hspace.toy import TOY_MODEL_DIR
     except ImportError as e:  # the toy package is part of this project; a broken install is fatal
-        raise ConfigError([("model.source", f"'toy' needs hspace.toy.TOY_MODEL_DIR, which failed to import: {e}")]) from e
+        raise ConfigError(
+            [("model.source", f"'toy' needs hspace.toy.TOY_MODEL_DIR, which failed to import: {e}")]
+        ) from e
     return Path(TOY_MODEL_DIR)
 
 
@@ -411,13 +428,17 @@ def describe_model(model: ModelConfig) -> ModelInfo:
         root = _toy_model_dir()
         unet_cfg, sched_cfg = _local_config_files(root)
         if unet_cfg is None:
-            raise ConfigError([("model.source", f"toy model {root} has no unet/config.json (toy weights not built)")])
+            raise ConfigError(
+                [("model.source", f"toy model {root} has no unet/config.json (toy weights not built)")]
+            )
         location, is_local = str(root), True
     elif Path(source).expanduser().is_dir():
         root = Path(source).expanduser()
         unet_cfg, sched_cfg = _local_config_files(root)
         if unet_cfg is None:
-            raise ConfigError([("model.source", f"{root} has no unet/config.json (expected DDPMPipeline layout)")])
+            raise ConfigError(
+                [("model.source", f"{root} has no unet/config.json (expected DDPMPipeline layout)")]
+            )
         location, is_local = str(root), True
     elif _looks_like_path(source):
         raise ConfigError([("model.source", f"local model directory {source!r} does not exist")])
@@ -431,13 +452,17 @@ def describe_model(model: ModelConfig) -> ModelInfo:
     if unet_cfg is not None:
         derived, image_size = unet_h_shape(unet_cfg)
         if h_shape is not None and h_shape != derived:
-            errors.append(("model.h_shape", f"{list(h_shape)} contradicts the model's unet config ({list(derived)})"))
+            errors.append(
+                ("model.h_shape", f"{list(h_shape)} contradicts the model's unet config ({list(derived)})")
+            )
         h_shape = derived
     n_train = model.num_train_timesteps
     if sched_cfg is not None and "num_train_timesteps" in sched_cfg:
         derived_n = int(sched_cfg["num_train_timesteps"])
         if n_train is not None and n_train != derived_n:
-            errors.append(("model.num_train_timesteps", f"{n_train} contradicts the scheduler config ({derived_n})"))
+            errors.append(
+                ("model.num_train_timesteps", f"{n_train} contradicts the scheduler config ({derived_n})")
+            )
         n_train = derived_n
     if errors:
         raise ConfigError(errors)
@@ -449,7 +474,10 @@ def _model_errors(cfg: BuildConfig, info: ModelInfo) -> list[tuple[str, str]]:
     steps = cfg.sampler.num_inference_steps
     if info.num_train_timesteps is not None and steps > info.num_train_timesteps:
         errors.append(
-            ("sampler.num_inference_steps", f"{steps} exceeds the model's num_train_timesteps={info.num_train_timesteps}")
+            (
+                "sampler.num_inference_steps",
+                f"{steps} exceeds the model's num_train_timesteps={info.num_train_timesteps}",
+            )
         )
     if info.h_shape is not None:
         dim = math.prod(info.h_shape)
@@ -497,7 +525,7 @@ def _split_validation_error(e: ValidationError) -> list[tuple[str, str]]:
                 errors.append((field, rest) if rest else ("", line))
             continue
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         if err["type"] not in ("missing", "extra_forbidden") and "input" in err:
             shown = repr(err["input"])
             msg += f" (got {shown if len(shown) < 80 else shown[:77] + '...'})"
@@ -600,7 +628,11 @@ class Plan:
 
     def summary(self) -> str:
         """Human-readable lines for ``--dry-run``."""
-        size = "unknown (set model.h_shape)" if self.estimated_bytes is None else _human_bytes(self.estimated_bytes)
+        size = (
+            "unknown (set model.h_shape)"
+            if self.estimated_bytes is None
+            else _human_bytes(self.estimated_bytes)
+        )
         return "\n".join(
             [
                 f"samples:            {self.n_samples} in {self.n_blocks} seed blocks",

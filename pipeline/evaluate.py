@@ -57,7 +57,9 @@ def load_model(cfg: BuildConfig, device: str | None = None) -> HSpaceModel:
 
     if device is None:
         device = "cuda" if cfg.resources.device == "cuda" and torch.cuda.is_available() else "cpu"
-    dtype = cfg.torch_dtype if device != "cpu" else torch.float32  # half precision convs are slow/partial on CPU
+    dtype = (
+        cfg.torch_dtype if device != "cpu" else torch.float32
+    )  # half precision convs are slow/partial on CPU
     source = cfg.model.source
     if source == "toy":
         from hspace.toy import TOY_MODEL_DIR
@@ -85,7 +87,9 @@ def edit_vectors(
         if sigma.numel() == 1:
             sigma = sigma.expand(n_steps)
         if sigma.numel() != n_steps:
-            raise ValueError(f"direction {sigma_source.name!r}: sigma has {sigma.numel()} steps, sampler {n_steps}")
+            raise ValueError(
+                f"direction {sigma_source.name!r}: sigma has {sigma.numel()} steps, sampler {n_steps}"
+            )
         norms = v.flatten(1).norm(dim=1).clamp_min(1e-300)
         out[name] = (v * (sigma / norms).view(-1, 1, 1, 1)).float()
     return out
@@ -125,12 +129,18 @@ def effect_matrix(
     for r, name in enumerate(names):
         s = np.asarray(edited[name], np.float64)
         if s.ndim != 3 or s.shape[0] != base.shape[0] or s.shape[1] != len(scales) or s.shape[2] != n_a:
-            raise ValueError(f"scores of {name!r} have shape {s.shape}, expected [{base.shape[0]}, {len(scales)}, {n_a}]")
+            raise ValueError(
+                f"scores of {name!r} have shape {s.shape}, expected [{base.shape[0]}, {len(scales)}, {n_a}]"
+            )
         d = s - np.asarray(base, np.float64)[:, None, :]  # [B, S, A]
         mean = d.mean(0)
         se = d.std(0, ddof=1) / math.sqrt(d.shape[0]) if d.shape[0] > 1 else np.zeros_like(mean)
-        delta[name] = {a: {_key(g): float(mean[j, k]) for j, g in enumerate(scales)} for k, a in enumerate(attributes)}
-        stderr[name] = {a: {_key(g): float(se[j, k]) for j, g in enumerate(scales)} for k, a in enumerate(attributes)}
+        delta[name] = {
+            a: {_key(g): float(mean[j, k]) for j, g in enumerate(scales)} for k, a in enumerate(attributes)
+        }
+        stderr[name] = {
+            a: {_key(g): float(se[j, k]) for j, g in enumerate(scales)} for k, a in enumerate(attributes)
+        }
         plus[r] = mean[i_plus]
         if i_minus is not None:
             minus[r] = mean[i_minus]
@@ -141,8 +151,12 @@ def effect_matrix(
         rnd = np.abs(effect[randoms])  # [R, A]
         spread = np.sqrt((effect[randoms] ** 2).mean(0))  # RMS effect of random edits per attribute
         for k, a in enumerate(attributes):
-            baseline[a] = {"n": len(randoms), "rms": float(spread[k]), "mean_abs": float(rnd[:, k].mean()),
-                           "max_abs": float(rnd[:, k].max())}
+            baseline[a] = {
+                "n": len(randoms),
+                "rms": float(spread[k]),
+                "mean_abs": float(rnd[:, k].mean()),
+                "max_abs": float(rnd[:, k].max()),
+            }
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.where(spread > 0, effect / spread, np.nan)
 
@@ -160,8 +174,14 @@ def effect_matrix(
         "baseline_of": {n: random_of[n] for n in names if n in random_of},
         "n_seeds": int(base.shape[0]),
         "base_mean": {a: float(np.mean(base[:, k])) for k, a in enumerate(attributes)},
-        "matrix": {"rows": names, "columns": list(attributes), "plus": rows(plus),
-                   "minus": rows(minus) if i_minus is not None else None, "effect": rows(effect), "z": rows(z)},
+        "matrix": {
+            "rows": names,
+            "columns": list(attributes),
+            "plus": rows(plus),
+            "minus": rows(minus) if i_minus is not None else None,
+            "effect": rows(effect),
+            "z": rows(z),
+        },
         "delta": delta,
         "stderr": stderr,
         "random_baseline": baseline,
@@ -183,7 +203,9 @@ class EditScorer:
     ``preview`` [P, S, 3, H, W] uint8 (the first P seeds' images).
     """
 
-    def __init__(self, cfg_json: dict, attributes: list[str], edits_ref: list, seeds: list[int], n_preview: int) -> None:
+    def __init__(
+        self, cfg_json: dict, attributes: list[str], edits_ref: list, seeds: list[int], n_preview: int
+    ) -> None:
         import ray
 
         from hspace.sampling import HSpaceSampler
@@ -194,12 +216,19 @@ class EditScorer:
         self.cfg = cfg
         self.model = load_model(cfg)
         self.sampler = HSpaceSampler(
-            self.model, sampler=cfg.sampler.kind, num_inference_steps=cfg.sampler.num_inference_steps, eta=cfg.sampler.eta
+            self.model,
+            sampler=cfg.sampler.kind,
+            num_inference_steps=cfg.sampler.num_inference_steps,
+            eta=cfg.sampler.eta,
         )
-        self.classifier = load_classifier(cfg.annotate.classifier, str(self.model.device), cfg.storage.storage_options)
+        self.classifier = load_classifier(
+            cfg.annotate.classifier, str(self.model.device), cfg.storage.storage_options
+        )
         self.columns = [self.classifier.index(a) for a in attributes]
         vectors = ray.get(edits_ref[0])  # [D, T, C, H, W] float32
-        self.edits = [Direction(vector=torch.from_numpy(np.array(v)), name=f"edit{i}") for i, v in enumerate(vectors)]
+        self.edits = [
+            Direction(vector=torch.from_numpy(np.array(v)), name=f"edit{i}") for i, v in enumerate(vectors)
+        ]
         self.seeds, self.n_preview = list(seeds), n_preview
         self.scales = [float(s) for s in cfg.evaluate.scales]
 
@@ -209,7 +238,9 @@ class EditScorer:
 
         size = self.classifier.image_size
         if images.shape[-1] != size or images.shape[-2] != size:
-            images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+            images = torch.nn.functional.interpolate(
+                images, size=(size, size), mode="bilinear", antialias=True
+            )
         return score_images(self.classifier, images, self.columns, self.cfg.annotate.batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -219,13 +250,18 @@ class EditScorer:
             if int(index) == BASE_INDEX:
                 images = self.sampler.sample(self.seeds, record_h=False, batch_size=bs).images[:, None]
             else:
-                images = self.sampler.sample_edits(self.seeds, self.edits[int(index)], self.scales, units="raw",
-                                                   mode="both", batch_size=bs)
+                images = self.sampler.sample_edits(
+                    self.seeds, self.edits[int(index)], self.scales, units="raw", mode="both", batch_size=bs
+                )
             b, s = images.shape[:2]
             scores.append(self._score(images.reshape(b * s, *images.shape[2:])).reshape(b, s, -1))
             previews.append((images[: self.n_preview] * 255).round().to(torch.uint8).numpy())
         # rows differ in S (1 for the unedited row): ship ragged arrays as object columns
-        return {"index": np.asarray(batch["index"]), "scores": _objects(scores), "preview": _objects(previews)}
+        return {
+            "index": np.asarray(batch["index"]),
+            "scores": _objects(scores),
+            "preview": _objects(previews),
+        }
 
 
 def _objects(arrays: list[np.ndarray]) -> np.ndarray:
@@ -277,8 +313,13 @@ def evaluate(
     items = [{"index": BASE_INDEX}] + [{"index": i} for i in range(len(names))]
     ds = ray.data.from_items(items).map_batches(
         EditScorer,
-        fn_constructor_kwargs={"cfg_json": cfg_json, "attributes": list(attributes), "edits_ref": [ray.put(stacked)], "seeds": seeds,
-                               "n_preview": min(n_preview, len(seeds))},
+        fn_constructor_kwargs={
+            "cfg_json": cfg_json,
+            "attributes": list(attributes),
+            "edits_ref": [ray.put(stacked)],
+            "seeds": seeds,
+            "n_preview": min(n_preview, len(seeds)),
+        },
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=max(1, min(res.workers, len(items)))),
@@ -291,12 +332,17 @@ def evaluate(
         raise RuntimeError(f"evaluate: no result for rows {missing}")
     base = np.asarray(rows[BASE_INDEX]["scores"])[:, 0, :]
     edited = {n: np.asarray(rows[i]["scores"]) for i, n in enumerate(names)}
-    effects = effect_matrix(base, edited, ev.scales, attributes, binary, random_of,
-                            {n: d.kind for n, d in directions.items()})
-    effects |= {"units": ev.units, "mode": "both", "seed_start": ev.seed_start,
-                "note": "delta = mean over held-out seeds of score(edited) - score(unedited), in logits for binary "
-                        "attributes and values for continuous ones; effect = (plus - minus) / 2; random baselines "
-                        "use the sigma of the direction they are matched to (equal edit norm)"}
+    effects = effect_matrix(
+        base, edited, ev.scales, attributes, binary, random_of, {n: d.kind for n, d in directions.items()}
+    )
+    effects |= {
+        "units": ev.units,
+        "mode": "both",
+        "seed_start": ev.seed_start,
+        "note": "delta = mean over held-out seeds of score(edited) - score(unedited), in logits for binary "
+        "attributes and values for continuous ones; effect = (plus - minus) / 2; random baselines "
+        "use the sigma of the direction they are matched to (equal edit norm)",
+    }
     # preview strips: scales sorted, the unedited image inserted at 0
     order = sorted(range(len(ev.scales)), key=lambda j: ev.scales[j])
     preview_scales = sorted([*ev.scales, 0.0])
@@ -309,6 +355,8 @@ def evaluate(
     n_images = len(seeds) * (1 + len(names) * len(ev.scales))
     seconds = time.perf_counter() - t0
     if progress:
-        print(f"evaluate: {len(names)} directions x {len(ev.scales)} scales x {len(seeds)} seeds = "
-              f"{n_images} images in {seconds:.1f}s ({n_images / max(seconds, 1e-9):.1f} images/s)")
+        print(
+            f"evaluate: {len(names)} directions x {len(ev.scales)} scales x {len(seeds)} seeds = "
+            f"{n_images} images in {seconds:.1f}s ({n_images / max(seconds, 1e-9):.1f} images/s)"
+        )
     return EvaluateResult(effects, previews, preview_scales, n_images, seconds)

@@ -88,7 +88,9 @@ def local_weights_digest(info: ModelInfo) -> str | None:
     if not info.is_local:
         return None
     digest = hashlib.sha256()
-    files = sorted((Path(info.location) / "unet").glob("*.safetensors")) or sorted(Path(info.location).glob("*.safetensors"))
+    files = sorted((Path(info.location) / "unet").glob("*.safetensors")) or sorted(
+        Path(info.location).glob("*.safetensors")
+    )
     for path in files:
         digest.update(path.name.encode())
         with open(path, "rb") as f:
@@ -141,7 +143,9 @@ class BlockGenerator:
         self.model = HSpaceModel.from_pretrained(
             model_location, revision=revision, device=device, dtype=getattr(torch, dtype)
         )
-        self.sampler = HSpaceSampler(self.model, sampler=sampler, num_inference_steps=num_inference_steps, eta=eta)
+        self.sampler = HSpaceSampler(
+            self.model, sampler=sampler, num_inference_steps=num_inference_steps, eta=eta
+        )
         self.batch_size = batch_size
         self.worker = uuid.uuid4().hex[:8]  # unique file names even if a block is retried elsewhere
 
@@ -158,7 +162,9 @@ class BlockGenerator:
             self.store.write_activations(step, timesteps[step], seeds, h[:, step], self.worker, block.index)
             for step in range(h.shape[1])
         )
-        samples = self.store.write_samples(seeds, [_png(im) for im in traj.to_pil()], self.worker, block.index)
+        samples = self.store.write_samples(
+            seeds, [_png(im) for im in traj.to_pil()], self.worker, block.index
+        )
         extra = {
             "worker": self.worker,
             "seconds": time.perf_counter() - t0,
@@ -243,7 +249,9 @@ def generate(
     return report
 
 
-def _run_blocks(cfg: BuildConfig, store: RunStore, todo: list[SeedBlock], progress: bool) -> list[BlockRecord]:
+def _run_blocks(
+    cfg: BuildConfig, store: RunStore, todo: list[SeedBlock], progress: bool
+) -> list[BlockRecord]:
     import ray
     from tqdm.auto import tqdm
 

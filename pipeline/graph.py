@@ -33,14 +33,18 @@ def _absolute(url: str) -> str:
     return str(Path(url).expanduser().resolve())
 
 
-def override_urls(cfg: BuildConfig, *, run_url: str | None = None, catalog_url: str | None = None) -> BuildConfig:
+def override_urls(
+    cfg: BuildConfig, *, run_url: str | None = None, catalog_url: str | None = None
+) -> BuildConfig:
     """The config with ``storage.run_url`` / ``catalog.url`` replaced (when given) and made absolute."""
     storage = cfg.storage.model_copy(update={"run_url": _absolute(run_url or cfg.storage.run_url)})
     catalog = cfg.catalog.model_copy(update={"url": _absolute(catalog_url or cfg.catalog.url)})
     return cfg.model_copy(update={"storage": storage, "catalog": catalog})
 
 
-def ephemeral_path_warnings(cfg: BuildConfig, *, run_url: str | None = None, catalog_url: str | None = None) -> list[str]:
+def ephemeral_path_warnings(
+    cfg: BuildConfig, *, run_url: str | None = None, catalog_url: str | None = None
+) -> list[str]:
     """Warnings for relative local paths inside a submitted Ray job with a working_dir.
 
     ``ray job submit --working-dir .`` runs the entrypoint in a temporary copy of the directory, so
@@ -50,7 +54,10 @@ def ephemeral_path_warnings(cfg: BuildConfig, *, run_url: str | None = None, cat
     if not raw or "working_dir" not in raw:
         return []
     out = []
-    urls = (("storage.run_url", run_url or cfg.storage.run_url), ("catalog.url", catalog_url or cfg.catalog.url))
+    urls = (
+        ("storage.run_url", run_url or cfg.storage.run_url),
+        ("catalog.url", catalog_url or cfg.catalog.url),
+    )
     for field_name, url in urls:
         if "://" not in url and not url.startswith("/"):
             out.append(
@@ -61,7 +68,9 @@ def ephemeral_path_warnings(cfg: BuildConfig, *, run_url: str | None = None, cat
     return out
 
 
-def load_job_config(path: str | Path, *, run_url: str | None = None, catalog_url: str | None = None) -> BuildConfig:
+def load_job_config(
+    path: str | Path, *, run_url: str | None = None, catalog_url: str | None = None
+) -> BuildConfig:
     """What every job does first: validate ``path`` (exit 2 naming the field on error), warn about
     paths that would vanish inside a submitted Ray job, then apply the URL overrides."""
     import sys
@@ -91,7 +100,9 @@ def init_ray(cfg: BuildConfig) -> str:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # the raylet waits this long for its agents; on a loaded machine the default is too short
         os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
-    if address is None:  # a private local cluster (never a stale one from /tmp/ray): no dashboard, starts faster
+    if (
+        address is None
+    ):  # a private local cluster (never a stale one from /tmp/ray): no dashboard, starts faster
         ray.init(address="local", log_to_driver=True, configure_logging=False, include_dashboard=False)
     else:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
@@ -137,11 +148,14 @@ class BuildResult:
             "   stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items()),
             f"   samples: {self.n_samples}; generated now: {self.rows_generated} rows at {self.rows_per_s:.1f} rows/s",
             f"   bytes written: {self.bytes_written} ({self.bytes_written / 1e6:.2f} MB: run shards + catalog version)",
-            f"   directions: {len(self.directions)} " + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items())),
+            f"   directions: {len(self.directions)} "
+            + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items())),
         ]
         if self.effects is not None:
-            lines.append(f"   effect matrix ({self.effects['units']} units, gamma={self.effects['gamma']}, "
-                         f"{self.effects['n_seeds']} held-out seeds; (score(+g) - score(-g)) / 2):")
+            lines.append(
+                f"   effect matrix ({self.effects['units']} units, gamma={self.effects['gamma']}, "
+                f"{self.effects['n_seeds']} held-out seeds; (score(+g) - score(-g)) / 2):"
+            )
             lines += ["     " + row for row in effect_table_text(self.effects, max_rows=40).splitlines()]
         lines += [
             f"   catalog: {self.catalog_url}  model {self.model}  version {self.version}  (ref {self.ref})",
@@ -188,22 +202,54 @@ def build_catalog(cfg: BuildConfig, progress: bool = True) -> BuildResult:
     import torch
 
     agg = _timed(
-        seconds, "aggregate", aggregate, cfg, store, scores=scores, attributes=attributes, binary=binary, pca=pca,
-        timesteps=torch.tensor(timesteps) if timesteps is not None else None, model_fingerprint=fingerprint,
-        classifier_fingerprint=clf_fp, progress=progress,
+        seconds,
+        "aggregate",
+        aggregate,
+        cfg,
+        store,
+        scores=scores,
+        attributes=attributes,
+        binary=binary,
+        pca=pca,
+        timesteps=torch.tensor(timesteps) if timesteps is not None else None,
+        model_fingerprint=fingerprint,
+        classifier_fingerprint=clf_fp,
+        progress=progress,
     )
     effects, previews, preview_scales = None, {}, None
     if cfg.evaluate is not None and cfg.annotate is not None:
-        ev = _timed(seconds, "evaluate", evaluate, cfg, agg.directions, agg.random_of, attributes=attributes,
-                    binary=binary, progress=progress)
+        ev = _timed(
+            seconds,
+            "evaluate",
+            evaluate,
+            cfg,
+            agg.directions,
+            agg.random_of,
+            attributes=attributes,
+            binary=binary,
+            progress=progress,
+        )
         effects, preview_scales = ev.effects, ev.preview_scales
         previews = {name: edit_strip_png(images) for name, images in ev.previews.items()}
 
     run = store.summary()
-    inputs = build_inputs(cfg, model_fingerprint=fingerprint, classifier_fingerprint=clf_fp, n_samples=run["samples"])
+    inputs = build_inputs(
+        cfg, model_fingerprint=fingerprint, classifier_fingerprint=clf_fp, n_samples=run["samples"]
+    )
     pub = _timed(
-        seconds, "publish", publish, cfg, directions=agg.directions, pca=pca, effects=effects, previews=previews,
-        preview_scales=preview_scales, inputs=inputs, timesteps=timesteps, run_summary=run, progress=progress,
+        seconds,
+        "publish",
+        publish,
+        cfg,
+        directions=agg.directions,
+        pca=pca,
+        effects=effects,
+        previews=previews,
+        preview_scales=preview_scales,
+        inputs=inputs,
+        timesteps=timesteps,
+        run_summary=run,
+        progress=progress,
     )
     result = BuildResult(
         name=cfg.name,

@@ -76,13 +76,17 @@ class TorchBackend:
     def state(self) -> dict[str, np.ndarray]:
         if not self.est.is_fitted:
             return {}
-        return {k: getattr(self.est, k).detach().cpu().numpy() for k in ("components_", "singular_values_", "mean_", "var_")}
+        return {
+            k: getattr(self.est, k).detach().cpu().numpy()
+            for k in ("components_", "singular_values_", "mean_", "var_")
+        }
 
     def load(self, state: dict[str, np.ndarray], n_samples_seen: int) -> None:
         from hspace.pca import IncrementalPCA
 
         self.est = IncrementalPCA.from_state_dict(
-            {"n_components": self.est.n_components, "n_samples_seen_": n_samples_seen, **state}, device=self.est.device
+            {"n_components": self.est.n_components, "n_samples_seen_": n_samples_seen, **state},
+            device=self.est.device,
         )
 
     def to_hspace(self) -> Any:
@@ -93,8 +97,15 @@ class SklearnBackend:
     """scikit-learn's IncrementalPCA, fed float64 batches through ``partial_fit``."""
 
     name = "sklearn"
-    _ARRAYS = ("components_", "singular_values_", "mean_", "var_", "explained_variance_",
-               "explained_variance_ratio_", "noise_variance_")
+    _ARRAYS = (
+        "components_",
+        "singular_values_",
+        "mean_",
+        "var_",
+        "explained_variance_",
+        "explained_variance_ratio_",
+        "noise_variance_",
+    )
 
     def __init__(self, n_components: int, device: str = "cpu") -> None:
         from sklearn.decomposition import IncrementalPCA
@@ -129,7 +140,9 @@ class SklearnBackend:
     def to_hspace(self) -> Any:
         from hspace.pca import IncrementalPCA
 
-        state = {k: v for k, v in self.state().items() if k in ("components_", "singular_values_", "mean_", "var_")}
+        state = {
+            k: v for k, v in self.state().items() if k in ("components_", "singular_values_", "mean_", "var_")
+        }
         return IncrementalPCA.from_state_dict(
             {"n_components": self.n_components, "n_samples_seen_": self.n_samples_seen, **state}
         )
@@ -156,7 +169,9 @@ def fit_batches(
     pending: StepBatch | None = None
     for batch in store.iter_step_batches(step, batch_size, blocks=blocks):
         if pending is not None and len(batch.seeds) < min_rows:
-            pending = StepBatch(step, np.concatenate([pending.seeds, batch.seeds]), np.concatenate([pending.h, batch.h]))
+            pending = StepBatch(
+                step, np.concatenate([pending.seeds, batch.seeds]), np.concatenate([pending.h, batch.h])
+            )
             continue
         if pending is not None:
             yield pending
@@ -263,7 +278,7 @@ class PCAGroupWorker:
         for s, n_seen in meta["n_samples_seen"].items():
             if n_seen:
                 prefix = f"step{s}."
-                state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
                 self.estimators[int(s)].load(state, int(n_seen))
         self.blocks_seen = list(meta["blocks_seen"])
         self.position = GroupPosition(**meta["position"])
@@ -285,7 +300,9 @@ class PCAGroupWorker:
             "blocks_seen": self.blocks_seen,
             "position": asdict(self.position),
         }
-        self.store.write_bytes_atomic(self.checkpoint_path, save(tensors, metadata={"checkpoint": json.dumps(meta)}))
+        self.store.write_bytes_atomic(
+            self.checkpoint_path, save(tensors, metadata={"checkpoint": json.dumps(meta)})
+        )
 
     def _start_pass(self, listed: list[str]) -> None:
         """Decide which blocks this pass folds in: an unfinished pass continues, else the new blocks."""
@@ -293,7 +310,9 @@ class PCAGroupWorker:
         if any(k not in listed_set for k in self.blocks_seen + self.position.pass_blocks):
             # A block the state has seen is no longer listed (replaced or removed): start over.
             self.restart_note = "the run's blocks changed under the PCA state; refitting from scratch"
-            self.estimators = {s: make_backend(self.backend_name, self.n_components, self.device) for s in self.steps}
+            self.estimators = {
+                s: make_backend(self.backend_name, self.n_components, self.device) for s in self.steps
+            }
             self.blocks_seen, self.position = [], GroupPosition()
         if self.position.pass_blocks:
             return  # resume the interrupted pass exactly (same blocks, same batches)
@@ -342,7 +361,9 @@ class PCAGroupWorker:
         while pos.step_index < len(self.steps):
             step = self.steps[pos.step_index]
             est = self.estimators[step]
-            for i, batch in enumerate(fit_batches(self.store, step, self.batch_size, min_rows, pos.pass_blocks)):
+            for i, batch in enumerate(
+                fit_batches(self.store, step, self.batch_size, min_rows, pos.pass_blocks)
+            ):
                 if i < pos.batches:
                     continue  # already folded in before the checkpoint
                 if done_now >= budget:
@@ -387,7 +408,7 @@ def fold_group_state(data: bytes, into: Any, backend: str, n_components: int) ->
         if not n_seen:
             continue
         prefix = f"step{s}."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         est = make_backend(backend, n_components)
         est.load(state, int(n_seen))
         into.estimators[int(s)] = est.to_hspace()
@@ -435,7 +456,9 @@ def empty_pca(cfg: BuildConfig, store: RunStore) -> Any:
     )
 
 
-def worker_kwargs(cfg: BuildConfig, store: RunStore, group: Sequence[int], blocks: Sequence[str]) -> dict[str, Any]:
+def worker_kwargs(
+    cfg: BuildConfig, store: RunStore, group: Sequence[int], blocks: Sequence[str]
+) -> dict[str, Any]:
     """Constructor arguments of the group's worker (checkpoint path under the settings hash)."""
     digest, _ = pca_settings(cfg, store.identity())
     return {
@@ -488,7 +511,13 @@ def pca_stage(cfg: BuildConfig, store: RunStore | None = None, *, progress: bool
     ):
         # Nothing new since the stored result: no actors, just the stored PCA.
         result = PCAStageResult(
-            load_stage_pca(store), PCA_RESULT_PATH, blocks, int(prev["n_samples"]), 0, 0, time.perf_counter() - t0
+            load_stage_pca(store),
+            PCA_RESULT_PATH,
+            blocks,
+            int(prev["n_samples"]),
+            0,
+            0,
+            time.perf_counter() - t0,
         )
         if progress:
             print(result.summary(), flush=True)
@@ -553,13 +582,20 @@ def load_stage_pca(store: RunStore) -> Any:
     from hspace.directions import safetensors_from_bytes
     from hspace.pca import PerTimestepPCA
 
-    tensors, metadata = safetensors_from_bytes(store.read_bytes(PCA_RESULT_PATH), store.describe(PCA_RESULT_PATH))
+    tensors, metadata = safetensors_from_bytes(
+        store.read_bytes(PCA_RESULT_PATH), store.describe(PCA_RESULT_PATH)
+    )
     return PerTimestepPCA.from_safetensors_dict(tensors, metadata)
 
 
 def fit_in_process(
-    store: RunStore, steps: Sequence[int], n_steps: int, n_components: int, backend: str = "torch",
-    batch_size: int = 256, blocks: Sequence[str] | None = None,
+    store: RunStore,
+    steps: Sequence[int],
+    n_steps: int,
+    n_components: int,
+    backend: str = "torch",
+    batch_size: int = 256,
+    blocks: Sequence[str] | None = None,
 ) -> Any:
     """The same fit in one process without Ray (reference for tests, and for small runs)."""
     from hspace.pca import PerTimestepPCA
@@ -577,4 +613,3 @@ def fit_in_process(
 def explained_summary(pca: Any, steps: Sequence[int]) -> dict[int, list[float]]:
     """Explained-variance ratios per step (for reports)."""
     return {s: [float(v) for v in pca.estimators[s].explained_variance_ratio_] for s in steps}
-

@@ -63,7 +63,10 @@ def code_version() -> dict[str, str]:
         for path in sorted((_ROOT / package).rglob("*.py")):
             digest.update(str(path.relative_to(_ROOT)).encode())
             digest.update(path.read_bytes())
-    return {"package": str(getattr(hspace, "__version__", "unknown")), "source_sha256": digest.hexdigest()[:16]}
+    return {
+        "package": str(getattr(hspace, "__version__", "unknown")),
+        "source_sha256": digest.hexdigest()[:16],
+    }
 
 
 def build_inputs(
@@ -90,13 +93,15 @@ def direction_rows(directions: Mapping[str, Direction]) -> list[dict[str, Any]]:
     """Per-direction summary rows for the report: name, kind, units, norm, mean sigma."""
     rows = []
     for name, d in directions.items():
-        rows.append({
-            "name": name,
-            "kind": d.kind,
-            "units": d.units,
-            "norm": float(d.vector.to(torch.float64).norm()),
-            "sigma": None if d.sigma is None else float(d.sigma.mean()),
-        })
+        rows.append(
+            {
+                "name": name,
+                "kind": d.kind,
+                "units": d.units,
+                "norm": float(d.vector.to(torch.float64).norm()),
+                "sigma": None if d.sigma is None else float(d.sigma.mean()),
+            }
+        )
     return rows
 
 
@@ -146,7 +151,11 @@ def publish(
     version = hcatalog.new_version_id()
     effects = None if effects is None else dict(effects) | {"version": version, "model": cat_cfg.model_name}
     extra: dict[str, bytes] = {preview_name(n): png for n, png in previews.items()}
-    sampler = {"kind": cfg.sampler.kind, "num_inference_steps": cfg.sampler.num_inference_steps, "eta": cfg.sampler.eta}
+    sampler = {
+        "kind": cfg.sampler.kind,
+        "num_inference_steps": cfg.sampler.num_inference_steps,
+        "eta": cfg.sampler.eta,
+    }
     meta = {
         "version": version,
         "catalog": f"{cat_cfg.url} / {cat_cfg.model_name} (ref {cat_cfg.ref})",
@@ -193,6 +202,8 @@ def publish(
     size = sum(int(f["bytes"]) for f in v.manifest["files"])
     result = PublishResult(cat_cfg.url, cat_cfg.model_name, published, cat_cfg.ref, files, size)
     if progress:
-        print(f"publish: {cat_cfg.model_name} version {published} ({len(files)} files, {size / 1e6:.2f} MB) "
-              f"-> ref {cat_cfg.ref!r} in {cat_cfg.url}")
+        print(
+            f"publish: {cat_cfg.model_name} version {published} ({len(files)} files, {size / 1e6:.2f} MB) "
+            f"-> ref {cat_cfg.ref!r} in {cat_cfg.url}"
+        )
     return result

@@ -72,7 +72,11 @@ def _cell_style(z: float | None) -> str:
     if z is None or not math.isfinite(z):
         return ""
     t = min(abs(z) / 3.0, 1.0)
-    r, g, b = (int(255 - 120 * t), int(255 - 120 * t), 255) if z < 0 else (255, int(255 - 120 * t), int(255 - 120 * t))
+    r, g, b = (
+        (int(255 - 120 * t), int(255 - 120 * t), 255)
+        if z < 0
+        else (255, int(255 - 120 * t), int(255 - 120 * t))
+    )
     return f' style="background:rgb({r},{g},{b})"'
 
 
@@ -128,25 +132,38 @@ def render_report(
             "Colour: effect divided by the RMS effect of the matched-norm random baselines "
             "(red raises, blue lowers; saturated at 3).</p>",
             "<table><tr><th class=name>direction</th><th>kind</th>"
-            + "".join(f"<th>{e(c)}<br><span class=kind>{e(units.get(c, ''))}</span></th>" for c in m["columns"])
+            + "".join(
+                f"<th>{e(c)}<br><span class=kind>{e(units.get(c, ''))}</span></th>" for c in m["columns"]
+            )
             + "</tr>",
         ]
         z = m.get("z") or [[None] * len(m["columns"]) for _ in m["rows"]]
         for r, name in enumerate(m["rows"]):
             cells = "".join(f"<td{_cell_style(z[r][k])}>{_fmt(v)}</td>" for k, v in enumerate(m["effect"][r]))
-            out.append(f"<tr><td class=name>{e(name)}</td><td class=kind>{e(effects['kinds'].get(name, ''))}</td>{cells}</tr>")
+            out.append(
+                f"<tr><td class=name>{e(name)}</td><td class=kind>{e(effects['kinds'].get(name, ''))}</td>{cells}</tr>"
+            )
         out.append("</table>")
         if effects.get("random_baseline"):
-            out.append("<p>Random baseline (|effect| over random rows): "
-                       + ", ".join(f"{e(a)}: rms {b['rms']:.3f}, max {b['max_abs']:.3f}"
-                                   for a, b in effects["random_baseline"].items()) + "</p>")
-    out += ["<h2>Directions</h2>", "<table><tr><th class=name>name</th><th>kind</th><th>units</th>"
-            "<th>norm</th><th>mean sigma</th></tr>"]
+            out.append(
+                "<p>Random baseline (|effect| over random rows): "
+                + ", ".join(
+                    f"{e(a)}: rms {b['rms']:.3f}, max {b['max_abs']:.3f}"
+                    for a, b in effects["random_baseline"].items()
+                )
+                + "</p>"
+            )
+    out += [
+        "<h2>Directions</h2>",
+        "<table><tr><th class=name>name</th><th>kind</th><th>units</th><th>norm</th><th>mean sigma</th></tr>",
+    ]
     for d in directions:
         sigma = d.get("sigma")
-        out.append(f"<tr><td class=name>{e(d['name'])}</td><td class=kind>{e(d['kind'])}</td>"
-                   f"<td>{e(d.get('units', ''))}</td><td>{d.get('norm', float('nan')):.3g}</td>"
-                   f"<td>{'–' if sigma is None else f'{sigma:.3g}'}</td></tr>")
+        out.append(
+            f"<tr><td class=name>{e(d['name'])}</td><td class=kind>{e(d['kind'])}</td>"
+            f"<td>{e(d.get('units', ''))}</td><td>{d.get('norm', float('nan')):.3g}</td>"
+            f"<td>{'–' if sigma is None else f'{sigma:.3g}'}</td></tr>"
+        )
     out.append("</table>")
     if previews:
         label = ", ".join(f"{s:+g}" for s in preview_scales) if preview_scales else ""

@@ -59,7 +59,13 @@ class ShardInfo:
     step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256, "step": self.step}
+        return {
+            "path": self.path,
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "step": self.step,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardInfo:
@@ -131,7 +137,9 @@ def activation_table(seeds: Sequence[int] | np.ndarray, step: int, timestep: int
     h = np.ascontiguousarray(np.asarray(h, dtype=np.float16))
     seeds = np.asarray(seeds, dtype=np.int64)
     if h.ndim != 4 or h.shape[0] != seeds.shape[0]:
-        raise ValueError(f"h must be [N, C, H, W] with N = len(seeds) = {seeds.shape[0]}, got {tuple(h.shape)}")
+        raise ValueError(
+            f"h must be [N, C, H, W] with N = len(seeds) = {seeds.shape[0]}, got {tuple(h.shape)}"
+        )
     n = seeds.shape[0]
     return pa.table(
         {
@@ -147,7 +155,9 @@ def samples_table(seeds: Sequence[int] | np.ndarray, pngs: Sequence[bytes]) -> p
     """Final images of seeds as PNG bytes."""
     if len(seeds) != len(pngs):
         raise ValueError(f"{len(seeds)} seeds but {len(pngs)} images")
-    return pa.table({"seed": pa.array(np.asarray(seeds, np.int64), pa.int64()), "png": pa.array(pngs, pa.binary())})
+    return pa.table(
+        {"seed": pa.array(np.asarray(seeds, np.int64), pa.int64()), "png": pa.array(pngs, pa.binary())}
+    )
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -240,7 +250,9 @@ class RunStore:
         rel = f"activations/t={step}/part-{worker}-{n:06d}.parquet"
         return self.write_table(rel, activation_table(seeds, step, timestep, h), step=step)
 
-    def write_samples(self, seeds: Sequence[int] | np.ndarray, pngs: Sequence[bytes], worker: str, n: int) -> ShardInfo:
+    def write_samples(
+        self, seeds: Sequence[int] | np.ndarray, pngs: Sequence[bytes], worker: str, n: int
+    ) -> ShardInfo:
         """``samples/part-<worker>-<n>.parquet`` with the final images as PNG bytes."""
         return self.write_table(f"samples/part-{worker}-{n:06d}.parquet", samples_table(seeds, pngs))
 
@@ -258,7 +270,9 @@ class RunStore:
             )
         digest = hashlib.sha256(data).hexdigest()
         if digest != shard.sha256:
-            raise CorruptShardError(f"{self.describe(shard.path)}: sha256 {digest[:12]}... does not match the manifest")
+            raise CorruptShardError(
+                f"{self.describe(shard.path)}: sha256 {digest[:12]}... does not match the manifest"
+            )
         return data
 
     def open_shard(self, shard: ShardInfo, verify: bool = True) -> pq.ParquetFile:
@@ -269,10 +283,14 @@ class RunStore:
         except (pa.ArrowException, OSError) as e:
             raise CorruptShardError(f"{self.describe(shard.path)}: not a valid parquet file: {e}") from e
         if pf.metadata.num_rows != shard.rows:
-            raise CorruptShardError(f"{self.describe(shard.path)}: {pf.metadata.num_rows} rows, manifest says {shard.rows}")
+            raise CorruptShardError(
+                f"{self.describe(shard.path)}: {pf.metadata.num_rows} rows, manifest says {shard.rows}"
+            )
         return pf
 
-    def read_table(self, shard: ShardInfo, columns: Sequence[str] | None = None, verify: bool = True) -> pa.Table:
+    def read_table(
+        self, shard: ShardInfo, columns: Sequence[str] | None = None, verify: bool = True
+    ) -> pa.Table:
         pf = self.open_shard(shard, verify=verify)
         try:
             return pf.read(columns=list(columns) if columns is not None else None)
@@ -315,7 +333,9 @@ class RunStore:
         normal = json.loads(json.dumps(identity))  # tuples -> lists, as stored
         diff = sorted(k for k in set(current) | set(normal) if current.get(k) != normal.get(k))
         if diff:
-            details = "; ".join(f"{k}: run has {current.get(k)!r}, config gives {normal.get(k)!r}" for k in diff)
+            details = "; ".join(
+                f"{k}: run has {current.get(k)!r}, config gives {normal.get(k)!r}" for k in diff
+            )
             raise ValueError(
                 f"run {self.url} was generated with different settings ({details}); "
                 "use a new storage.run_url or delete the run"
@@ -413,7 +433,9 @@ class RunStore:
             else:
                 owner[s] = recs[i]
         if missing:
-            raise KeyError(f"seeds {missing[:10]}{'...' if len(missing) > 10 else ''} are in no completed block of {self.url}")
+            raise KeyError(
+                f"seeds {missing[:10]}{'...' if len(missing) > 10 else ''} are in no completed block of {self.url}"
+            )
         out: np.ndarray | None = None
         by_block: dict[str, tuple[BlockRecord, list[int]]] = {}
         for pos, s in enumerate(want.tolist()):

@@ -19,6 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def ray_local():
     """Yield the ``ray`` module with a local cluster running (num_cpus=2)."""
     import ray
+
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))

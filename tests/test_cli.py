@@ -97,8 +97,18 @@ def test_help_works_without_ray_or_the_pipeline():
 # ------------------------------------------------------------------------- sampling
 def test_sample_writes_a_grid_of_the_right_size_and_saves_h(tiny_model_dir, tmp_path):
     out, h_file = tmp_path / "grid.png", tmp_path / "h.safetensors"
-    res = invoke("sample", "--seeds", "0-2,5", "--cols", "3", "--out", out, "--save-h", h_file,
-                 *model_args(tiny_model_dir))
+    res = invoke(
+        "sample",
+        "--seeds",
+        "0-2,5",
+        "--cols",
+        "3",
+        "--out",
+        out,
+        "--save-h",
+        h_file,
+        *model_args(tiny_model_dir),
+    )
     assert res.exit_code == 0, res.output
     image = Image.open(out)
     assert image.size == grid_size(rows=2, cols=3)
@@ -139,8 +149,18 @@ def direction_file(tmp_path_factory) -> Path:
 
 def test_edit_from_a_direction_file_writes_a_seeds_by_scales_strip(tiny_model_dir, direction_file, tmp_path):
     out = tmp_path / "strip.png"
-    res = invoke("edit", "--direction", direction_file, "--seeds", "0,1", "--scales", "-4,0,4", "--out", out,
-                 *model_args(tiny_model_dir))
+    res = invoke(
+        "edit",
+        "--direction",
+        direction_file,
+        "--seeds",
+        "0,1",
+        "--scales",
+        "-4,0,4",
+        "--out",
+        out,
+        *model_args(tiny_model_dir),
+    )
     assert res.exit_code == 0, res.output
     image = Image.open(out)
     assert image.size == grid_size(rows=2, cols=3)
@@ -155,10 +175,28 @@ def test_edit_scale_zero_matches_plain_sampling(tiny_model_dir, direction_file, 
     """Column scale=0 is the unedited sample. Tolerance: 1 grey level (PNG quantisation of images
     rendered in batches of different sizes, whose convolutions may round differently)."""
     strip, grid = tmp_path / "strip.png", tmp_path / "grid.png"
-    assert invoke("edit", "--direction", direction_file, "--seeds", "3", "--scales=-1,0", "--out", strip,
-                  "--sampler", "ddim", *model_args(tiny_model_dir)).exit_code == 0
-    assert invoke("sample", "--seeds", "3", "--out", grid, "--sampler", "ddim",
-                  *model_args(tiny_model_dir)).exit_code == 0
+    assert (
+        invoke(
+            "edit",
+            "--direction",
+            direction_file,
+            "--seeds",
+            "3",
+            "--scales=-1,0",
+            "--out",
+            strip,
+            "--sampler",
+            "ddim",
+            *model_args(tiny_model_dir),
+        ).exit_code
+        == 0
+    )
+    assert (
+        invoke(
+            "sample", "--seeds", "3", "--out", grid, "--sampler", "ddim", *model_args(tiny_model_dir)
+        ).exit_code
+        == 0
+    )
     diff = np.abs(cell(Image.open(strip), 0, 1) - cell(Image.open(grid), 0, 0))
     assert diff.max() <= 1
 
@@ -166,8 +204,18 @@ def test_edit_scale_zero_matches_plain_sampling(tiny_model_dir, direction_file, 
 def test_edit_sigma_units_without_sigma_exit_2(tiny_model_dir, tmp_path):
     path = tmp_path / "nosigma.safetensors"
     Direction(torch.ones(*H_SHAPE), "plain").save(str(path))
-    res = invoke("edit", "--direction", path, "--units", "sigma", "--seeds", "0", "--out", tmp_path / "s.png",
-                 *model_args(tiny_model_dir))
+    res = invoke(
+        "edit",
+        "--direction",
+        path,
+        "--units",
+        "sigma",
+        "--seeds",
+        "0",
+        "--out",
+        tmp_path / "s.png",
+        *model_args(tiny_model_dir),
+    )
     assert res.exit_code == 2
     assert "sigma" in res.output and "Traceback" not in res.output
 
@@ -211,10 +259,24 @@ def published(tmp_path):
     g = torch.Generator().manual_seed(1)
     a, b, c = (torch.randn(*H_SHAPE, generator=g) for _ in range(3))
     meta = {"model_id": "tiny", "sampler": {"kind": "ddpm", "num_inference_steps": STEPS, "eta": None}}
-    v1 = cat.publish("tiny", [Direction(a, "a"), Direction(b, "b")], metadata=meta, version="20240101T000000.000000Z-aaaaaa")
-    v2 = cat.publish("tiny", [Direction(-a, "a"), Direction(c, "c")], metadata=meta, version="20240102T000000.000000Z-bbbbbb")
-    v3 = cat.publish("tiny", [Direction(a, "a", sigma=torch.ones(STEPS))], metadata=meta,
-                     version="20240103T000000.000000Z-cccccc")
+    v1 = cat.publish(
+        "tiny",
+        [Direction(a, "a"), Direction(b, "b")],
+        metadata=meta,
+        version="20240101T000000.000000Z-aaaaaa",
+    )
+    v2 = cat.publish(
+        "tiny",
+        [Direction(-a, "a"), Direction(c, "c")],
+        metadata=meta,
+        version="20240102T000000.000000Z-bbbbbb",
+    )
+    v3 = cat.publish(
+        "tiny",
+        [Direction(a, "a", sigma=torch.ones(STEPS))],
+        metadata=meta,
+        version="20240103T000000.000000Z-cccccc",
+    )
     cat.set_ref("tiny", "stable", v1)
     return url, (v1, v2, v3)
 
@@ -247,7 +309,9 @@ def test_catalog_diff_reports_cosines_added_and_removed(published):
     url, (v1, v2, _) = published
     res = invoke("catalog", "diff", url, "tiny", v1, v2)
     assert res.exit_code == 0, res.output
-    cos = {line.split()[0]: float(line.split()[1]) for line in res.output.splitlines() if line.startswith("a ")}
+    cos = {
+        line.split()[0]: float(line.split()[1]) for line in res.output.splitlines() if line.startswith("a ")
+    }
     assert cos["a"] == pytest.approx(-1.0, abs=1e-6)  # v2 stores -a: cosine -1 up to float32 rounding
     assert "added: c" in res.output and "removed: b" in res.output
 
@@ -286,8 +350,21 @@ def test_catalog_checksum_error_exits_1(published):
 def test_edit_from_a_catalog_direction(tiny_model_dir, published, tmp_path):
     url, (_, _, v3) = published
     out = tmp_path / "strip.png"
-    res = invoke("edit", "--catalog", url, "--name", "a", "--units", "sigma", "--scales=-2,2", "--seeds", "0",
-                 "--out", out, *model_args(tiny_model_dir))
+    res = invoke(
+        "edit",
+        "--catalog",
+        url,
+        "--name",
+        "a",
+        "--units",
+        "sigma",
+        "--scales=-2,2",
+        "--seeds",
+        "0",
+        "--out",
+        out,
+        *model_args(tiny_model_dir),
+    )
     assert res.exit_code == 0, res.output
     assert v3 in res.output
     assert Image.open(out).size == grid_size(rows=1, cols=2)
@@ -311,7 +388,9 @@ def test_build_dry_run_prints_the_plan_and_bad_configs_exit_2(tiny_model_dir, tm
     assert res.exit_code == 0, res.output
     assert "dry run" in res.output and not (tmp_path / "run").exists()
     bad = tmp_path / "bad.yaml"
-    bad.write_text(json.dumps({**config, "sampler": {"kind": "ddpm", "num_inference_steps": STEPS, "bogus": 1}}))
+    bad.write_text(
+        json.dumps({**config, "sampler": {"kind": "ddpm", "num_inference_steps": STEPS, "bogus": 1}})
+    )
     res = invoke("build", "--config", bad, "--dry-run")
     assert res.exit_code == 2 and "bogus" in res.output
 

@@ -103,7 +103,11 @@ def test_save_load_round_trip_is_exact_on_a_local_path(tmp_path):
     assert torch.equal(back.sigma, d.sigma)
     assert torch.equal(back.timesteps, d.timesteps)
     assert (back.name, back.kind, back.units, back.model_fingerprint, back.provenance) == (
-        "smile", "supervised", "raw", "f00", {"q": 0.1, "seeds": [1, 2]}
+        "smile",
+        "supervised",
+        "raw",
+        "f00",
+        {"q": 0.1, "seeds": [1, 2]},
     )
 
 

@@ -36,19 +36,50 @@ DOCKERFILE = INFRA / "Dockerfile"
 # Field names of the KubeRay v1 API (KubeRay 1.6 reference) used to catch typos in the CRDs,
 # since no schema validator knows these kinds.
 RAYJOB_SPEC_FIELDS = {
-    "entrypoint", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "activeDeadlineSeconds",
-    "backoffLimit", "submissionMode", "runtimeEnvYAML", "rayClusterSpec", "clusterSelector",
-    "metadata", "jobId", "suspend", "entrypointNumCpus", "entrypointNumGpus", "entrypointResources",
-    "submitterPodTemplate", "submitterConfig", "deletionStrategy", "managedBy",
+    "entrypoint",
+    "shutdownAfterJobFinishes",
+    "ttlSecondsAfterFinished",
+    "activeDeadlineSeconds",
+    "backoffLimit",
+    "submissionMode",
+    "runtimeEnvYAML",
+    "rayClusterSpec",
+    "clusterSelector",
+    "metadata",
+    "jobId",
+    "suspend",
+    "entrypointNumCpus",
+    "entrypointNumGpus",
+    "entrypointResources",
+    "submitterPodTemplate",
+    "submitterConfig",
+    "deletionStrategy",
+    "managedBy",
 }
 RAYCLUSTER_SPEC_FIELDS = {
-    "rayVersion", "authOptions", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
-    "workerGroupSpecs", "headServiceAnnotations", "suspend", "gcsFaultToleranceOptions", "managedBy",
+    "rayVersion",
+    "authOptions",
+    "enableInTreeAutoscaling",
+    "autoscalerOptions",
+    "headGroupSpec",
+    "workerGroupSpecs",
+    "headServiceAnnotations",
+    "suspend",
+    "gcsFaultToleranceOptions",
+    "managedBy",
 }
 HEAD_GROUP_FIELDS = {"rayStartParams", "template", "serviceType", "headService", "enableIngress"}
 WORKER_GROUP_FIELDS = {
-    "groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template",
-    "numOfHosts", "idleTimeoutSeconds", "scaleStrategy", "suspend",
+    "groupName",
+    "replicas",
+    "minReplicas",
+    "maxReplicas",
+    "rayStartParams",
+    "template",
+    "numOfHosts",
+    "idleTimeoutSeconds",
+    "scaleStrategy",
+    "suspend",
 }
 RAYCRONJOB_SPEC_FIELDS = {"schedule", "jobTemplate", "suspend"}
 
@@ -95,6 +126,7 @@ def project_version() -> str:
 
 # ----------------------------------------------------------------------------- launcher
 
+
 def test_launcher_yaml_validates_against_rays_schema():
     import ray
 
@@ -129,6 +161,7 @@ def test_launcher_yaml_schema_rejects_a_misspelled_field():
 
 # ----------------------------------------------------------------------------- core Kubernetes objects
 
+
 def test_cronjob_objects_validate_with_kubernetes_validate():
     docs = load_all(CRONJOB)
     assert {d["kind"] for d in docs} == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "CronJob"}
@@ -148,10 +181,14 @@ def test_kubernetes_validate_rejects_a_misspelled_field():
 def test_pod_templates_inside_the_kuberay_crds_validate_as_pod_templates():
     for name, spec in rayjob_specs().items():
         for i, template in enumerate(pod_templates(spec["rayClusterSpec"])):
-            k8s_validate({
-                "apiVersion": "v1", "kind": "PodTemplate",
-                "metadata": {"name": f"{name.split('.')[0]}-{i}"}, "template": template,
-            })
+            k8s_validate(
+                {
+                    "apiVersion": "v1",
+                    "kind": "PodTemplate",
+                    "metadata": {"name": f"{name.split('.')[0]}-{i}"},
+                    "template": template,
+                }
+            )
 
 
 def test_cronjob_service_account_may_create_rayjobs():
@@ -160,7 +197,9 @@ def test_cronjob_service_account_may_create_rayjobs():
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == sa["metadata"]["name"]
     assert binding["roleRef"] == {
-        "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"],
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
     }
     assert {"kind": "ServiceAccount", "name": sa["metadata"]["name"]} in binding["subjects"]
     allowed = {
@@ -195,6 +234,7 @@ def test_cronjob_creates_the_rayjob_from_its_configmap():
 
 
 # ----------------------------------------------------------------------------- KubeRay CRDs by structure
+
 
 def test_kuberay_objects_use_ray_io_v1():
     assert (load_all(RAYJOB)[0]["apiVersion"], load_all(RAYJOB)[0]["kind"]) == ("ray.io/v1", "RayJob")
@@ -295,7 +335,8 @@ def dockerfile_copy_sources() -> list[str]:
 
 def test_dockerfile_copies_existing_paths_not_ignored_by_its_dockerignore():
     ignored = {
-        line.strip() for line in (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
+        line.strip()
+        for line in (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
     sources = dockerfile_copy_sources()

@@ -51,7 +51,9 @@ def exact(unet, x_t):
 def alg1(unet, x_t):
     # oversample=8: the tiny net's spectrum has gaps of only ~5% (s_i / s_{i+1} ~ 1.05), so
     # plain Alg. 1 needs >100 iterations; 8 extra vectors bring it to ~15 at the same accuracy.
-    return jacobian_directions(unet, x_t, T, K, method="subspace", oversample=8, tol=1e-4, n_iter=200, return_left=True)
+    return jacobian_directions(
+        unet, x_t, T, K, method="subspace", oversample=8, tol=1e-4, n_iter=200, return_left=True
+    )
 
 
 def _largest_principal_angle(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -61,7 +63,9 @@ def _largest_principal_angle(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.arccos(torch.linalg.svdvals(qa.T @ qb).min().clamp(max=1.0)))
 
 
-def _assert_matches_svd(vectors: torch.Tensor, values: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> None:
+def _assert_matches_svd(
+    vectors: torch.Tensor, values: torch.Tensor, s: torch.Tensor, vh: torch.Tensor
+) -> None:
     """Top-k singular values within 1e-3 relative and subspace within 1e-2 rad (the issue's bars)."""
     k = values.shape[0]
     rel = ((values.double() - s[:k]) / s[:k]).abs().max()

@@ -25,8 +25,20 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 # runtime_env upload: the code only (Ray's default limit is 100 MiB; .venv alone is gigabytes)
-EXCLUDES = [".venv", ".git", "**/__pycache__", ".pytest_cache", ".ruff_cache", "runs", "catalog", "out",
-            "build", "dist", "tests/benchmarks/results", "*.egg-info"]
+EXCLUDES = [
+    ".venv",
+    ".git",
+    "**/__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "runs",
+    "catalog",
+    "out",
+    "build",
+    "dist",
+    "tests/benchmarks/results",
+    "*.egg-info",
+]
 JOB_TIMEOUT_S = 600  # a loaded 2-core machine; the build itself takes ~1 minute
 
 
@@ -43,11 +55,21 @@ def _free_ports(n: int) -> list[int]:
 def _start_head(env: dict, log: Path) -> tuple[subprocess.Popen, str, str]:
     gcs, dash, agent, agent_grpc, runtime_env, metrics, client = _free_ports(7)
     cmd = [
-        str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-        f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", "--num-cpus=2",
-        "--disable-usage-stats", "--include-dashboard=true",
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs}",
+        f"--dashboard-port={dash}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--metrics-export-port={metrics}",
+        f"--ray-client-server-port={client}",
+        "--num-cpus=2",
+        "--disable-usage-stats",
+        "--include-dashboard=true",
     ]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -74,13 +96,15 @@ def ray_head(tmp_path_factory):
     in Ray 2.60); the start is then retried with fresh ports, up to 3 times.
     """
     env = dict(os.environ)
-    env.update({
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` in the entrypoint = this venv
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` in the entrypoint = this venv
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.pop("RAY_ADDRESS", None)
     env.pop("PYTHONPATH", None)  # jobs must import the project from their uploaded working_dir alone
     logs = tmp_path_factory.mktemp("ray_head")
@@ -109,7 +133,9 @@ def _client(url: str, env: dict):
     return JobSubmissionClient(url, headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
 
 
-def _wait_for_job_server(url: str, env: dict, proc: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:
+def _wait_for_job_server(
+    url: str, env: dict, proc: subprocess.Popen, log: Path, timeout_s: float = 240
+) -> None:
     """Until the job server answers; RuntimeError (with the head's log) if the head died or timed out."""
     deadline = time.monotonic() + timeout_s
     last = None
@@ -123,7 +149,9 @@ def _wait_for_job_server(url: str, env: dict, proc: subprocess.Popen, log: Path,
         except Exception as err:  # not up yet
             last = err
             time.sleep(2)
-    raise RuntimeError(f"Ray job server at {url} not ready after {timeout_s}s ({last}):\n{log.read_text()[-2000:]}")
+    raise RuntimeError(
+        f"Ray job server at {url} not ready after {timeout_s}s ({last}):\n{log.read_text()[-2000:]}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +163,9 @@ def tiny_config(tmp_path_factory, tiny_model_dir) -> Path:
 
     root = tmp_path_factory.mktemp("job")
     torch.manual_seed(0)
-    AttributeClassifier(["round", "size"], [True, False], image_size=16, width=8).save_pretrained(root / "clf")
+    AttributeClassifier(["round", "size"], [True, False], image_size=16, width=8).save_pretrained(
+        root / "clf"
+    )
     cfg = {
         "name": "tiny-job",
         "model": {"source": str(tiny_model_dir)},
@@ -146,8 +176,12 @@ def tiny_config(tmp_path_factory, tiny_model_dir) -> Path:
         "catalog": {"url": str(root / "catalog"), "model_name": "tiny"},
         "pca": {"n_components": 2, "batch_size": 8, "steps_per_actor": 4},
         "annotate": {"classifier": str(root / "clf"), "batch_size": 8},
-        "aggregate": {"quantile": 0.25, "random_baselines": 1, "disentangle": {"round": ["size"]},
-                      "condition": {"size": "round"}},
+        "aggregate": {
+            "quantile": 0.25,
+            "random_baselines": 1,
+            "disentangle": {"round": ["size"]},
+            "condition": {"size": "round"},
+        },
         "evaluate": {"seed_start": 100_000, "n_seeds": 2, "scales": [-2.0, 2.0], "batch_size": 4},
         "jacobian": [{"name": "j", "seed": 0, "step": 2, "k": 1, "mask": [0, 0, 8, 8]}],
     }
@@ -165,14 +199,19 @@ def _submit_and_wait(ray_head, entrypoint: str) -> str:
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while True:  # the head answers before its job agent has registered: retry that one error
         try:
-            job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES})
+            job = client.submit_job(
+                entrypoint=entrypoint, runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES}
+            )
             break
         except RuntimeError as err:
             if "No available agent" not in str(err) or time.monotonic() > deadline:
                 raise
             time.sleep(3)
     status = client.get_job_status(job)
-    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
+    while (
+        status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+        and time.monotonic() < deadline
+    ):
         time.sleep(2)
         status = client.get_job_status(job)
     logs = client.get_job_logs(job)
@@ -188,8 +227,14 @@ def built(ray_head, tiny_config):
 
 
 def _run_job_script(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, f"jobs/{script}", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=JOB_TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, f"jobs/{script}", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_S,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- tests
@@ -231,8 +276,18 @@ def test_submitted_build_publishes_a_verified_catalog_version(built):
     v.verify()  # sha256 and size of every listed file
     names = v.direction_names()
     kinds = {d["name"]: d["kind"] for d in v.manifest["directions"]}
-    assert {"round", "size", "round_boundary", "size_boundary", "round_disentangled", "size_conditional", "random_round_0",
-            "pca_0", "pca_1", "jac_j_0"} <= set(names)
+    assert {
+        "round",
+        "size",
+        "round_boundary",
+        "size_boundary",
+        "round_disentangled",
+        "size_conditional",
+        "random_round_0",
+        "pca_0",
+        "pca_1",
+        "jac_j_0",
+    } <= set(names)
     assert kinds["round_disentangled"] == "disentangled" and kinds["jac_j_0"] == "jacobian"
     assert kinds["size_conditional"] == "supervised"
     jac = v.directions()["jac_j_0"]

@@ -43,12 +43,16 @@ def test_matches_sklearn_incremental_pca_on_the_same_batches(solver):
     assert bool((cos >= 0.999).all()), cos  # the bar; gaps >= 1.4x make it far tighter in practice
     # Same algorithm in float64 on both sides: the spectra agree to ~1e-10; 1e-6 relative is generous.
     np.testing.assert_allclose(ours.explained_variance_.numpy(), ref.explained_variance_, rtol=1e-6)
-    np.testing.assert_allclose(ours.explained_variance_ratio_.numpy(), ref.explained_variance_ratio_, rtol=1e-6)
+    np.testing.assert_allclose(
+        ours.explained_variance_ratio_.numpy(), ref.explained_variance_ratio_, rtol=1e-6
+    )
     np.testing.assert_allclose(ours.singular_values_.numpy(), ref.singular_values_, rtol=1e-6)
     np.testing.assert_allclose(ours.mean_.numpy(), ref.mean_, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(ours.var_.numpy(), ref.var_, rtol=1e-9)
     assert ours.n_samples_seen_ == ref.n_samples_seen_ == 600
-    np.testing.assert_allclose(ours.transform(x[:7]).double().numpy(), ref.transform(x[:7].numpy()) * 1, atol=1e-4)
+    np.testing.assert_allclose(
+        ours.transform(x[:7]).double().numpy(), ref.transform(x[:7].numpy()) * 1, atol=1e-4
+    )
 
 
 def test_components_are_the_planted_directions_up_to_sign():
@@ -67,7 +71,9 @@ def test_merge_equals_one_pass_when_k_covers_the_data_rank():
     # must equal one pass over all batches up to float64 rounding.
     g = torch.Generator().manual_seed(1)
     basis, _ = torch.linalg.qr(torch.randn(30, 4, generator=g, dtype=torch.float64))
-    z = torch.randn(400, 4, generator=g, dtype=torch.float64) * torch.tensor([9.0, 5.0, 3.0, 1.0], dtype=torch.float64)
+    z = torch.randn(400, 4, generator=g, dtype=torch.float64) * torch.tensor(
+        [9.0, 5.0, 3.0, 1.0], dtype=torch.float64
+    )
     x = 5 + z @ basis.T
     x[:200] += basis[:, 0] * 2  # the two halves have different means
     one = IncrementalPCA(4)

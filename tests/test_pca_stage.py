@@ -61,7 +61,11 @@ def _add_block(store: RunStore, index: int) -> None:
 def _store(path, n_blocks: int) -> RunStore:
     store = RunStore(str(path))
     store.ensure_identity({"synthetic": True, "num_inference_steps": T})
-    facts = {"h_shape": [C, H, W], "timesteps": [999 - 250 * t for t in range(T)], "model_fingerprint": "synthetic"}
+    facts = {
+        "h_shape": [C, H, W],
+        "timesteps": [999 - 250 * t for t in range(T)],
+        "model_fingerprint": "synthetic",
+    }
     store.record_stage("generate", {"model": facts})
     for i in range(n_blocks):
         _add_block(store, i)
@@ -78,14 +82,21 @@ def _cfg(model_dir, run_url: str, backend: str = "torch", steps_per_actor: int =
             "storage": {"run_url": run_url},
             "catalog": {"url": "memory://unused", "model_name": "tiny"},
             # 20-row batches do not line up with 24-seed blocks: batches cross shard boundaries.
-            "pca": {"n_components": K, "backend": backend, "batch_size": 20, "checkpoint_every": 1,
-                    "steps_per_actor": steps_per_actor},
+            "pca": {
+                "n_components": K,
+                "backend": backend,
+                "batch_size": 20,
+                "checkpoint_every": 1,
+                "steps_per_actor": steps_per_actor,
+            },
         }
     )
 
 
 def _exact_components(store: RunStore, step: int) -> np.ndarray:
-    x = np.concatenate([b.h.reshape(len(b.seeds), -1) for b in store.iter_step_batches(step, 1000)]).astype(np.float64)
+    x = np.concatenate([b.h.reshape(len(b.seeds), -1) for b in store.iter_step_batches(step, 1000)]).astype(
+        np.float64
+    )
     _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
     return vt[:K]
 
@@ -117,7 +128,8 @@ def test_stage_equals_single_process_fit_and_exact_pca(torch_run):
         # Same batches, same float64 updates: equal up to float64 rounding of BLAS threading.
         np.testing.assert_allclose(_components(result.pca, t), _components(reference, t), atol=1e-10)
         np.testing.assert_allclose(
-            result.pca.estimators[t].singular_values_.numpy(), reference.estimators[t].singular_values_.numpy(),
+            result.pca.estimators[t].singular_values_.numpy(),
+            reference.estimators[t].singular_values_.numpy(),
             rtol=1e-10,
         )
         # Incremental truncated PCA equals the exact PCA when the spectrum has gaps (16 : 8 : 4 >> noise).

@@ -116,7 +116,9 @@ def test_matches_ddim_pipeline(model, eta):
     ours = sampler.sample(SEEDS[:4], record_h=False)
     pipe = DDIMPipeline(unet=model.unet, scheduler=model.make_scheduler("ddpm"))
     generators = [torch.Generator().manual_seed(s) for s in SEEDS[:4]]
-    out = pipe(batch_size=4, generator=generators, eta=eta, num_inference_steps=STEPS, output_type="pt").images
+    out = pipe(
+        batch_size=4, generator=generators, eta=eta, num_inference_steps=STEPS, output_type="pt"
+    ).images
     assert (out - ours.images).abs().max() <= TOL
 
 
@@ -202,7 +204,9 @@ def test_asyrp_with_zero_scale_equals_plain_ddpm_without_clipping(model):
     # with z_t from the same generators; a different expression: rounding bound 1e-4 (measured ~1e-6)
     sampler = HSpaceSampler(model, num_inference_steps=STEPS, clip_sample=False)
     base = sampler.sample(SEEDS[:3], record_h=False)
-    asyrp = sampler.sample(SEEDS[:3], edit=Edit(direction(model, 9), scales=0.0, mode="asyrp"), record_h=False)
+    asyrp = sampler.sample(
+        SEEDS[:3], edit=Edit(direction(model, 9), scales=0.0, mode="asyrp"), record_h=False
+    )
     assert (asyrp.images - base.images).abs().max() <= 1e-4
 
 

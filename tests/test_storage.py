@@ -24,7 +24,9 @@ def _h(seed: int, step: int) -> np.ndarray:
 def _write_block(store: RunStore, start: int, stop: int, worker: str = "w0") -> BlockRecord:
     seeds = np.arange(start, stop)
     shards = tuple(
-        store.write_activations(step, 900 - 100 * step, seeds, np.stack([_h(s, step) for s in seeds]), worker, start)
+        store.write_activations(
+            step, 900 - 100 * step, seeds, np.stack([_h(s, step) for s in seeds]), worker, start
+        )
         for step in STEPS
     )
     samples = store.write_samples(seeds, [f"png-{s}".encode() for s in seeds], worker, start)
@@ -48,7 +50,10 @@ def test_activation_shard_uses_canonical_tensor_type_zstd_and_byte_stream_split(
     assert pf.schema_arrow.field("seed").type == pa.int64()
     assert pf.schema_arrow.field("step").type == pa.int16()
     assert pf.schema_arrow.field("timestep").type == pa.int16()
-    cols = {pf.metadata.row_group(0).column(i).path_in_schema: pf.metadata.row_group(0).column(i) for i in range(4)}
+    cols = {
+        pf.metadata.row_group(0).column(i).path_in_schema: pf.metadata.row_group(0).column(i)
+        for i in range(4)
+    }
     h_col = cols["h.list.element"]
     assert h_col.compression == "ZSTD"
     assert "BYTE_STREAM_SPLIT" in h_col.encodings

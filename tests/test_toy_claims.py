@@ -93,11 +93,15 @@ def test_pca_directions_move_attributes_far_more_than_random(world):
     # every direction, PCA or random, edits with the same per-step norm: 2 sigma of component 0
     norms = 2.0 * pca.explained_variance_[:, 0].sqrt().float()
     pcs = [with_step_norms(pca.direction(j, name=f"pc{j}"), norms) for j in range(k)]
-    rnd = [with_step_norms(random_like(pcs[0], seed=100 + r, name=f"random{r}"), norms) for r in range(N_RANDOM)]
+    rnd = [
+        with_step_norms(random_like(pcs[0], seed=100 + r, name=f"random{r}"), norms) for r in range(N_RANDOM)
+    ]
     eff = edit_effects(sampler, clf, pcs + rnd, EVAL_SEEDS, [1.0])
     mean = eff.mean()[:, 0].abs()  # [D, A]
     p95 = torch.quantile(mean[k:], 0.95, dim=0)  # per attribute
-    table = {pcs[j].name: {a: round(float(mean[j, i]), 3) for i, a in enumerate(clf.attributes)} for j in range(k)}
+    table = {
+        pcs[j].name: {a: round(float(mean[j, i]), 3) for i, a in enumerate(clf.attributes)} for j in range(k)
+    }
     ratio = (mean[:k] / p95.clamp_min(1e-6)).max(1)
     log("pca effects |mean delta| (pcs)", table)
     log("pca random p95", {a: round(float(p95[i]), 3) for i, a in enumerate(clf.attributes)})
@@ -117,8 +121,14 @@ def test_supervised_directions_move_their_attribute_monotonically_on_most_seeds(
     dirs_h, dirs_x = supervised
     attrs = list(clf.attributes)
     binary = [a for a in attrs if clf.binary[clf.index(a)]]
-    eff = edit_effects(sampler, clf, [dirs_h[a] for a in attrs], EVAL_SEEDS, [0.5, 1.0],
-                       toward_absent=[a if a in binary else None for a in attrs])
+    eff = edit_effects(
+        sampler,
+        clf,
+        [dirs_h[a] for a in attrs],
+        EVAL_SEEDS,
+        [0.5, 1.0],
+        toward_absent=[a if a in binary else None for a in attrs],
+    )
     # matched-norm random baselines (2 draws) for the attributes the test asserts on
     claimed = STRONG + WEAKER
     rnd_dirs = [random_like(dirs_h[a], seed=7 + r, name=f"{a}_random{r}") for a in claimed for r in range(2)]
@@ -128,9 +138,12 @@ def test_supervised_directions_move_their_attribute_monotonically_on_most_seeds(
         c = clf.index(a)
         # the change in the intended direction (sign-corrected for seeds edited toward absence)
         d_half, d_full = eff.deltas[i, 0, :, c] * eff.signs[i], eff.deltas[i, 1, :, c] * eff.signs[i]
-        r = {"frac_intended": float((d_full > 0).float().mean()),
-             "frac_monotone": float(((d_full > d_half) & (d_half > 0)).float().mean()),
-             "mean": float(d_full.mean()), "mean_half": float(d_half.mean())}
+        r = {
+            "frac_intended": float((d_full > 0).float().mean()),
+            "frac_monotone": float(((d_full > d_half) & (d_half > 0)).float().mean()),
+            "mean": float(d_full.mean()),
+            "mean_half": float(d_half.mean()),
+        }
         if a in binary:
             r["seeds_edited_toward_absence"] = int((eff.signs[i] < 0).sum())
         if a in claimed:
@@ -191,10 +204,20 @@ def test_disentangling_cuts_the_cross_effect_of_the_correlated_pair(world, super
     cg, ca = clf.index("glasses"), clf.index("grey_hair")
     g, a = dirs_h["glasses"], dirs_h["grey_hair"]
     g_norm, a_norm = g.norm_per_step(), a.norm_per_step()
-    g_cond = supervised_direction(traj.h, scores[:, cg], Q, "glasses_given_grey", condition_on=scores[:, ca] > 0)
-    a_cond = supervised_direction(traj.h, scores[:, ca], Q, "grey_given_glasses", condition_on=scores[:, cg] > 0)
-    rows = [g, with_step_norms(disentangle(g, [a]), g_norm, "glasses_perp_grey"), with_step_norms(g_cond, g_norm),
-            a, with_step_norms(disentangle(a, [g]), a_norm, "grey_perp_glasses"), with_step_norms(a_cond, a_norm)]
+    g_cond = supervised_direction(
+        traj.h, scores[:, cg], Q, "glasses_given_grey", condition_on=scores[:, ca] > 0
+    )
+    a_cond = supervised_direction(
+        traj.h, scores[:, ca], Q, "grey_given_glasses", condition_on=scores[:, cg] > 0
+    )
+    rows = [
+        g,
+        with_step_norms(disentangle(g, [a]), g_norm, "glasses_perp_grey"),
+        with_step_norms(g_cond, g_norm),
+        a,
+        with_step_norms(disentangle(a, [g]), a_norm, "grey_perp_glasses"),
+        with_step_norms(a_cond, a_norm),
+    ]
     cosine = torch.nn.functional.cosine_similarity(g.vector.flatten(1), a.vector.flatten(1), dim=1)
     log("cosine(glasses, grey_hair) per step", {"min": float(cosine.min()), "max": float(cosine.max())})
     seeds = list(range(4_000_000, 4_000_000 + 80))
@@ -202,25 +225,39 @@ def test_disentangling_cuts_the_cross_effect_of_the_correlated_pair(world, super
     eff = edit_effects(sampler, clf, rows, seeds, [gamma])
     groups = eff.deltas[:, 0].reshape(len(rows), 10, 8, -1).mean(2)  # [D, 10 groups, A]
     m, s = groups.mean(1), groups.std(1)
-    matrix = {d.name: {c: f"{m[i, j]:+.2f}±{s[i, j]:.2f}" for j, c in enumerate(clf.attributes)}
-              for i, d in enumerate(rows)}
+    matrix = {
+        d.name: {c: f"{m[i, j]:+.2f}±{s[i, j]:.2f}" for j, c in enumerate(clf.attributes)}
+        for i, d in enumerate(rows)
+    }
     log(f"Table I effect matrix, gamma {gamma} (mean±std over 10 groups of 8 seeds)", matrix)
     summary = {}
     for own, cross, base in (("glasses", "grey_hair", 0), ("grey_hair", "glasses", 3)):
         co, cc = clf.index(own), clf.index(cross)
         for variant, i in (("projected", base + 1), ("conditional", base + 2)):
             summary[f"{own}_{variant}"] = {
-                "own_raw": float(m[base, co]), "own": float(m[i, co]),
-                "cross_raw": float(m[base, cc]), "cross": float(m[i, cc]),
+                "own_raw": float(m[base, co]),
+                "own": float(m[i, co]),
+                "cross_raw": float(m[base, cc]),
+                "cross": float(m[i, cc]),
                 "cross_cut": float(1 - m[i, cc].abs() / m[base, cc].abs()),
                 "own_kept": float(m[i, co] / m[base, co]),
                 "own_is_largest": bool(m[i, co].abs() >= m[i].abs().max()),
             }
     log("cross-effect cut and own effect kept", summary)
     heatmap(m.numpy(), [d.name for d in rows], list(clf.attributes), title="Table I on the toy model").save(
-        tmp_path / "table1.png")
-    (tmp_path / "table1.json").write_text(json.dumps(
-        {"gamma": gamma, "rows": [d.name for d in rows], "columns": clf.attributes, "mean": m.tolist(), "std": s.tolist()}))
+        tmp_path / "table1.png"
+    )
+    (tmp_path / "table1.json").write_text(
+        json.dumps(
+            {
+                "gamma": gamma,
+                "rows": [d.name for d in rows],
+                "columns": clf.attributes,
+                "mean": m.tolist(),
+                "std": s.tolist(),
+            }
+        )
+    )
     assert (tmp_path / "table1.png").stat().st_size > 0
     # eq. 12 on glasses (the paper's example): measured cross-effect on grey hair cut 0.80, own kept 0.74.
     r = summary["glasses_projected"]
@@ -262,8 +299,9 @@ def test_masked_jacobian_direction_stays_inside_the_mask(world):
         n = len(local)
         dirs = [_as_direction(vectors[b] * h_norm[b] / vectors[b].norm(), f"jac{b}") for b in range(n)]
         scales = torch.cat([torch.eye(n), -torch.eye(n)])  # row b: +v_b, row n + b: -v_b
-        return sampler.sample(local + local, edit=Edit(dirs, scales=scales, steps=JAC_EDIT_STEPS),
-                              record_h=False).images
+        return sampler.sample(
+            local + local, edit=Edit(dirs, scales=scales, steps=JAC_EDIT_STEPS), record_h=False
+        ).images
 
     def shares_in(mask: torch.Tensor, vectors: torch.Tensor) -> list[float]:
         energy = ((edited(vectors) - traj.images[:N_MASKED].repeat(2, 1, 1, 1)) ** 2).sum(1)
@@ -278,22 +316,35 @@ def test_masked_jacobian_direction_stays_inside_the_mask(world):
         assert bool(masked.converged.all())
         shares = shares_in(mask, masked.vectors[:, 0])
         shares_free = shares_in(mask, free.vectors[:N_MASKED, 0])
-        report[name] = {"area_share": float(mask.mean()), "masked_share": float(np.mean(shares)),
-                        "unmasked_share": float(np.mean(shares_free)), "masked_shares": shares}
+        report[name] = {
+            "area_share": float(mask.mean()),
+            "masked_share": float(np.mean(shares)),
+            "unmasked_share": float(np.mean(shares_free)),
+            "masked_shares": shares,
+        }
     # unmasked top directions against random ones of the same norm, at the same steps
     u = free.vectors[:, 0] * (h_norm / free.vectors[:, 0].flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
     n, draws = len(seeds), N_RANDOM_CONTROL
     r = torch.randn((draws * n, *u.shape[1:]), generator=torch.Generator().manual_seed(0))
     r = r * (u.repeat(draws, 1, 1, 1).flatten(1).norm(dim=1) / r.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
-    img_u = sampler.sample(seeds, edit=Edit([_as_direction(v, "u") for v in u], scales=torch.eye(n),
-                                            steps=JAC_EDIT_STEPS), record_h=False).images
-    img_r = sampler.sample(seeds * draws, edit=Edit([_as_direction(v, "r") for v in r], scales=torch.eye(draws * n),
-                                                    steps=JAC_EDIT_STEPS), record_h=False).images
+    img_u = sampler.sample(
+        seeds,
+        edit=Edit([_as_direction(v, "u") for v in u], scales=torch.eye(n), steps=JAC_EDIT_STEPS),
+        record_h=False,
+    ).images
+    img_r = sampler.sample(
+        seeds * draws,
+        edit=Edit([_as_direction(v, "r") for v in r], scales=torch.eye(draws * n), steps=JAC_EDIT_STEPS),
+        record_h=False,
+    ).images
     energy_u = (img_u - traj.images).pow(2).flatten(1).sum(1)
     energy_r = (img_r - traj.images.repeat(draws, 1, 1, 1)).pow(2).flatten(1).sum(1).view(draws, n).mean(0)
     ratios = energy_u / energy_r.clamp_min(1e-12)  # per seed, against the mean of its random draws
-    report["unmasked_vs_random"] = {"median": float(ratios.median()), "frac_above_1": float((ratios > 1).float().mean()),
-                                    "quartiles": torch.quantile(ratios, torch.tensor([0.25, 0.75])).tolist()}
+    report["unmasked_vs_random"] = {
+        "median": float(ratios.median()),
+        "frac_above_1": float((ratios > 1).float().mean()),
+        "quartiles": torch.quantile(ratios, torch.tensor([0.25, 0.75])).tolist(),
+    }
     log("masked jacobian", report)
     # measured (8 seeds): masked share 3.0x (mouth) and 3.5x (eyes) the mask's area share, against
     # 1.6x and 2.4x for the unmasked top direction. Unmasked vs random (32 seeds, 2 draws): median
@@ -312,7 +363,9 @@ def _random_inversion(inv):
     """The same inversion with x_T replaced by fresh noise: the reconstruction a broken inversion gives."""
     import dataclasses
 
-    return dataclasses.replace(inv, x_T=torch.randn(inv.x_T.shape, generator=torch.Generator().manual_seed(0)))
+    return dataclasses.replace(
+        inv, x_T=torch.randn(inv.x_T.shape, generator=torch.Generator().manual_seed(0))
+    )
 
 
 def _as_direction(vector: torch.Tensor, name: str):
@@ -337,19 +390,26 @@ def test_h_swap_moves_global_attributes_towards_the_donor(world):
     n, draws = len(a_seeds), N_RANDOM_CONTROL
     swap_norms = (tb.h - ta.h).flatten(2).norm(dim=2)  # [n, T]
     noise = torch.randn((draws * n, *ta.h.shape[1:]), generator=torch.Generator().manual_seed(11))
-    noise = noise * (swap_norms.repeat(draws, 1) / noise.flatten(2).norm(dim=2)).view(*noise.shape[:2], 1, 1, 1)
+    noise = noise * (swap_norms.repeat(draws, 1) / noise.flatten(2).norm(dim=2)).view(
+        *noise.shape[:2], 1, 1, 1
+    )
     dirs = [_as_direction(v, f"swap_random{i}") for i, v in enumerate(noise)]
-    sr = score_images(clf, sampler.sample(a_seeds * draws, edit=Edit(dirs, scales=torch.eye(draws * n)),
-                                          record_h=False).images)
+    sr = score_images(
+        clf,
+        sampler.sample(a_seeds * draws, edit=Edit(dirs, scales=torch.eye(draws * n)), record_h=False).images,
+    )
     report = {}
     for a in SEMANTIC + ["background_hue"]:
         c = clf.index(a)
         before = (sa[:, c] - sb[:, c]).abs()
         after = (ss[:, c] - sb[:, c]).abs()
         after_random = (sr[:, c] - sb[:, c].repeat(draws)).abs()
-        report[a] = {"gap_before": float(before.mean()), "gap_after": float(after.mean()),
-                     "closed_fraction": float(1 - after.mean() / before.mean()),
-                     "closed_fraction_random": float(1 - after_random.mean() / before.mean())}
+        report[a] = {
+            "gap_before": float(before.mean()),
+            "gap_after": float(after.mean()),
+            "closed_fraction": float(1 - after.mean() / before.mean()),
+            "closed_fraction_random": float(1 - after_random.mean() / before.mean()),
+        }
     log("h-swap: distance to donor's scores", report)
     # measured: grey 0.93, glasses 0.77, hat 0.90, pose 0.96 of the gap closed (random: 0.02-0.07);
     # background 0.04
@@ -369,8 +429,14 @@ def test_real_images_are_inverted_reconstructed_and_edited(world, supervised):
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     report = reconstruction_report(model, x, num_inference_steps=STEPS)
     rec = report.reconstruction.images
-    noise_psnr = float(psnr(x, reconstruct(model, _random_inversion(report.inversion), record_h=False).images).mean())
-    results = {"psnr": report.psnr.tolist(), "psnr_mean": report.mean_psnr, "psnr_from_random_x_T": noise_psnr}
+    noise_psnr = float(
+        psnr(x, reconstruct(model, _random_inversion(report.inversion), record_h=False).images).mean()
+    )
+    results = {
+        "psnr": report.psnr.tolist(),
+        "psnr_mean": report.mean_psnr,
+        "psnr_from_random_x_T": noise_psnr,
+    }
     rec_scores = score_images(clf, rec)
     for a in ("grey_hair", "hat"):
         c = clf.index(a)
@@ -381,8 +447,11 @@ def test_real_images_are_inverted_reconstructed_and_edited(world, supervised):
             edited = reconstruct(model, report.inversion, edit=Edit(d, scales=1.0), record_h=False).images
             deltas.append(score_images(clf, edited)[:, c] - rec_scores[:, c])
         d, rnd = deltas[0], torch.stack(deltas[1:])
-        results[a] = {"frac_moved": float((d > 0).float().mean()), "mean_delta": float(d.mean()),
-                      "random_abs_mean_delta": float(rnd.mean(1).abs().max())}
+        results[a] = {
+            "frac_moved": float((d > 0).float().mean()),
+            "mean_delta": float(d.mean()),
+            "random_abs_mean_delta": float(rnd.mean(1).abs().max()),
+        }
     log("real images", results)
     # measured: 27.3 dB (9.0 from random x_T); grey hair moves 16/16, hat 14/16, 59x and 250x random
     assert report.mean_psnr > 22.0

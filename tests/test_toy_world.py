@@ -114,7 +114,9 @@ def test_sample_quality_reads_the_models_samples_of_the_given_seeds():
     from hspace.toy import load_toy_model
     from hspace.toy.evaluate import sample_quality
 
-    q = sample_quality(HSpaceSampler(load_toy_model(), num_inference_steps=5), load_toy_classifier(), range(4))
+    q = sample_quality(
+        HSpaceSampler(load_toy_model(), num_inference_steps=5), load_toy_classifier(), range(4)
+    )
     assert q["n"] == 4 and set(q["frequencies"]) == {"eyes_open", "glasses", "hat", "grey_hair"}
     assert 0.0 <= q["confident_fraction"] <= 1.0
     assert set(q["background"]) == {"saturation", "value"}

@@ -42,17 +42,25 @@ class AttributeClassifier(nn.Module):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
 
         self.features = nn.Sequential(
-            block(3, w, 1), block(w, w, 1), block(w, 2 * w, 2), block(2 * w, 2 * w, 1),
-            block(2 * w, 4 * w, 2), block(4 * w, 4 * w, 2),
+            block(3, w, 1),
+            block(w, w, 1),
+            block(w, 2 * w, 2),
+            block(2 * w, 2 * w, 1),
+            block(2 * w, 4 * w, 2),
+            block(4 * w, 4 * w, 2),
         )
         side = image_size // 8
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * side * side, 256), nn.SiLU(), nn.Linear(256, len(attributes)))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(4 * w * side * side, 256), nn.SiLU(), nn.Linear(256, len(attributes))
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            raise ValueError(f"images must be {self.image_size}x{self.image_size}, got {tuple(images.shape[-2:])}")
+            raise ValueError(
+                f"images must be {self.image_size}x{self.image_size}, got {tuple(images.shape[-2:])}"
+            )
         return self.head(self.features(images * 2.0 - 1.0))
 
     def index(self, attribute: str) -> int:
@@ -60,20 +68,31 @@ class AttributeClassifier(nn.Module):
         try:
             return self.attributes.index(attribute)
         except ValueError:
-            raise KeyError(f"unknown attribute {attribute!r}; this classifier has {self.attributes}") from None
+            raise KeyError(
+                f"unknown attribute {attribute!r}; this classifier has {self.attributes}"
+            ) from None
 
     # --- persistence -------------------------------------------------------------------------
     def config(self) -> dict:
-        return {"attributes": self.attributes, "binary": self.binary, "image_size": self.image_size, "width": self.width}
+        return {
+            "attributes": self.attributes,
+            "binary": self.binary,
+            "image_size": self.image_size,
+            "width": self.width,
+        }
 
     def save_pretrained(self, directory: str | Path) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / CONFIG_NAME).write_text(json.dumps(self.config(), indent=2))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(d / WEIGHTS_NAME))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(d / WEIGHTS_NAME)
+        )
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> AttributeClassifier:
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu"
+    ) -> AttributeClassifier:
         d = Path(directory)
         if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"no classifier at {d}: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -88,7 +107,9 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     blur = torch.rand(b, 1, 1, 1, generator=gen) < 0.5
     k = torch.tensor([1.0, 2.0, 1.0])
     k = (k[:, None] * k[None, :]) / 16
-    blurred = nn.functional.conv2d(nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), k.expand(3, 1, 3, 3), groups=3)
+    blurred = nn.functional.conv2d(
+        nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), k.expand(3, 1, 3, 3), groups=3
+    )
     x = torch.where(blur, blurred, x)
     x = x + torch.randn(x.shape, generator=gen) * torch.rand(b, 1, 1, 1, generator=gen) * 0.06
     return x.clamp(0, 1)

@@ -21,7 +21,9 @@ from hspace.toy.world import FACTORS, make_dataset
 
 
 @torch.no_grad()
-def score_images(classifier: AttributeClassifier, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def score_images(
+    classifier: AttributeClassifier, images: torch.Tensor, batch_size: int = 512
+) -> torch.Tensor:
     """Classifier scores [N, A] of images [N, 3, H, W] in [0, 1] (any leading shape is flattened)."""
     lead = images.shape[:-3]
     flat = images.reshape(-1, *images.shape[-3:]).float()
@@ -92,8 +94,12 @@ def edit_effects(
             sign = torch.where(base_scores[:, col] > 0, -1.0, 1.0)
         row_scales = (sign[:, None] * torch.tensor([float(s) for s in scales])[None, :]).reshape(-1, 1)
         row_seeds = [seed for seed in seeds for _ in scales]  # row b * S + j: seed b at scale j
-        imgs = sampler.sample(row_seeds, edit=Edit(d, scales=row_scales, mode=mode, units=units),
-                              record_h=False, batch_size=batch_size).images
+        imgs = sampler.sample(
+            row_seeds,
+            edit=Edit(d, scales=row_scales, mode=mode, units=units),
+            record_h=False,
+            batch_size=batch_size,
+        ).images
         scores = score_images(classifier, imgs).view(len(seeds), len(scales), -1)  # [B, S, A]
         deltas.append((scores - base_scores[:, None, :]).permute(1, 0, 2))
         signs.append(sign)
@@ -115,15 +121,23 @@ def with_step_norms(direction: Direction, norms: torch.Tensor, name: str | None 
     factor = (norms.to(v.dtype) / own.clamp_min(1e-12)).reshape(-1, *([1] * 3))
     vec = v * factor if v.ndim == 4 else (v * factor[0])
     return Direction(
-        vector=vec, name=name or direction.name, kind=direction.kind, units=direction.units,
-        sigma=direction.sigma, timesteps=direction.timesteps, model_fingerprint=direction.model_fingerprint,
+        vector=vec,
+        name=name or direction.name,
+        kind=direction.kind,
+        units=direction.units,
+        sigma=direction.sigma,
+        timesteps=direction.timesteps,
+        model_fingerprint=direction.model_fingerprint,
         provenance={**direction.provenance, "rescaled_to_step_norms": True},
     )
 
 
 @torch.no_grad()
 def sample_quality(
-    sampler: HSpaceSampler, classifier: AttributeClassifier, seeds: Sequence[int], margin: float = 2.0,
+    sampler: HSpaceSampler,
+    classifier: AttributeClassifier,
+    seeds: Sequence[int],
+    margin: float = 2.0,
     batch_size: int | None = None,
 ) -> dict:
     """How world-like the model's samples of ``seeds`` are; see :func:`image_quality`."""

@@ -21,7 +21,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
 
 
-def image_grid(images: torch.Tensor, upscale: int = 3, pad: int = 2, labels: Sequence[str] | None = None) -> Image.Image:
+def image_grid(
+    images: torch.Tensor, upscale: int = 3, pad: int = 2, labels: Sequence[str] | None = None
+) -> Image.Image:
     """A grid from images [R, C, 3, H, W] (or [N, 3, H, W] as one row), nearest-neighbour upscaled.
 
     ``labels`` (one per row) are written to the left of each row.
@@ -32,7 +34,9 @@ def image_grid(images: torch.Tensor, upscale: int = 3, pad: int = 2, labels: Seq
     arr = to_uint8(images)
     cell_h, cell_w = h * upscale, w * upscale
     left = 0 if labels is None else 8 + 7 * max(len(s) for s in labels)
-    canvas = Image.new("RGB", (left + cols * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), (255, 255, 255))
+    canvas = Image.new(
+        "RGB", (left + cols * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), (255, 255, 255)
+    )
     draw = ImageDraw.Draw(canvas)
     for r in range(rows):
         if labels is not None:
@@ -43,7 +47,9 @@ def image_grid(images: torch.Tensor, upscale: int = 3, pad: int = 2, labels: Seq
     return canvas
 
 
-def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str = "", cell: int = 64) -> Image.Image:
+def heatmap(
+    matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str = "", cell: int = 64
+) -> Image.Image:
     """A diverging heatmap (blue negative, red positive) with the value written in each cell."""
     m = np.asarray(matrix, dtype=np.float64)
     scale = float(np.nanmax(np.abs(m))) or 1.0
@@ -57,7 +63,11 @@ def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title:
         d.text((4, top + i * cell + cell // 2 - 5), r, fill=(0, 0, 0))
         for j in range(len(cols)):
             v = m[i, j] / scale
-            color = (255, int(255 * (1 - v)), int(255 * (1 - v))) if v >= 0 else (int(255 * (1 + v)), int(255 * (1 + v)), 255)
+            color = (
+                (255, int(255 * (1 - v)), int(255 * (1 - v)))
+                if v >= 0
+                else (int(255 * (1 + v)), int(255 * (1 + v)), 255)
+            )
             x0, y0 = left + j * cell, top + i * cell
             d.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=color, outline=(200, 200, 200))
             d.text((x0 + 6, y0 + cell // 2 - 5), f"{m[i, j]:+.2f}", fill=(0, 0, 0))
@@ -91,13 +101,17 @@ def render_readme_figures(out: Path, steps: int = 20, n_train: int = 512) -> dic
     strip_seeds = [11, 12, 13]
     rows, labels = [], []
     for j in range(4):
-        strips = sampler.sample_edits(strip_seeds, pca.direction(j, name=f"pc{j}"), [-3, -1.5, 0, 1.5, 3], units="sigma")
+        strips = sampler.sample_edits(
+            strip_seeds, pca.direction(j, name=f"pc{j}"), [-3, -1.5, 0, 1.5, 3], units="sigma"
+        )
         rows.append(strips[0])
         labels.append(f"pc{j}")
     image_grid(torch.stack(rows), labels=labels).save(out / "pca_edits.png")
 
-    dirs = {a: supervised_direction(traj.h, scores[:, clf.index(a)], 0.2, a, timesteps=sampler.timesteps)
-            for a in ("grey_hair", "glasses", "hat", "smile", "eyes_open", "pose")}
+    dirs = {
+        a: supervised_direction(traj.h, scores[:, clf.index(a)], 0.2, a, timesteps=sampler.timesteps)
+        for a in ("grey_hair", "glasses", "hat", "smile", "eyes_open", "pose")
+    }
     rows, labels = [], []
     for a, d in dirs.items():
         rows.append(sampler.sample_edits([21], d, [-1.0, -0.5, 0, 0.5, 1.0])[0])
@@ -106,28 +120,42 @@ def render_readme_figures(out: Path, steps: int = 20, n_train: int = 512) -> dic
 
     g, a = dirs["glasses"], dirs["grey_hair"]
     cg, ca = clf.index("glasses"), clf.index("grey_hair")
-    g_cond = supervised_direction(traj.h, scores[:, cg], 0.2, "glasses_given_grey", condition_on=scores[:, ca] > 0)
-    a_cond = supervised_direction(traj.h, scores[:, ca], 0.2, "grey_given_glasses", condition_on=scores[:, cg] > 0)
-    table = [g, with_step_norms(disentangle(g, [a], name="glasses_perp_grey"), g.norm_per_step()),
-             with_step_norms(g_cond, g.norm_per_step()),
-             a, with_step_norms(disentangle(a, [g], name="grey_perp_glasses"), a.norm_per_step()),
-             with_step_norms(a_cond, a.norm_per_step())]
+    g_cond = supervised_direction(
+        traj.h, scores[:, cg], 0.2, "glasses_given_grey", condition_on=scores[:, ca] > 0
+    )
+    a_cond = supervised_direction(
+        traj.h, scores[:, ca], 0.2, "grey_given_glasses", condition_on=scores[:, cg] > 0
+    )
+    table = [
+        g,
+        with_step_norms(disentangle(g, [a], name="glasses_perp_grey"), g.norm_per_step()),
+        with_step_norms(g_cond, g.norm_per_step()),
+        a,
+        with_step_norms(disentangle(a, [g], name="grey_perp_glasses"), a.norm_per_step()),
+        with_step_norms(a_cond, a.norm_per_step()),
+    ]
     # the acceptance test's Table I protocol: DDIM, gamma 0.5 of the mean difference, equal norms
     ddim = HSpaceSampler(model, sampler="ddim", num_inference_steps=steps)
     eff = edit_effects(ddim, clf, table, list(range(4_000_000, 4_000_064)), [0.5])
     cols = [c for c in clf.attributes]
     m = eff.mean()[:, 0].numpy()
     heatmap(m, [d.name for d in table], cols, title="effect (logit / value change) of each direction").save(
-        out / "disentangle_heatmap.png")
-    result = {"rows": [d.name for d in table], "columns": cols, "matrix": m.tolist(),
-              "protocol": "ddim, gamma 0.5, 64 seeds"}
+        out / "disentangle_heatmap.png"
+    )
+    result = {
+        "rows": [d.name for d in table],
+        "columns": cols,
+        "matrix": m.tolist(),
+        "protocol": "ddim, gamma 0.5, 64 seeds",
+    }
     (out / "disentangle_matrix.json").write_text(json.dumps(result, indent=2))
     render_jacobian_figure(out / "jacobian_edits.png", model, sampler)
     return result
 
 
-def render_jacobian_figure(path: Path, model, sampler, seeds: tuple[int, ...] = (5_000_000, 5_000_001, 5_000_002),
-                           step: int = 18) -> None:
+def render_jacobian_figure(
+    path: Path, model, sampler, seeds: tuple[int, ...] = (5_000_000, 5_000_001, 5_000_002), step: int = 18
+) -> None:
     """Masked Jacobian edits (paper Fig. 6): per seed, the top direction for a mouth and an eyes
     mask at a late step, added around that step at -1, -0.5, 0, 0.5, 1 times the norm of h."""
     from hspace.directions import Direction
@@ -146,8 +174,10 @@ def render_jacobian_figure(path: Path, model, sampler, seeds: tuple[int, ...] = 
         for b, seed in enumerate(seeds):
             v = vecs[b] * h_norm[b] / vecs[b].norm()
             d = Direction(vector=v.float(), name=f"jac_{name}", kind="jacobian")
-            row = [sampler.sample([seed], edit=Edit(d, scales=g, steps=edit_steps), record_h=False).images[0]
-                   for g in (-1.0, -0.5, 0.0, 0.5, 1.0)]
+            row = [
+                sampler.sample([seed], edit=Edit(d, scales=g, steps=edit_steps), record_h=False).images[0]
+                for g in (-1.0, -0.5, 0.0, 0.5, 1.0)
+            ]
             rows.append(torch.stack(row))
             labels.append(f"{name}, seed {b}")
     image_grid(torch.stack(rows), labels=labels).save(path)

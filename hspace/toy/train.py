@@ -133,7 +133,15 @@ def train(
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             tmp = out / "checkpoint.pt.tmp"
-            torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step + 1}, tmp)
+            torch.save(
+                {
+                    "unet": unet.state_dict(),
+                    "ema": ema.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step + 1,
+                },
+                tmp,
+            )
             tmp.replace(ckpt_path)
         if (step + 1) % export_every == 0:
             export()
@@ -162,8 +170,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-snr-gamma", type=float, default=0.0, help="Min-SNR loss weighting (0: plain MSE)")
     a = p.parse_args(argv)
-    path = train(a.out, a.steps, a.batch_size, a.lr, n_images=a.n_images, device=a.device, bf16=a.bf16,
-                 threads=a.threads, seed=a.seed, min_snr_gamma=a.min_snr_gamma)
+    path = train(
+        a.out,
+        a.steps,
+        a.batch_size,
+        a.lr,
+        n_images=a.n_images,
+        device=a.device,
+        bf16=a.bf16,
+        threads=a.threads,
+        seed=a.seed,
+        min_snr_gamma=a.min_snr_gamma,
+    )
     print(f"exported {path}")
 
 

@@ -70,7 +70,9 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def compare(variants: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def compare(
+    variants: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
     """Seconds per call of each variant over ``repeats`` rounds, run round-robin with a rotating
     start so that load changes hit all variants alike; ``warmup`` untimed rounds first."""
     names = list(variants)
@@ -101,7 +103,11 @@ def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
     lines = [title, "  ".join(h.ljust(w) for h, w in zip(cells[0], widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     for row in cells[1:]:
-        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        lines.append(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
     text = "\n".join(lines)
     print("\n" + text, flush=True)
     return text
@@ -120,7 +126,9 @@ def _fmt(value: Any) -> str:
 def environment() -> dict[str, Any]:
     """What the numbers were measured on."""
     info: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if ON_GPU else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name()
+        if ON_GPU
+        else f"cpu ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "threads": torch.get_num_threads(),
@@ -136,7 +144,9 @@ def write_results(name: str, data: Mapping[str, Any]) -> Path:
     """``tests/benchmarks/results/<name>.json`` with the environment added; returns the path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps({"benchmark": name, "environment": environment(), **data}, indent=1, default=str))
+    path.write_text(
+        json.dumps({"benchmark": name, "environment": environment(), **data}, indent=1, default=str)
+    )
     print(f"-> {path.relative_to(REPO_ROOT)}", flush=True)
     return path
 
@@ -169,6 +179,7 @@ def toy_model_or_random():
 
         return load_toy_model(device=DEVICE), "toy (trained)"
     return bench_model(TOY_UNET), "toy architecture, random weights"
+
 
 #: The tests' tiny U-Net (tests/conftest.py): 16 px, h = 32 x 4 x 4.
 TINY_UNET = dict(TINY_UNET_CONFIG)

@@ -36,13 +36,16 @@ def setup(config: str, batch: int = 1, timestep: int = 500, seed: int = 0) -> tu
     return model, x_t, timestep
 
 
-def cases(model: Any, x_t: torch.Tensor, t: int, *, k: int, block: int, n_iter: int, tol: float,
-          chunk: int) -> dict[str, Callable[[], Any]]:
+def cases(
+    model: Any, x_t: torch.Tensor, t: int, *, k: int, block: int, n_iter: int, tol: float, chunk: int
+) -> dict[str, Callable[[], Any]]:
     """name -> call; each returns (vectors [B, k, D] float64 on the CPU, singular values [B, k], iterations)."""
 
     def alg(method: str) -> Callable[[], Any]:
         def run():
-            res = jacobian_directions(model, x_t, t, k, method=method, n_iter=n_iter, tol=tol, block_size=block)
+            res = jacobian_directions(
+                model, x_t, t, k, method=method, n_iter=n_iter, tol=tol, block_size=block
+            )
             return res.vectors.flatten(2).double().cpu(), res.singular_values.double().cpu(), res.iterations
 
         return run
@@ -91,11 +94,27 @@ def main(argv: list[str]) -> None:
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (fixed: no dynamic growth)
         libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
     model, x_t, t = setup(params["config"], params.get("batch", 1))
-    todo = cases(model, x_t, t, k=params["k"], block=params["block"], n_iter=params["n_iter"], tol=params["tol"],
-                 chunk=params["chunk"])
+    todo = cases(
+        model,
+        x_t,
+        t,
+        k=params["k"],
+        block=params["block"],
+        n_iter=params["n_iter"],
+        tol=params["tol"],
+        chunk=params["chunk"],
+    )
     # warm-up with two iterations per block: one-time allocations (kernels, caches) are not the method's
-    for fn in cases(model, x_t, t, k=params["k"], block=params["block"], n_iter=2, tol=params["tol"],
-                    chunk=params["chunk"]).values():
+    for fn in cases(
+        model,
+        x_t,
+        t,
+        k=params["k"],
+        block=params["block"],
+        n_iter=2,
+        tol=params["tol"],
+        chunk=params["chunk"],
+    ).values():
         fn()
     out = {name: peak_bytes(fn) for name, fn in todo.items()}
     print("PEAK_JSON " + json.dumps(out), flush=True)

@@ -62,8 +62,13 @@ def test_capture_and_edit_overhead():
     write_results(
         "capture",
         {
-            "params": {"batch": BATCH, "steps": STEPS, "repeats": REPEATS, "h_shape": model.h_shape,
-                       "h_bytes_float32": h_bytes},
+            "params": {
+                "batch": BATCH,
+                "steps": STEPS,
+                "repeats": REPEATS,
+                "h_shape": model.h_shape,
+                "h_bytes_float32": h_bytes,
+            },
             "seconds": times,
             "ratio_vs_baseline": {name: ratio(times, name, base) for name in times},
             "table": text,

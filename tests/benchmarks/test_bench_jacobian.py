@@ -37,7 +37,11 @@ def _peak_memory(threads: int) -> dict[str, int]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, str(script), json.dumps({**PARAMS, "threads": threads})],
-        capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("PEAK_JSON "))
@@ -47,8 +51,16 @@ def _peak_memory(threads: int) -> dict[str, int]:
 def test_jacobian_alg1_vs_alg2_vs_explicit():
     threads = configure_threads()
     model, x_t, t = setup(PARAMS["config"])
-    todo = cases(model, x_t, t, k=PARAMS["k"], block=PARAMS["block"], n_iter=PARAMS["n_iter"], tol=PARAMS["tol"],
-                 chunk=PARAMS["chunk"])
+    todo = cases(
+        model,
+        x_t,
+        t,
+        k=PARAMS["k"],
+        block=PARAMS["block"],
+        n_iter=PARAMS["n_iter"],
+        tol=PARAMS["tol"],
+        chunk=PARAMS["chunk"],
+    )
     results = {name: fn() for name, fn in todo.items()}  # also the warm-up round
     times = compare(todo, repeats=REPEATS, warmup=0)
     peaks = _peak_memory(threads)
@@ -62,19 +74,34 @@ def test_jacobian_alg1_vs_alg2_vs_explicit():
         cos = (v[0] * v_ref[0]).sum(-1).abs() / (v[0].norm(dim=-1) * v_ref[0].norm(dim=-1))
         rel = ((s[0] - s_ref[0]).abs() / s_ref[0]).max()
         accuracy[name] = {"min_abs_cos": float(cos.min()), "max_rel_sigma_err": float(rel)}
-        rows.append([
-            name, median(times[name]), ratio(times, name, alg1), peaks[name] / 2**20,
-            peaks[name] / max(peaks[alg1], 1), iters if name != explicit else f"{out_dim} VJPs",
-            f"{float(cos.min()):.6f}", float(rel),
-        ])
+        rows.append(
+            [
+                name,
+                median(times[name]),
+                ratio(times, name, alg1),
+                peaks[name] / 2**20,
+                peaks[name] / max(peaks[alg1], 1),
+                iters if name != explicit else f"{out_dim} VJPs",
+                f"{float(cos.min()):.6f}",
+                float(rel),
+            ]
+        )
     d = int(torch.tensor(model.h_shape).prod())
     text = table(
         f"Jacobian d eps/d h, k = {PARAMS['k']}: {PARAMS['config']} U-Net (random), h {model.h_shape} (D = {d}), "
         f"batch 1, t = {t}, tol {PARAMS['tol']}, {model.device}, {threads} thread(s); time ratio to Alg. 1 "
         f"(median of {REPEATS} rounds); memory = peak above the call's start "
         f"({'CUDA max_memory_allocated' if ON_GPU else 'process peak RSS'}), fresh process",
-        ["method", "seconds", "time ratio", "peak MiB", "memory ratio", "J^T J products", "min |cos| vs SVD",
-         "max rel sigma err"],
+        [
+            "method",
+            "seconds",
+            "time ratio",
+            "peak MiB",
+            "memory ratio",
+            "J^T J products",
+            "min |cos| vs SVD",
+            "max rel sigma err",
+        ],
         rows,
     )
     write_results(

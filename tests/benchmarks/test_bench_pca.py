@@ -27,7 +27,9 @@ def _data(seed: int = 0) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(D, LATENT, generator=g, dtype=torch.float64))
     s = 3.0 * 0.9 ** torch.arange(LATENT, dtype=torch.float64)
     x = (torch.randn(N, LATENT, generator=g, dtype=torch.float64) * s) @ q.T
-    x += 0.05 * torch.randn(N, D, generator=g, dtype=torch.float64) + torch.randn(D, generator=g, dtype=torch.float64)
+    x += 0.05 * torch.randn(N, D, generator=g, dtype=torch.float64) + torch.randn(
+        D, generator=g, dtype=torch.float64
+    )
     return x.float()
 
 
@@ -72,8 +74,9 @@ def test_torch_vs_sklearn_incremental_pca():
                 est.partial_fit(b)
         fitted["sklearn"] = est
 
-    times = compare({"hspace torch IncrementalPCA": fit_torch, "sklearn IncrementalPCA": fit_sklearn},
-                    repeats=REPEATS)
+    times = compare(
+        {"hspace torch IncrementalPCA": fit_torch, "sklearn IncrementalPCA": fit_sklearn}, repeats=REPEATS
+    )
     ours, theirs = fitted["torch"], fitted["sklearn"]
     exact = _exact_components(x, K)
     cos_pair = _abs_cos(ours.components_.cpu(), theirs.components_)
@@ -94,7 +97,15 @@ def test_torch_vs_sklearn_incremental_pca():
         "per component: |cos| torch vs sklearn, each vs exact PCA; relative difference of explained variance",
         ["component", "|cos| torch-sklearn", "|cos| torch-exact", "|cos| sklearn-exact", "var rel diff"],
         [[j, _c(cos_pair[j]), _c(cos_ours[j]), _c(cos_theirs[j]), float(var_rel[j])] for j in shown]
-        + [["min (max) over all", _c(cos_pair.min()), _c(cos_ours.min()), _c(cos_theirs.min()), float(var_rel.max())]],
+        + [
+            [
+                "min (max) over all",
+                _c(cos_pair.min()),
+                _c(cos_ours.min()),
+                _c(cos_theirs.min()),
+                float(var_rel.max()),
+            ]
+        ],
     )
     write_results(
         "pca",

@@ -30,7 +30,9 @@ from pipeline.storage import BlockRecord, RunStore  # noqa: E402
 from tests.ray_cluster import ray_local  # noqa: E402,F401  (session fixture)
 
 N_SAMPLES, STEPS, BATCH, PER_BLOCK = (512, 50, 64, 128) if ON_GPU else (32, 5, 8, 8)
-PIPELINE_RUNS = 3 if ON_GPU else 1  # on the CPU one run: starting the actor (importing torch) takes minutes under load
+PIPELINE_RUNS = (
+    3 if ON_GPU else 1
+)  # on the CPU one run: starting the actor (importing torch) takes minutes under load
 LOCAL_REPEATS = 3
 PCA_N, PCA_STEPS, PCA_BATCH, PCA_K, PCA_BLOCK = (2048, 4, 256, 32, 512) if ON_GPU else (512, 2, 64, 8, 128)
 
@@ -118,8 +120,15 @@ def test_generate_stage_vs_in_process_sampler(ray_local, tmp_path):  # noqa: F81
     write_results(
         "pipeline_generate",
         {
-            "params": {"n_samples": N_SAMPLES, "steps": STEPS, "batch": BATCH, "seeds_per_block": PER_BLOCK,
-                       "model": which, "pipeline_runs": PIPELINE_RUNS, "in_process_repeats": LOCAL_REPEATS},
+            "params": {
+                "n_samples": N_SAMPLES,
+                "steps": STEPS,
+                "batch": BATCH,
+                "seeds_per_block": PER_BLOCK,
+                "model": which,
+                "pipeline_runs": PIPELINE_RUNS,
+                "in_process_repeats": LOCAL_REPEATS,
+            },
             "runs": runs,
             "in_process_block_s": local_blocks,
             "ratio_end_to_end": local / wall,
@@ -140,8 +149,14 @@ def _synthetic_run(url: str, n: int, h_shape: tuple[int, int, int]) -> RunStore:
         block = SeedBlock(index, start, min(start + PCA_BLOCK, n))
         seeds = list(block.seeds)
         shards = tuple(
-            store.write_activations(step, 999 - step, seeds, rng.standard_normal((len(seeds), *h_shape)).astype(np.float16),
-                                    "synthetic", index)
+            store.write_activations(
+                step,
+                999 - step,
+                seeds,
+                rng.standard_normal((len(seeds), *h_shape)).astype(np.float16),
+                "synthetic",
+                index,
+            )
             for step in range(PCA_STEPS)
         )
         samples = store.write_samples(seeds, [b""] * len(seeds), "synthetic", index)
@@ -180,13 +195,19 @@ def test_pca_actor_peak_rss_is_flat_in_the_sample_count(ray_local, tmp_path):  #
                 "generate": {"n_samples": n, "batch_size": PCA_BLOCK, "seeds_per_block": PCA_BLOCK},
                 "storage": {"run_url": url},
                 "catalog": {"url": "memory://bench-unused", "model_name": "bench"},
-                "pca": {"n_components": PCA_K, "batch_size": PCA_BATCH, "checkpoint_every": 4,
-                        "steps_per_actor": PCA_STEPS},
+                "pca": {
+                    "n_components": PCA_K,
+                    "batch_size": PCA_BATCH,
+                    "checkpoint_every": 4,
+                    "steps_per_actor": PCA_STEPS,
+                },
             },
             check_model=False,
         )
         group = pca_stage.step_groups(cfg.pca_steps, cfg.pca.steps_per_actor)[0]
-        actor = pca_stage.remote_worker(cfg).remote(**pca_stage.worker_kwargs(cfg, store, group, list(store.blocks())))
+        actor = pca_stage.remote_worker(cfg).remote(
+            **pca_stage.worker_kwargs(cfg, store, group, list(store.blocks()))
+        )
         try:
             base = ray.get(actor.__ray_call__.remote(reset_hwm))
             t0 = time.perf_counter()
@@ -196,19 +217,44 @@ def test_pca_actor_peak_rss_is_flat_in_the_sample_count(ray_local, tmp_path):  #
         finally:
             ray.kill(actor, no_restart=True)
         assert min(status["n_samples_seen"].values()) == n
-        measured[n] = {"rss_at_start": base, "peak_rss": peak, "growth": peak - base, "seconds": seconds,
-                       "batches": status["batches_run"]}
+        measured[n] = {
+            "rss_at_start": base,
+            "peak_rss": peak,
+            "growth": peak - base,
+            "seconds": seconds,
+            "batches": status["batches_run"],
+        }
     small, large = measured[PCA_N], measured[4 * PCA_N]
     shard_bytes = PCA_BLOCK * int(np.prod(h_shape)) * 2
     text = table(
         f"PCA actor memory: {PCA_STEPS} steps, h {h_shape}, k = {PCA_K}, batches of {PCA_BATCH}, shards of "
         f"{PCA_BLOCK} seeds ({shard_bytes / 2**20:.1f} MiB of float16 h); peak RSS above RSS at the start of run()",
         ["samples", "batches", "seconds", "RSS at start MiB", "peak growth MiB", "growth ratio"],
-        [[n, m["batches"], m["seconds"], m["rss_at_start"] / 2**20, m["growth"] / 2**20,
-          m["growth"] / max(small["growth"], 1)] for n, m in measured.items()],
+        [
+            [
+                n,
+                m["batches"],
+                m["seconds"],
+                m["rss_at_start"] / 2**20,
+                m["growth"] / 2**20,
+                m["growth"] / max(small["growth"], 1),
+            ]
+            for n, m in measured.items()
+        ],
     )
-    write_results("pipeline_pca_memory", {"params": {"steps": PCA_STEPS, "h_shape": h_shape, "k": PCA_K,
-                                                      "batch": PCA_BATCH, "block": PCA_BLOCK},
-                                           "measured": measured, "table": text})
+    write_results(
+        "pipeline_pca_memory",
+        {
+            "params": {
+                "steps": PCA_STEPS,
+                "h_shape": h_shape,
+                "k": PCA_K,
+                "batch": PCA_BATCH,
+                "block": PCA_BLOCK,
+            },
+            "measured": measured,
+            "table": text,
+        },
+    )
     # streaming: 4x the samples may not need 4x the memory; allow 1.5x + 32 MiB for allocator noise
     assert large["growth"] <= 1.5 * small["growth"] + 32 * 2**20

@@ -60,7 +60,12 @@ def test_sampler_throughput_vs_batch_size():
     write_results(
         "throughput",
         {
-            "params": {"batches": BATCHES, "steps": THROUGHPUT_STEPS, "repeats": REPEATS, "h_shape": model.h_shape},
+            "params": {
+                "batches": BATCHES,
+                "steps": THROUGHPUT_STEPS,
+                "repeats": REPEATS,
+                "h_shape": model.h_shape,
+            },
             "seconds": times,
             "images_per_s": {b: b / median(times[f"batch {b}"]) for b in BATCHES},
             "speedup_vs_batch_1": {b: 1 / ratio(per_image, f"batch {b}", "batch 1") for b in BATCHES},
@@ -101,10 +106,13 @@ def test_h_storage_bytes_per_seed_step(tmp_path):
     assert rows == STORE_SEEDS * STORE_STEPS
     raw = math.prod(model.h_shape) * 2
     stored = sum(s.bytes for s in shards) / rows
-    no_split = sum(
-        _parquet_size(activation_table(seeds, step, int(traj.timesteps[step]), h[:, step]), False)
-        for step in range(STORE_STEPS)
-    ) / rows
+    no_split = (
+        sum(
+            _parquet_size(activation_table(seeds, step, int(traj.timesteps[step]), h[:, step]), False)
+            for step in range(STORE_STEPS)
+        )
+        / rows
+    )
     per_step = [s.bytes / s.rows for s in shards]
     text = table(
         f"h storage per (seed, step): {which}, h {model.h_shape}, {STORE_SEEDS} seeds per shard, "
@@ -121,8 +129,17 @@ def test_h_storage_bytes_per_seed_step(tmp_path):
     write_results(
         "storage",
         {
-            "params": {"model": which, "seeds_per_shard": STORE_SEEDS, "steps": STORE_STEPS, "h_shape": model.h_shape},
-            "bytes_per_row": {"raw_float16": raw, "runstore": stored, "parquet_no_byte_stream_split": no_split},
+            "params": {
+                "model": which,
+                "seeds_per_shard": STORE_SEEDS,
+                "steps": STORE_STEPS,
+                "h_shape": model.h_shape,
+            },
+            "bytes_per_row": {
+                "raw_float16": raw,
+                "runstore": stored,
+                "parquet_no_byte_stream_split": no_split,
+            },
             "runstore_bytes_per_row_by_step": per_step,
             "table": text,
         },
