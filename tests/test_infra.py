@@ -254,7 +254,7 @@ def test_rayjob_spec_structure(name):
     cluster = spec["rayClusterSpec"]
     assert set(cluster) <= RAYCLUSTER_SPEC_FIELDS, f"unknown fields {set(cluster) - RAYCLUSTER_SPEC_FIELDS}"
     assert set(cluster["headGroupSpec"]) <= HEAD_GROUP_FIELDS
-    # Ray 2.60's job server wants token auth (design.md); KubeRay sets RAY_AUTH_MODE from this.
+    # Ray 2.60's job server wants token auth; KubeRay sets RAY_AUTH_MODE from this.
     assert cluster["authOptions"] == {"mode": "token"}
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     for group in groups:

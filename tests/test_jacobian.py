@@ -66,7 +66,7 @@ def _largest_principal_angle(a: torch.Tensor, b: torch.Tensor) -> float:
 def _assert_matches_svd(
     vectors: torch.Tensor, values: torch.Tensor, s: torch.Tensor, vh: torch.Tensor
 ) -> None:
-    """Top-k singular values within 1e-3 relative and subspace within 1e-2 rad (the issue's bars)."""
+    """Top-k singular values within 1e-3 relative and subspace within 1e-2 rad (the project's accuracy bars)."""
     k = values.shape[0]
     rel = ((values.double() - s[:k]) / s[:k]).abs().max()
     assert rel <= 1e-3, f"singular values off by {float(rel):.2e} relative"

@@ -2,8 +2,8 @@
 scheduled rebuild's two paths (nothing changed -> exit 0 without work; --grow -> new version).
 
 A private Ray head is started for this module with free ports for every service (so it coexists
-with any other local cluster) and token auth with a fresh token (Ray 2.60's job server wants it,
-design.md); it is stopped by terminating the ``ray start --block`` process this module started.
+with any other local cluster) and token auth with a fresh token (Ray 2.60's job server wants it);
+it is stopped by terminating the ``ray start --block`` process this module started.
 The build uses a tiny random DDPM (16 px, 4 steps), a random tiny classifier and 16 samples.
 """
 

@@ -40,7 +40,7 @@ def test_matches_sklearn_incremental_pca_on_the_same_batches(solver):
         ours.partial_fit(b)
         ref.partial_fit(b.numpy())
     cos = _abs_cos(ours.components_, torch.from_numpy(ref.components_))
-    assert bool((cos >= 0.999).all()), cos  # the bar; gaps >= 1.4x make it far tighter in practice
+    assert bool((cos >= 0.999).all()), cos  # the project's bar; gaps >= 1.4x make it far tighter in practice
     # Same algorithm in float64 on both sides: the spectra agree to ~1e-10; 1e-6 relative is generous.
     np.testing.assert_allclose(ours.explained_variance_.numpy(), ref.explained_variance_, rtol=1e-6)
     np.testing.assert_allclose(
