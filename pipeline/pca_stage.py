@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import BuildConfig
+from pipeline.ray_runtime import init_ray
 from pipeline.storage import CorruptShardError, RunStore, StepBatch
 
 __all__ = [
@@ -493,8 +494,6 @@ def pca_stage(cfg: BuildConfig, store: RunStore | None = None, *, progress: bool
     import ray
     from tqdm.auto import tqdm
 
-    from pipeline.generate import ensure_ray
-
     store = store or RunStore(cfg.storage.run_url, cfg.storage.storage_options)
     blocks = list(store.blocks())
     if not blocks:
@@ -522,7 +521,7 @@ def pca_stage(cfg: BuildConfig, store: RunStore | None = None, *, progress: bool
         if progress:
             print(result.summary(), flush=True)
         return result
-    ensure_ray(cfg)
+    init_ray(cfg)
     actor_cls = remote_worker(cfg)
     groups = step_groups(cfg.pca_steps, cfg.pca.steps_per_actor)
     actors = [actor_cls.remote(**worker_kwargs(cfg, store, g, blocks)) for g in groups]
