@@ -727,36 +727,6 @@ def catalog_gc(
 
 # ---------------------------------------------------------------------------------------------
 # building and training
-def _run_build(argv: list[str]) -> int:
-    """jobs/build_catalog.py's main when it can be imported, else the pipeline directly."""
-    try:
-        from jobs.build_catalog import main
-    except ImportError:
-        main = None
-    if main is not None:
-        return int(main(argv) or 0)
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    for flag in ("--config", "--run-url", "--catalog-url"):
-        parser.add_argument(flag)
-    parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    from pipeline.config import load_config_or_exit, plan
-    from pipeline.graph import override_urls
-
-    cfg = override_urls(load_config_or_exit(args.config), run_url=args.run_url, catalog_url=args.catalog_url)
-    if args.dry_run:
-        typer.echo(f"{args.config}: ok ({cfg.name}); dry run, nothing written")
-        typer.echo(plan(cfg).summary())
-        return 0
-    from pipeline.graph import build_catalog
-
-    typer.echo(build_catalog(cfg, progress=not args.quiet).summary())
-    return 0
-
-
 @app.command()
 @_user_errors
 def build(
@@ -766,7 +736,7 @@ def build(
     catalog_url: Annotated[str | None, typer.Option(help="override catalog.url")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
 ) -> None:
-    """Build a direction catalog with the Ray pipeline (jobs/build_catalog.py); needs hspace[pipeline]."""
+    """Build a direction catalog with the Ray pipeline (pipeline.build.main); needs hspace[pipeline]."""
     if not config.is_file():
         raise FileNotFoundError(f"config file not found: {config}")
     argv = ["--config", str(config)]
@@ -775,7 +745,9 @@ def build(
     argv += ["--dry-run"] if dry_run else []
     argv += ["--quiet"] if quiet else []
     try:
-        code = _run_build(argv)
+        from pipeline.build import main as build_main
+
+        code = build_main(argv, prog="hspace build")
     except ModuleNotFoundError as err:
         if err.name and err.name.split(".")[0] in ("ray", "pyarrow", "sklearn", "s3fs", "pipeline"):
             _fail(

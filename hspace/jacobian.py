@@ -104,8 +104,36 @@ class UNetSplit:
         return sample
 
 
+def _timestep_batch(timestep: int | float | Tensor, sample: Tensor) -> Tensor:
+    """A number or a tensor [] / [1] / [B] -> one timestep per image, [B] on the sample's device."""
+    timesteps = timestep
+    if not torch.is_tensor(timesteps):
+        timesteps = torch.tensor([timesteps], dtype=torch.long, device=sample.device)
+    elif timesteps.ndim == 0:
+        timesteps = timesteps[None].to(sample.device)
+    if timesteps.shape[0] not in (1, sample.shape[0]):
+        raise ValueError(f"timestep has {timesteps.shape[0]} entries for a batch of {sample.shape[0]}")
+    return timesteps.to(sample.device) * torch.ones(
+        sample.shape[0], dtype=timesteps.dtype, device=sample.device
+    )
+
+
+def _embedding(unet: nn.Module, timesteps: Tensor, class_labels: Tensor | None) -> Tensor:
+    """The time embedding, plus the class embedding of a class-conditional U-Net (diffusers step 1)."""
+    emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype=unet.dtype))
+    if unet.class_embedding is None:
+        if class_labels is not None:
+            raise ValueError("class_labels given but the U-Net has no class embedding")
+        return emb
+    if class_labels is None:
+        raise ValueError("class_labels are required: the U-Net is class conditional")
+    if unet.config.class_embed_type == "timestep":
+        class_labels = unet.time_proj(class_labels)
+    return emb + unet.class_embedding(class_labels).to(dtype=unet.dtype)
+
+
 @torch.no_grad()
-def split_unet(  # noqa: C901
+def split_unet(
     unet: nn.Module, x_t: Tensor, timestep: int | float | Tensor, class_labels: Tensor | None = None
 ) -> UNetSplit:
     """Run the encoder half of ``UNet2DModel.forward`` (diffusers steps 0-4) once and return the split.
@@ -116,29 +144,11 @@ def split_unet(  # noqa: C901
         raise ValueError("the U-Net has no mid block: h-space is undefined")
     if x_t.ndim != 4:
         raise ValueError(f"x_t must be [B, C, H, W], got shape {tuple(x_t.shape)}")
-    config = unet.config
     sample = x_t.to(device=unet.device, dtype=unet.dtype).contiguous()
-    if config.center_input_sample:
+    if unet.config.center_input_sample:
         sample = 2 * sample - 1.0
-    timesteps = timestep
-    if not torch.is_tensor(timesteps):
-        timesteps = torch.tensor([timesteps], dtype=torch.long, device=sample.device)
-    elif timesteps.ndim == 0:
-        timesteps = timesteps[None].to(sample.device)
-    if timesteps.shape[0] not in (1, sample.shape[0]):
-        raise ValueError(f"timestep has {timesteps.shape[0]} entries for a batch of {sample.shape[0]}")
-    timesteps = timesteps.to(sample.device) * torch.ones(
-        sample.shape[0], dtype=timesteps.dtype, device=sample.device
-    )
-    emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype=unet.dtype))
-    if unet.class_embedding is not None:
-        if class_labels is None:
-            raise ValueError("class_labels are required: the U-Net is class conditional")
-        if config.class_embed_type == "timestep":
-            class_labels = unet.time_proj(class_labels)
-        emb = emb + unet.class_embedding(class_labels).to(dtype=unet.dtype)
-    elif class_labels is not None:
-        raise ValueError("class_labels given but the U-Net has no class embedding")
+    timesteps = _timestep_batch(timestep, sample)
+    emb = _embedding(unet, timesteps, class_labels)
 
     skip_sample = sample
     sample = unet.conv_in(sample)
@@ -247,34 +257,40 @@ class JacobianResult:
         provenance: dict[str, Any] | None = None,
     ) -> list[Direction]:
         """Directions ``<name_prefix>_<i>`` (kind "jacobian", unit [C, H, W] applied at every step)
-        for image ``image``; ``seed``/``step`` say where x_t came from."""
+        for image ``image``; ``seed``/``step`` say where x_t came from.
+
+        Provenance: the search settings (``meta``: method, k, n_iter, tol, oversample, block_size,
+        init_seed, timestep, mask) plus, per vector, index, singular_value, residual, seed, step,
+        iterations and whether this image converged; ``provenance`` adds or overrides keys.
+        """
         if not 0 <= image < self.vectors.shape[0]:
             raise ValueError(f"image {image} out of range for a batch of {self.vectors.shape[0]}")
         fp = model_fingerprint if model_fingerprint is not None else self.meta.get("model_fingerprint")
-        out = []
-        for i in range(self.vectors.shape[1]):
-            prov = dict(self.meta)
-            prov.pop("model_fingerprint", None)
-            prov.update(
-                index=i,
-                singular_value=float(self.singular_values[image, i]),
-                residual=float(self.residuals[image, i]),
-                seed=seed,
-                step=step,
-                timestep=_timestep_of(self.meta.get("timestep"), image),
+        shared = {k: v for k, v in self.meta.items() if k != "model_fingerprint"} | {
+            "seed": seed,
+            "step": step,
+            "timestep": _timestep_of(self.meta.get("timestep"), image),
+            "iterations": int(self.iterations),
+            "converged": bool(self.converged[image]),
+            "note": "found at one step, applied at every step",
+        }
+        return [
+            Direction(
+                vector=self.vectors[image, i].detach().to(torch.float32).cpu(),
+                name=f"{name_prefix}_{i}",
+                kind="jacobian",
+                units="unit",
+                model_fingerprint=fp,
+                provenance=shared
+                | {
+                    "index": i,
+                    "singular_value": float(self.singular_values[image, i]),
+                    "residual": float(self.residuals[image, i]),
+                }
+                | dict(provenance or {}),
             )
-            prov.update(dict(provenance or {}))
-            out.append(
-                Direction(
-                    vector=self.vectors[image, i].detach().to(torch.float32).cpu(),
-                    name=f"{name_prefix}_{i}",
-                    kind="jacobian",
-                    units="unit",
-                    model_fingerprint=fp,
-                    provenance=prov,
-                )
-            )
-        return out
+            for i in range(self.vectors.shape[1])
+        ]
 
 
 def _timestep_of(ts: Any, image: int) -> Any:
@@ -285,8 +301,11 @@ def _mask_info(mask: Tensor | None) -> dict[str, Any] | None:
     if mask is None:
         return None
     m = torch.as_tensor(mask).detach().to(torch.float32).cpu().contiguous()
+    rows, cols = (torch.nonzero((m != 0).reshape(-1, *m.shape[-2:]).any(0).any(a)).flatten() for a in (1, 0))
+    box = [int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1] if len(rows) else None
     return {
         "shape": list(m.shape),
+        "box": box,  # [y0, x0, y1, x1] (end-exclusive) around the nonzero pixels
         "coverage": float((m != 0).float().mean()),
         "sha256": hashlib.sha256(m.numpy().tobytes()).hexdigest()[:16],
     }

@@ -12,115 +12,12 @@ continues from its stored state, and a new version is published. The sample coun
 a rebuild uses at least as many samples as the published version.
 
 Bad config: exit 2 naming the field, before any work.
+The command line is :func:`pipeline.rebuild.main`.
 """
 
-from __future__ import annotations
+from pipeline.rebuild import build_parser, main
 
-import argparse
-import sys
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python jobs/x.py` puts jobs/ on sys.path, not the repository root
-    sys.path.insert(0, str(ROOT))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line arguments (also used by tests/test_infra.py to check the manifests' entrypoints)."""
-    parser = argparse.ArgumentParser(prog="rebuild.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML build config (see configs/)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if no input changed")
-    parser.add_argument(
-        "--grow", type=int, default=0, metavar="N", help="add N seeds to the run and republish"
-    )
-    parser.add_argument("--run-url", default=None, help="override storage.run_url (any fsspec URL)")
-    parser.add_argument("--catalog-url", default=None, help="override catalog.url (any fsspec URL)")
-    parser.add_argument("--quiet", action="store_true", help="no progress output, only the result")
-    return parser
-
-
-def current_inputs(cfg: Any, n_samples: int) -> dict[str, Any]:
-    """The inputs a build of ``cfg`` with ``n_samples`` samples would record (loads the weights to hash them)."""
-    from pipeline.annotate import classifier_fingerprint
-    from pipeline.evaluate import load_model
-    from pipeline.publish import build_inputs
-
-    fingerprint = load_model(cfg, device="cpu").fingerprint
-    clf = (
-        classifier_fingerprint(cfg.annotate.classifier, cfg.storage.storage_options) if cfg.annotate else None
-    )
-    return build_inputs(cfg, model_fingerprint=fingerprint, classifier_fingerprint=clf, n_samples=n_samples)
-
-
-def published_inputs(cfg: Any) -> dict[str, Any] | None:
-    """``inputs`` of the version the configured ref names, or None if the catalog has none yet."""
-    from hspace import catalog as hcatalog
-
-    cat = hcatalog.open(cfg.catalog.url, cfg.catalog.storage_options)
-    try:
-        version = cat.version(cfg.catalog.model_name, cfg.catalog.ref)
-    except FileNotFoundError:
-        return None
-    return dict(version.manifest.get("inputs") or {}) | {"version": version.version}
-
-
-COMPARED = (
-    "model_fingerprint",
-    "model_revision",
-    "config_hash",
-    "code",
-    "classifier_fingerprint",
-    "n_samples",
-)
-
-
-def changed_inputs(now: dict[str, Any], before: dict[str, Any] | None) -> list[str]:
-    """Names of the inputs that differ (all of them when nothing was published)."""
-    if before is None:
-        return ["no published version"]
-    return [k for k in COMPARED if now.get(k) != before.get(k)]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Decide, then build or not; returns the exit status (0 also when nothing changed)."""
-    args = build_parser().parse_args(argv)
-    if args.grow < 0:
-        print(f"error: --grow must be >= 0, got {args.grow}", file=sys.stderr)
-        return 2
-    from pipeline.graph import load_job_config
-
-    cfg = load_job_config(args.config, run_url=args.run_url, catalog_url=args.catalog_url)
-    before = published_inputs(cfg)
-    n_before = int(before.get("n_samples", 0)) if before else 0
-    n_samples = max(cfg.generate.n_samples, n_before) + args.grow
-    now = current_inputs(cfg, n_samples)
-    changed = changed_inputs(now, before)
-    if not changed and not args.force:
-        print(
-            f"nothing changed: {cfg.catalog.model_name} version {before['version']} in {cfg.catalog.url} "
-            f"already has these inputs (config {now['config_hash']}, model {now['model_fingerprint']}, "
-            f"code {now['code']['source_sha256']}, {n_samples} samples); no rebuild"
-        )
-        return 0
-    reason = ", ".join(changed) if changed else "--force"
-    print(f"rebuilding {cfg.name}: {reason} (samples {n_before} -> {n_samples})")
-
-    from pipeline.config import ConfigError, validate_config
-    from pipeline.graph import build_catalog
-
-    data = cfg.model_dump(mode="json")
-    data["generate"]["n_samples"] = n_samples
-    try:  # growing must keep the config valid (e.g. evaluation seeds stay disjoint from generation seeds)
-        grown = validate_config(data, source=f"{args.config} grown to {n_samples} samples", check_model=False)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result = build_catalog(grown, progress=not args.quiet)
-    print(result.summary())
-    return 0
-
+__all__ = ["build_parser", "main"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

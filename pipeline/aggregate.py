@@ -41,11 +41,15 @@ from hspace.directions import (
     random_like,
     select_quantiles,
 )
+from pipeline.ray_runtime import init_ray
 from pipeline.storage import RunStore
 
 if TYPE_CHECKING:
     from hspace.pca import PerTimestepPCA
-    from pipeline.config import BuildConfig
+    from pipeline.annotate import AnnotateResult
+    from pipeline.config import AggregateConfig, BuildConfig
+    from pipeline.generate import GenerateReport
+    from pipeline.pca_stage import PCAStageResult
 
 __all__ = [
     "AggregateResult",
@@ -455,6 +459,16 @@ def _from_wire(w: dict) -> Direction:
     )
 
 
+def _jacobian_mask(box: list[int] | None, model: Any) -> torch.Tensor | None:
+    """The pixel mask [1, 1, H, W] of a configured box [y0, x0, y1, x1] (end-exclusive), or None."""
+    if box is None:
+        return None
+    y0, x0, y1, x1 = box
+    mask = torch.zeros(1, 1, *model.image_shape[1:], device=model.device, dtype=model.dtype)
+    mask[..., y0:y1, x0:x1] = 1.0
+    return mask
+
+
 def _jacobian_task(cfg_json: dict, spec: dict, model_fingerprint: str | None) -> list[dict]:
     """Jacobian directions (paper Alg. 1/2) at one seed and step; runs where the model can be loaded."""
     from hspace.jacobian import jacobian_directions
@@ -472,160 +486,112 @@ def _jacobian_task(cfg_json: dict, spec: dict, model_fingerprint: str | None) ->
     )
     traj = sampler.sample([spec["seed"]], record_h=False, record_x=True)
     step = spec["step"]
-    x_t = traj.x_t[:, step].to(model.device, model.dtype)
-    timestep = int(sampler.timesteps[step])
-    mask = None
-    if spec.get("mask") is not None:
-        y0, x0, y1, x1 = spec["mask"]
-        mask = torch.zeros(1, 1, *model.image_shape[1:], device=model.device, dtype=model.dtype)
-        mask[..., y0:y1, x0:x1] = 1.0
     result = jacobian_directions(
         model,
-        x_t,
-        timestep,
+        traj.x_t[:, step].to(model.device, model.dtype),
+        int(sampler.timesteps[step]),
         spec["k"],
         method=spec["method"],
-        mask=mask,
+        mask=_jacobian_mask(spec.get("mask"), model),
         oversample=spec["oversample"],
         n_iter=spec["n_iter"],
         tol=spec["tol"],
     )
     label = spec["name"] or f"s{spec['seed']}t{step}"
-    out = []
-    for i in range(spec["k"]):
-        out.append(
-            _to_wire(
-                Direction(
-                    vector=result.vectors[0, i].detach().float().cpu(),
-                    name=f"jac_{label}_{i}",
-                    kind="jacobian",
-                    units="unit",
-                    timesteps=None,
-                    model_fingerprint=model_fingerprint,
-                    provenance={
-                        "method": f"jacobian_{spec['method']}",
-                        "algorithm": "paper Alg. 1" if spec["method"] == "subspace" else "paper Alg. 2",
-                        "seed": int(spec["seed"]),
-                        "step": int(step),
-                        "timestep": timestep,
-                        "index": i,
-                        "mask": spec.get("mask"),
-                        "oversample": int(spec["oversample"]),
-                        "iterations": int(result.iterations),
-                        "converged": bool(result.converged[0]),
-                        "singular_value": float(result.singular_values[0, i]),
-                        "note": "found at one step, applied at every step",
-                    },
-                )
-            )
-        )
-    return out
+    directions = result.to_directions(
+        name_prefix=f"jac_{label}",
+        seed=int(spec["seed"]),
+        step=int(step),
+        model_fingerprint=model_fingerprint,
+    )
+    return [_to_wire(d) for d in directions]
 
 
 # ---------------------------------------------------------------------------------------------
 # The stage
 
 
-def aggregate(  # noqa: C901
-    cfg: BuildConfig,
-    store: RunStore,
-    *,
-    scores: Any | None,
-    attributes: Sequence[str],
-    binary: Sequence[bool],
-    pca: PerTimestepPCA | None,
-    timesteps: torch.Tensor | None,
-    model_fingerprint: str | None,
-    classifier_fingerprint: str | None = None,
-    progress: bool = True,
-) -> AggregateResult:
-    """All directions of the build (see the module docstring).
+@dataclass(frozen=True)
+class _RunFacts:
+    """What every supervised task needs besides its own scores."""
 
-    ``scores`` is the annotate table; without it (or without an ``aggregate`` section) only the
-    PCA and Jacobian directions are built. Raises if no direction results.
-    """
+    run_url: str
+    storage_options: dict
+    seeds: np.ndarray
+    quantile: float
+    n_steps: int
+    timesteps: list[int] | None
+    model_fingerprint: str | None
+
+
+def _check_named_attributes(agg: AggregateConfig, attributes: Sequence[str], binary: Sequence[bool]) -> None:
+    """The configured disentangle / condition names must be annotated attributes (binary when held fixed)."""
+    for section, pairs in (
+        ("disentangle", [(t, o) for t, others in agg.disentangle.items() for o in [t, *others]]),
+        ("condition", list(agg.condition.items())),
+    ):
+        missing = sorted({a for pair in pairs for a in pair} - set(attributes))
+        if missing:
+            raise ValueError(
+                f"aggregate.{section} names {missing}, which are not annotated attributes {list(attributes)}"
+            )
+    continuous = [o for o in agg.condition.values() if not binary[list(attributes).index(o)]]
+    if continuous:
+        raise ValueError(
+            f"aggregate.condition holds {continuous} fixed, but only binary attributes have states"
+        )
+
+
+def _submit_supervised(cfg: BuildConfig, facts: _RunFacts, annotated: AnnotateResult) -> tuple[list, list]:
+    """One Ray task per attribute (reads only its top/bottom seeds' h) and one per conditional
+    direction (reads only its within-stratum quantiles' h); returns both lists of object refs."""
     import ray
 
-    t0 = time.perf_counter()
-    agg = cfg.aggregate
-    supervised_on = agg is not None and scores is not None
-    n_steps = cfg.sampler.num_inference_steps
-    ts_list = [int(t) for t in timesteps] if timesteps is not None else None
+    scores, attributes, binary = annotated.scores, list(annotated.attributes), list(annotated.binary)
+    common = (facts.run_url, facts.storage_options, facts.seeds)
 
-    # 1. supervised directions, one Ray task per attribute (reads only its top/bottom seeds' h),
-    #    and one per conditional direction (reads only its within-stratum quantiles' h)
-    refs, cond_refs = [], []
-    if supervised_on:
-        seeds = scores.column("seed").to_numpy()
-        named = {t for target, others in agg.disentangle.items() for t in [target, *others]}
-        missing = sorted(named - set(attributes))
-        if missing:
-            raise ValueError(
-                f"aggregate.disentangle names {missing}, which are not annotated attributes {list(attributes)}"
-            )
-        named = {a for pair in agg.condition.items() for a in pair}
-        missing = sorted(named - set(attributes))
-        if missing:
-            raise ValueError(
-                f"aggregate.condition names {missing}, which are not annotated attributes {list(attributes)}"
-            )
-        continuous = [o for o in agg.condition.values() if not binary[list(attributes).index(o)]]
-        if continuous:
-            raise ValueError(
-                f"aggregate.condition holds {continuous} fixed, but only binary attributes have states"
-            )
-        task = ray.remote(num_cpus=1)(_attribute_task)
-        for attr, is_bin in zip(attributes, binary, strict=True):
-            col = scores.column(attr).to_numpy().astype(np.float64)
-            refs.append(
-                task.remote(
-                    store.url,
-                    store.storage_options,
-                    seeds,
-                    col,
-                    agg.quantile,
-                    attr,
-                    n_steps,
-                    ts_list,
-                    model_fingerprint,
-                    _score_provenance(cfg, is_bin, seeds, classifier_fingerprint),
-                )
-            )
-        ctask = ray.remote(num_cpus=1)(_conditional_task)
-        for attr, other in agg.condition.items():
-            col = scores.column(attr).to_numpy().astype(np.float64)
-            strata = (scores.column(other).to_numpy() > 0).astype(np.int64)
-            prov = _score_provenance(cfg, binary[list(attributes).index(attr)], seeds, classifier_fingerprint)
-            cond_refs.append(
-                ctask.remote(
-                    store.url,
-                    store.storage_options,
-                    seeds,
-                    col,
-                    strata,
-                    agg.quantile,
-                    f"{attr}_conditional",
-                    n_steps,
-                    ts_list,
-                    model_fingerprint,
-                    prov | {"attribute": attr, "conditioned_on": other},
-                )
-            )
-    # 2. Jacobian directions, one task per configured seed/step (in parallel with the above)
-    jac_refs = []
-    if cfg.jacobian:
-        jtask = ray.remote(
-            num_cpus=cfg.resources.num_cpus_per_worker, num_gpus=cfg.resources.num_gpus_per_worker
-        )(_jacobian_task)
-        cfg_json = cfg.model_dump(mode="json")
-        jac_refs = [
-            jtask.remote(cfg_json, spec.model_dump(mode="json"), model_fingerprint) for spec in cfg.jacobian
-        ]
+    def provenance(attr: str) -> dict:
+        is_bin = binary[attributes.index(attr)]
+        return _score_provenance(cfg, is_bin, facts.seeds, annotated.classifier_fingerprint)
+
+    def column(attr: str) -> np.ndarray:
+        return scores.column(attr).to_numpy().astype(np.float64)
+
+    tail = (facts.n_steps, facts.timesteps, facts.model_fingerprint)
+    task = ray.remote(num_cpus=1)(_attribute_task)
+    refs = [task.remote(*common, column(a), facts.quantile, a, *tail, provenance(a)) for a in attributes]
+    ctask = ray.remote(num_cpus=1)(_conditional_task)
+    cond_refs = []
+    for attr, other in cfg.aggregate.condition.items():
+        strata = (scores.column(other).to_numpy() > 0).astype(np.int64)
+        prov = provenance(attr) | {"attribute": attr, "conditioned_on": other}
+        args = (column(attr), strata, facts.quantile, f"{attr}_conditional", *tail, prov)
+        cond_refs.append(ctask.remote(*common, *args))
+    return refs, cond_refs
+
+
+def _submit_jacobians(cfg: BuildConfig, model_fingerprint: str | None) -> list:
+    """One task per configured seed/step, reserving what a generate worker reserves."""
+    if not cfg.jacobian:
+        return []
+    import ray
+
+    res = cfg.resources
+    task = ray.remote(num_cpus=res.num_cpus_per_worker, num_gpus=res.num_gpus_per_worker)(_jacobian_task)
+    cfg_json = cfg.model_dump(mode="json")
+    return [task.remote(cfg_json, spec.model_dump(mode="json"), model_fingerprint) for spec in cfg.jacobian]
+
+
+def _collect_supervised(
+    refs: list, attributes: Sequence[str], progress: bool
+) -> tuple[dict[str, Direction], dict[str, Direction], dict[str, dict[str, Any]]]:
+    """Mean-difference and boundary directions per attribute, and what each boundary fit reported."""
+    import ray
 
     supervised: dict[str, Direction] = {}
     boundaries: dict[str, Direction] = {}
     info: dict[str, dict[str, Any]] = {}
-    for attr, ref in zip(attributes if supervised_on else [], refs, strict=True):
+    for attr, ref in zip(attributes, refs, strict=True):
         md_w, b_w, stats = ray.get(ref)
         supervised[attr], boundaries[attr] = _from_wire(md_w), _from_wire(b_w)
         info[attr] = stats
@@ -634,51 +600,100 @@ def aggregate(  # noqa: C901
                 f"aggregate: {attr}: boundary accuracy {stats['boundary_train_accuracy']:.3f}, "
                 f"cos(mean difference, boundary) {stats['cos_mean_difference_boundary']:.3f}"
             )
+    return supervised, boundaries, info
+
+
+def _catalog_order(
+    supervised: dict[str, Direction],
+    boundaries: dict[str, Direction],
+    derived: Sequence[Direction],
+    pca: Sequence[Direction],
+    jacobians: Sequence[Direction],
+    randoms: Sequence[Direction],
+) -> list[Direction]:
+    """Every direction in catalog order: mean differences, boundaries, disentangled and conditional,
+    PCA, Jacobian, random baselines."""
+    return [*supervised.values(), *boundaries.values(), *derived, *pca, *jacobians, *randoms]
+
+
+def _with_sigmas(
+    store: RunStore,
+    directions: list[Direction],
+    keep: set[str],
+    n_steps: int,
+    timesteps: torch.Tensor | None,
+    batch_size: int,
+) -> dict[str, Direction]:
+    """Exact sigma over all stored samples (one streaming pass) of every direction not named in
+    ``keep`` (the PCA directions, whose sigma is the explained variance's square root)."""
+    need = [d for d in directions if d.name not in keep]
+    sigmas = projection_sigma_streaming(store, need, n_steps, batch_size=batch_size)
+    ts = timesteps.to(torch.int64) if timesteps is not None else None
+    out = {}
+    for d in directions:
+        if d.name not in keep:
+            d = replace(d, sigma=sigmas[d.name], timesteps=ts if d.per_step else None)
+        if d.sigma is not None and not bool(torch.isfinite(d.sigma).all()):
+            raise ValueError(f"aggregate: direction {d.name!r} got a non-finite sigma")
+        out[d.name] = d
+    return out
+
+
+def aggregate(
+    cfg: BuildConfig,
+    store: RunStore,
+    generated: GenerateReport,
+    pca: PCAStageResult | None,
+    annotated: AnnotateResult | None,
+    *,
+    progress: bool = True,
+) -> AggregateResult:
+    """All directions of the build (see the module docstring) from the earlier stages' results.
+
+    Without annotations (or without an ``aggregate`` section) only the PCA and Jacobian directions
+    are built. Raises if no direction results.
+    """
+    import ray
+
+    init_ray(cfg)
+    t0 = time.perf_counter()
+    agg = cfg.aggregate if annotated is not None else None
+    n_steps = cfg.sampler.num_inference_steps
+    timesteps = torch.tensor(generated.timesteps) if generated.timesteps is not None else None
+    refs, cond_refs, attributes = [], [], []
+    if agg is not None:
+        attributes = list(annotated.attributes)
+        _check_named_attributes(agg, attributes, annotated.binary)
+        seeds = annotated.scores.column("seed").to_numpy()
+        ts_list = list(generated.timesteps) if generated.timesteps is not None else None
+        facts = _RunFacts(
+            store.url,
+            store.storage_options,
+            seeds,
+            agg.quantile,
+            n_steps,
+            ts_list,
+            generated.model_fingerprint,
+        )
+        refs, cond_refs = _submit_supervised(cfg, facts, annotated)
+    jac_refs = _submit_jacobians(cfg, generated.model_fingerprint)  # in parallel with the above
+
+    supervised, boundaries, info = _collect_supervised(refs, attributes, progress)
     jacobians = [_from_wire(w) for ws in ray.get(jac_refs) for w in ws]
     conditional = [_from_wire(w) for w in ray.get(cond_refs)]
-
-    # 3. disentangled by projection (eq. 12)
-    disentangled = [
+    disentangled = [  # eq. 12: the span of the other directions projected out
         disentangle(supervised[target], [supervised[o] for o in others], name=f"{target}_disentangled")
-        for target, others in (agg.disentangle.items() if supervised_on else [])
+        for target, others in (agg.disentangle.items() if agg is not None else [])
     ]
-    # 4. matched-norm random baselines of every mean-difference direction
-    randoms, random_of = random_baselines(
-        list(supervised.values()), agg.random_baselines if supervised_on else 0
+    randoms, random_of = random_baselines(  # matched-norm baselines of every mean difference
+        list(supervised.values()), agg.random_baselines if agg is not None else 0
     )
-
-    # 5. exact sigma of every non-PCA direction over all stored samples
-    need_sigma = [
-        *supervised.values(),
-        *boundaries.values(),
-        *disentangled,
-        *conditional,
-        *jacobians,
-        *randoms,
-    ]
-    sigmas = projection_sigma_streaming(store, need_sigma, n_steps, batch_size=cfg.pca.batch_size)
-    ts = timesteps.to(torch.int64) if timesteps is not None else None
-
-    def with_sigma(d: Direction) -> Direction:
-        return replace(d, sigma=sigmas[d.name], timesteps=ts if d.per_step else None)
-
-    directions: dict[str, Direction] = {}
-    for attr in supervised:
-        directions[attr] = with_sigma(supervised[attr])
-    for attr in boundaries:
-        directions[f"{attr}_boundary"] = with_sigma(boundaries[attr])
-    for d in [*disentangled, *conditional]:
-        directions[d.name] = with_sigma(d)
-    if pca is not None:
-        for d in pca_directions(pca):
-            directions[d.name] = d
-    for d in jacobians:
-        directions[d.name] = with_sigma(d)
-    for d in randoms:
-        directions[d.name] = with_sigma(d)
-    for name, d in directions.items():
-        if d.sigma is not None and not bool(torch.isfinite(d.sigma).all()):
-            raise ValueError(f"aggregate: direction {name!r} got a non-finite sigma")
+    from_pca = pca_directions(pca.pca) if pca is not None else []
+    ordered = _catalog_order(
+        supervised, boundaries, [*disentangled, *conditional], from_pca, jacobians, randoms
+    )
+    keep = {d.name for d in from_pca}
+    directions = _with_sigmas(store, ordered, keep, n_steps, timesteps, cfg.pca.batch_size)
     if not directions:
         raise ValueError(
             "aggregate: no directions (no PCA state, no annotate/aggregate sections, no jacobian specs)"

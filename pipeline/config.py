@@ -7,8 +7,7 @@ unknown key, a wrong type, an impossible value, a sampler with more steps than t
 trained with -- raises :class:`ConfigError` whose message names the field
 (``sampler.num_inference_steps: ...``); command-line entry points turn it into exit code 2.
 
-:func:`plan` is the dry run: seed blocks, shards, rows and bytes a build will write, computed from
-the config and the model's ``unet/config.json`` without loading weights.
+The dry run (seed blocks, shards, rows and bytes a build will write) is :mod:`pipeline.plan`.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import math
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,17 +36,13 @@ __all__ = [
     "ModelConfig",
     "ModelInfo",
     "PCAConfig",
-    "Plan",
     "ResourcesConfig",
     "SamplerConfig",
-    "SeedBlock",
     "StorageConfig",
     "describe_model",
     "load_config",
     "load_config_or_exit",
     "main",
-    "plan",
-    "seed_blocks",
     "validate_config",
 ]
 
@@ -231,7 +226,7 @@ class BuildConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_field(self) -> BuildConfig:
-        errors = _cross_field_errors(self)
+        errors = [e for check in _CROSS_FIELD_CHECKS for e in check(self)]
         if errors:
             # Raised as a plain ValueError so pydantic wraps it; validate_config re-splits the fields.
             raise ValueError("\n".join(f"{f}: {m}" for f, m in errors))
@@ -257,90 +252,141 @@ class BuildConfig(_Strict):
         return range(self.generate.seed_start, self.generate.seed_start + self.generate.n_samples)
 
 
-def _cross_field_errors(cfg: BuildConfig) -> list[tuple[str, str]]:  # noqa: C901
-    """Checks between fields of one config (no model, no I/O)."""
-    errors: list[tuple[str, str]] = []
-    steps = cfg.sampler.num_inference_steps
+Errors = list[tuple[str, str]]
+
+
+def _sampler_errors(cfg: BuildConfig) -> Errors:
     if cfg.sampler.kind == "ddpm" and cfg.sampler.eta not in (None, 1.0):
+        return [("sampler.eta", f"ddpm sampling has eta=1; for eta={cfg.sampler.eta} set sampler.kind: ddim")]
+    return []
+
+
+def _pca_steps_errors(cfg: BuildConfig) -> Errors:
+    pca_steps, steps = cfg.pca.steps, cfg.sampler.num_inference_steps
+    if pca_steps is None:
+        return []
+    errors: Errors = []
+    if not pca_steps:
+        errors.append(("pca.steps", "must list at least one step (or be null for all steps)"))
+    bad = [s for s in pca_steps if not 0 <= s < steps]
+    if bad:
         errors.append(
-            ("sampler.eta", f"ddpm sampling has eta=1; for eta={cfg.sampler.eta} set sampler.kind: ddim")
+            ("pca.steps", f"steps {bad} outside 0..{steps - 1} (sampler.num_inference_steps={steps})")
         )
-    if cfg.pca.steps is not None:
-        if not cfg.pca.steps:
-            errors.append(("pca.steps", "must list at least one step (or be null for all steps)"))
-        bad = [s for s in cfg.pca.steps if not 0 <= s < steps]
-        if bad:
-            errors.append(
-                ("pca.steps", f"steps {bad} outside 0..{steps - 1} (sampler.num_inference_steps={steps})")
-            )
-        if len(set(cfg.pca.steps)) != len(cfg.pca.steps):
-            errors.append(("pca.steps", f"duplicate steps in {cfg.pca.steps}"))
-    if cfg.pca.n_components > cfg.generate.n_samples:
+    if len(set(pca_steps)) != len(pca_steps):
+        errors.append(("pca.steps", f"duplicate steps in {pca_steps}"))
+    return errors
+
+
+def _pca_size_errors(cfg: BuildConfig) -> Errors:
+    pca, errors = cfg.pca, []
+    if pca.n_components > cfg.generate.n_samples:
         errors.append(
-            (
-                "pca.n_components",
-                f"{cfg.pca.n_components} exceeds generate.n_samples={cfg.generate.n_samples}",
-            )
+            ("pca.n_components", f"{pca.n_components} exceeds generate.n_samples={cfg.generate.n_samples}")
         )
-    if cfg.pca.backend == "sklearn" and cfg.pca.batch_size < cfg.pca.n_components:
+    if pca.backend == "sklearn" and pca.batch_size < pca.n_components:
         errors.append(
             (
                 "pca.batch_size",
-                f"{cfg.pca.batch_size} < pca.n_components={cfg.pca.n_components}; "
+                f"{pca.batch_size} < pca.n_components={pca.n_components}; "
                 "scikit-learn's partial_fit needs at least n_components rows per batch",
             )
         )
-    if cfg.aggregate is not None and cfg.annotate is None:
+    return errors
+
+
+def _needs_annotate_errors(cfg: BuildConfig) -> Errors:
+    """The stages that use classifier scores need the annotate section."""
+    if cfg.annotate is not None:
+        return []
+    errors: Errors = []
+    if cfg.aggregate is not None:
         errors.append(("aggregate", "needs an annotate section (a classifier to score samples)"))
-    if cfg.evaluate is not None and cfg.annotate is None:
-        errors.append(("evaluate", "needs an annotate section (the classifier scores the edits)"))
     if cfg.evaluate is not None:
-        lo, hi = cfg.evaluate.seed_start, cfg.evaluate.seed_start + cfg.evaluate.n_seeds
-        g0, g1 = cfg.generate.seed_start, cfg.generate.seed_start + cfg.generate.n_samples
-        if lo < g1 and g0 < hi:
-            errors.append(
-                (
-                    "evaluate.seed_start",
-                    f"evaluation seeds {lo}..{hi - 1} overlap the generation seeds "
-                    f"{g0}..{g1 - 1}; held-out seeds must be disjoint",
-                )
-            )
-    if cfg.aggregate is not None:
-        attrs = cfg.annotate.attributes if cfg.annotate is not None else None
-        for target, others in cfg.aggregate.disentangle.items():
-            field = f"aggregate.disentangle.{target}"
-            if not others:
-                errors.append((field, "list at least one direction to project out"))
-            if target in others:
-                errors.append((field, f"'{target}' cannot be projected out of itself"))
-            if attrs is not None:
-                unknown = [a for a in [target, *others] if a not in attrs]
-                if unknown:
-                    errors.append((field, f"unknown attributes {unknown}; annotate.attributes is {attrs}"))
-    if cfg.aggregate is not None:
-        attrs = cfg.annotate.attributes if cfg.annotate is not None else None
-        for target, other in cfg.aggregate.condition.items():
-            field = f"aggregate.condition.{target}"
-            if target == other:
-                errors.append((field, f"'{target}' cannot be held fixed while it is edited"))
-            if attrs is not None:
-                unknown = [a for a in (target, other) if a not in attrs]
-                if unknown:
-                    errors.append((field, f"unknown attributes {unknown}; annotate.attributes is {attrs}"))
-    if cfg.aggregate is not None and cfg.generate.n_samples * cfg.aggregate.quantile < 1:
-        errors.append(
+        errors.append(("evaluate", "needs an annotate section (the classifier scores the edits)"))
+    return errors
+
+
+def _evaluate_errors(cfg: BuildConfig) -> Errors:
+    if cfg.evaluate is None:
+        return []
+    lo, hi = cfg.evaluate.seed_start, cfg.evaluate.seed_start + cfg.evaluate.n_seeds
+    g0, g1 = cfg.generate.seed_start, cfg.generate.seed_start + cfg.generate.n_samples
+    if lo < g1 and g0 < hi:
+        return [
             (
-                "aggregate.quantile",
-                f"{cfg.aggregate.quantile} of generate.n_samples={cfg.generate.n_samples} selects no sample",
+                "evaluate.seed_start",
+                f"evaluation seeds {lo}..{hi - 1} overlap the generation seeds "
+                f"{g0}..{g1 - 1}; held-out seeds must be disjoint",
             )
-        )
-    for i, spec in enumerate(cfg.jacobian):
-        if spec.step >= steps:
-            errors.append((f"jacobian[{i}].step", f"{spec.step} outside 0..{steps - 1}"))
+        ]
+    return []
+
+
+def _unknown_attribute_errors(cfg: BuildConfig, field: str, names: Sequence[str]) -> Errors:
+    attrs = cfg.annotate.attributes if cfg.annotate is not None else None
+    unknown = [a for a in names if attrs is not None and a not in attrs]
+    return [(field, f"unknown attributes {unknown}; annotate.attributes is {attrs}")] if unknown else []
+
+
+def _disentangle_errors(cfg: BuildConfig) -> Errors:
+    if cfg.aggregate is None:
+        return []
+    errors: Errors = []
+    for target, others in cfg.aggregate.disentangle.items():
+        field = f"aggregate.disentangle.{target}"
+        if not others:
+            errors.append((field, "list at least one direction to project out"))
+        if target in others:
+            errors.append((field, f"'{target}' cannot be projected out of itself"))
+        errors += _unknown_attribute_errors(cfg, field, [target, *others])
+    return errors
+
+
+def _condition_errors(cfg: BuildConfig) -> Errors:
+    if cfg.aggregate is None:
+        return []
+    errors: Errors = []
+    for target, other in cfg.aggregate.condition.items():
+        field = f"aggregate.condition.{target}"
+        if target == other:
+            errors.append((field, f"'{target}' cannot be held fixed while it is edited"))
+        errors += _unknown_attribute_errors(cfg, field, [target, other])
+    return errors
+
+
+def _quantile_errors(cfg: BuildConfig) -> Errors:
+    agg, n = cfg.aggregate, cfg.generate.n_samples
+    if agg is not None and n * agg.quantile < 1:
+        return [("aggregate.quantile", f"{agg.quantile} of generate.n_samples={n} selects no sample")]
+    return []
+
+
+def _jacobian_errors(cfg: BuildConfig) -> Errors:
+    steps = cfg.sampler.num_inference_steps
+    errors: Errors = [
+        (f"jacobian[{i}].step", f"{spec.step} outside 0..{steps - 1}")
+        for i, spec in enumerate(cfg.jacobian)
+        if spec.step >= steps
+    ]
     names = [s.name for s in cfg.jacobian if s.name]
     if len(set(names)) != len(names):
         errors.append(("jacobian", f"duplicate names {names}"))
     return errors
+
+
+#: Checks between fields of one config (no model, no I/O), one per section, in reporting order.
+_CROSS_FIELD_CHECKS = (
+    _sampler_errors,
+    _pca_steps_errors,
+    _pca_size_errors,
+    _needs_annotate_errors,
+    _evaluate_errors,
+    _disentangle_errors,
+    _condition_errors,
+    _quantile_errors,
+    _jacobian_errors,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,120 +619,11 @@ def load_config_or_exit(path: str | Path, *, check_model: bool = True) -> BuildC
         raise SystemExit(CONFIG_ERROR_EXIT_CODE) from None
 
 
-# ---------------------------------------------------------------------------------------------
-# Seed blocks and the dry-run plan
-
-
-@dataclass(frozen=True)
-class SeedBlock:
-    """Seeds ``start .. stop - 1``: the unit of generation work, of shards and of resumption."""
-
-    index: int
-    start: int
-    stop: int
-
-    @property
-    def key(self) -> str:
-        """Stable manifest key; a block whose range changed (grown run) is a different block."""
-        return f"{self.start:012d}-{self.stop:012d}"
-
-    @property
-    def seeds(self) -> range:
-        return range(self.start, self.stop)
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-def seed_blocks(cfg: BuildConfig) -> list[SeedBlock]:
-    """Blocks of ``seeds_per_block`` consecutive seeds from ``seed_start``; the last may be short."""
-    g = cfg.generate
-    end = g.seed_start + g.n_samples
-    return [
-        SeedBlock(i, s, min(s + g.seeds_per_block, end))
-        for i, s in enumerate(range(g.seed_start, end, g.seeds_per_block))
-    ]
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Dry-run numbers of a build (nothing executed)."""
-
-    n_samples: int
-    n_steps: int
-    n_blocks: int
-    n_activation_shards: int
-    n_sample_shards: int
-    rows: int
-    h_shape: tuple[int, int, int] | None
-    bytes_per_row: int | None
-    estimated_bytes: int | None
-    pca_steps: int
-    pca_actors: int
-    workers: int
-    device: str
-
-    def summary(self) -> str:
-        """Human-readable lines for ``--dry-run``."""
-        size = (
-            "unknown (set model.h_shape)"
-            if self.estimated_bytes is None
-            else _human_bytes(self.estimated_bytes)
-        )
-        return "\n".join(
-            [
-                f"samples:            {self.n_samples} in {self.n_blocks} seed blocks",
-                f"sampler steps:      {self.n_steps}",
-                f"activation shards:  {self.n_activation_shards} (+{self.n_sample_shards} sample shards)",
-                f"activation rows:    {self.rows}",
-                f"h shape:            {list(self.h_shape) if self.h_shape else 'unknown'}",
-                f"activation bytes:   {size} (float16, before compression)",
-                f"pca:                {self.pca_steps} steps over {self.pca_actors} actors",
-                f"workers:            {self.workers} on {self.device}",
-            ]
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1000  # type: ignore[assignment]
-    raise AssertionError("unreachable")
-
-
-def plan(cfg: BuildConfig, info: ModelInfo | None = None) -> Plan:
-    """Dry run: blocks, shards (one per step per block), rows (seed x step) and float16 h bytes."""
-    if info is None:
-        info = describe_model(cfg.model)
-    steps = cfg.sampler.num_inference_steps
-    blocks = seed_blocks(cfg)
-    rows = cfg.generate.n_samples * steps
-    per_row = 2 * math.prod(info.h_shape) if info.h_shape is not None else None
-    n_pca = len(cfg.pca_steps)
-    return Plan(
-        n_samples=cfg.generate.n_samples,
-        n_steps=steps,
-        n_blocks=len(blocks),
-        n_activation_shards=len(blocks) * steps,
-        n_sample_shards=len(blocks),
-        rows=rows,
-        h_shape=info.h_shape,
-        bytes_per_row=per_row,
-        estimated_bytes=rows * per_row if per_row is not None else None,
-        pca_steps=n_pca,
-        pca_actors=math.ceil(n_pca / cfg.pca.steps_per_actor),
-        workers=cfg.resources.workers,
-        device=cfg.resources.device,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pipeline.config CONFIG...``: validate configs and print their dry-run plans (exit 2 if bad)."""
     import argparse
+
+    from pipeline.plan import plan
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.config", description=main.__doc__)
     parser.add_argument("configs", nargs="+", help="YAML build configs")

@@ -26,15 +26,22 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import BuildConfig, ModelInfo, SeedBlock, describe_model, seed_blocks
+from pipeline.config import BuildConfig, ModelInfo, describe_model
+from pipeline.plan import SeedBlock, seed_blocks
+from pipeline.ray_runtime import init_ray
 from pipeline.storage import BlockRecord, RunStore
 
-__all__ = ["BlockGenerator", "GenerateReport", "generate", "run_identity", "ensure_ray"]
+__all__ = ["BlockGenerator", "GenerateReport", "generate", "run_identity"]
 
 
 @dataclass(frozen=True)
 class GenerateReport:
-    """What a generate call did: blocks skipped (already listed) and generated, rows, bytes, speed."""
+    """What a generate call did: blocks skipped (already listed) and generated, rows, bytes, speed.
+
+    ``model_fingerprint`` and ``timesteps`` are the run's model facts (every block shares them; see
+    ``stages.generate.model`` in the manifest), which the later stages record with their directions;
+    None only for a run without any block.
+    """
 
     blocks_total: int
     blocks_skipped: int
@@ -43,6 +50,8 @@ class GenerateReport:
     rows: int
     bytes: int
     seconds: float
+    model_fingerprint: str | None = None
+    timesteps: tuple[int, ...] | None = None
 
     @property
     def rows_per_s(self) -> float:
@@ -60,7 +69,11 @@ class GenerateReport:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "rows_per_s": self.rows_per_s, "samples_per_s": self.samples_per_s}
+        """The counters and speeds (the model facts are recorded once, under ``stages.generate.model``)."""
+        out = asdict(self)
+        for key in ("model_fingerprint", "timesteps"):
+            out.pop(key)
+        return {**out, "rows_per_s": self.rows_per_s, "samples_per_s": self.samples_per_s}
 
 
 def run_identity(cfg: BuildConfig) -> dict[str, Any]:
@@ -97,14 +110,6 @@ def local_weights_digest(info: ModelInfo) -> str | None:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-def ensure_ray(cfg: BuildConfig) -> None:
-    """Join the configured cluster (``resources.ray_address``) unless Ray is already initialised."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.resources.ray_address, log_to_driver=True)
 
 
 def _png(image: Any) -> bytes:
@@ -227,6 +232,8 @@ def generate(
     if todo:
         generated = _run_blocks(cfg, store, todo, progress)
     seconds = time.perf_counter() - t0
+    facts = (store.stage("generate") or {}).get("model") or {}
+    timesteps = facts.get("timesteps")
     report = GenerateReport(
         blocks_total=len(blocks),
         blocks_skipped=len(blocks) - len([b for b in blocks if b.key not in done]),
@@ -235,6 +242,8 @@ def generate(
         rows=sum(s.rows for r in generated for s in r.activations),
         bytes=sum(r.bytes for r in generated),
         seconds=seconds,
+        model_fingerprint=facts.get("model_fingerprint"),
+        timesteps=tuple(int(t) for t in timesteps) if timesteps is not None else None,
     )
 
     def record(m: dict[str, Any]) -> None:
@@ -255,7 +264,7 @@ def _run_blocks(
     import ray
     from tqdm.auto import tqdm
 
-    ensure_ray(cfg)
+    init_ray(cfg)
     info = describe_model(cfg.model)
     res = cfg.resources
     ctx = ray.data.DataContext.get_current()

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import BuildConfig
+from pipeline.ray_runtime import init_ray
 from pipeline.storage import CorruptShardError, RunStore, StepBatch
 
 __all__ = [
@@ -488,41 +489,33 @@ def remote_worker(cfg: BuildConfig, max_restarts: int = 3) -> Any:
     )
 
 
-def pca_stage(cfg: BuildConfig, store: RunStore | None = None, *, progress: bool = True) -> PCAStageResult:
-    """Fit (or continue) the per-timestep PCA over every listed block; store and return it."""
+def _stored_result(
+    cfg: BuildConfig, store: RunStore, blocks: list[str], digest: str, t0: float
+) -> PCAStageResult | None:
+    """The stored PCA when nothing changed since it was fitted (same settings, blocks and steps)."""
+    prev = store.stage("pca")
+    if (
+        prev is None
+        or prev.get("digest") != digest
+        or prev.get("blocks") != blocks
+        or prev.get("steps") != cfg.pca_steps
+        or not store.exists(PCA_RESULT_PATH)
+    ):
+        return None
+    return PCAStageResult(
+        load_stage_pca(store), PCA_RESULT_PATH, blocks, int(prev["n_samples"]), 0, 0, time.perf_counter() - t0
+    )
+
+
+def _fit_groups(
+    cfg: BuildConfig, store: RunStore, blocks: list[str], progress: bool
+) -> tuple[Any, list[dict[str, Any]]]:
+    """One actor per step group continues its fit over ``blocks``; returns the merged PCA and each
+    group's status (in group order). The actors are killed afterwards, whatever happens."""
     import ray
     from tqdm.auto import tqdm
 
-    from pipeline.generate import ensure_ray
-
-    store = store or RunStore(cfg.storage.run_url, cfg.storage.storage_options)
-    blocks = list(store.blocks())
-    if not blocks:
-        raise ValueError(f"run {store.url} has no completed seed blocks: run the generate stage first")
-    t0 = time.perf_counter()
-    digest, settings = pca_settings(cfg, store.identity())
-    prev = store.stage("pca")
-    if (
-        prev is not None
-        and prev.get("digest") == digest
-        and prev.get("blocks") == blocks
-        and prev.get("steps") == cfg.pca_steps
-        and store.exists(PCA_RESULT_PATH)
-    ):
-        # Nothing new since the stored result: no actors, just the stored PCA.
-        result = PCAStageResult(
-            load_stage_pca(store),
-            PCA_RESULT_PATH,
-            blocks,
-            int(prev["n_samples"]),
-            0,
-            0,
-            time.perf_counter() - t0,
-        )
-        if progress:
-            print(result.summary(), flush=True)
-        return result
-    ensure_ray(cfg)
+    init_ray(cfg)
     actor_cls = remote_worker(cfg)
     groups = step_groups(cfg.pca_steps, cfg.pca.steps_per_actor)
     actors = [actor_cls.remote(**worker_kwargs(cfg, store, g, blocks)) for g in groups]
@@ -540,31 +533,43 @@ def pca_stage(cfg: BuildConfig, store: RunStore | None = None, *, progress: bool
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
-    _save_pca(store, pca)
-    n_samples = min(pca.estimators[s].n_samples_seen_ for s in cfg.pca_steps)
-    group_info = [statuses[i] for i in range(len(actors))]
-    result = PCAStageResult(
-        pca=pca,
-        path=PCA_RESULT_PATH,
-        blocks=blocks,
-        n_samples=int(n_samples),
-        new_blocks=max(st["blocks_fitted"] for st in group_info),
-        batches=sum(st["batches_run"] for st in group_info),
-        seconds=time.perf_counter() - t0,
-        groups=group_info,
-    )
-    store.record_stage(
-        "pca",
-        {
-            "path": PCA_RESULT_PATH,
-            "blocks": blocks,
-            "n_samples": result.n_samples,
-            "steps": cfg.pca_steps,
-            "digest": digest,
-            "settings": settings,
-            "seconds": result.seconds,
-        },
-    )
+    return pca, [statuses[i] for i in range(len(actors))]
+
+
+def pca_stage(cfg: BuildConfig, store: RunStore | None = None, *, progress: bool = True) -> PCAStageResult:
+    """Fit (or continue) the per-timestep PCA over every listed block; store and return it."""
+    store = store or RunStore(cfg.storage.run_url, cfg.storage.storage_options)
+    blocks = list(store.blocks())
+    if not blocks:
+        raise ValueError(f"run {store.url} has no completed seed blocks: run the generate stage first")
+    t0 = time.perf_counter()
+    digest, settings = pca_settings(cfg, store.identity())
+    result = _stored_result(cfg, store, blocks, digest, t0)  # nothing new: no actors
+    if result is None:
+        pca, group_info = _fit_groups(cfg, store, blocks, progress)
+        _save_pca(store, pca)
+        result = PCAStageResult(
+            pca=pca,
+            path=PCA_RESULT_PATH,
+            blocks=blocks,
+            n_samples=int(min(pca.estimators[s].n_samples_seen_ for s in cfg.pca_steps)),
+            new_blocks=max(st["blocks_fitted"] for st in group_info),
+            batches=sum(st["batches_run"] for st in group_info),
+            seconds=time.perf_counter() - t0,
+            groups=group_info,
+        )
+        store.record_stage(
+            "pca",
+            {
+                "path": PCA_RESULT_PATH,
+                "blocks": blocks,
+                "n_samples": result.n_samples,
+                "steps": cfg.pca_steps,
+                "digest": digest,
+                "settings": settings,
+                "seconds": result.seconds,
+            },
+        )
     if progress:
         print(result.summary(), flush=True)
     return result

@@ -129,6 +129,51 @@ class PublishResult:
         return f"{self.catalog_url.rstrip('/')}/{self.model}/versions/{self.version}/report.html"
 
 
+def _sampler_settings(cfg: BuildConfig) -> dict[str, Any]:
+    return {
+        "kind": cfg.sampler.kind,
+        "num_inference_steps": cfg.sampler.num_inference_steps,
+        "eta": cfg.sampler.eta,
+    }
+
+
+def _report_meta(
+    cfg: BuildConfig, version: str, inputs: dict[str, Any], run_summary: dict[str, Any]
+) -> dict[str, Any]:
+    """The facts at the top of report.html."""
+    cat_cfg, sampler = cfg.catalog, _sampler_settings(cfg)
+    return {
+        "version": version,
+        "catalog": f"{cat_cfg.url} / {cat_cfg.model_name} (ref {cat_cfg.ref})",
+        "build config": cfg.name,
+        "model": f"{cfg.model.source} (revision {cfg.model.revision}, fingerprint {inputs.get('model_fingerprint')})",
+        "sampler": f"{sampler['kind']}, {sampler['num_inference_steps']} steps, eta {sampler['eta']}",
+        "samples": run_summary.get("samples"),
+        "activation rows / bytes": f"{run_summary.get('rows')} / {run_summary.get('bytes')}",
+        "config hash": inputs.get("config_hash"),
+        "code": json.dumps(inputs.get("code")),
+    }
+
+
+def _version_metadata(
+    cfg: BuildConfig, inputs: dict[str, Any], timesteps: list[int] | None, run_summary: dict[str, Any]
+) -> dict[str, Any]:
+    """The version manifest's metadata (what ``jobs/rebuild.py`` compares lives under ``inputs``)."""
+    return {
+        "model_id": cfg.model.source,
+        "revision": cfg.model.revision,
+        "config_hash": inputs["config_hash"],
+        "model_fingerprint": inputs.get("model_fingerprint"),
+        "sampler": _sampler_settings(cfg),
+        "timesteps": timesteps,
+        "inputs": inputs | {"run": run_summary, "run_url": cfg.storage.run_url},
+        # storage_options may hold credentials: never published
+        "build_config": cfg.model_dump(
+            mode="json", exclude={"storage": {"storage_options"}, "catalog": {"storage_options"}}
+        ),
+    }
+
+
 def publish(
     cfg: BuildConfig,
     *,
@@ -151,25 +196,9 @@ def publish(
     version = hcatalog.new_version_id()
     effects = None if effects is None else dict(effects) | {"version": version, "model": cat_cfg.model_name}
     extra: dict[str, bytes] = {preview_name(n): png for n, png in previews.items()}
-    sampler = {
-        "kind": cfg.sampler.kind,
-        "num_inference_steps": cfg.sampler.num_inference_steps,
-        "eta": cfg.sampler.eta,
-    }
-    meta = {
-        "version": version,
-        "catalog": f"{cat_cfg.url} / {cat_cfg.model_name} (ref {cat_cfg.ref})",
-        "build config": cfg.name,
-        "model": f"{cfg.model.source} (revision {cfg.model.revision}, fingerprint {inputs.get('model_fingerprint')})",
-        "sampler": f"{sampler['kind']}, {sampler['num_inference_steps']} steps, eta {sampler['eta']}",
-        "samples": run_summary.get("samples"),
-        "activation rows / bytes": f"{run_summary.get('rows')} / {run_summary.get('bytes')}",
-        "config hash": inputs.get("config_hash"),
-        "code": json.dumps(inputs.get("code")),
-    }
     extra["report.html"] = render_report(
         title=f"hspace catalog: {cat_cfg.model_name} {version}",
-        meta=meta,
+        meta=_report_meta(cfg, version, inputs, run_summary),
         directions=direction_rows(directions),
         effects=effects,
         previews=previews,
@@ -181,19 +210,7 @@ def publish(
         pca=pca_state(pca),
         effects=effects,
         extra_files=extra,
-        metadata={
-            "model_id": cfg.model.source,
-            "revision": cfg.model.revision,
-            "config_hash": inputs["config_hash"],
-            "model_fingerprint": inputs.get("model_fingerprint"),
-            "sampler": sampler,
-            "timesteps": timesteps,
-            "inputs": inputs | {"run": run_summary, "run_url": cfg.storage.run_url},
-            # storage_options may hold credentials: never published
-            "build_config": cfg.model_dump(
-                mode="json", exclude={"storage": {"storage_options"}, "catalog": {"storage_options"}}
-            ),
-        },
+        metadata=_version_metadata(cfg, inputs, timesteps, run_summary),
         ref=cat_cfg.ref,
         version=version,
     )

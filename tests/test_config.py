@@ -15,10 +15,9 @@ from pipeline.config import (
     describe_model,
     load_config,
     main,
-    plan,
-    seed_blocks,
     validate_config,
 )
+from pipeline.plan import plan, seed_blocks
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LARGE = ("celebahq", "church", "bedroom")

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import seed_blocks, validate_config
+from pipeline.config import validate_config
 from pipeline.generate import generate, run_identity
+from pipeline.plan import seed_blocks
 from pipeline.storage import RunStore
 from tests.ray_cluster import ray_local  # noqa: F401  (session fixture)
 

@@ -430,7 +430,7 @@ def test_evaluate_effects_and_publish_a_verified_version(tmp_path, tiny_model_di
 def test_relative_paths_inside_a_submitted_job_are_flagged(
     tmp_path, tiny_model_dir, classifier_dir, monkeypatch
 ):
-    from pipeline.graph import ephemeral_path_warnings, override_urls
+    from pipeline.build import ephemeral_path_warnings, override_urls
 
     cfg = _config(tmp_path, tiny_model_dir, classifier_dir, storage={"run_url": "runs/x"})
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)

@@ -25,7 +25,8 @@ from _bench import DEVICE, ON_GPU, configure_threads, median, table, toy_model_o
 
 pytest.importorskip("ray", reason="the pipeline benchmark needs Ray (pip install 'hspace[pipeline]')")
 generate_mod = pytest.importorskip("pipeline.generate", reason="pipeline.generate is not there yet")
-from pipeline.config import SeedBlock, validate_config  # noqa: E402
+from pipeline.config import validate_config  # noqa: E402
+from pipeline.plan import SeedBlock  # noqa: E402
 from pipeline.storage import BlockRecord, RunStore  # noqa: E402
 from tests.ray_cluster import ray_local  # noqa: E402,F401  (session fixture)
 

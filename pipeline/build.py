@@ -1,29 +1,42 @@
-"""The whole catalog build as one function: generate -> pca -> annotate -> aggregate -> evaluate -> publish.
+"""The catalog build, start to end: generate -> pca -> annotate -> aggregate -> evaluate -> publish.
 
-Each stage is a function of the config and the run store (design.md, "Data flow"); this module
-only wires them together, joins or starts Ray, times every stage and returns a
-:class:`BuildResult` whose ``summary()`` is the closing report of ``jobs/build_catalog.py``:
-samples, activation rows per second, bytes written, directions, the effect matrix, the catalog
-URL and the report's location.
+:func:`build_catalog` runs the stages in order, each taking the typed results of the ones before
+it, times every stage and returns a :class:`BuildResult` whose ``summary()`` is the closing report:
+samples, activation rows per second, bytes written, directions, the effect matrix, the catalog URL
+and the report's location. Stages without a config section are skipped: no ``annotate`` means PCA
+(and Jacobian) directions only; no ``evaluate`` means no effect matrix.
 
-Stages without a config section are skipped: no ``annotate`` means PCA (and Jacobian) directions
-only; no ``evaluate`` means no effect matrix.
+:func:`main` is the build's command line, shared by ``hspace build`` and ``jobs/build_catalog.py``:
+validate the config (exit 2 naming the field, before any work), warn about relative paths that a
+submitted Ray job would lose, then dry-run (print the plan) or build and print the summary.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pipeline.config import BuildConfig
+from pipeline.config import CONFIG_ERROR_EXIT_CODE, BuildConfig, ConfigError, load_config
+from pipeline.ray_runtime import init_ray
 from pipeline.storage import RunStore
 
-__all__ = ["BuildResult", "build_catalog", "ephemeral_path_warnings", "init_ray", "override_urls"]
+__all__ = [
+    "BuildResult",
+    "build_catalog",
+    "build_parser",
+    "ephemeral_path_warnings",
+    "load_job_config",
+    "main",
+    "override_urls",
+]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 
 def _absolute(url: str) -> str:
@@ -71,45 +84,13 @@ def ephemeral_path_warnings(
 def load_job_config(
     path: str | Path, *, run_url: str | None = None, catalog_url: str | None = None
 ) -> BuildConfig:
-    """What every job does first: validate ``path`` (exit 2 naming the field on error), warn about
-    paths that would vanish inside a submitted Ray job, then apply the URL overrides."""
-    import sys
-
-    from pipeline.config import load_config_or_exit
-
-    loaded = load_config_or_exit(path)
+    """What every build entry point does first: validate ``path`` (ConfigError / FileNotFoundError
+    naming the field or file), warn on stderr about paths that would vanish inside a submitted Ray
+    job, then apply the URL overrides."""
+    loaded = load_config(path)
     for line in ephemeral_path_warnings(loaded, run_url=run_url, catalog_url=catalog_url):
         print(line, file=sys.stderr)
     return override_urls(loaded, run_url=run_url, catalog_url=catalog_url)
-
-
-def init_ray(cfg: BuildConfig) -> str:
-    """Join the cluster (``resources.ray_address`` or ``RAY_ADDRESS``) or start a local one.
-
-    A local cluster's workers get the repository root on ``PYTHONPATH`` so they import this tree;
-    a submitted job already ships it as its working_dir. Returns a description for the log.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return "ray: already initialised"
-    address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
-    if address is None:
-        paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-        os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        # the raylet waits this long for its agents; on a loaded machine the default is too short
-        os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
-    if (
-        address is None
-    ):  # a private local cluster (never a stale one from /tmp/ray): no dashboard, starts faster
-        ray.init(address="local", log_to_driver=True, configure_logging=False, include_dashboard=False)
-    else:
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    resources = ray.cluster_resources()
-    where = f"cluster at {address}" if address else "local cluster"
-    return f"ray: {where}, {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
 
 
 @dataclass
@@ -164,7 +145,7 @@ class BuildResult:
         return "\n".join(lines)
 
 
-def _timed(stage_seconds: dict[str, float], name: str, fn, *args, **kwargs):
+def _timed(stage_seconds: dict[str, float], name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     t0 = time.perf_counter()
     try:
         return fn(*args, **kwargs)
@@ -175,7 +156,7 @@ def _timed(stage_seconds: dict[str, float], name: str, fn, *args, **kwargs):
 def build_catalog(cfg: BuildConfig, progress: bool = True) -> BuildResult:
     """Run every stage of the build in order and publish a new catalog version."""
     from pipeline.aggregate import aggregate
-    from pipeline.annotate import annotate, read_scores
+    from pipeline.annotate import annotate
     from pipeline.evaluate import evaluate
     from pipeline.generate import generate
     from pipeline.pca_stage import pca_stage
@@ -189,35 +170,14 @@ def build_catalog(cfg: BuildConfig, progress: bool = True) -> BuildResult:
     seconds: dict[str, float] = {}
 
     gen = _timed(seconds, "generate", generate, cfg, store, progress=progress)
-    facts = (store.stage("generate") or {}).get("model") or {}
-    fingerprint, timesteps = facts.get("model_fingerprint"), facts.get("timesteps")
-    pca = _timed(seconds, "pca", pca_stage, cfg, store, progress=progress).pca
-
-    scores, attributes, binary, clf_fp = None, [], [], None
+    pca = _timed(seconds, "pca", pca_stage, cfg, store, progress=progress)
+    ann = None
     if cfg.annotate is not None:
         ann = _timed(seconds, "annotate", annotate, cfg, store, progress=progress)
-        scores, record = read_scores(store)
-        attributes, binary, clf_fp = ann.attributes, ann.binary, ann.classifier_fingerprint
-        del record
-    import torch
+    agg = _timed(seconds, "aggregate", aggregate, cfg, store, gen, pca, ann, progress=progress)
 
-    agg = _timed(
-        seconds,
-        "aggregate",
-        aggregate,
-        cfg,
-        store,
-        scores=scores,
-        attributes=attributes,
-        binary=binary,
-        pca=pca,
-        timesteps=torch.tensor(timesteps) if timesteps is not None else None,
-        model_fingerprint=fingerprint,
-        classifier_fingerprint=clf_fp,
-        progress=progress,
-    )
     effects, previews, preview_scales = None, {}, None
-    if cfg.evaluate is not None and cfg.annotate is not None:
+    if cfg.evaluate is not None and ann is not None:
         ev = _timed(
             seconds,
             "evaluate",
@@ -225,16 +185,17 @@ def build_catalog(cfg: BuildConfig, progress: bool = True) -> BuildResult:
             cfg,
             agg.directions,
             agg.random_of,
-            attributes=attributes,
-            binary=binary,
+            attributes=ann.attributes,
+            binary=ann.binary,
             progress=progress,
         )
         effects, preview_scales = ev.effects, ev.preview_scales
         previews = {name: edit_strip_png(images) for name, images in ev.previews.items()}
 
     run = store.summary()
+    clf_fp = ann.classifier_fingerprint if ann is not None else None
     inputs = build_inputs(
-        cfg, model_fingerprint=fingerprint, classifier_fingerprint=clf_fp, n_samples=run["samples"]
+        cfg, model_fingerprint=gen.model_fingerprint, classifier_fingerprint=clf_fp, n_samples=run["samples"]
     )
     pub = _timed(
         seconds,
@@ -242,16 +203,16 @@ def build_catalog(cfg: BuildConfig, progress: bool = True) -> BuildResult:
         publish,
         cfg,
         directions=agg.directions,
-        pca=pca,
+        pca=pca.pca,
         effects=effects,
         previews=previews,
         preview_scales=preview_scales,
         inputs=inputs,
-        timesteps=timesteps,
+        timesteps=list(gen.timesteps) if gen.timesteps is not None else None,
         run_summary=run,
         progress=progress,
     )
-    result = BuildResult(
+    return BuildResult(
         name=cfg.name,
         catalog_url=pub.catalog_url,
         model=pub.model,
@@ -266,4 +227,43 @@ def build_catalog(cfg: BuildConfig, progress: bool = True) -> BuildResult:
         effects=effects,
         stage_seconds=seconds,
     )
-    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The build's arguments (also used by tests/test_infra.py to check the manifests' entrypoints)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML build config (see configs/)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate the config and print the plan; no work"
+    )
+    parser.add_argument("--run-url", default=None, help="override storage.run_url (any fsspec URL)")
+    parser.add_argument("--catalog-url", default=None, help="override catalog.url (any fsspec URL)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output, only the closing summary")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Validate the config (exit 2 naming the field on error), then dry-run or build; returns the exit status."""
+    args = build_parser(prog).parse_args(argv)
+    try:
+        cfg = load_job_config(args.config, run_url=args.run_url, catalog_url=args.catalog_url)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT_CODE
+    if args.dry_run:
+        from pipeline.plan import plan
+
+        print(f"{args.config}: ok ({cfg.name}); dry run, nothing written")
+        print(plan(cfg).summary())
+        return 0
+    result = build_catalog(cfg, progress=not args.quiet)
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
