@@ -57,12 +57,8 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor
 
-from hspace.directions import (
-    Direction,
-    direction_names,
-    directions_to_safetensors,
-    safetensors_from_bytes,
-)
+from hspace.directions import Direction, direction_names, directions_to_safetensors
+from hspace.io import safetensors_from_bytes
 
 __all__ = [
     "Catalog",

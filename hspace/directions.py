@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from hspace.io import read_safetensors, write_bytes
 
 KINDS = ("pca", "jacobian", "supervised", "disentangled", "random", "custom")
 UNITS = ("raw", "unit")
@@ -326,54 +327,6 @@ def load_directions(url: str, storage_options: Mapping[str, Any] | None = None) 
     """Read every direction in a safetensors file, keyed by name."""
     tensors, metadata = read_safetensors(url, storage_options)
     return {n: Direction.from_safetensors_dict(tensors, metadata, n) for n in direction_names(metadata)}
-
-
-def read_safetensors(
-    url: str, storage_options: Mapping[str, Any] | None = None
-) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and string metadata of a safetensors file on an fsspec URL."""
-    data = read_bytes(url, storage_options)
-    return safetensors_from_bytes(data, url)
-
-
-def safetensors_from_bytes(data: bytes, what: str = "<bytes>") -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Parse safetensors bytes into (tensors, metadata); the header is plain JSON."""
-    from safetensors.torch import load
-
-    if len(data) < 8:
-        raise ValueError(f"{what}: not a safetensors file (too short)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise ValueError(f"{what}: not a safetensors file (bad header length)")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{what}: not a safetensors file (header is not JSON)") from None
-    metadata = header.get("__metadata__") or {}
-    return load(data), dict(metadata)
-
-
-def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Write bytes to an fsspec URL, creating parent folders."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
-
-
-def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
-    """Read the bytes at an fsspec URL; FileNotFoundError names the URL when missing."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    if not fs.exists(path):
-        raise FileNotFoundError(f"no such file: {url}")
-    with fs.open(path, "rb") as f:
-        return f.read()
 
 
 # ---------------------------------------------------------------------- supervised directions (eq. 11)

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from hspace.io import read_json
+
 logger = logging.getLogger(__name__)
 
 SchedulerKind = Literal["ddpm", "ddim"]
@@ -106,11 +108,6 @@ def _is_local_path(path_or_id: str | Path) -> bool:
     return isinstance(path_or_id, Path) or not _HUB_ID.match(text) or Path(text).exists()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    with path.open() as handle:
-        return json.load(handle)
-
-
 def _load_local(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """UNet + scheduler config from a DDPMPipeline directory or a bare UNet directory."""
     from diffusers import DDPMScheduler, UNet2DModel
@@ -129,7 +126,7 @@ def _load_local(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         )
     for candidate in candidates:
         if candidate.is_file():
-            return unet, _read_json(candidate)
+            return unet, read_json(candidate)
     logger.warning("no scheduler_config.json under %s: using DDPMScheduler defaults", path)
     return unet, dict(DDPMScheduler().config)
 

@@ -13,7 +13,6 @@ the config and the model's ``unet/config.json`` without loading weights.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -377,13 +376,6 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or "\\" in source or not _HUB_ID.match(source)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    with path.open() as f:
-        return json.load(f)
-
-
 def unet_h_shape(unet_config: dict[str, Any]) -> tuple[tuple[int, int, int], int]:
     """``(h_shape, image_size)`` of a diffusers ``UNet2DModel`` config.
 
@@ -399,13 +391,19 @@ def unet_h_shape(unet_config: dict[str, Any]) -> tuple[tuple[int, int, int], int
 
 
 def _local_config_files(root: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    unet = _read_json(root / "unet" / "config.json") or _read_json(root / "config.json")
-    sched = _read_json(root / "scheduler" / "scheduler_config.json")
+    from hspace.io import read_json
+
+    unet = read_json(root / "unet" / "config.json", missing_ok=True) or read_json(
+        root / "config.json", missing_ok=True
+    )
+    sched = read_json(root / "scheduler" / "scheduler_config.json", missing_ok=True)
     return unet, sched
 
 
 def _hub_cached_config_files(repo_id: str, revision: str | None) -> tuple[dict | None, dict | None]:
     """Configs of a hub model from the local Hugging Face cache only (never the network)."""
+    from hspace.io import read_json
+
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
@@ -413,7 +411,7 @@ def _hub_cached_config_files(repo_id: str, revision: str | None) -> tuple[dict |
     out: list[dict | None] = []
     for name in ("unet/config.json", "scheduler/scheduler_config.json"):
         hit = try_to_load_from_cache(repo_id, name, revision=revision)
-        out.append(_read_json(Path(hit)) if isinstance(hit, str) else None)
+        out.append(read_json(hit, missing_ok=True) if isinstance(hit, str) else None)
     return out[0], out[1]
 
 

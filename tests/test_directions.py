@@ -13,11 +13,11 @@ from hspace.directions import (
     load_directions,
     mean_difference,
     random_like,
-    read_safetensors,
     save_directions,
     select_quantiles,
     supervised_direction,
 )
+from hspace.io import read_safetensors
 
 H_SHAPE = (4, 2, 2)
 
