@@ -15,25 +15,23 @@ its new blocks and a different classifier rescores everything.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
+from hspace.classifier import classifier_fingerprint, load_classifier, score_images
 from pipeline.storage import RunStore, ShardInfo
 
 if TYPE_CHECKING:
     import torch
 
-    from hspace.toy.classifier import AttributeClassifier
+    from hspace.classifier import BaseAttributeClassifier
     from pipeline.config import BuildConfig
 
 __all__ = [
@@ -44,8 +42,6 @@ __all__ = [
     "decode_pngs",
     "load_classifier",
     "read_scores",
-    "resolve_classifier_dir",
-    "score_images",
     "select_attributes",
 ]
 
@@ -56,61 +52,7 @@ STAGE = "annotate"
 # The classifier
 
 
-def resolve_classifier_dir(spec: str, storage_options: dict[str, Any] | None = None) -> Path:
-    """Local directory of a classifier: ``toy`` (shipped weights), a local dir, or an fsspec URL.
-
-    A URL (``s3://bucket/clf``) is copied once into a local cache keyed by the URL, because
-    :meth:`AttributeClassifier.from_pretrained` reads local files.
-    """
-    if spec == "toy":
-        from hspace.toy import TOY_CLASSIFIER_DIR
-
-        return Path(TOY_CLASSIFIER_DIR)
-    if "://" not in spec:
-        path = Path(spec).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"annotate.classifier: directory {path} does not exist")
-        return path
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(spec, **(storage_options or {}))
-    cache = (
-        Path(tempfile.gettempdir()) / "hspace-classifiers" / hashlib.sha256(spec.encode()).hexdigest()[:16]
-    )
-    if not (cache / "config.json").is_file():
-        if not fs.exists(root):
-            raise FileNotFoundError(f"annotate.classifier: {spec} does not exist")
-        cache.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "model.safetensors"):
-            fs.get(f"{root.rstrip('/')}/{name}", str(cache / name))
-    return cache
-
-
-def load_classifier(
-    spec: str, device: str = "cpu", storage_options: dict[str, Any] | None = None
-) -> AttributeClassifier:
-    """The classifier named by ``annotate.classifier``, in eval mode on ``device``."""
-    from hspace.toy.classifier import AttributeClassifier
-
-    return AttributeClassifier.from_pretrained(
-        resolve_classifier_dir(spec, storage_options), device=device
-    ).eval()
-
-
-def classifier_fingerprint(spec: str, storage_options: dict[str, Any] | None = None) -> str:
-    """Short sha256 over the classifier's config and weights (changes when the classifier does)."""
-    root = resolve_classifier_dir(spec, storage_options)
-    digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        path = root / name
-        if not path.is_file():
-            raise FileNotFoundError(f"annotate.classifier: {path} is missing")
-        digest.update(name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def select_attributes(classifier: AttributeClassifier, wanted: Sequence[str] | None) -> list[str]:
+def select_attributes(classifier: BaseAttributeClassifier, wanted: Sequence[str] | None) -> list[str]:
     """``annotate.attributes`` checked against the classifier (None = all of them, in its order)."""
     if wanted is None:
         return list(classifier.attributes)
@@ -133,22 +75,6 @@ def decode_pngs(pngs: Sequence[bytes]) -> torch.Tensor:
 
     arrays = [np.asarray(Image.open(io.BytesIO(bytes(p))).convert("RGB")) for p in pngs]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-
-
-def score_images(
-    classifier: AttributeClassifier, images: torch.Tensor, columns: Sequence[int], batch_size: int
-) -> np.ndarray:
-    """Classifier outputs [B, len(columns)] float32 for images [B, 3, H, W] in [0, 1], in mini-batches."""
-    import torch
-
-    device = next(classifier.parameters()).device
-    out = []
-    with torch.no_grad():
-        for i in range(0, images.shape[0], batch_size):
-            out.append(classifier(images[i : i + batch_size].to(device))[:, list(columns)].float().cpu())
-    if not out:
-        return np.zeros((0, len(columns)), np.float32)
-    return torch.cat(out).numpy().astype(np.float32)
 
 
 class ClassifierScorer:
@@ -181,7 +107,7 @@ class ClassifierScorer:
             table = self.store.read_table(ShardInfo(str(path), int(rows), int(nbytes), str(sha)))
             images = decode_pngs(table.column("png").to_pylist())
             seeds.append(table.column("seed").to_numpy())
-            scores.append(score_images(self.classifier, images, self.columns, self.batch_size))
+            scores.append(score_images(self.classifier, images, self.columns, self.batch_size).numpy())
         s = np.concatenate(scores) if scores else np.zeros((0, len(self.attributes)), np.float32)
         out = {"seed": np.concatenate(seeds).astype(np.int64) if seeds else np.zeros(0, np.int64)}
         out.update({a: s[:, i] for i, a in enumerate(self.attributes)})

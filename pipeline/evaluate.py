@@ -208,8 +208,8 @@ class EditScorer:
     ) -> None:
         import ray
 
+        from hspace.classifier import load_classifier
         from hspace.sampling import HSpaceSampler
-        from pipeline.annotate import load_classifier
         from pipeline.config import BuildConfig
 
         cfg = BuildConfig.model_validate(cfg_json)
@@ -234,14 +234,9 @@ class EditScorer:
 
     def _score(self, images: torch.Tensor) -> np.ndarray:
         """Classifier outputs for images [N, 3, H, W] (resized to the classifier's input if needed)."""
-        from pipeline.annotate import score_images
+        from hspace.classifier import score_images
 
-        size = self.classifier.image_size
-        if images.shape[-1] != size or images.shape[-2] != size:
-            images = torch.nn.functional.interpolate(
-                images, size=(size, size), mode="bilinear", antialias=True
-            )
-        return score_images(self.classifier, images, self.columns, self.cfg.annotate.batch_size)
+        return score_images(self.classifier, images, self.columns, self.cfg.annotate.batch_size).numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         scores, previews = [], []

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hspace.classifier import score_images
 from hspace.directions import Direction, supervised_direction
 from pipeline.aggregate import (
     _attribute_task,
@@ -28,7 +29,7 @@ from pipeline.aggregate import (
     projection_sigma_streaming,
     random_baselines,
 )
-from pipeline.annotate import decode_pngs, score_images, select_attributes
+from pipeline.annotate import decode_pngs, select_attributes
 from pipeline.config import validate_config
 from pipeline.evaluate import edit_vectors, effect_matrix
 from pipeline.publish import config_hash, preview_name

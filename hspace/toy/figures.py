@@ -50,11 +50,12 @@ def heatmap(
 
 def render_readme_figures(out: Path, steps: int = 20, n_train: int = 512) -> dict:
     """Samples grid, PCA and supervised edit strips and the disentangling heatmap of the toy model."""
+    from hspace.classifier import score_images
     from hspace.directions import disentangle, supervised_direction
     from hspace.pca import PerTimestepPCA
     from hspace.sampling import HSpaceSampler
     from hspace.toy import load_toy_classifier, load_toy_model
-    from hspace.toy.evaluate import edit_effects, score_images, with_step_norms
+    from hspace.toy.evaluate import edit_effects, with_step_norms
     from hspace.toy.world import make_dataset
 
     out.mkdir(parents=True, exist_ok=True)
