@@ -151,6 +151,33 @@ class Direction:
             return self.vector
         return self.vector.unsqueeze(0).expand(n_steps, *self.vector.shape)
 
+    def in_units(self, units: str, n_steps: int, sigma: Tensor | Sequence[float] | None = None) -> Tensor:
+        """The edit added to h at gamma = 1, as [T, C, H, W] float32 on the vector's device.
+
+        ``units="raw"``: v_t as stored; ``units="sigma"``: sigma_t * v_t / ||v_t||, so gamma counts
+        standard deviations of the data along the direction. ``sigma`` [T] (or one value for every
+        step) replaces the direction's own, e.g. a random baseline edited with its reference's sigma.
+        """
+        if units not in ("raw", "sigma"):
+            raise ValueError(f"Direction {self.name!r}: units must be 'raw' or 'sigma', got {units!r}")
+        v = self.expand(n_steps).detach().float()
+        if units == "raw":
+            return v
+        sigma = self.sigma if sigma is None else sigma
+        if sigma is None:
+            raise ValueError(
+                f"direction {self.name!r} has no sigma: use units='raw' or give it a sigma per step"
+            )
+        s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).to(v.device)
+        if s.numel() == 1:
+            s = s.expand(n_steps)
+        if s.numel() != n_steps:
+            raise ValueError(
+                f"direction {self.name!r}: sigma has {s.numel()} entries but the sampler has {n_steps} steps"
+            )
+        norms = v.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+        return v * (s / norms).view(-1, 1, 1, 1)
+
     def norm_per_step(self) -> Tensor:
         """L2 norm of the vector at each step: [T], or [1] for a [C, H, W] direction."""
         v = self.vector if self.per_step else self.vector.unsqueeze(0)

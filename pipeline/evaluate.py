@@ -76,22 +76,10 @@ def edit_vectors(
         raise ValueError(f"evaluate.units must be 'sigma' or 'raw', got {units!r}")
     out = {}
     for name, d in directions.items():
-        v = d.expand(n_steps).detach().to(torch.float64)
-        if units == "raw":
-            out[name] = v.float()
-            continue
-        sigma_source = directions[random_of[name]] if name in random_of else d
-        if sigma_source.sigma is None:
-            raise ValueError(f"evaluate.units=sigma: direction {sigma_source.name!r} has no sigma")
-        sigma = sigma_source.sigma.to(torch.float64).reshape(-1)
-        if sigma.numel() == 1:
-            sigma = sigma.expand(n_steps)
-        if sigma.numel() != n_steps:
-            raise ValueError(
-                f"direction {sigma_source.name!r}: sigma has {sigma.numel()} steps, sampler {n_steps}"
-            )
-        norms = v.flatten(1).norm(dim=1).clamp_min(1e-300)
-        out[name] = (v * (sigma / norms).view(-1, 1, 1, 1)).float()
+        reference = directions[random_of[name]] if name in random_of else d
+        if units == "sigma" and reference.sigma is None:
+            raise ValueError(f"evaluate.units=sigma: direction {reference.name!r} has no sigma")
+        out[name] = d.in_units(units, n_steps, sigma=reference.sigma if units == "sigma" else None)
     return out
 
 
