@@ -196,19 +196,19 @@ def load_model(model: str, *, revision: str | None, device: str, dtype: str) -> 
     """``toy`` (the shipped weights), a local DDPMPipeline / UNet directory, or a hub id (+ revision)."""
     import torch
 
-    from hspace.model import HSpaceModel
+    from hspace.model import TOY_MODEL_NAME, HSpaceModel, resolve_model_source
 
-    torch_dtype = getattr(torch, dtype)
-    if model == "toy":
-        from hspace.toy import TOY_MODEL_DIR
-
-        if not (TOY_MODEL_DIR / "unet" / "config.json").is_file():
+    source = resolve_model_source(model)
+    if model == TOY_MODEL_NAME:
+        if not (Path(source) / "unet" / "config.json").is_file():
             raise FileNotFoundError(
-                f"the toy model is not installed ({TOY_MODEL_DIR} has no unet/config.json); "
+                f"the toy model is not installed ({source} has no unet/config.json); "
                 "train it with `hspace train-toy --out <dir>` and pass --model <dir>, or pass another --model"
             )
-        return HSpaceModel.from_pretrained(TOY_MODEL_DIR, device=_device(device), dtype=torch_dtype)
-    return HSpaceModel.from_pretrained(model, revision=revision, device=_device(device), dtype=torch_dtype)
+        revision = None  # the shipped weights have no revisions
+    return HSpaceModel.from_pretrained(
+        source, revision=revision, device=_device(device), dtype=getattr(torch, dtype)
+    )
 
 
 def _sampler(model: HSpaceModel, kind: str, steps: int, eta: float | None) -> HSpaceSampler:

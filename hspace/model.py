@@ -27,7 +27,10 @@ logger = logging.getLogger(__name__)
 
 SchedulerKind = Literal["ddpm", "ddim"]
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: A Hugging Face hub model id, ``owner/name``; anything else is a local path.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: The model name that stands for the toy model shipped in :mod:`hspace.toy`.
+TOY_MODEL_NAME = "toy"
 
 
 class MidBlockHook:
@@ -139,9 +142,18 @@ def unet_fingerprint(unet: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def resolve_model_source(source: str | Path) -> str | Path:
+    """``toy`` -> the shipped toy model's directory; a local directory or hub id is returned as given."""
+    if isinstance(source, str) and source == TOY_MODEL_NAME:
+        from hspace.toy import TOY_MODEL_DIR
+
+        return TOY_MODEL_DIR
+    return source
+
+
 def _is_local_path(path_or_id: str | Path) -> bool:
     text = str(path_or_id)
-    return isinstance(path_or_id, Path) or not _HUB_ID.match(text) or Path(text).exists()
+    return isinstance(path_or_id, Path) or not HUB_ID.match(text) or Path(text).exists()
 
 
 def _load_local(path: Path) -> tuple[nn.Module, dict[str, Any]]:

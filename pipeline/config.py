@@ -14,7 +14,6 @@ the config and the model's ``unet/config.json`` without loading weights.
 from __future__ import annotations
 
 import math
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -52,8 +51,6 @@ __all__ = [
 
 #: Exit status of a command-line entry point given a bad config (same as argparse usage errors).
 CONFIG_ERROR_EXIT_CODE = 2
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ConfigError(ValueError):
@@ -364,16 +361,20 @@ class ModelInfo:
 
 def _toy_model_dir() -> Path:
     try:
-        from hspace.toy import TOY_MODEL_DIR
+        from hspace.model import resolve_model_source
+
+        toy_dir = resolve_model_source("toy")
     except ImportError as e:  # the toy package is part of this project; a broken install is fatal
         raise ConfigError(
             [("model.source", f"'toy' needs hspace.toy.TOY_MODEL_DIR, which failed to import: {e}")]
         ) from e
-    return Path(TOY_MODEL_DIR)
+    return Path(toy_dir)
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or "\\" in source or not _HUB_ID.match(source)
+    from hspace.model import HUB_ID
+
+    return source.startswith(("/", "./", "../", "~")) or "\\" in source or not HUB_ID.match(source)
 
 
 def unet_h_shape(unet_config: dict[str, Any]) -> tuple[tuple[int, int, int], int]:

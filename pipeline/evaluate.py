@@ -53,18 +53,14 @@ BASE_INDEX = -1  # the row of the unedited renders
 
 def load_model(cfg: BuildConfig, device: str | None = None) -> HSpaceModel:
     """The config's model on ``device`` (default: cuda if the workers reserve GPUs and one is visible)."""
-    from hspace.model import HSpaceModel
+    from hspace.model import HSpaceModel, resolve_model_source
 
     if device is None:
         device = "cuda" if cfg.resources.device == "cuda" and torch.cuda.is_available() else "cpu"
     dtype = (
         cfg.torch_dtype if device != "cpu" else torch.float32
     )  # half precision convs are slow/partial on CPU
-    source = cfg.model.source
-    if source == "toy":
-        from hspace.toy import TOY_MODEL_DIR
-
-        source = str(TOY_MODEL_DIR)
+    source = resolve_model_source(cfg.model.source)
     return HSpaceModel.from_pretrained(source, revision=cfg.model.revision, device=device, dtype=dtype)
 
 
