@@ -7,6 +7,9 @@ swaps h), :class:`Trajectory` (its result) and :class:`Direction`.
 
 from __future__ import annotations
 
+#: The package version (pyproject.toml reads it from here).
+__version__ = "0.1.0"
+
 from hspace.directions import Direction
 from hspace.model import HSpaceModel, MidBlockHook, use_forward_ad_safe_attention
 from hspace.sampling import Edit, HSpaceSampler, Trajectory
@@ -20,4 +23,3 @@ __all__ = [
     "Trajectory",
     "use_forward_ad_safe_attention",
 ]
-__version__ = "0.1.0"

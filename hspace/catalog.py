@@ -179,20 +179,10 @@ def _dumps(obj: Any, what: str) -> bytes:
 
 
 def _code_version() -> str:
-    try:
-        import hspace
+    """The hspace version that wrote a catalog version (``hspace.__version__``, the package's only one)."""
+    import hspace
 
-        v = getattr(hspace, "__version__", None)
-        if v:
-            return str(v)
-    except ImportError:  # pragma: no cover - hspace is the package we live in
-        pass
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version("hspace")
-    except PackageNotFoundError:
-        return "unknown"
+    return hspace.__version__
 
 
 def _mtime(info: Mapping[str, Any]) -> float | None:
