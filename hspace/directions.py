@@ -61,8 +61,25 @@ class Direction:
     model_fingerprint: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:  # noqa: C901
+    def __post_init__(self) -> None:
         _check_name(self.name)
+        self._check_vector()
+        if self.kind not in KINDS:
+            raise ValueError(f"Direction {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.units not in UNITS:
+            raise ValueError(f"Direction {self.name!r}: units must be one of {UNITS}, got {self.units!r}")
+        if self.sigma is not None:
+            self.sigma = self._per_step_tensor("sigma", self.sigma, torch.float32)
+            if not bool(torch.isfinite(self.sigma).all()) or bool((self.sigma < 0).any()):
+                raise ValueError(f"Direction {self.name!r}: sigma must be finite and >= 0")
+        if self.timesteps is not None:
+            self.timesteps = self._per_step_tensor("timesteps", self.timesteps, torch.int64)
+            if self.sigma is not None and self.sigma.shape[0] != self.timesteps.shape[0]:
+                raise ValueError(f"Direction {self.name!r}: sigma and timesteps differ in length")
+        self._check_provenance()
+
+    def _check_vector(self) -> None:
+        """The vector is a finite floating-point tensor [T, C, H, W] or [C, H, W]."""
         if not isinstance(self.vector, Tensor):
             raise ValueError(
                 f"Direction {self.name!r}: vector must be a torch.Tensor, got {type(self.vector).__name__}"
@@ -77,35 +94,20 @@ class Direction:
             )
         if not bool(torch.isfinite(self.vector).all()):
             raise ValueError(f"Direction {self.name!r}: vector has non-finite values")
-        if self.kind not in KINDS:
-            raise ValueError(f"Direction {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
-        if self.units not in UNITS:
-            raise ValueError(f"Direction {self.name!r}: units must be one of {UNITS}, got {self.units!r}")
-        if self.sigma is not None:
-            self.sigma = torch.as_tensor(self.sigma, dtype=torch.float32).detach().cpu()
-            if self.sigma.ndim != 1:
-                raise ValueError(
-                    f"Direction {self.name!r}: sigma must be 1-D [T], got shape {tuple(self.sigma.shape)}"
-                )
-            if self.per_step and self.sigma.shape[0] != self.n_steps:
-                raise ValueError(
-                    f"Direction {self.name!r}: sigma has {self.sigma.shape[0]} steps but vector has {self.n_steps}"
-                )
-            if not bool(torch.isfinite(self.sigma).all()) or bool((self.sigma < 0).any()):
-                raise ValueError(f"Direction {self.name!r}: sigma must be finite and >= 0")
-        if self.timesteps is not None:
-            self.timesteps = torch.as_tensor(self.timesteps).detach().cpu().to(torch.int64)
-            if self.timesteps.ndim != 1:
-                raise ValueError(
-                    f"Direction {self.name!r}: timesteps must be 1-D [T], got shape {tuple(self.timesteps.shape)}"
-                )
-            if self.per_step and self.timesteps.shape[0] != self.n_steps:
-                raise ValueError(
-                    f"Direction {self.name!r}: timesteps has {self.timesteps.shape[0]} entries but vector has "
-                    f"{self.n_steps} steps"
-                )
-            if self.sigma is not None and self.sigma.shape[0] != self.timesteps.shape[0]:
-                raise ValueError(f"Direction {self.name!r}: sigma and timesteps differ in length")
+
+    def _per_step_tensor(self, what: str, value: Any, dtype: torch.dtype) -> Tensor:
+        """``value`` as a 1-D CPU tensor [T] of ``dtype``, with one entry per step of a per-step vector."""
+        t = torch.as_tensor(value).detach().cpu().to(dtype)
+        if t.ndim != 1:
+            raise ValueError(f"Direction {self.name!r}: {what} must be 1-D [T], got shape {tuple(t.shape)}")
+        if self.per_step and t.shape[0] != self.n_steps:
+            raise ValueError(
+                f"Direction {self.name!r}: {what} has {t.shape[0]} entries but vector has {self.n_steps} steps"
+            )
+        return t
+
+    def _check_provenance(self) -> None:
+        """The fingerprint is a string or None; provenance is a JSON-serialisable dict."""
         if self.model_fingerprint is not None and not isinstance(self.model_fingerprint, str):
             raise ValueError(f"Direction {self.name!r}: model_fingerprint must be a string or None")
         if not isinstance(self.provenance, dict):
