@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from hspace.classifier import classifier_fingerprint, load_classifier, score_images
-from pipeline.storage import RunStore, ShardInfo
+from pipeline.storage import BlockRecord, RunStore, ShardInfo
 
 if TYPE_CHECKING:
     import torch
@@ -122,6 +122,8 @@ class ClassifierScorer:
 class AnnotateResult:
     """What annotate produced: the scores table and how much of it is new."""
 
+    #: the complete table written to the run (``seed`` + one float32 column per attribute, sorted
+    #: by seed, annotate's record in the schema metadata): what :func:`read_scores` returns
     scores: pa.Table
     attributes: list[str]
     binary: list[bool]
@@ -155,99 +157,135 @@ def read_scores(store: RunStore) -> tuple[pa.Table, dict[str, Any]]:
 
 
 def annotate(cfg: BuildConfig, store: RunStore, *, progress: bool = True) -> AnnotateResult:
-    """Score every completed seed block not yet scored by this classifier; write the scores table."""
-    import time
+    """Score every completed seed block not yet scored by this classifier; write the scores table.
 
-    import ray
+    The result holds the complete table it wrote (``result.scores``), so callers need not read it
+    back; :func:`read_scores` is for a later process resuming the run.
+    """
+    import time
 
     if cfg.annotate is None:
         raise ValueError("annotate: the config has no annotate section")
     t0 = time.perf_counter()
-    ann, res = cfg.annotate, cfg.resources
-    fingerprint = classifier_fingerprint(ann.classifier, cfg.storage.storage_options)
-    probe = load_classifier(ann.classifier, "cpu", cfg.storage.storage_options)
-    attributes = select_attributes(probe, ann.attributes)
-    binary = [probe.binary[probe.index(a)] for a in attributes]
-    del probe
-
+    ann = cfg.annotate
+    fingerprint, attributes, binary = _classifier_facts(
+        ann.classifier, ann.attributes, cfg.storage.storage_options
+    )
     blocks = store.blocks()
     if not blocks:
         raise ValueError(f"annotate: run {store.url} has no completed seed blocks; run generate first")
     previous = store.stage(STAGE)
-    keep: pa.Table | None = None
-    done: set[str] = set()
-    if (
-        previous is not None
-        and previous.get("classifier_fingerprint") == fingerprint
-        and previous.get("attributes") == attributes
-    ):
-        old, _ = read_scores(store)
-        done = {k for k in previous.get("blocks", []) if k in blocks}
-        ranges = [(blocks[k].start, blocks[k].stop) for k in done]
-        seeds = old.column("seed").to_numpy()
-        mask = np.zeros(len(seeds), bool)
-        for lo, hi in ranges:
-            mask |= (seeds >= lo) & (seeds < hi)
-        keep = old.filter(pa.array(mask))
+    keep, done = _reusable_scores(store, previous, blocks, fingerprint, attributes)
     todo = [rec for key, rec in blocks.items() if key not in done]
-
-    new_tables = []
-    if todo:
-        shards = [rec.samples.to_dict() for rec in todo]
-        items = [
-            {"path": s["path"], "rows": s["rows"], "bytes": s["bytes"], "sha256": s["sha256"]} for s in shards
-        ]
-        ds = ray.data.from_items(items).map_batches(
-            ClassifierScorer,
-            fn_constructor_kwargs={
-                "run_url": store.url,
-                "storage_options": store.storage_options,
-                "classifier": ann.classifier,
-                "attributes": attributes,
-                "batch_size": ann.batch_size,
-                "device": res.device,
-            },
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(res.workers, len(items)))),
-            num_cpus=res.num_cpus_per_worker,
-            num_gpus=res.num_gpus_per_worker or None,
-        )
-        new_tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    new_tables = _score_blocks(cfg, store, todo, attributes) if todo else []
     n_new = sum(t.num_rows for t in new_tables)
 
-    parts = ([keep] if keep is not None else []) + new_tables
-    combined = pa.concat_tables([t.select(["seed", *attributes]).cast(_schema(attributes)) for t in parts])
     meta = {
         "classifier": ann.classifier,
         "classifier_fingerprint": fingerprint,
         "attributes": attributes,
         "binary": binary,
     }
-    table = _scores_table(
-        combined.column("seed").to_numpy(),
-        {a: combined.column(a).to_numpy() for a in attributes},
-        attributes,
-        meta,
-    )
+    table = _combined_table(([keep] if keep is not None else []) + new_tables, attributes, meta)
     expected = sum(rec.n_seeds for rec in blocks.values())
     if table.num_rows != expected or len(set(table.column("seed").to_pylist())) != expected:
         raise RuntimeError(
             f"annotate: scored {table.num_rows} rows for {expected} generated seeds in {store.url}"
         )
-    # A fresh file name per write: the manifest names the complete file, a crash leaves only an orphan.
-    shard = store.write_table(f"annotations/scores-{uuid.uuid4().hex[:12]}.parquet", table)
-    store.record_stage(
-        STAGE, meta | {"blocks": sorted(blocks), "shard": shard.to_dict(), "rows": table.num_rows}
-    )
-    if previous is not None and previous["shard"]["path"] != shard.path:
-        store.delete(previous["shard"]["path"])
+    _write_scores(store, table, meta, sorted(blocks), previous)
     seconds = time.perf_counter() - t0
     if progress:
         print(
             f"annotate: {n_new} new / {table.num_rows} samples scored on {len(attributes)} attributes in {seconds:.1f}s"
         )
     return AnnotateResult(table, attributes, binary, fingerprint, n_new, seconds)
+
+
+def _classifier_facts(
+    spec: str, wanted: Sequence[str] | None, storage_options: dict[str, Any]
+) -> tuple[str, list[str], list[bool]]:
+    """(fingerprint, attributes to score, whether each is binary) of the configured classifier."""
+    fingerprint = classifier_fingerprint(spec, storage_options)
+    probe = load_classifier(spec, "cpu", storage_options)
+    attributes = select_attributes(probe, wanted)
+    return fingerprint, attributes, [probe.binary[probe.index(a)] for a in attributes]
+
+
+def _reusable_scores(
+    store: RunStore,
+    previous: dict[str, Any] | None,
+    blocks: dict[str, BlockRecord],
+    fingerprint: str,
+    attributes: list[str],
+) -> tuple[pa.Table | None, set[str]]:
+    """Rows of the previous scores table still valid (same classifier and attributes, block still
+    in the run) and the keys of the blocks they cover."""
+    if (
+        previous is None
+        or previous.get("classifier_fingerprint") != fingerprint
+        or previous.get("attributes") != attributes
+    ):
+        return None, set()
+    old, _ = read_scores(store)
+    done = {k for k in previous.get("blocks", []) if k in blocks}
+    seeds = old.column("seed").to_numpy()
+    mask = np.zeros(len(seeds), bool)
+    for key in done:
+        mask |= (seeds >= blocks[key].start) & (seeds < blocks[key].stop)
+    return old.filter(pa.array(mask)), done
+
+
+def _score_blocks(
+    cfg: BuildConfig, store: RunStore, todo: list[BlockRecord], attributes: list[str]
+) -> list[pa.Table]:
+    """Score the samples shards of ``todo`` blocks with a Ray Data actor pool; one table per block."""
+    import ray
+
+    ann, res = cfg.annotate, cfg.resources
+    assert ann is not None
+    keys = ("path", "rows", "bytes", "sha256")
+    items = [{k: rec.samples.to_dict()[k] for k in keys} for rec in todo]
+    ds = ray.data.from_items(items).map_batches(
+        ClassifierScorer,
+        fn_constructor_kwargs={
+            "run_url": store.url,
+            "storage_options": store.storage_options,
+            "classifier": ann.classifier,
+            "attributes": attributes,
+            "batch_size": ann.batch_size,
+            "device": res.device,
+        },
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(res.workers, len(items)))),
+        num_cpus=res.num_cpus_per_worker,
+        num_gpus=res.num_gpus_per_worker or None,
+    )
+    return [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+
+
+def _combined_table(parts: list[pa.Table], attributes: list[str], meta: dict[str, Any]) -> pa.Table:
+    """One scores table (seed + float32 attribute columns, sorted by seed, ``meta`` in the schema)."""
+    combined = pa.concat_tables([t.select(["seed", *attributes]).cast(_schema(attributes)) for t in parts])
+    return _scores_table(
+        combined.column("seed").to_numpy(),
+        {a: combined.column(a).to_numpy() for a in attributes},
+        attributes,
+        meta,
+    )
+
+
+def _write_scores(
+    store: RunStore, table: pa.Table, meta: dict[str, Any], blocks: list[str], previous: dict[str, Any] | None
+) -> None:
+    """Write the table under a fresh name, record it in the manifest, then drop the previous file.
+
+    A fresh file name per write: the manifest names the complete file, a crash leaves only an orphan.
+    """
+    shard = store.write_table(f"annotations/scores-{uuid.uuid4().hex[:12]}.parquet", table)
+    store.record_stage(STAGE, meta | {"blocks": blocks, "shard": shard.to_dict(), "rows": table.num_rows})
+    if previous is not None and previous["shard"]["path"] != shard.path:
+        store.delete(previous["shard"]["path"])
 
 
 def _schema(attributes: Sequence[str]) -> pa.Schema:

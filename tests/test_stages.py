@@ -331,6 +331,9 @@ def test_annotate_scores_every_seed_and_only_new_blocks_on_growth(tmp_path, tiny
     want = score_images(clf, decode_pngs([_png(s) for s in range(16)]), [0, 1], 5)
     table, record = read_scores(store)
     assert (
+        first.scores.equals(table) and first.scores.schema.metadata == table.schema.metadata
+    )  # no read-back needed
+    assert (
         table.column_names == ["seed", "round", "size"] and table.schema.field("round").type == pa.float32()
     )
     got = np.stack([table.column("round").to_numpy(), table.column("size").to_numpy()], 1)
