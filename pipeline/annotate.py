@@ -205,8 +205,11 @@ def _classifier_facts(
     spec: str, wanted: Sequence[str] | None, storage_options: dict[str, Any]
 ) -> tuple[str, list[str], list[bool]]:
     """(fingerprint, attributes to score, whether each is binary) of the configured classifier."""
-    fingerprint = classifier_fingerprint(spec, storage_options)
-    probe = load_classifier(spec, "cpu", storage_options)
+    try:
+        fingerprint = classifier_fingerprint(spec, storage_options)
+        probe = load_classifier(spec, "cpu", storage_options)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"annotate.classifier: {error}") from None
     attributes = select_attributes(probe, wanted)
     return fingerprint, attributes, [probe.binary[probe.index(a)] for a in attributes]
 
