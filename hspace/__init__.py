@@ -7,13 +7,12 @@ swaps h), :class:`Trajectory` (its result) and :class:`Direction`.
 
 from __future__ import annotations
 
+#: The package version (pyproject.toml reads it from here).
+__version__ = "0.1.0"
+
+from hspace.directions import Direction
 from hspace.model import HSpaceModel, MidBlockHook, use_forward_ad_safe_attention
 from hspace.sampling import Edit, HSpaceSampler, Trajectory
-
-try:  # written in parallel by another module owner; keep `import hspace` working without it
-    from hspace.directions import Direction
-except ImportError:  # pragma: no cover - only while hspace/directions.py is missing
-    Direction = None  # type: ignore[assignment,misc]
 
 __all__ = [
     "Direction",
@@ -24,4 +23,3 @@ __all__ = [
     "Trajectory",
     "use_forward_ad_safe_attention",
 ]
-__version__ = "0.1.0"

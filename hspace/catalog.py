@@ -56,12 +56,8 @@ import torch
 from torch import Tensor
 
 from hspace._catalog_store import CasConflictError, LockHeldError, Store, mtime
-from hspace.directions import (
-    Direction,
-    direction_names,
-    directions_to_safetensors,
-    safetensors_from_bytes,
-)
+from hspace.directions import Direction, direction_names, directions_to_safetensors
+from hspace.io import safetensors_from_bytes
 
 __all__ = [
     "Catalog",
@@ -182,20 +178,10 @@ def _dumps(obj: Any, what: str) -> bytes:
 
 
 def _code_version() -> str:
-    try:
-        import hspace
+    """The hspace version that wrote a catalog version (``hspace.__version__``, the package's only one)."""
+    import hspace
 
-        v = getattr(hspace, "__version__", None)
-        if v:
-            return str(v)
-    except ImportError:  # pragma: no cover - hspace is the package we live in
-        pass
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version("hspace")
-    except PackageNotFoundError:
-        return "unknown"
+    return hspace.__version__
 
 
 def _is_generated_id(version: str) -> bool:

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 if TYPE_CHECKING:
-    from PIL import Image
     from torch import Tensor
 
     from hspace.model import HSpaceModel
@@ -197,48 +196,25 @@ def load_model(model: str, *, revision: str | None, device: str, dtype: str) -> 
     """``toy`` (the shipped weights), a local DDPMPipeline / UNet directory, or a hub id (+ revision)."""
     import torch
 
-    from hspace.model import HSpaceModel
+    from hspace.model import TOY_MODEL_NAME, HSpaceModel, resolve_model_source
 
-    torch_dtype = getattr(torch, dtype)
-    if model == "toy":
-        from hspace.toy import TOY_MODEL_DIR
-
-        if not (TOY_MODEL_DIR / "unet" / "config.json").is_file():
+    source = resolve_model_source(model)
+    if model == TOY_MODEL_NAME:
+        if not (Path(source) / "unet" / "config.json").is_file():
             raise FileNotFoundError(
-                f"the toy model is not installed ({TOY_MODEL_DIR} has no unet/config.json); "
+                f"the toy model is not installed ({source} has no unet/config.json); "
                 "train it with `hspace train-toy --out <dir>` and pass --model <dir>, or pass another --model"
             )
-        return HSpaceModel.from_pretrained(TOY_MODEL_DIR, device=_device(device), dtype=torch_dtype)
-    return HSpaceModel.from_pretrained(model, revision=revision, device=_device(device), dtype=torch_dtype)
+        revision = None  # the shipped weights have no revisions
+    return HSpaceModel.from_pretrained(
+        source, revision=revision, device=_device(device), dtype=getattr(torch, dtype)
+    )
 
 
 def _sampler(model: HSpaceModel, kind: str, steps: int, eta: float | None) -> HSpaceSampler:
     from hspace.sampling import HSpaceSampler
 
     return HSpaceSampler(model, sampler=kind, num_inference_steps=steps, eta=eta)
-
-
-def image_grid(images: Tensor, *, pad: int = GRID_PAD, fill: int = 255) -> Image.Image:
-    """One RGB image from cells ``images`` [R, K, C, H, W] (float in [0, 1]): R rows, K columns,
-    ``pad`` pixels of ``fill`` around and between the cells. Size (K W + (K+1) pad, R H + (R+1) pad)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    if images.ndim != 5:
-        raise ValueError(f"image_grid needs [rows, cols, C, H, W], got shape {tuple(images.shape)}")
-    rows, cols, channels, height, width = images.shape
-    cells = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    if channels == 1:
-        cells = np.repeat(cells, 3, axis=2)
-    canvas = np.full(
-        (rows * height + (rows + 1) * pad, cols * width + (cols + 1) * pad, 3), fill, dtype=np.uint8
-    )
-    for r in range(rows):
-        for c in range(cols):
-            y, x = pad + r * (height + pad), pad + c * (width + pad)
-            canvas[y : y + height, x : x + width] = cells[r, c, :3].transpose(1, 2, 0)
-    return Image.fromarray(canvas)
 
 
 def _wrap(images: Tensor, cols: int) -> Tensor:
@@ -253,7 +229,11 @@ def _wrap(images: Tensor, cols: int) -> Tensor:
     return cells.view(rows, cols, *images.shape[1:])
 
 
-def _save_png(image: Image.Image, out: Path, what: str) -> None:
+def _save_grid(cells: Tensor, out: Path, what: str) -> None:
+    """Write cells [R, K, C, H, W] in [0, 1] as one PNG grid with GRID_PAD pixels between cells."""
+    from hspace.images import image_grid
+
+    image = image_grid(cells, pad=GRID_PAD)
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out, format="PNG")
@@ -333,7 +313,7 @@ def sample(
         batch_size=batch_size,
         progress=_progress(progress),
     )
-    _save_png(image_grid(_wrap(traj.images, cols)), out, f"{len(seed_list)} samples")
+    _save_grid(_wrap(traj.images, cols), out, f"{len(seed_list)} samples")
     if save_h is not None:
         assert traj.h is not None
         _save_tensors(
@@ -462,7 +442,7 @@ def edit(
     what = (
         f"{len(seed_list)} seeds x scales {scale_list} of {vector.name!r}, {units.value} units, {mode.value}"
     )
-    _save_png(image_grid(images), out, what)
+    _save_grid(images, out, what)
 
 
 @app.command()
@@ -505,7 +485,7 @@ def swap(
         progress=show,
     )
     grid = torch.stack([plain_a.images, donor.images, swapped.images])
-    _save_png(image_grid(grid), out, f"{len(list_a)} pairs: a, b, a with h from b")
+    _save_grid(grid, out, f"{len(list_a)} pairs: a, b, a with h from b")
 
 
 @app.command()
@@ -541,7 +521,7 @@ def invert(
         typer.echo(f"{path}: PSNR {value:.2f} dB")
     typer.echo(str(report))
     grid = torch.stack([report.inversion.images, report.reconstruction.images])
-    _save_png(image_grid(grid), out, f"{len(images)} images: originals, reconstructions")
+    _save_grid(grid, out, f"{len(images)} images: originals, reconstructions")
     if save is not None:
         inv = report.inversion
         tensors = {"x_T": inv.x_T, "timesteps": inv.timesteps.long(), "psnr": report.psnr}

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from hspace.io import read_safetensors, write_bytes
 
 KINDS = ("pca", "jacobian", "supervised", "disentangled", "random", "custom")
 UNITS = ("raw", "unit")
@@ -60,8 +61,25 @@ class Direction:
     model_fingerprint: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:  # noqa: C901
+    def __post_init__(self) -> None:
         _check_name(self.name)
+        self._check_vector()
+        if self.kind not in KINDS:
+            raise ValueError(f"Direction {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.units not in UNITS:
+            raise ValueError(f"Direction {self.name!r}: units must be one of {UNITS}, got {self.units!r}")
+        if self.sigma is not None:
+            self.sigma = self._per_step_tensor("sigma", self.sigma, torch.float32)
+            if not bool(torch.isfinite(self.sigma).all()) or bool((self.sigma < 0).any()):
+                raise ValueError(f"Direction {self.name!r}: sigma must be finite and >= 0")
+        if self.timesteps is not None:
+            self.timesteps = self._per_step_tensor("timesteps", self.timesteps, torch.int64)
+            if self.sigma is not None and self.sigma.shape[0] != self.timesteps.shape[0]:
+                raise ValueError(f"Direction {self.name!r}: sigma and timesteps differ in length")
+        self._check_provenance()
+
+    def _check_vector(self) -> None:
+        """The vector is a finite floating-point tensor [T, C, H, W] or [C, H, W]."""
         if not isinstance(self.vector, Tensor):
             raise ValueError(
                 f"Direction {self.name!r}: vector must be a torch.Tensor, got {type(self.vector).__name__}"
@@ -76,35 +94,20 @@ class Direction:
             )
         if not bool(torch.isfinite(self.vector).all()):
             raise ValueError(f"Direction {self.name!r}: vector has non-finite values")
-        if self.kind not in KINDS:
-            raise ValueError(f"Direction {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
-        if self.units not in UNITS:
-            raise ValueError(f"Direction {self.name!r}: units must be one of {UNITS}, got {self.units!r}")
-        if self.sigma is not None:
-            self.sigma = torch.as_tensor(self.sigma, dtype=torch.float32).detach().cpu()
-            if self.sigma.ndim != 1:
-                raise ValueError(
-                    f"Direction {self.name!r}: sigma must be 1-D [T], got shape {tuple(self.sigma.shape)}"
-                )
-            if self.per_step and self.sigma.shape[0] != self.n_steps:
-                raise ValueError(
-                    f"Direction {self.name!r}: sigma has {self.sigma.shape[0]} steps but vector has {self.n_steps}"
-                )
-            if not bool(torch.isfinite(self.sigma).all()) or bool((self.sigma < 0).any()):
-                raise ValueError(f"Direction {self.name!r}: sigma must be finite and >= 0")
-        if self.timesteps is not None:
-            self.timesteps = torch.as_tensor(self.timesteps).detach().cpu().to(torch.int64)
-            if self.timesteps.ndim != 1:
-                raise ValueError(
-                    f"Direction {self.name!r}: timesteps must be 1-D [T], got shape {tuple(self.timesteps.shape)}"
-                )
-            if self.per_step and self.timesteps.shape[0] != self.n_steps:
-                raise ValueError(
-                    f"Direction {self.name!r}: timesteps has {self.timesteps.shape[0]} entries but vector has "
-                    f"{self.n_steps} steps"
-                )
-            if self.sigma is not None and self.sigma.shape[0] != self.timesteps.shape[0]:
-                raise ValueError(f"Direction {self.name!r}: sigma and timesteps differ in length")
+
+    def _per_step_tensor(self, what: str, value: Any, dtype: torch.dtype) -> Tensor:
+        """``value`` as a 1-D CPU tensor [T] of ``dtype``, with one entry per step of a per-step vector."""
+        t = torch.as_tensor(value).detach().cpu().to(dtype)
+        if t.ndim != 1:
+            raise ValueError(f"Direction {self.name!r}: {what} must be 1-D [T], got shape {tuple(t.shape)}")
+        if self.per_step and t.shape[0] != self.n_steps:
+            raise ValueError(
+                f"Direction {self.name!r}: {what} has {t.shape[0]} entries but vector has {self.n_steps} steps"
+            )
+        return t
+
+    def _check_provenance(self) -> None:
+        """The fingerprint is a string or None; provenance is a JSON-serialisable dict."""
         if self.model_fingerprint is not None and not isinstance(self.model_fingerprint, str):
             raise ValueError(f"Direction {self.name!r}: model_fingerprint must be a string or None")
         if not isinstance(self.provenance, dict):
@@ -149,6 +152,33 @@ class Direction:
                 )
             return self.vector
         return self.vector.unsqueeze(0).expand(n_steps, *self.vector.shape)
+
+    def in_units(self, units: str, n_steps: int, sigma: Tensor | Sequence[float] | None = None) -> Tensor:
+        """The edit added to h at gamma = 1, as [T, C, H, W] float32 on the vector's device.
+
+        ``units="raw"``: v_t as stored; ``units="sigma"``: sigma_t * v_t / ||v_t||, so gamma counts
+        standard deviations of the data along the direction. ``sigma`` [T] (or one value for every
+        step) replaces the direction's own, e.g. a random baseline edited with its reference's sigma.
+        """
+        if units not in ("raw", "sigma"):
+            raise ValueError(f"Direction {self.name!r}: units must be 'raw' or 'sigma', got {units!r}")
+        v = self.expand(n_steps).detach().float()
+        if units == "raw":
+            return v
+        sigma = self.sigma if sigma is None else sigma
+        if sigma is None:
+            raise ValueError(
+                f"direction {self.name!r} has no sigma: use units='raw' or give it a sigma per step"
+            )
+        s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).to(v.device)
+        if s.numel() == 1:
+            s = s.expand(n_steps)
+        if s.numel() != n_steps:
+            raise ValueError(
+                f"direction {self.name!r}: sigma has {s.numel()} entries but the sampler has {n_steps} steps"
+            )
+        norms = v.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+        return v * (s / norms).view(-1, 1, 1, 1)
 
     def norm_per_step(self) -> Tensor:
         """L2 norm of the vector at each step: [T], or [1] for a [C, H, W] direction."""
@@ -326,54 +356,6 @@ def load_directions(url: str, storage_options: Mapping[str, Any] | None = None) 
     """Read every direction in a safetensors file, keyed by name."""
     tensors, metadata = read_safetensors(url, storage_options)
     return {n: Direction.from_safetensors_dict(tensors, metadata, n) for n in direction_names(metadata)}
-
-
-def read_safetensors(
-    url: str, storage_options: Mapping[str, Any] | None = None
-) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and string metadata of a safetensors file on an fsspec URL."""
-    data = read_bytes(url, storage_options)
-    return safetensors_from_bytes(data, url)
-
-
-def safetensors_from_bytes(data: bytes, what: str = "<bytes>") -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Parse safetensors bytes into (tensors, metadata); the header is plain JSON."""
-    from safetensors.torch import load
-
-    if len(data) < 8:
-        raise ValueError(f"{what}: not a safetensors file (too short)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise ValueError(f"{what}: not a safetensors file (bad header length)")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{what}: not a safetensors file (header is not JSON)") from None
-    metadata = header.get("__metadata__") or {}
-    return load(data), dict(metadata)
-
-
-def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Write bytes to an fsspec URL, creating parent folders."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
-
-
-def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
-    """Read the bytes at an fsspec URL; FileNotFoundError names the URL when missing."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    if not fs.exists(path):
-        raise FileNotFoundError(f"no such file: {url}")
-    with fs.open(path, "rb") as f:
-        return f.read()
 
 
 # ---------------------------------------------------------------------- supervised directions (eq. 11)

@@ -21,9 +21,8 @@ B images are handled in one call with per-image subspaces.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,40 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from hspace.directions import Direction
+from hspace.model import forward_ad_safe
 
 # ---------------------------------------------------------------------- the U-Net split at h
-
-
-@contextlib.contextmanager
-def forward_ad_safe(unet: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily make ``unet`` usable under forward-mode AD, restoring it on exit.
-
-    - every attention module gets the classic ``AttnProcessor`` (SDPA kernels lack forward-AD
-      formulas on some backends);
-    - every GroupNorm gets a contiguous input (on the CPU, GroupNorm under forward AD fails on
-      the channels_last-strided tensors attention blocks produce).
-    """
-    from diffusers.models.attention_processor import AttnProcessor
-
-    saved = []
-    for module in unet.modules():
-        if hasattr(module, "set_processor") and hasattr(module, "processor"):
-            saved.append((module, module.processor))
-            module.set_processor(AttnProcessor())
-    handles = [
-        m.register_forward_pre_hook(
-            lambda _m, args: tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
-        )
-        for m in unet.modules()
-        if isinstance(m, nn.GroupNorm)
-    ]
-    try:
-        yield unet
-    finally:
-        for h in handles:
-            h.remove()
-        for module, processor in saved:
-            module.set_processor(processor)
 
 
 @dataclass

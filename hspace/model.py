@@ -21,11 +21,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from hspace.io import read_json
+
 logger = logging.getLogger(__name__)
 
 SchedulerKind = Literal["ddpm", "ddim"]
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: A Hugging Face hub model id, ``owner/name``; anything else is a local path.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: The model name that stands for the toy model shipped in :mod:`hspace.toy`.
+TOY_MODEL_NAME = "toy"
 
 
 class MidBlockHook:
@@ -73,19 +78,55 @@ class MidBlockHook:
         return None if h is output else h
 
 
+def _use_classic_attention(unet: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """Set ``AttnProcessor()`` on every module with ``set_processor``; returns (module, old processor)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    saved = []
+    for module in unet.modules():
+        if hasattr(module, "set_processor"):
+            saved.append((module, getattr(module, "processor", None)))
+            module.set_processor(AttnProcessor())
+    return saved
+
+
 def use_forward_ad_safe_attention(unet: nn.Module) -> nn.Module:
     """Set the classic ``AttnProcessor()`` on every attention module; returns ``unet``.
 
     The default SDPA processor has no forward-AD formula on some backends, which breaks the
     JVPs of the Jacobian method (paper Alg. 1). UNet2DModel has no ``set_attn_processor``, so
     every module with ``set_processor`` gets one. Outputs are unchanged up to float rounding.
+    :func:`forward_ad_safe` does the same for the duration of a block only.
     """
-    from diffusers.models.attention_processor import AttnProcessor
-
-    for module in unet.modules():
-        if hasattr(module, "set_processor"):
-            module.set_processor(AttnProcessor())
+    _use_classic_attention(unet)
     return unet
+
+
+@contextmanager
+def forward_ad_safe(unet: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily make ``unet`` usable under forward-mode AD, restoring it on exit.
+
+    - every attention module gets the classic ``AttnProcessor`` (SDPA kernels lack forward-AD
+      formulas on some backends), as in :func:`use_forward_ad_safe_attention`;
+    - every GroupNorm gets a contiguous input (on the CPU, GroupNorm under forward AD fails on
+      the channels_last-strided tensors attention blocks produce).
+    """
+    saved = _use_classic_attention(unet)
+    handles = [
+        m.register_forward_pre_hook(
+            lambda _m, args: tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
+        )
+        for m in unet.modules()
+        if isinstance(m, nn.GroupNorm)
+    ]
+    try:
+        yield unet
+    finally:
+        for h in handles:
+            h.remove()
+        for module, processor in saved:
+            if processor is not None:
+                module.set_processor(processor)
 
 
 def unet_fingerprint(unet: nn.Module) -> str:
@@ -101,14 +142,18 @@ def unet_fingerprint(unet: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def resolve_model_source(source: str | Path) -> str | Path:
+    """``toy`` -> the shipped toy model's directory; a local directory or hub id is returned as given."""
+    if isinstance(source, str) and source == TOY_MODEL_NAME:
+        from hspace.toy import TOY_MODEL_DIR
+
+        return TOY_MODEL_DIR
+    return source
+
+
 def _is_local_path(path_or_id: str | Path) -> bool:
     text = str(path_or_id)
-    return isinstance(path_or_id, Path) or not _HUB_ID.match(text) or Path(text).exists()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    with path.open() as handle:
-        return json.load(handle)
+    return isinstance(path_or_id, Path) or not HUB_ID.match(text) or Path(text).exists()
 
 
 def _load_local(path: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -129,7 +174,7 @@ def _load_local(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         )
     for candidate in candidates:
         if candidate.is_file():
-            return unet, _read_json(candidate)
+            return unet, read_json(candidate)
     logger.warning("no scheduler_config.json under %s: using DDPMScheduler defaults", path)
     return unet, dict(DDPMScheduler().config)
 

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hspace.directions import Direction, read_bytes, safetensors_from_bytes, write_bytes
+from hspace.directions import Direction
+from hspace.io import read_bytes, safetensors_from_bytes, write_bytes
 
 _STATE_TENSORS = ("components_", "singular_values_", "mean_", "var_")
 PCA_FORMAT = "hspace.pca/1"

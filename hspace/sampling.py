@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from hspace.directions import Direction
 from hspace.model import HSpaceModel
 
 if TYPE_CHECKING:
     from PIL import Image
-
-    from hspace.directions import Direction
 
 EditMode = Literal["both", "asyrp"]
 EditUnits = Literal["raw", "sigma"]
@@ -85,23 +84,20 @@ class Edit:
     steps: Steps = None
     mode: EditMode = "both"
     units: EditUnits = "raw"
-    _directions: list[Any] = field(init=False, repr=False)
+    _directions: list[Direction] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("both", "asyrp"):
             raise ValueError(f"Edit.mode must be 'both' or 'asyrp', got {self.mode!r}")
         if self.units not in ("raw", "sigma"):
             raise ValueError(f"Edit.units must be 'raw' or 'sigma', got {self.units!r}")
-        dirs = [self.directions] if hasattr(self.directions, "vector") else list(self.directions)
+        dirs = _as_directions(self.directions, "Edit.directions")
         if not dirs:
             raise ValueError("Edit.directions is empty")
-        for d in dirs:
-            if not hasattr(d, "vector"):
-                raise ValueError(f"Edit.directions must be Direction objects, got {type(d).__name__}")
         self._directions = dirs
 
     @property
-    def direction_list(self) -> list[Any]:
+    def direction_list(self) -> list[Direction]:
         return list(self._directions)
 
 
@@ -141,53 +137,18 @@ def resolve_steps(steps: Steps, num_steps: int, what: str = "steps") -> list[boo
     return mask
 
 
-def check_direction(direction: Any, model: HSpaceModel, timesteps: Tensor) -> None:
+def check_direction(direction: Direction, model: HSpaceModel, timesteps: Tensor) -> None:
     """Raise ValueError naming what does not match: h shape, number of steps, timesteps, fingerprint."""
-    name = getattr(direction, "name", "direction")
-    vector = direction.vector
-    if tuple(vector.shape[-3:]) != tuple(model.h_shape) or vector.ndim not in (3, 4):
-        raise ValueError(
-            f"direction {name!r}: shape {tuple(vector.shape)} does not match the model's h shape {model.h_shape}"
-        )
-    if vector.ndim == 4 and vector.shape[0] != len(timesteps):
-        raise ValueError(
-            f"direction {name!r}: has {vector.shape[0]} steps but the sampler has {len(timesteps)} steps"
-        )
-    checker = getattr(direction, "check_compatible", None)
-    if callable(checker):
-        checker(model.h_shape, timesteps, model.fingerprint)
-        return
-    own = getattr(direction, "timesteps", None)
-    if own is not None and not torch.equal(torch.as_tensor(own).cpu().long(), timesteps.cpu().long()):
-        raise ValueError(
-            f"direction {name!r}: timesteps {list(own)} do not match the sampler's {timesteps.tolist()}"
-        )
-    fingerprint = getattr(direction, "model_fingerprint", None)
-    if fingerprint is not None and fingerprint != model.fingerprint:
-        raise ValueError(
-            f"direction {name!r}: model_fingerprint {fingerprint!r} does not match the model's {model.fingerprint!r}"
-        )
+    direction.check_compatible(model.h_shape, timesteps, model.fingerprint)
 
 
-def _raw_vectors(direction: Any, num_steps: int, units: EditUnits) -> Tensor:
-    """[T, C, H, W] float32 in raw h units: v_t, or sigma_t * v_t / ||v_t|| for units='sigma'."""
-    name = getattr(direction, "name", "direction")
-    v = direction.vector.detach().float()
-    v = v.unsqueeze(0).expand(num_steps, *v.shape) if v.ndim == 3 else v
-    if units == "raw":
-        return v
-    sigma = getattr(direction, "sigma", None)
-    if sigma is None:
-        raise ValueError(f"direction {name!r} has no sigma: use units='raw' or give it a sigma per step")
-    sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).to(v.device)
-    if sigma.numel() == 1:
-        sigma = sigma.expand(num_steps)
-    if sigma.numel() != num_steps:
-        raise ValueError(
-            f"direction {name!r}: sigma has {sigma.numel()} entries but the sampler has {num_steps} steps"
-        )
-    norms = v.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-    return v * (sigma / norms).view(-1, 1, 1, 1)
+def _as_directions(directions: Direction | Sequence[Direction], what: str) -> list[Direction]:
+    """One direction or several as a list; TypeError naming ``what`` for anything but Directions."""
+    dirs = [directions] if isinstance(directions, Direction) else list(directions)
+    for d in dirs:
+        if not isinstance(d, Direction):
+            raise TypeError(f"{what} must be hspace.Direction objects, got {type(d).__name__}")
+    return dirs
 
 
 def _scales_matrix(scales: float | Sequence[float] | Tensor, n_rows: int, n_dirs: int) -> Tensor:
@@ -339,7 +300,7 @@ class HSpaceSampler:
         column s=j with scale 0 is the unedited sample.
         """
         seeds = self._seed_list(seeds, None)
-        dirs = [edit_directions] if hasattr(edit_directions, "vector") else list(edit_directions)
+        dirs = _as_directions(edit_directions, "edit_directions")
         s = torch.as_tensor(scales, dtype=torch.float32)
         s = s.reshape(-1, 1).expand(-1, len(dirs)) if s.ndim <= 1 else s
         if s.ndim != 2 or s.shape[1] != len(dirs):
@@ -489,7 +450,7 @@ class HSpaceSampler:
         dirs = edit.direction_list
         for d in dirs:
             check_direction(d, model, self.timesteps)
-        vectors = torch.stack([_raw_vectors(d, num_steps, edit.units) for d in dirs]).to(model.device)
+        vectors = torch.stack([d.in_units(edit.units, num_steps) for d in dirs]).to(model.device)
         scales = _scales_matrix(edit.scales, n_rows, len(dirs)).to(model.device)
         active = resolve_steps(edit.steps, num_steps, "Edit.steps")
         return _EditPlan(vectors=vectors, scales=scales, active=active, mode=edit.mode)

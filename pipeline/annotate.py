@@ -15,25 +15,23 @@ its new blocks and a different classifier rescores everything.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.storage import RunStore, ShardInfo
+from hspace.classifier import classifier_fingerprint, load_classifier, score_images
+from pipeline.storage import BlockRecord, RunStore, ShardInfo
 
 if TYPE_CHECKING:
     import torch
 
-    from hspace.toy.classifier import AttributeClassifier
+    from hspace.classifier import BaseAttributeClassifier
     from pipeline.config import BuildConfig
 
 __all__ = [
@@ -44,8 +42,6 @@ __all__ = [
     "decode_pngs",
     "load_classifier",
     "read_scores",
-    "resolve_classifier_dir",
-    "score_images",
     "select_attributes",
 ]
 
@@ -56,61 +52,7 @@ STAGE = "annotate"
 # The classifier
 
 
-def resolve_classifier_dir(spec: str, storage_options: dict[str, Any] | None = None) -> Path:
-    """Local directory of a classifier: ``toy`` (shipped weights), a local dir, or an fsspec URL.
-
-    A URL (``s3://bucket/clf``) is copied once into a local cache keyed by the URL, because
-    :meth:`AttributeClassifier.from_pretrained` reads local files.
-    """
-    if spec == "toy":
-        from hspace.toy import TOY_CLASSIFIER_DIR
-
-        return Path(TOY_CLASSIFIER_DIR)
-    if "://" not in spec:
-        path = Path(spec).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"annotate.classifier: directory {path} does not exist")
-        return path
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(spec, **(storage_options or {}))
-    cache = (
-        Path(tempfile.gettempdir()) / "hspace-classifiers" / hashlib.sha256(spec.encode()).hexdigest()[:16]
-    )
-    if not (cache / "config.json").is_file():
-        if not fs.exists(root):
-            raise FileNotFoundError(f"annotate.classifier: {spec} does not exist")
-        cache.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "model.safetensors"):
-            fs.get(f"{root.rstrip('/')}/{name}", str(cache / name))
-    return cache
-
-
-def load_classifier(
-    spec: str, device: str = "cpu", storage_options: dict[str, Any] | None = None
-) -> AttributeClassifier:
-    """The classifier named by ``annotate.classifier``, in eval mode on ``device``."""
-    from hspace.toy.classifier import AttributeClassifier
-
-    return AttributeClassifier.from_pretrained(
-        resolve_classifier_dir(spec, storage_options), device=device
-    ).eval()
-
-
-def classifier_fingerprint(spec: str, storage_options: dict[str, Any] | None = None) -> str:
-    """Short sha256 over the classifier's config and weights (changes when the classifier does)."""
-    root = resolve_classifier_dir(spec, storage_options)
-    digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        path = root / name
-        if not path.is_file():
-            raise FileNotFoundError(f"annotate.classifier: {path} is missing")
-        digest.update(name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def select_attributes(classifier: AttributeClassifier, wanted: Sequence[str] | None) -> list[str]:
+def select_attributes(classifier: BaseAttributeClassifier, wanted: Sequence[str] | None) -> list[str]:
     """``annotate.attributes`` checked against the classifier (None = all of them, in its order)."""
     if wanted is None:
         return list(classifier.attributes)
@@ -133,22 +75,6 @@ def decode_pngs(pngs: Sequence[bytes]) -> torch.Tensor:
 
     arrays = [np.asarray(Image.open(io.BytesIO(bytes(p))).convert("RGB")) for p in pngs]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-
-
-def score_images(
-    classifier: AttributeClassifier, images: torch.Tensor, columns: Sequence[int], batch_size: int
-) -> np.ndarray:
-    """Classifier outputs [B, len(columns)] float32 for images [B, 3, H, W] in [0, 1], in mini-batches."""
-    import torch
-
-    device = next(classifier.parameters()).device
-    out = []
-    with torch.no_grad():
-        for i in range(0, images.shape[0], batch_size):
-            out.append(classifier(images[i : i + batch_size].to(device))[:, list(columns)].float().cpu())
-    if not out:
-        return np.zeros((0, len(columns)), np.float32)
-    return torch.cat(out).numpy().astype(np.float32)
 
 
 class ClassifierScorer:
@@ -181,7 +107,7 @@ class ClassifierScorer:
             table = self.store.read_table(ShardInfo(str(path), int(rows), int(nbytes), str(sha)))
             images = decode_pngs(table.column("png").to_pylist())
             seeds.append(table.column("seed").to_numpy())
-            scores.append(score_images(self.classifier, images, self.columns, self.batch_size))
+            scores.append(score_images(self.classifier, images, self.columns, self.batch_size).numpy())
         s = np.concatenate(scores) if scores else np.zeros((0, len(self.attributes)), np.float32)
         out = {"seed": np.concatenate(seeds).astype(np.int64) if seeds else np.zeros(0, np.int64)}
         out.update({a: s[:, i] for i, a in enumerate(self.attributes)})
@@ -196,6 +122,8 @@ class ClassifierScorer:
 class AnnotateResult:
     """What annotate produced: the scores table and how much of it is new."""
 
+    #: the complete table written to the run (``seed`` + one float32 column per attribute, sorted
+    #: by seed, annotate's record in the schema metadata): what :func:`read_scores` returns
     scores: pa.Table
     attributes: list[str]
     binary: list[bool]
@@ -229,99 +157,138 @@ def read_scores(store: RunStore) -> tuple[pa.Table, dict[str, Any]]:
 
 
 def annotate(cfg: BuildConfig, store: RunStore, *, progress: bool = True) -> AnnotateResult:
-    """Score every completed seed block not yet scored by this classifier; write the scores table."""
-    import time
+    """Score every completed seed block not yet scored by this classifier; write the scores table.
 
-    import ray
+    The result holds the complete table it wrote (``result.scores``), so callers need not read it
+    back; :func:`read_scores` is for a later process resuming the run.
+    """
+    import time
 
     if cfg.annotate is None:
         raise ValueError("annotate: the config has no annotate section")
     t0 = time.perf_counter()
-    ann, res = cfg.annotate, cfg.resources
-    fingerprint = classifier_fingerprint(ann.classifier, cfg.storage.storage_options)
-    probe = load_classifier(ann.classifier, "cpu", cfg.storage.storage_options)
-    attributes = select_attributes(probe, ann.attributes)
-    binary = [probe.binary[probe.index(a)] for a in attributes]
-    del probe
-
+    ann = cfg.annotate
+    fingerprint, attributes, binary = _classifier_facts(
+        ann.classifier, ann.attributes, cfg.storage.storage_options
+    )
     blocks = store.blocks()
     if not blocks:
         raise ValueError(f"annotate: run {store.url} has no completed seed blocks; run generate first")
     previous = store.stage(STAGE)
-    keep: pa.Table | None = None
-    done: set[str] = set()
-    if (
-        previous is not None
-        and previous.get("classifier_fingerprint") == fingerprint
-        and previous.get("attributes") == attributes
-    ):
-        old, _ = read_scores(store)
-        done = {k for k in previous.get("blocks", []) if k in blocks}
-        ranges = [(blocks[k].start, blocks[k].stop) for k in done]
-        seeds = old.column("seed").to_numpy()
-        mask = np.zeros(len(seeds), bool)
-        for lo, hi in ranges:
-            mask |= (seeds >= lo) & (seeds < hi)
-        keep = old.filter(pa.array(mask))
+    keep, done = _reusable_scores(store, previous, blocks, fingerprint, attributes)
     todo = [rec for key, rec in blocks.items() if key not in done]
-
-    new_tables = []
-    if todo:
-        shards = [rec.samples.to_dict() for rec in todo]
-        items = [
-            {"path": s["path"], "rows": s["rows"], "bytes": s["bytes"], "sha256": s["sha256"]} for s in shards
-        ]
-        ds = ray.data.from_items(items).map_batches(
-            ClassifierScorer,
-            fn_constructor_kwargs={
-                "run_url": store.url,
-                "storage_options": store.storage_options,
-                "classifier": ann.classifier,
-                "attributes": attributes,
-                "batch_size": ann.batch_size,
-                "device": res.device,
-            },
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(res.workers, len(items)))),
-            num_cpus=res.num_cpus_per_worker,
-            num_gpus=res.num_gpus_per_worker or None,
-        )
-        new_tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    new_tables = _score_blocks(cfg, store, todo, attributes) if todo else []
     n_new = sum(t.num_rows for t in new_tables)
 
-    parts = ([keep] if keep is not None else []) + new_tables
-    combined = pa.concat_tables([t.select(["seed", *attributes]).cast(_schema(attributes)) for t in parts])
     meta = {
         "classifier": ann.classifier,
         "classifier_fingerprint": fingerprint,
         "attributes": attributes,
         "binary": binary,
     }
-    table = _scores_table(
-        combined.column("seed").to_numpy(),
-        {a: combined.column(a).to_numpy() for a in attributes},
-        attributes,
-        meta,
-    )
+    table = _combined_table(([keep] if keep is not None else []) + new_tables, attributes, meta)
     expected = sum(rec.n_seeds for rec in blocks.values())
     if table.num_rows != expected or len(set(table.column("seed").to_pylist())) != expected:
         raise RuntimeError(
             f"annotate: scored {table.num_rows} rows for {expected} generated seeds in {store.url}"
         )
-    # A fresh file name per write: the manifest names the complete file, a crash leaves only an orphan.
-    shard = store.write_table(f"annotations/scores-{uuid.uuid4().hex[:12]}.parquet", table)
-    store.record_stage(
-        STAGE, meta | {"blocks": sorted(blocks), "shard": shard.to_dict(), "rows": table.num_rows}
-    )
-    if previous is not None and previous["shard"]["path"] != shard.path:
-        store.delete(previous["shard"]["path"])
+    _write_scores(store, table, meta, sorted(blocks), previous)
     seconds = time.perf_counter() - t0
     if progress:
         print(
             f"annotate: {n_new} new / {table.num_rows} samples scored on {len(attributes)} attributes in {seconds:.1f}s"
         )
     return AnnotateResult(table, attributes, binary, fingerprint, n_new, seconds)
+
+
+def _classifier_facts(
+    spec: str, wanted: Sequence[str] | None, storage_options: dict[str, Any]
+) -> tuple[str, list[str], list[bool]]:
+    """(fingerprint, attributes to score, whether each is binary) of the configured classifier."""
+    try:
+        fingerprint = classifier_fingerprint(spec, storage_options)
+        probe = load_classifier(spec, "cpu", storage_options)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"annotate.classifier: {error}") from None
+    attributes = select_attributes(probe, wanted)
+    return fingerprint, attributes, [probe.binary[probe.index(a)] for a in attributes]
+
+
+def _reusable_scores(
+    store: RunStore,
+    previous: dict[str, Any] | None,
+    blocks: dict[str, BlockRecord],
+    fingerprint: str,
+    attributes: list[str],
+) -> tuple[pa.Table | None, set[str]]:
+    """Rows of the previous scores table still valid (same classifier and attributes, block still
+    in the run) and the keys of the blocks they cover."""
+    if (
+        previous is None
+        or previous.get("classifier_fingerprint") != fingerprint
+        or previous.get("attributes") != attributes
+    ):
+        return None, set()
+    old, _ = read_scores(store)
+    done = {k for k in previous.get("blocks", []) if k in blocks}
+    seeds = old.column("seed").to_numpy()
+    mask = np.zeros(len(seeds), bool)
+    for key in done:
+        mask |= (seeds >= blocks[key].start) & (seeds < blocks[key].stop)
+    return old.filter(pa.array(mask)), done
+
+
+def _score_blocks(
+    cfg: BuildConfig, store: RunStore, todo: list[BlockRecord], attributes: list[str]
+) -> list[pa.Table]:
+    """Score the samples shards of ``todo`` blocks with a Ray Data actor pool; one table per block."""
+    import ray
+
+    ann, res = cfg.annotate, cfg.resources
+    assert ann is not None
+    keys = ("path", "rows", "bytes", "sha256")
+    items = [{k: rec.samples.to_dict()[k] for k in keys} for rec in todo]
+    ds = ray.data.from_items(items).map_batches(
+        ClassifierScorer,
+        fn_constructor_kwargs={
+            "run_url": store.url,
+            "storage_options": store.storage_options,
+            "classifier": ann.classifier,
+            "attributes": attributes,
+            "batch_size": ann.batch_size,
+            "device": res.device,
+        },
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(res.workers, len(items)))),
+        num_cpus=res.num_cpus_per_worker,
+        num_gpus=res.num_gpus_per_worker or None,
+    )
+    return [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+
+
+def _combined_table(parts: list[pa.Table], attributes: list[str], meta: dict[str, Any]) -> pa.Table:
+    """One scores table (seed + float32 attribute columns, sorted by seed, ``meta`` in the schema)."""
+    combined = pa.concat_tables([t.select(["seed", *attributes]).cast(_schema(attributes)) for t in parts])
+    return _scores_table(
+        combined.column("seed").to_numpy(),
+        {a: combined.column(a).to_numpy() for a in attributes},
+        attributes,
+        meta,
+    )
+
+
+def _write_scores(
+    store: RunStore, table: pa.Table, meta: dict[str, Any], blocks: list[str], previous: dict[str, Any] | None
+) -> None:
+    """Write the table under a fresh name, record it in the manifest, then drop the previous file.
+
+    A fresh file name per write: the manifest names the complete file, a crash leaves only an orphan.
+    """
+    shard = store.write_table(f"annotations/scores-{uuid.uuid4().hex[:12]}.parquet", table)
+    store.record_stage(STAGE, meta | {"blocks": blocks, "shard": shard.to_dict(), "rows": table.num_rows})
+    if previous is not None and previous["shard"]["path"] != shard.path:
+        store.delete(previous["shard"]["path"])
 
 
 def _schema(attributes: Sequence[str]) -> pa.Schema:

@@ -12,9 +12,7 @@ The dry run (seed blocks, shards, rows and bytes a build will write) is :mod:`pi
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,8 +46,6 @@ __all__ = [
 
 #: Exit status of a command-line entry point given a bad config (same as argparse usage errors).
 CONFIG_ERROR_EXIT_CODE = 2
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ConfigError(ValueError):
@@ -411,23 +407,20 @@ class ModelInfo:
 
 def _toy_model_dir() -> Path:
     try:
-        from hspace.toy import TOY_MODEL_DIR
+        from hspace.model import resolve_model_source
+
+        toy_dir = resolve_model_source("toy")
     except ImportError as e:  # the toy package is part of this project; a broken install is fatal
         raise ConfigError(
             [("model.source", f"'toy' needs hspace.toy.TOY_MODEL_DIR, which failed to import: {e}")]
         ) from e
-    return Path(TOY_MODEL_DIR)
+    return Path(toy_dir)
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or "\\" in source or not _HUB_ID.match(source)
+    from hspace.model import HUB_ID
 
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    with path.open() as f:
-        return json.load(f)
+    return source.startswith(("/", "./", "../", "~")) or "\\" in source or not HUB_ID.match(source)
 
 
 def unet_h_shape(unet_config: dict[str, Any]) -> tuple[tuple[int, int, int], int]:
@@ -445,13 +438,19 @@ def unet_h_shape(unet_config: dict[str, Any]) -> tuple[tuple[int, int, int], int
 
 
 def _local_config_files(root: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    unet = _read_json(root / "unet" / "config.json") or _read_json(root / "config.json")
-    sched = _read_json(root / "scheduler" / "scheduler_config.json")
+    from hspace.io import read_json
+
+    unet = read_json(root / "unet" / "config.json", missing_ok=True) or read_json(
+        root / "config.json", missing_ok=True
+    )
+    sched = read_json(root / "scheduler" / "scheduler_config.json", missing_ok=True)
     return unet, sched
 
 
 def _hub_cached_config_files(repo_id: str, revision: str | None) -> tuple[dict | None, dict | None]:
     """Configs of a hub model from the local Hugging Face cache only (never the network)."""
+    from hspace.io import read_json
+
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
@@ -459,7 +458,7 @@ def _hub_cached_config_files(repo_id: str, revision: str | None) -> tuple[dict |
     out: list[dict | None] = []
     for name in ("unet/config.json", "scheduler/scheduler_config.json"):
         hit = try_to_load_from_cache(repo_id, name, revision=revision)
-        out.append(_read_json(Path(hit)) if isinstance(hit, str) else None)
+        out.append(read_json(hit, missing_ok=True) if isinstance(hit, str) else None)
     return out[0], out[1]
 
 

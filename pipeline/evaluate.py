@@ -53,18 +53,14 @@ BASE_INDEX = -1  # the row of the unedited renders
 
 def load_model(cfg: BuildConfig, device: str | None = None) -> HSpaceModel:
     """The config's model on ``device`` (default: cuda if the workers reserve GPUs and one is visible)."""
-    from hspace.model import HSpaceModel
+    from hspace.model import HSpaceModel, resolve_model_source
 
     if device is None:
         device = "cuda" if cfg.resources.device == "cuda" and torch.cuda.is_available() else "cpu"
     dtype = (
         cfg.torch_dtype if device != "cpu" else torch.float32
     )  # half precision convs are slow/partial on CPU
-    source = cfg.model.source
-    if source == "toy":
-        from hspace.toy import TOY_MODEL_DIR
-
-        source = str(TOY_MODEL_DIR)
+    source = resolve_model_source(cfg.model.source)
     return HSpaceModel.from_pretrained(source, revision=cfg.model.revision, device=device, dtype=dtype)
 
 
@@ -76,22 +72,10 @@ def edit_vectors(
         raise ValueError(f"evaluate.units must be 'sigma' or 'raw', got {units!r}")
     out = {}
     for name, d in directions.items():
-        v = d.expand(n_steps).detach().to(torch.float64)
-        if units == "raw":
-            out[name] = v.float()
-            continue
-        sigma_source = directions[random_of[name]] if name in random_of else d
-        if sigma_source.sigma is None:
-            raise ValueError(f"evaluate.units=sigma: direction {sigma_source.name!r} has no sigma")
-        sigma = sigma_source.sigma.to(torch.float64).reshape(-1)
-        if sigma.numel() == 1:
-            sigma = sigma.expand(n_steps)
-        if sigma.numel() != n_steps:
-            raise ValueError(
-                f"direction {sigma_source.name!r}: sigma has {sigma.numel()} steps, sampler {n_steps}"
-            )
-        norms = v.flatten(1).norm(dim=1).clamp_min(1e-300)
-        out[name] = (v * (sigma / norms).view(-1, 1, 1, 1)).float()
+        reference = directions[random_of[name]] if name in random_of else d
+        if units == "sigma" and reference.sigma is None:
+            raise ValueError(f"evaluate.units=sigma: direction {reference.name!r} has no sigma")
+        out[name] = d.in_units(units, n_steps, sigma=reference.sigma if units == "sigma" else None)
     return out
 
 
@@ -208,8 +192,8 @@ class EditScorer:
     ) -> None:
         import ray
 
+        from hspace.classifier import load_classifier
         from hspace.sampling import HSpaceSampler
-        from pipeline.annotate import load_classifier
         from pipeline.config import BuildConfig
 
         cfg = BuildConfig.model_validate(cfg_json)
@@ -234,14 +218,9 @@ class EditScorer:
 
     def _score(self, images: torch.Tensor) -> np.ndarray:
         """Classifier outputs for images [N, 3, H, W] (resized to the classifier's input if needed)."""
-        from pipeline.annotate import score_images
+        from hspace.classifier import score_images
 
-        size = self.classifier.image_size
-        if images.shape[-1] != size or images.shape[-2] != size:
-            images = torch.nn.functional.interpolate(
-                images, size=(size, size), mode="bilinear", antialias=True
-            )
-        return score_images(self.classifier, images, self.columns, self.cfg.annotate.batch_size)
+        return score_images(self.classifier, images, self.columns, self.cfg.annotate.batch_size).numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         scores, previews = [], []

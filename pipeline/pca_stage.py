@@ -584,7 +584,7 @@ def _save_pca(store: RunStore, pca: Any) -> None:
 
 def load_stage_pca(store: RunStore) -> Any:
     """The PCA the stage stored in the run (for publish)."""
-    from hspace.directions import safetensors_from_bytes
+    from hspace.io import safetensors_from_bytes
     from hspace.pca import PerTimestepPCA
 
     tensors, metadata = safetensors_from_bytes(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,23 +27,12 @@ def edit_strip_png(images: np.ndarray, *, min_cell: int = 64, gutter: int = 2) -
     Each image is upscaled by the smallest integer factor that makes it at least ``min_cell``
     pixels tall (nearest neighbour, so pixels stay honest); cells are separated by white gutters.
     """
-    from PIL import Image
+    from hspace.images import image_grid, png_bytes
 
     a = np.asarray(images)
     if a.ndim != 5 or a.shape[2] != 3 or a.dtype != np.uint8:
         raise ValueError(f"images must be uint8 [P, S, 3, H, W], got {a.dtype} {tuple(a.shape)}")
-    p, s, _, h, w = a.shape
-    f = max(1, math.ceil(min_cell / h))
-    ch, cw = h * f, w * f
-    grid = np.full((p * ch + (p + 1) * gutter, s * cw + (s + 1) * gutter, 3), 255, np.uint8)
-    for i in range(p):
-        for j in range(s):
-            cell = a[i, j].transpose(1, 2, 0).repeat(f, axis=0).repeat(f, axis=1)
-            y, x = gutter + i * (ch + gutter), gutter + j * (cw + gutter)
-            grid[y : y + ch, x : x + cw] = cell
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
+    return png_bytes(image_grid(a, min_cell=min_cell, pad=gutter))
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:

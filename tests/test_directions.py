@@ -13,11 +13,11 @@ from hspace.directions import (
     load_directions,
     mean_difference,
     random_like,
-    read_safetensors,
     save_directions,
     select_quantiles,
     supervised_direction,
 )
+from hspace.io import read_safetensors
 
 H_SHAPE = (4, 2, 2)
 
@@ -262,3 +262,22 @@ def test_random_like_matches_norms_and_is_deterministic_from_seed():
     assert torch.allclose(r1.norm_per_step(), v.norm_per_step(), rtol=1e-5)
     assert torch.equal(r1.vector, r2.vector) and not torch.equal(r1.vector, r3.vector)
     assert r1.kind == "random" and r1.provenance["seed"] == 11
+
+
+def test_in_units_gives_raw_vectors_or_sigma_scaled_unit_vectors():
+    sigma = torch.tensor([0.5, 1.0, 2.0])
+    d = _direction(steps=3, sigma=sigma)
+    torch.testing.assert_close(d.in_units("raw", 3), d.vector)
+    e = d.in_units("sigma", 3)
+    torch.testing.assert_close(e.flatten(1).norm(dim=1), sigma)
+    torch.testing.assert_close(e / sigma.view(-1, 1, 1, 1), d.normalized().vector)
+    borrowed = d.in_units("sigma", 3, sigma=torch.tensor([4.0]))  # one value for every step
+    torch.testing.assert_close(borrowed.flatten(1).norm(dim=1), torch.full((3,), 4.0))
+    const = _direction(steps=None, sigma=torch.tensor([2.0]))
+    assert const.in_units("sigma", 5).shape == (5, *H_SHAPE)
+    with pytest.raises(ValueError, match="has no sigma"):
+        _direction(steps=3).in_units("sigma", 3)
+    with pytest.raises(ValueError, match="sigma has 3 entries but the sampler has 4 steps"):
+        _direction(steps=None, sigma=sigma).in_units("sigma", 4)
+    with pytest.raises(ValueError, match="units must be 'raw' or 'sigma'"):
+        d.in_units("unit", 3)

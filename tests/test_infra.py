@@ -119,9 +119,11 @@ def rayjob_specs() -> dict[str, dict]:
 
 
 def project_version() -> str:
-    match = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
-    assert match, "pyproject.toml has no version"
-    return match.group(1)
+    """The package version: ``hspace.__version__`` (pyproject.toml reads it dynamically from there)."""
+    import hspace
+
+    assert 'version = { attr = "hspace.__version__" }' in (REPO / "pyproject.toml").read_text()
+    return hspace.__version__
 
 
 # ----------------------------------------------------------------------------- launcher

@@ -10,10 +10,10 @@ import torch
 from hspace.jacobian import (
     _broadcast_mask,
     explicit_jacobian,
-    forward_ad_safe,
     jacobian_directions,
     split_unet,
 )
+from hspace.model import forward_ad_safe
 from tests.conftest import build_tiny_unet
 
 T = 500

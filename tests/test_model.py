@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,13 @@ def test_forward_ad_safe_attention_keeps_outputs_and_enables_jvp(model):
     eps = 1e-3
     fd = (f64(x.double() + eps * v.double()) - f64(x.double() - eps * v.double())) / (2 * eps)
     assert (jvp.double() - fd).abs().max() <= 1e-4
+
+
+def test_resolve_model_source_maps_only_the_toy_name():
+    from hspace.model import HUB_ID, resolve_model_source
+    from hspace.toy import TOY_MODEL_DIR
+
+    assert resolve_model_source("toy") == TOY_MODEL_DIR
+    assert resolve_model_source("google/ddpm-ema-celebahq-256") == "google/ddpm-ema-celebahq-256"
+    assert resolve_model_source(Path("toy")) == Path("toy")  # a local directory named toy stays one
+    assert HUB_ID.match("google/ddpm-ema-celebahq-256") and not HUB_ID.match("./models/ddpm")

@@ -239,6 +239,10 @@ def test_incompatible_directions_raise(ddpm, model):
         ddpm.sample([0, 1, 2], edit=Edit([direction(model), direction(model, 1)], scales=[1.0, 2.0, 3.0]))
     with pytest.raises(ValueError, match="mode"):
         Edit(direction(model), mode="asym")
+    with pytest.raises(TypeError, match="Edit.directions must be hspace.Direction objects, got Tensor"):
+        Edit(direction(model).vector)
+    with pytest.raises(TypeError, match="edit_directions must be hspace.Direction objects, got str"):
+        ddpm.sample_edits([0], ["not a direction"], [1.0])
     matching = direction(model, timesteps=ddpm.timesteps, model_fingerprint=model.fingerprint)
     ddpm.sample([0], edit=Edit(matching, scales=1.0, steps=[STEPS - 1]), record_h=False)  # no error
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hspace.classifier import score_images
 from hspace.directions import Direction, supervised_direction
 from pipeline.aggregate import (
     _attribute_task,
@@ -28,7 +29,7 @@ from pipeline.aggregate import (
     projection_sigma_streaming,
     random_baselines,
 )
-from pipeline.annotate import decode_pngs, score_images, select_attributes
+from pipeline.annotate import decode_pngs, select_attributes
 from pipeline.config import validate_config
 from pipeline.evaluate import edit_vectors, effect_matrix
 from pipeline.publish import config_hash, preview_name
@@ -329,6 +330,9 @@ def test_annotate_scores_every_seed_and_only_new_blocks_on_growth(tmp_path, tiny
     clf = AttributeClassifier.from_pretrained(classifier_dir)
     want = score_images(clf, decode_pngs([_png(s) for s in range(16)]), [0, 1], 5)
     table, record = read_scores(store)
+    assert (
+        first.scores.equals(table) and first.scores.schema.metadata == table.schema.metadata
+    )  # no read-back needed
     assert (
         table.column_names == ["seed", "round", "size"] and table.schema.field("round").type == pa.float32()
     )

@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+from hspace.classifier import score_images
 from hspace.directions import disentangle, random_like, supervised_direction
 from hspace.inversion import psnr, reconstruct, reconstruction_report
 from hspace.jacobian import jacobian_directions
 from hspace.pca import PerTimestepPCA
 from hspace.sampling import Edit, HSpaceSampler
 from hspace.toy import load_toy_classifier, load_toy_model
-from hspace.toy.evaluate import edit_effects, image_quality, score_images, with_step_norms
+from hspace.toy.evaluate import edit_effects, image_quality, with_step_norms
 from hspace.toy.figures import heatmap
 from hspace.toy.world import FACE_REGIONS, make_dataset, region_mask
 

@@ -3,7 +3,8 @@
 Binary factors get a logit, continuous ones a regression value in the factor's own units. The
 paper scores samples with pretrained attribute classifiers (Sec. V, "Classifier annotation"); here
 the classifier is trained on generated faces with their exact labels, so its readings can be
-checked against the truth. Saved as ``config.json`` + ``model.safetensors`` (no pickle).
+checked against the truth. It implements :class:`hspace.classifier.BaseAttributeClassifier`
+(stored as ``config.json`` + ``model.safetensors``, no pickle).
 """
 
 from __future__ import annotations
@@ -13,28 +14,20 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from hspace.classifier import BaseAttributeClassifier, score_images
 from hspace.toy.world import BINARY_FACTORS, FACTORS, make_dataset
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
-
-class AttributeClassifier(nn.Module):
+class AttributeClassifier(BaseAttributeClassifier):
     """A small CNN mapping images [B, 3, H, W] in [0, 1] to scores [B, A].
 
     Scores are logits for binary attributes (``binary[i]`` true) and values for continuous ones.
     """
 
     def __init__(self, attributes: list[str], binary: list[bool], image_size: int = 32, width: int = 32):
-        super().__init__()
-        if len(attributes) != len(binary):
-            raise ValueError(f"attributes ({len(attributes)}) and binary ({len(binary)}) differ in length")
-        self.attributes = list(attributes)
-        self.binary = [bool(b) for b in binary]
-        self.image_size = int(image_size)
+        super().__init__(attributes, binary, image_size)
         self.width = int(width)
         w = self.width
 
@@ -55,50 +48,11 @@ class AttributeClassifier(nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            raise ValueError(
-                f"images must be {self.image_size}x{self.image_size}, got {tuple(images.shape[-2:])}"
-            )
+        self.check_images(images)
         return self.head(self.features(images * 2.0 - 1.0))
 
-    def index(self, attribute: str) -> int:
-        """Column of ``attribute`` in the output, with a clear error for unknown names."""
-        try:
-            return self.attributes.index(attribute)
-        except ValueError:
-            raise KeyError(
-                f"unknown attribute {attribute!r}; this classifier has {self.attributes}"
-            ) from None
-
-    # --- persistence -------------------------------------------------------------------------
     def config(self) -> dict:
-        return {
-            "attributes": self.attributes,
-            "binary": self.binary,
-            "image_size": self.image_size,
-            "width": self.width,
-        }
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / CONFIG_NAME).write_text(json.dumps(self.config(), indent=2))
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(d / WEIGHTS_NAME)
-        )
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device = "cpu"
-    ) -> AttributeClassifier:
-        d = Path(directory)
-        if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"no classifier at {d}: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
-        model = cls(**json.loads((d / CONFIG_NAME).read_text()))
-        model.load_state_dict(load_file(str(d / WEIGHTS_NAME)))
-        return model.to(device).eval()
+        return super().config() | {"width": self.width}
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -163,7 +117,7 @@ def train_classifier(
 @torch.no_grad()
 def evaluate_classifier(model: AttributeClassifier, images: torch.Tensor, labels: torch.Tensor) -> dict:
     """Accuracy for binary factors, mean absolute error for continuous ones."""
-    pred = torch.cat([model(images[i : i + 512]) for i in range(0, len(images), 512)])
+    pred = score_images(model, images)
     out: dict[str, float] = {}
     for j, (name, b) in enumerate(zip(model.attributes, model.binary, strict=True)):
         if b:

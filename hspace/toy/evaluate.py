@@ -14,21 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hspace.classifier import score_images
 from hspace.directions import Direction
 from hspace.sampling import Edit, HSpaceSampler
 from hspace.toy.classifier import AttributeClassifier
 from hspace.toy.world import FACTORS, make_dataset
-
-
-@torch.no_grad()
-def score_images(
-    classifier: AttributeClassifier, images: torch.Tensor, batch_size: int = 512
-) -> torch.Tensor:
-    """Classifier scores [N, A] of images [N, 3, H, W] in [0, 1] (any leading shape is flattened)."""
-    lead = images.shape[:-3]
-    flat = images.reshape(-1, *images.shape[-3:]).float()
-    out = torch.cat([classifier(flat[i : i + batch_size]) for i in range(0, len(flat), batch_size)])
-    return out.reshape(*lead, out.shape[-1])
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Pictures for people: image grids, edit strips and effect-matrix heatmaps, drawn with PIL only.
+"""The README's pictures of the toy model: sample grids, edit strips and effect-matrix heatmaps (PIL only).
 
 Kept apart from the math (GANSpace keeps its viewer apart from its estimators). ``python -m
 hspace.toy.figures --out docs/images`` renders the README's figures from the shipped toy model.
@@ -15,36 +15,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from hspace.images import image_grid
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[..., 3, H, W] floats in [0, 1] -> [..., H, W, 3] uint8."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
-
-
-def image_grid(
-    images: torch.Tensor, upscale: int = 3, pad: int = 2, labels: Sequence[str] | None = None
-) -> Image.Image:
-    """A grid from images [R, C, 3, H, W] (or [N, 3, H, W] as one row), nearest-neighbour upscaled.
-
-    ``labels`` (one per row) are written to the left of each row.
-    """
-    if images.ndim == 4:
-        images = images[None]
-    rows, cols, _, h, w = images.shape
-    arr = to_uint8(images)
-    cell_h, cell_w = h * upscale, w * upscale
-    left = 0 if labels is None else 8 + 7 * max(len(s) for s in labels)
-    canvas = Image.new(
-        "RGB", (left + cols * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), (255, 255, 255)
-    )
-    draw = ImageDraw.Draw(canvas)
-    for r in range(rows):
-        if labels is not None:
-            draw.text((4, pad + r * (cell_h + pad) + cell_h // 2 - 5), labels[r], fill=(0, 0, 0))
-        for c in range(cols):
-            tile = Image.fromarray(arr[r, c]).resize((cell_w, cell_h), Image.NEAREST)
-            canvas.paste(tile, (left + pad + c * (cell_w + pad), pad + r * (cell_h + pad)))
-    return canvas
+#: Nearest-neighbour enlargement of the 32 x 32 toy images in the README figures.
+UPSCALE = 3
 
 
 def heatmap(
@@ -76,21 +50,22 @@ def heatmap(
 
 def render_readme_figures(out: Path, steps: int = 20, n_train: int = 512) -> dict:
     """Samples grid, PCA and supervised edit strips and the disentangling heatmap of the toy model."""
+    from hspace.classifier import score_images
     from hspace.directions import disentangle, supervised_direction
     from hspace.pca import PerTimestepPCA
     from hspace.sampling import HSpaceSampler
     from hspace.toy import load_toy_classifier, load_toy_model
-    from hspace.toy.evaluate import edit_effects, score_images, with_step_norms
+    from hspace.toy.evaluate import edit_effects, with_step_norms
     from hspace.toy.world import make_dataset
 
     out.mkdir(parents=True, exist_ok=True)
     model, clf = load_toy_model(), load_toy_classifier()
     sampler = HSpaceSampler(model, sampler="ddpm", num_inference_steps=steps)
     samples = sampler.sample(list(range(48)), record_h=False).images
-    image_grid(samples.reshape(4, 12, *samples.shape[1:])).save(out / "samples.png")
+    image_grid(samples.reshape(4, 12, *samples.shape[1:]), upscale=UPSCALE).save(out / "samples.png")
     real, _ = make_dataset(range(48))
     real_t = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 255
-    image_grid(real_t.reshape(4, 12, *real_t.shape[1:])).save(out / "world.png")
+    image_grid(real_t.reshape(4, 12, *real_t.shape[1:]), upscale=UPSCALE).save(out / "world.png")
 
     seeds = list(range(1_000_000, 1_000_000 + n_train))
     traj = sampler.sample(seeds)
@@ -106,7 +81,7 @@ def render_readme_figures(out: Path, steps: int = 20, n_train: int = 512) -> dic
         )
         rows.append(strips[0])
         labels.append(f"pc{j}")
-    image_grid(torch.stack(rows), labels=labels).save(out / "pca_edits.png")
+    image_grid(torch.stack(rows), upscale=UPSCALE, row_labels=labels).save(out / "pca_edits.png")
 
     dirs = {
         a: supervised_direction(traj.h, scores[:, clf.index(a)], 0.2, a, timesteps=sampler.timesteps)
@@ -116,7 +91,7 @@ def render_readme_figures(out: Path, steps: int = 20, n_train: int = 512) -> dic
     for a, d in dirs.items():
         rows.append(sampler.sample_edits([21], d, [-1.0, -0.5, 0, 0.5, 1.0])[0])
         labels.append(a)
-    image_grid(torch.stack(rows), labels=labels).save(out / "supervised_edits.png")
+    image_grid(torch.stack(rows), upscale=UPSCALE, row_labels=labels).save(out / "supervised_edits.png")
 
     g, a = dirs["glasses"], dirs["grey_hair"]
     cg, ca = clf.index("glasses"), clf.index("grey_hair")
@@ -180,7 +155,7 @@ def render_jacobian_figure(
             ]
             rows.append(torch.stack(row))
             labels.append(f"{name}, seed {b}")
-    image_grid(torch.stack(rows), labels=labels).save(path)
+    image_grid(torch.stack(rows), upscale=UPSCALE, row_labels=labels).save(path)
 
 
 def main() -> None:

@@ -1,0 +1,189 @@
+"""Attribute classifiers: what hspace needs from one, how one is stored, loaded and fingerprinted.
+
+The paper labels samples with pretrained attribute classifiers (Sec. V, "Classifier annotation")
+before taking mean differences. To hspace a classifier is a :class:`BaseAttributeClassifier`: an
+``nn.Module`` with named outputs (``attributes``), a flag per output saying whether it is a binary
+attribute (read as a logit) or a continuous one (read as a value), and
+``forward(images [B, 3, H, W] in [0, 1]) -> [B, A]`` at a fixed ``image_size``. On disk it is a
+directory with ``config.json`` (the constructor's keyword arguments) and ``model.safetensors``
+(never pickle). :func:`score_images` is the one way images are scored, in mini-batches.
+
+The shipped implementation is the toy world's CNN, :class:`hspace.toy.classifier.AttributeClassifier`;
+the pipeline loads the same layout trained on other data (e.g. CelebA attributes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from hspace.io import read_json
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "BaseAttributeClassifier",
+    "classifier_fingerprint",
+    "load_classifier",
+    "resolve_classifier_dir",
+    "score_images",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+
+C = TypeVar("C", bound="BaseAttributeClassifier")
+
+
+class BaseAttributeClassifier(nn.Module):
+    """Images [B, 3, H, W] in [0, 1] -> scores [B, A]: logits where ``binary[i]``, values elsewhere.
+
+    Subclasses build the network in ``__init__`` (calling ``super().__init__(attributes, binary,
+    image_size)``), implement ``forward`` and add their own constructor arguments to :meth:`config`.
+    """
+
+    def __init__(self, attributes: Sequence[str], binary: Sequence[bool], image_size: int) -> None:
+        super().__init__()
+        if len(attributes) != len(binary):
+            raise ValueError(f"attributes ({len(attributes)}) and binary ({len(binary)}) differ in length")
+        self.attributes = list(attributes)
+        self.binary = [bool(b) for b in binary]
+        self.image_size = int(image_size)
+
+    def check_images(self, images: Tensor) -> None:
+        """Raise ValueError unless ``images`` is [B, 3, image_size, image_size]."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            raise ValueError(
+                f"images must be {self.image_size}x{self.image_size}, got {tuple(images.shape[-2:])}"
+            )
+
+    def index(self, attribute: str) -> int:
+        """Column of ``attribute`` in the output, with a clear error for unknown names."""
+        try:
+            return self.attributes.index(attribute)
+        except ValueError:
+            raise KeyError(
+                f"unknown attribute {attribute!r}; this classifier has {self.attributes}"
+            ) from None
+
+    # --- persistence -------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The constructor's keyword arguments, stored as ``config.json``."""
+        return {"attributes": self.attributes, "binary": self.binary, "image_size": self.image_size}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` to a local directory."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / CONFIG_NAME).write_text(json.dumps(self.config(), indent=2))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(d / WEIGHTS_NAME)
+        )
+
+    @classmethod
+    def from_pretrained(cls: type[C], directory: str | Path, device: str | torch.device = "cpu") -> C:
+        """Read a :meth:`save_pretrained` directory; the model is in eval mode on ``device``."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not all((d / name).is_file() for name in _FILES):
+            raise FileNotFoundError(f"no classifier at {d}: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
+        model = cls(**read_json(d / CONFIG_NAME))
+        model.load_state_dict(load_file(str(d / WEIGHTS_NAME)))
+        return model.to(device).eval()
+
+
+def resolve_classifier_dir(spec: str, storage_options: Mapping[str, Any] | None = None) -> Path:
+    """Local directory of a classifier: ``toy`` (shipped weights), a local dir, or an fsspec URL.
+
+    A URL (``s3://bucket/clf``) is copied once into a local cache keyed by the URL, because
+    :meth:`BaseAttributeClassifier.from_pretrained` reads local files.
+    """
+    if spec == "toy":
+        from hspace.toy import TOY_CLASSIFIER_DIR
+
+        return Path(TOY_CLASSIFIER_DIR)
+    if "://" not in spec:
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"classifier directory {path} does not exist")
+        return path
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(spec, **dict(storage_options or {}))
+    cache = (
+        Path(tempfile.gettempdir()) / "hspace-classifiers" / hashlib.sha256(spec.encode()).hexdigest()[:16]
+    )
+    if not (cache / CONFIG_NAME).is_file():
+        if not fs.exists(root):
+            raise FileNotFoundError(f"classifier {spec} does not exist")
+        cache.mkdir(parents=True, exist_ok=True)
+        for name in _FILES:
+            fs.get(f"{root.rstrip('/')}/{name}", str(cache / name))
+    return cache
+
+
+def load_classifier(
+    spec: str, device: str | torch.device = "cpu", storage_options: Mapping[str, Any] | None = None
+) -> BaseAttributeClassifier:
+    """The classifier named by ``spec`` (see :func:`resolve_classifier_dir`), in eval mode on ``device``.
+
+    Every stored classifier uses the shipped CNN architecture
+    (:class:`hspace.toy.classifier.AttributeClassifier`) with its own ``config.json``.
+    """
+    from hspace.toy.classifier import AttributeClassifier
+
+    return AttributeClassifier.from_pretrained(resolve_classifier_dir(spec, storage_options), device=device)
+
+
+def classifier_fingerprint(spec: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """Short sha256 over the classifier's config and weights (changes when the classifier does)."""
+    root = resolve_classifier_dir(spec, storage_options)
+    digest = hashlib.sha256()
+    for name in _FILES:
+        path = root / name
+        if not path.is_file():
+            raise FileNotFoundError(f"classifier file {path} is missing")
+        digest.update(name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def score_images(
+    classifier: BaseAttributeClassifier,
+    images: Tensor,
+    columns: Sequence[int] | None = None,
+    batch_size: int = 512,
+) -> Tensor:
+    """Classifier scores float32 on the CPU: [..., A] (or [..., len(columns)]) for images [..., 3, H, W] in [0, 1].
+
+    Leading dimensions are flattened for scoring and restored; images are moved to the
+    classifier's device in mini-batches of ``batch_size`` and resized (bilinear, antialiased) when
+    they are not ``image_size`` square, so a classifier can judge a model of another resolution.
+    """
+    lead = images.shape[:-3]
+    flat = images.reshape(-1, *images.shape[-3:]).float()
+    size = classifier.image_size
+    cols = list(range(len(classifier.attributes))) if columns is None else list(columns)
+    device = next(classifier.parameters()).device
+    out = []
+    for i in range(0, flat.shape[0], batch_size):
+        batch = flat[i : i + batch_size].to(device)
+        if batch.shape[-2:] != (size, size):
+            batch = nn.functional.interpolate(batch, size=(size, size), mode="bilinear", antialias=True)
+        out.append(classifier(batch)[:, cols].float().cpu())
+    scores = torch.cat(out) if out else torch.zeros(0, len(cols))
+    return scores.reshape(*lead, len(cols))
