@@ -1,4 +1,4 @@
-"""The versioned direction catalog on any fsspec URL (design.md, "Catalog").
+"""The versioned direction catalog on any fsspec URL (layout and contract: docs/architecture.md).
 
 A catalog holds, per model, immutable *versions* of a set of h-space directions (the paper's PCA,
 Jacobian, supervised, disentangled and random-baseline directions, sections IV-V), optional PCA

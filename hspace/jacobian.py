@@ -390,14 +390,7 @@ def jacobian_directions(
         return_left: also return u = J v / s (one more batched JVP).
     """
     unet = getattr(model, "unet", model)
-    if method not in ("subspace", "sequential"):
-        raise ValueError(f"method must be 'subspace' or 'sequential', got {method!r}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    if n_iter < 1 or not tol > 0:
-        raise ValueError(f"n_iter must be >= 1 and tol > 0, got n_iter={n_iter}, tol={tol}")
-    if oversample < 0:
-        raise ValueError(f"oversample must be >= 0, got {oversample}")
+    _check_arguments(method, k, n_iter, tol, oversample)
     b = x_t.shape[0]
     # no_grad keeps autograd from recording the weights; the torch.func transforms still work inside.
     with torch.no_grad(), forward_ad_safe(unet):
@@ -408,50 +401,13 @@ def jacobian_directions(
         m = _broadcast_mask(mask, b, tuple(x_t.shape[-2:]), split.h)
         ops = _Operators(_masked_decoder(split, m), split.h.detach())
         theta = _initial_vectors(init, init_seed, b, d, k, tuple(split.h.shape[1:]), split.h.device)
-
-        if method == "subspace":
-            blocks = [(0, k)]
-        else:
-            size = block_size if block_size is not None else max(1, k // 4)
-            if size < 1:
-                raise ValueError(f"block_size must be >= 1, got {size}")
-            blocks = [(s, min(s + size, k)) for s in range(0, k, size)]
-
-        found_v, found_lam, found_res, block_iters = [], [], [], []
-        converged = torch.ones(b, dtype=torch.bool, device=split.h.device)
-        scale: Tensor | None = None
-        gen = torch.Generator().manual_seed(init_seed + 1)
-        for start, end in blocks:
-            width = end - start
-            extra = min(oversample, d - end)
-            v0 = theta[:, :, start:end]
-            if extra:
-                v0 = torch.cat(
-                    [v0, torch.randn(b, d, extra, generator=gen, dtype=torch.float64).to(v0.device)], 2
-                )
-            deflate = torch.cat(found_v, 2) if found_v else None
-            v, lam, res, conv, iters = _subspace_block(ops, v0, width, n_iter, tol, scale, deflate)
-            found_v.append(v[:, :, :width])
-            found_lam.append(lam[:, :width])
-            found_res.append(res[:, :width])
-            block_iters.append(iters)
-            converged &= conv
-            scale = lam[:, 0] if scale is None else torch.maximum(scale, lam[:, 0])
-
-        v = torch.cat(found_v, 2)
-        lam = torch.cat(found_lam, 1)
-        res = torch.cat(found_res, 1)
-        order = lam.argsort(dim=1, descending=True)
-        lam = lam.gather(1, order)
-        res = res.gather(1, order)
-        v = v.gather(2, order[:, None, :].expand_as(v))
+        blocks = _vector_blocks(method, k, block_size)
+        v, lam, res, converged, block_iters = _iterate_blocks(
+            ops, theta, blocks, oversample=oversample, n_iter=n_iter, tol=tol, noise_seed=init_seed + 1
+        )
         s = lam.sqrt()
         vectors = v.permute(0, 2, 1).reshape(b, k, *split.h.shape[1:])
-        left = None
-        if return_left:
-            u = ops.jv(v).to(torch.float64)  # [k, B, *out]
-            u = u / s.T.reshape(k, b, *([1] * (u.ndim - 2))).clamp_min(torch.finfo(torch.float64).tiny)
-            left = u.transpose(0, 1).to(split.h.dtype)
+        left = _left_vectors(ops, v, s).to(split.h.dtype) if return_left else None
 
     ts = split.timesteps.detach().cpu().tolist()
     meta = {
@@ -476,6 +432,77 @@ def jacobian_directions(
         left_vectors=left,
         meta=meta,
     )
+
+
+def _check_arguments(method: str, k: Any, n_iter: int, tol: float, oversample: int) -> None:
+    """The iteration settings of :func:`jacobian_directions`, checked before any model work."""
+    if method not in ("subspace", "sequential"):
+        raise ValueError(f"method must be 'subspace' or 'sequential', got {method!r}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if n_iter < 1 or not tol > 0:
+        raise ValueError(f"n_iter must be >= 1 and tol > 0, got n_iter={n_iter}, tol={tol}")
+    if oversample < 0:
+        raise ValueError(f"oversample must be >= 0, got {oversample}")
+
+
+def _vector_blocks(method: str, k: int, block_size: int | None) -> list[tuple[int, int]]:
+    """Column ranges iterated together: all k at once (Alg. 1) or blocks of ``block_size`` (Alg. 2)."""
+    if method == "subspace":
+        return [(0, k)]
+    size = block_size if block_size is not None else max(1, k // 4)
+    if size < 1:
+        raise ValueError(f"block_size must be >= 1, got {size}")
+    return [(s, min(s + size, k)) for s in range(0, k, size)]
+
+
+def _iterate_blocks(
+    ops: _Operators,
+    theta: Tensor,
+    blocks: list[tuple[int, int]],
+    *,
+    oversample: int,
+    n_iter: int,
+    tol: float,
+    noise_seed: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, list[int]]:
+    """Subspace iteration block by block, each deflated against the vectors found before.
+
+    Returns vectors [B, D, k], eigenvalues of J^T J [B, k] and residuals [B, k] sorted by
+    decreasing eigenvalue, converged [B] and the iterations each block took.
+    """
+    b, d, _ = theta.shape
+    found_v, found_lam, found_res, block_iters = [], [], [], []
+    converged = torch.ones(b, dtype=torch.bool, device=theta.device)
+    scale: Tensor | None = None
+    gen = torch.Generator().manual_seed(noise_seed)
+    for start, end in blocks:
+        width = end - start
+        extra = min(oversample, d - end)
+        v0 = theta[:, :, start:end]
+        if extra:
+            noise = torch.randn(b, d, extra, generator=gen, dtype=torch.float64).to(v0.device)
+            v0 = torch.cat([v0, noise], 2)
+        deflate = torch.cat(found_v, 2) if found_v else None
+        v, lam, res, conv, iters = _subspace_block(ops, v0, width, n_iter, tol, scale, deflate)
+        found_v.append(v[:, :, :width])
+        found_lam.append(lam[:, :width])
+        found_res.append(res[:, :width])
+        block_iters.append(iters)
+        converged &= conv
+        scale = lam[:, 0] if scale is None else torch.maximum(scale, lam[:, 0])
+    v, lam, res = torch.cat(found_v, 2), torch.cat(found_lam, 1), torch.cat(found_res, 1)
+    order = lam.argsort(dim=1, descending=True)
+    v = v.gather(2, order[:, None, :].expand_as(v))
+    return v, lam.gather(1, order), res.gather(1, order), converged, block_iters
+
+
+def _left_vectors(ops: _Operators, v: Tensor, s: Tensor) -> Tensor:
+    """u = J v / s for vectors v [B, D, k] and singular values s [B, k]: [B, k, *out] float64."""
+    b, _, k = v.shape
+    u = ops.jv(v).to(torch.float64)  # [k, B, *out]
+    u = u / s.T.reshape(k, b, *([1] * (u.ndim - 2))).clamp_min(torch.finfo(torch.float64).tiny)
+    return u.transpose(0, 1)
 
 
 def _initial_vectors(

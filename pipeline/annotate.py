@@ -244,6 +244,9 @@ def _score_blocks(
     """Score the samples shards of ``todo`` blocks with a Ray Data actor pool; one table per block."""
     import ray
 
+    from pipeline.ray_runtime import init_ray
+
+    init_ray(cfg)
     ann, res = cfg.annotate, cfg.resources
     assert ann is not None
     keys = ("path", "rows", "bytes", "sha256")

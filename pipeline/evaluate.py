@@ -281,6 +281,9 @@ def evaluate(
 
     if cfg.evaluate is None or cfg.annotate is None:
         raise ValueError("evaluate: the config needs evaluate and annotate sections")
+    from pipeline.ray_runtime import init_ray
+
+    init_ray(cfg)
     t0 = time.perf_counter()
     ev, res = cfg.evaluate, cfg.resources
     n_steps = cfg.sampler.num_inference_steps

@@ -64,7 +64,7 @@ def code_version() -> dict[str, str]:
             digest.update(str(path.relative_to(_ROOT)).encode())
             digest.update(path.read_bytes())
     return {
-        "package": str(getattr(hspace, "__version__", "unknown")),
+        "package": hspace.__version__,
         "source_sha256": digest.hexdigest()[:16],
     }
 
