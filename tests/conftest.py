@@ -37,3 +37,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path)
     return path
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test that starts or joins a Ray cluster carries the ``ray`` marker, so that
+    ``make test-fast`` (``-m "not slow and not ray"``) can leave them out without a list to keep."""
+    for item in items:
+        if {"ray_local", "ray_head"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
