@@ -30,7 +30,7 @@ Guarantees per backend:
   object ``<ref>~lock`` by exclusive create, re-reads, writes (local: temporary file + atomic
   rename) and re-reads to verify; a lock older than ``lock_timeout_s`` is considered stale and
   broken. That is a CAS among cooperating writers on local disks and in one process for
-  ``memory://``, and best effort elsewhere.
+  ``memory://``, and best effort elsewhere. Both primitives live in :mod:`hspace._catalog_store`.
 - publishing never moves a ref backwards: if the ref already names a generated version id (UTC
   timestamp + random suffix) that sorts after the new one, it is left alone. Explicit version ids
   given by the caller are not compared; they should sort by time, as ``versions()`` and ``gc``
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import errno
 import hashlib
 import json
 import os
@@ -54,9 +53,9 @@ from typing import Any
 
 import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor
 
+from hspace._catalog_store import CasConflictError, LockHeldError, Store, mtime
 from hspace.directions import (
     Direction,
     direction_names,
@@ -197,23 +196,6 @@ def _code_version() -> str:
         return version("hspace")
     except PackageNotFoundError:
         return "unknown"
-
-
-def _mtime(info: Mapping[str, Any]) -> float | None:
-    """Modification time (epoch seconds) from an fsspec info dict of any backend, if it has one."""
-    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        v = info.get(key)
-        if v is None:
-            continue
-        if isinstance(v, _dt.datetime):
-            return (v if v.tzinfo else v.replace(tzinfo=_dt.timezone.utc)).timestamp()
-        if isinstance(v, (int, float)):
-            return float(v)
-        try:
-            return _dt.datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            continue
-    return None
 
 
 def _is_generated_id(version: str) -> bool:
@@ -435,9 +417,7 @@ class Catalog:
     ) -> None:
         self.fs, self.root, self.url = fs, root.rstrip("/"), url
         self.lock_timeout_s = lock_timeout_s
-        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-        self._is_s3 = any(p in ("s3", "s3a") for p in protocols)
-        self._is_local = isinstance(fs, LocalFileSystem)
+        self._store = Store(fs, lock_timeout_s=lock_timeout_s)
 
     def __repr__(self) -> str:
         return f"Catalog({self.url!r})"
@@ -602,9 +582,9 @@ class Catalog:
         if self._manifest_exists(model, version):
             raise VersionExistsError(f"version {version!r} of model {model!r} already exists in {self.url}")
         for rel in sorted(files):
-            self._write_file(f"{vdir}/{rel}", files[rel])
+            self._store.write_file(f"{vdir}/{rel}", files[rel])
         try:
-            self._create_exclusive(f"{vdir}/{MANIFEST}", manifest_bytes)
+            self._store.create_exclusive(f"{vdir}/{MANIFEST}", manifest_bytes)
         except FileExistsError:
             raise VersionExistsError(
                 f"version {version!r} of model {model!r} was published concurrently in {self.url}"
@@ -652,38 +632,9 @@ class Catalog:
             "directions": entries,
         }
 
-    def _write_file(self, path: str, data: bytes) -> None:
-        if self._is_local:
-            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(path, data)
-
-    def _create_exclusive(self, path: str, data: bytes) -> None:
-        """Create ``path`` with ``data`` only if it does not exist (FileExistsError otherwise)."""
-        if self._is_local:
-            local = self.fs._strip_protocol(path)
-            tmp = f"{local}~tmp-{secrets.token_hex(4)}"
-            with fsspec.open(tmp, "wb") as f:  # a complete file before it becomes visible
-                f.write(data)
-            try:
-                os.link(tmp, local)  # atomic, fails if the target exists
-                return
-            except FileExistsError:
-                raise
-            except OSError:  # filesystem without hard links: fall back to O_EXCL below
-                pass
-            finally:
-                os.unlink(tmp)
-        try:
-            with self.fs.open(path, "xb") as f:
-                f.write(data)
-        except (ValueError, NotImplementedError):  # backend without "x" mode: best effort
-            if self.fs.exists(path):
-                raise FileExistsError(path) from None
-            self.fs.pipe_file(path, data)
-
     # -------------------------------------------------------------- refs
     def _read_ref(self, model: str, ref: str) -> dict[str, Any] | None:
-        data, _ = self._read_ref_raw(self._ref_path(model, ref))
+        data, _ = self._store.read_raw(self._ref_path(model, ref))
         return None if data is None else self._parse_ref(data, model, ref)
 
     def _parse_ref(self, data: bytes, model: str, ref: str) -> dict[str, Any]:
@@ -693,29 +644,6 @@ class Catalog:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"ref {ref!r} of model {model!r} in {self.url} is malformed ({err})") from None
         return obj
-
-    def _read_ref_raw(self, path: str) -> tuple[bytes | None, str | None]:
-        """Ref bytes and, on S3, the ETag they were read with (both None if the ref does not exist)."""
-        if self._is_s3:
-            from fsspec.asyn import sync
-
-            bucket, key, _ = self.fs.split_path(path)
-
-            async def _get() -> tuple[bytes, str]:
-                resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
-                try:
-                    return await resp["Body"].read(), resp["ETag"]
-                finally:
-                    resp["Body"].close()
-
-            try:
-                return sync(self.fs.loop, _get)
-            except FileNotFoundError:
-                return None, None
-        try:
-            return self.fs.cat_file(path), None
-        except FileNotFoundError:
-            return None, None
 
     def set_ref(
         self, model: str, ref: str, version: str, *, expected: str | None | EllipsisType = ...
@@ -755,54 +683,20 @@ class Catalog:
         update: Callable[[dict[str, Any] | None], dict[str, Any] | None],
         attempts: int = 8,
     ) -> None:
-        path = self._ref_path(model, ref)
-        for attempt in range(attempts):
-            if self._is_s3:
-                data, etag = self._read_ref_raw(path)
-                new = update(None if data is None else self._parse_ref(data, model, ref))
-                if new is None:
-                    return
-                body = _dumps(new, "ref")
-                try:
-                    if etag is None:
-                        self.fs.pipe_file(path, body, mode="create")
-                    else:
-                        self.fs.pipe_file(path, body, IfMatch=etag)
-                    return
-                except (FileExistsError, FileNotFoundError):
-                    pass  # created or deleted meanwhile: re-read and retry
-                except OSError as err:  # 412 PreconditionFailed / 409 ConditionalRequestConflict
-                    if err.errno != errno.EINVAL and "ConditionalRequestConflict" not in str(err):
-                        raise
-            else:
-                with self._ref_lock(path):
-                    data, _ = self._read_ref_raw(path)
-                    new = update(None if data is None else self._parse_ref(data, model, ref))
-                    if new is None:
-                        return
-                    body = _dumps(new, "ref")
-                    self._replace_file(path, body)
-                    if self._read_ref_raw(path)[0] == body:
-                        return
-            time.sleep(min(0.05 * 2**attempt, 1.0))
-        raise RefConflictError(
-            f"could not move ref {ref!r} of model {model!r}: it kept changing ({attempts} tries)"
-        )
+        """Read-modify-write one ref by compare-and-swap (``update`` returns None to leave it)."""
 
-    def _replace_file(self, path: str, data: bytes) -> None:
-        """Overwrite ``path`` so readers see the old or the new bytes, never a partial file."""
-        if self._is_local:
-            local = self.fs._strip_protocol(path)
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            tmp = f"{local}~tmp-{secrets.token_hex(4)}"
-            with fsspec.open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, local)
-        else:
-            self.fs.pipe_file(path, data)
+        def update_bytes(data: bytes | None) -> bytes | None:
+            new = update(None if data is None else self._parse_ref(data, model, ref))
+            return None if new is None else _dumps(new, "ref")
 
-    def _ref_lock(self, path: str) -> _RefLock:
-        return _RefLock(self, f"{path}~lock")
+        try:
+            self._store.compare_and_swap(self._ref_path(model, ref), update_bytes, attempts)
+        except CasConflictError:
+            raise RefConflictError(
+                f"could not move ref {ref!r} of model {model!r}: it kept changing ({attempts} tries)"
+            ) from None
+        except LockHeldError as err:
+            raise RefConflictError(str(err)) from None
 
     # -------------------------------------------------------------- comparing and cleaning
     def diff(self, model: str, a: str, b: str) -> CatalogDiff:
@@ -865,67 +759,11 @@ class Catalog:
             infos = self.fs.find(vdir, detail=True).values()
         except FileNotFoundError:
             infos = []
-        times = [t for t in (_mtime(i) for i in infos) if t is not None]
+        times = [t for t in (mtime(i) for i in infos) if t is not None]
         if not times:
             t = _version_timestamp(version)
             times = [t] if t is not None else [0.0]
         return max(times)
-
-
-class _RefLock:
-    """Lock object ``<ref>~lock`` taken by exclusive create; a stale lock is broken after a timeout."""
-
-    def __init__(self, catalog: Catalog, path: str) -> None:
-        self.catalog, self.path = catalog, path
-        self.token = secrets.token_hex(8)
-
-    def __enter__(self) -> _RefLock:
-        fs, deadline = self.catalog.fs, time.monotonic() + self.catalog.lock_timeout_s
-        body = json.dumps({"token": self.token, "created": time.time()}).encode()
-        if self.catalog._is_local:
-            fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
-        delay = 0.01
-        while True:
-            try:
-                with fs.open(self.path, "xb") as f:
-                    f.write(body)
-                return self
-            except FileExistsError:
-                pass
-            stale = self._stale_content()
-            if stale is not None:
-                try:  # re-check right before removing, so a lock just re-taken is left alone
-                    if fs.cat_file(self.path) == stale:
-                        fs.rm_file(self.path)
-                except FileNotFoundError:
-                    pass
-                continue
-            if time.monotonic() > deadline:
-                raise RefConflictError(
-                    f"ref lock {self.path} is held by another writer (waited {self.catalog.lock_timeout_s} s)"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
-
-    def _stale_content(self) -> bytes | None:
-        """The lock's bytes if it is older than the timeout (its holder presumably died), else None."""
-        fs = self.catalog.fs
-        try:
-            data = fs.cat_file(self.path)
-            try:
-                created = float(json.loads(data)["created"])
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-                created = _mtime(fs.info(self.path)) or 0.0  # half-written lock: use its mtime
-        except FileNotFoundError:
-            return None
-        return data if time.time() - created > self.catalog.lock_timeout_s else None
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if json.loads(self.catalog.fs.cat_file(self.path)).get("token") == self.token:
-                self.catalog.fs.rm_file(self.path)
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-            pass
 
 
 def open(

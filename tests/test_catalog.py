@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hspace import catalog as hcat
+from hspace._catalog_store import Store
 from hspace.catalog import ChecksumError, RefConflictError, VersionExistsError
 from hspace.directions import Direction
 
@@ -174,7 +175,7 @@ def test_same_version_id_twice_fails_and_keeps_original(cat):
 def test_manifest_create_is_exclusive(cat):
     v = cat.publish("toy", [make_direction("smile", 1)], metadata=META)
     with pytest.raises(FileExistsError):
-        cat._create_exclusive(f"{cat.root}/toy/versions/{v}/manifest.json", b"{}")
+        cat._store.create_exclusive(f"{cat.root}/toy/versions/{v}/manifest.json", b"{}")
 
 
 def test_manifest_create_race_has_exactly_one_winner(local_cat):
@@ -186,7 +187,7 @@ def test_manifest_create_race_has_exactly_one_winner(local_cat):
     def create(i: int) -> None:
         barrier.wait()
         try:
-            local_cat._create_exclusive(path, json.dumps({"writer": i}).encode())
+            local_cat._store.create_exclusive(path, json.dumps({"writer": i}).encode())
             results.append(i)
         except FileExistsError:
             pass
@@ -202,7 +203,7 @@ def test_manifest_create_race_has_exactly_one_winner(local_cat):
 
 def test_failed_publish_leaves_previous_version_and_ref_readable(cat, monkeypatch):
     v1 = cat.publish("toy", [make_direction("smile", 1)], metadata=META)
-    real_write, calls = hcat.Catalog._write_file, []
+    real_write, calls = Store.write_file, []
 
     def failing_write(self, path, data):
         calls.append(path)
@@ -210,7 +211,7 @@ def test_failed_publish_leaves_previous_version_and_ref_readable(cat, monkeypatc
             raise OSError("disk full (injected)")
         real_write(self, path, data)
 
-    monkeypatch.setattr(hcat.Catalog, "_write_file", failing_write)
+    monkeypatch.setattr(Store, "write_file", failing_write)
     with pytest.raises(OSError, match="injected"):
         cat.publish("toy", [make_direction("smile", 9)], effects={"m": [1]}, metadata=META)
     monkeypatch.undo()
@@ -231,7 +232,7 @@ def test_failure_while_moving_ref_keeps_old_ref(cat, monkeypatch):
     def boom(self, *args, **kwargs):
         raise OSError("network down (injected)")
 
-    monkeypatch.setattr(hcat.Catalog, "_replace_file", boom)
+    monkeypatch.setattr(Store, "replace_file", boom)
     with pytest.raises(OSError, match="injected"):
         cat.publish("toy", [make_direction("smile", 2)], metadata=META)
     monkeypatch.undo()

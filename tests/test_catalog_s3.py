@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hspace import catalog as hcat
+from hspace._catalog_store import Store
 from hspace.catalog import ChecksumError, RefConflictError, VersionExistsError
 from hspace.directions import Direction
 
@@ -85,7 +86,7 @@ def test_manifest_exclusive_create_is_enforced_by_the_server(cat):
         cat.publish("toy", [make_direction("smile", 2)], metadata=META, version="v1")
     # No existence pre-check here: the If-None-Match put itself must fail.
     with pytest.raises(FileExistsError):
-        cat._create_exclusive(manifest, b"{}")
+        cat._store.create_exclusive(manifest, b"{}")
     assert cat.fs.cat_file(manifest) == before
 
 
@@ -112,7 +113,7 @@ def test_ref_compare_and_swap_detects_a_concurrent_move(cat, monkeypatch):
     # Another writer moves the ref to v3 right after our read: our conditional put fails,
     # the retry re-reads, and set_ref(expected=v1) then reports the conflict instead of
     # overwriting v3.
-    real_read, moved = hcat.Catalog._read_ref_raw, []
+    real_read, moved = Store.read_raw, []
 
     def read_then_someone_moves_it(self, path):
         result = real_read(self, path)
@@ -122,7 +123,7 @@ def test_ref_compare_and_swap_detects_a_concurrent_move(cat, monkeypatch):
             self.fs.pipe_file(path, body)
         return result
 
-    monkeypatch.setattr(hcat.Catalog, "_read_ref_raw", read_then_someone_moves_it)
+    monkeypatch.setattr(Store, "read_raw", read_then_someone_moves_it)
     with pytest.raises(RefConflictError, match=v3):
         cat.set_ref("toy", "latest", v2, expected=v1)
     monkeypatch.undo()
