@@ -717,14 +717,14 @@ class Catalog:
                 bad[name] = data
         return good, bad
 
-    def _warn_malformed(self, model: str, bad: Mapping[str, bytes]) -> None:
+    def _warn_malformed(self, model: str, bad: Mapping[str, bytes], stacklevel: int = 3) -> None:
         for name, data in sorted(bad.items()):
             warnings.warn(
                 MalformedRefWarning(
                     f"ref {name!r} of model {model!r} in {self.url} is malformed and was skipped "
                     f"({len(data)} bytes, starting {data[:60]!r}); fix it with set_ref"
                 ),
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
 
     def _manifest_exists(self, model: str, version: str) -> bool:
@@ -1139,7 +1139,7 @@ class Catalog:
         move happened. A malformed ref keeps alive every version whose id appears in its bytes."""
         good, bad = self._scan_refs(model)
         if warn:
-            self._warn_malformed(model, bad)
+            self._warn_malformed(model, bad, stacklevel=4)
         named = {r["version"] for r in good.values()}
         named |= {v for v in complete for data in bad.values() if v.encode() in data}
         left: dict[str, float] = {}
