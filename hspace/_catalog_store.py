@@ -376,7 +376,7 @@ class RefLock:
         delay = 0.01
         while True:
             try:
-                self.store.create_exclusive(self.path, body)
+                self.store.create_exclusive_retrying(self.path, body)
                 return self
             except FileExistsError:
                 pass
@@ -423,8 +423,8 @@ class RefLock:
         return data if time.time() - created > self.store.lock_timeout_s else None
 
     def __exit__(self, *exc: object) -> None:
-        if self._token_now() == self.token:
-            try:
-                self.store.fs.rm_file(self.path)
-            except FileNotFoundError:
-                pass
+        try:
+            if self.store.retry(self._token_now) == self.token:
+                self.store.remove_file(self.path)
+        except OSError:  # storage unreachable: the lock goes stale after the timeout
+            pass

@@ -728,7 +728,16 @@ class Catalog:
             )
 
     def _manifest_exists(self, model: str, version: str) -> bool:
-        return self.fs.exists(f"{self._version_dir(model, version)}/{MANIFEST}")
+        path = f"{self._version_dir(model, version)}/{MANIFEST}"
+
+        def probe() -> bool:  # not fs.exists: it answers False for any error, a transient one too
+            try:
+                self.fs.info(path)
+                return True
+            except FileNotFoundError:
+                return False
+
+        return self._store.retry(probe)
 
     def resolve(self, model: str, ref_or_version: str = "latest") -> str:
         """The version id a ref names, or the id itself if it is a complete version (refs win)."""
@@ -871,7 +880,7 @@ class Catalog:
         except OSError as err:
             failure = err
         try:  # the answer to the last try may have been lost: is the manifest there, and ours?
-            found, _ = self._store.read_raw(path)
+            found, _ = self._store.retry(lambda: self._store.read_raw(path))
         except OSError:
             raise PublishError(
                 f"publishing version {version!r} of model {model!r} to {self.url}: writing {path} failed "
@@ -970,8 +979,10 @@ class Catalog:
         if not self._manifest_exists(model, version):
             raise FileNotFoundError(f"model {model!r} has no complete version {version!r} in {self.url}")
 
-        def update(current: dict[str, Any] | None) -> dict[str, Any]:
+        def update(current: dict[str, Any] | None) -> dict[str, Any] | None:
             now = None if current is None else current["version"]
+            if now == version:  # already there (or our earlier try's answer was lost)
+                return None
             if expected is not ... and now != expected:
                 raise RefConflictError(f"ref {ref!r} of model {model!r} names {now!r}, expected {expected!r}")
             return {"version": version, "updated": _utc_now(), "previous": now}
@@ -986,6 +997,8 @@ class Catalog:
         def update(current: dict[str, Any] | None) -> dict[str, Any] | None:
             now = None if current is None else current["version"]
             later.clear()
+            if now == version:
+                return None
             if now is not None and _is_generated_id(now) and _is_generated_id(version) and now > version:
                 later.append(now)
                 return None
@@ -1033,7 +1046,8 @@ class Catalog:
             return None if new is None else _dumps(new, "ref")
 
         try:
-            return self._store.compare_and_swap(self._ref_path(model, ref), update_bytes, attempts)
+            path = self._ref_path(model, ref)
+            return self._store.retry(lambda: self._store.compare_and_swap(path, update_bytes, attempts))
         except CasConflictError:
             raise RefConflictError(
                 f"could not move ref {ref!r} of model {model!r}: it kept changing ({attempts} tries)"

@@ -3,8 +3,9 @@
 ``FlakyFileSystem(target, fail_rate=0.2, lost_rate=0.1, seed=3)`` forwards every call to
 ``target``. Before a call it fails a seeded fraction ``fail_rate`` of calls with ConnectionError
 (the request never reached the storage); after a write it fails a fraction ``lost_rate`` (the
-write happened, its answer was lost). ``fail_if(op, path)`` fails chosen calls deterministically,
-``write_delay_s`` slows every write down. Every injected fault is recorded in ``faults``.
+write happened, its answer was lost). ``fail_if(op, path)`` / ``lose_if(op, path)`` do the same
+for chosen calls, deterministically; ``write_delay_s`` slows every write down. Every injected
+fault is recorded in ``faults``.
 
 The catalog sees an unknown filesystem (protocol ``flaky``), so it uses its generic code paths:
 ``"xb"`` exclusive create and token lock files.
@@ -40,12 +41,13 @@ class FlakyFileSystem(AbstractFileSystem):
         seed: int = 0,
         write_delay_s: float = 0.0,
         fail_if: Callable[[str, str], bool] | None = None,
+        lose_if: Callable[[str, str], bool] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.target = target
         self.fail_rate, self.lost_rate, self.write_delay_s = fail_rate, lost_rate, write_delay_s
-        self.fail_if = fail_if
+        self.fail_if, self.lose_if = fail_if, lose_if
         self.faults: list[tuple[str, str, str]] = []  # (when, op, path)
         self._rng, self._lock = random.Random(seed), threading.Lock()
 
@@ -67,7 +69,9 @@ class FlakyFileSystem(AbstractFileSystem):
             time.sleep(self.write_delay_s)
 
     def _after(self, op: str, path: str) -> None:
-        if op in WRITES and self._draw(self.lost_rate):
+        if op in WRITES and (
+            (self.lose_if is not None and self.lose_if(op, path)) or self._draw(self.lost_rate)
+        ):
             self.faults.append(("after", op, path))
             raise ConnectionError(f"injected: answer to {op} {path} lost")
 
