@@ -909,11 +909,19 @@ class Catalog:
                 self._store.remove_file(path)
             except OSError:
                 return
-        if self._store.is_local:
-            try:
-                os.rmdir(self.fs._strip_protocol(vdir))
-            except OSError:
-                pass
+        if self._store.is_local:  # the now empty directories, deepest first
+            local = self.fs._strip_protocol(vdir)
+            subdirs = set()
+            for p in written:
+                d = os.path.dirname(self.fs._strip_protocol(p))
+                while d.startswith(local + os.sep):
+                    subdirs.add(d)
+                    d = os.path.dirname(d)
+            for d in [*sorted(subdirs, key=len, reverse=True), local]:
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
 
     def _manifest(
         self,

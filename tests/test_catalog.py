@@ -207,17 +207,21 @@ def test_manifest_create_race_has_exactly_one_winner(local_cat):
 
 def test_failed_publish_leaves_previous_version_and_ref_readable(cat, monkeypatch):
     v1 = cat.publish("toy", [make_direction("smile", 1)], metadata=META)
-    real_create, calls = Store.create_exclusive, []
+    real_create, failing = Store.create_exclusive, {"file": "effects.json"}
 
     def failing_create(self, path, data):
-        calls.append(path)
-        if len(calls) == 3:  # claim and directions.safetensors written, effects.json fails
+        if path.endswith(failing["file"]):
             raise OSError("disk full (injected)")
         real_create(self, path, data)
 
     monkeypatch.setattr(Store, "create_exclusive", failing_create)
-    with pytest.raises(hcat.PublishError, match="injected.*nothing was committed"):
-        cat.publish("toy", [make_direction("smile", 9)], effects={"m": [1]}, metadata=META)
+    extra = {"previews/a/smile.png": b"png"}
+    for name in ("effects.json", "manifest.json"):
+        failing["file"] = name
+        with pytest.raises(hcat.PublishError, match="injected.*nothing was committed"):
+            cat.publish(
+                "toy", [make_direction("smile", 9)], effects={"m": [1]}, extra_files=extra, metadata=META
+            )
     monkeypatch.undo()
 
     assert cat.versions("toy") == [v1]
