@@ -246,13 +246,13 @@ def check_parse(raw: bytes) -> None:
     assert all(isinstance(n, str) for n in cv.direction_names())
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(st.binary(max_size=400))
 def test_any_bytes_parse_or_raise_manifest_error(raw):
     check_parse(raw)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(JSON)
 def test_any_json_parses_or_raises_manifest_error(value):
     check_parse(json.dumps(value).encode())
@@ -282,7 +282,7 @@ def mutated_manifests(draw) -> bytes:
     return json.dumps(m).encode()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(mutated_manifests())
 def test_mutated_manifests_parse_or_raise_manifest_error(raw):
     check_parse(raw)
