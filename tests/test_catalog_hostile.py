@@ -258,6 +258,10 @@ def test_any_json_parses_or_raises_manifest_error(value):
     check_parse(json.dumps(value).encode())
 
 
+def first(value):
+    return value[0] if isinstance(value, list) and value else None
+
+
 @st.composite
 def mutated_manifests(draw) -> bytes:
     m = copy.deepcopy(base_manifest())
@@ -267,9 +271,9 @@ def mutated_manifests(draw) -> bytes:
             "top": m,
             "model": m.get("model"),
             "files": m.get("files"),
-            "file": (m.get("files") or [None])[0],
+            "file": first(m.get("files")),
             "directions": m.get("directions"),
-            "direction": (m.get("directions") or [None])[0],
+            "direction": first(m.get("directions")),
         }[where]
         if isinstance(obj, dict):
             key = draw(st.sampled_from(sorted(obj) or ["x"]) | st.text(max_size=6))
