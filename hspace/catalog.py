@@ -796,8 +796,12 @@ class Catalog:
         ``metadata`` (JSON-able) may hold ``model_id``, ``revision``, ``config_hash``,
         ``model_fingerprint``, ``sampler``, ``timesteps``, ``inputs`` (the run manifest summary);
         other keys are kept under the manifest's ``extra``. Every input is validated before anything
-        is written; files go first, ``manifest.json`` last (exclusive create), then the ref moves.
-        An exception part-way leaves an incomplete version that readers ignore.
+        is written; the id is claimed (``~claim``), every file is created exclusively,
+        ``manifest.json`` last, then the ref moves.
+
+        Raises VersionExistsError if another publisher has (or is publishing) the id; PublishError
+        (an OSError) if storage fails after the retries, having removed what it wrote; and
+        RefNotAdvancedError, after committing, if ``ref`` names a later generated version id.
         """
         _check_name(model, "model")
         if ref is not None:
@@ -860,9 +864,9 @@ class Catalog:
             self._discard(vdir, written)
             if isinstance(err, OSError) and not isinstance(err, CatalogError):
                 raise PublishError(
-                    f"publishing version {version!r} of model {model!r} to {self.url} failed after "
-                    f"{self._store.retries} retries ({type(err).__name__}: {err}); nothing was committed "
-                    "and readers do not see the version"
+                    f"publishing version {version!r} of model {model!r} to {self.url} failed "
+                    f"({type(err).__name__}: {err}; transient errors are retried {self._store.retries} times); "
+                    "nothing was committed and readers do not see the version"
                 ) from err
             raise
 
@@ -892,18 +896,17 @@ class Catalog:
             raise VersionExistsError(
                 f"version {version!r} of model {model!r} was published concurrently in {self.url}"
             ) from None
-        self._discard(
-            vdir,
-            [f"{vdir}/{rel['path']}" for rel in json.loads(manifest_bytes)["files"]]
-            + [f"{vdir}/{CLAIM_FILE}"],
-        )
+        listed = [f"{vdir}/{f['path']}" for f in json.loads(manifest_bytes)["files"]]
+        self._discard(vdir, [f"{vdir}/{CLAIM_FILE}", *listed])  # the claim goes last
         raise PublishError(
-            f"publishing version {version!r} of model {model!r} to {self.url} failed writing {MANIFEST} after "
-            f"{self._store.retries} retries ({failure}); nothing was committed and readers do not see the version"
+            f"publishing version {version!r} of model {model!r} to {self.url} failed writing {MANIFEST} "
+            f"({failure}; transient errors are retried {self._store.retries} times); nothing was committed "
+            "and readers do not see the version"
         ) from failure
 
     def _discard(self, vdir: str, written: list[str]) -> None:
-        """Best-effort removal of the files an uncommitted publish created (gc removes leftovers)."""
+        """Best-effort removal of the files an uncommitted publish created, in reverse order so that
+        the claim (first in ``written``) goes last (gc removes whatever is left)."""
         for path in reversed(written):
             try:
                 self._store.remove_file(path)

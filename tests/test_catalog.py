@@ -214,14 +214,23 @@ def test_failed_publish_leaves_previous_version_and_ref_readable(cat, monkeypatc
             raise OSError("disk full (injected)")
         real_create(self, path, data)
 
+    real_remove, removed = Store.remove_file, []
+
+    def recording_remove(self, path):
+        removed.append(path.rsplit("/", 1)[-1])
+        return real_remove(self, path)
+
     monkeypatch.setattr(Store, "create_exclusive", failing_create)
+    monkeypatch.setattr(Store, "remove_file", recording_remove)
     extra = {"previews/a/smile.png": b"png"}
     for name in ("effects.json", "manifest.json"):
-        failing["file"] = name
+        failing["file"], removed[:] = name, []
         with pytest.raises(hcat.PublishError, match="injected.*nothing was committed"):
             cat.publish(
                 "toy", [make_direction("smile", 9)], effects={"m": [1]}, extra_files=extra, metadata=META
             )
+        # The claim goes last: until then no other publisher can take the id and lose files to us.
+        assert removed[-1] == "~claim" and "directions.safetensors" in removed, removed
     monkeypatch.undo()
 
     assert cat.versions("toy") == [v1]
