@@ -828,7 +828,7 @@ class Catalog:
         manifest_bytes = _dumps(
             self._manifest(model, version, metadata, dir_list, entries, files), "metadata"
         )
-        if self._store.retry(lambda: self._manifest_exists(model, version)):
+        if self._manifest_exists(model, version):
             raise VersionExistsError(f"version {version!r} of model {model!r} already exists in {self.url}")
         self._write_version(model, version, files)
         self._commit(model, version, manifest_bytes)
@@ -1172,7 +1172,7 @@ class Catalog:
             prev, updated = r.get("previous"), r.get("updated")
             try:
                 t = _dt.datetime.fromisoformat(str(updated)).timestamp()
-            except ValueError:
+            except (ValueError, OverflowError, OSError):
                 continue
             if isinstance(prev, str):
                 left[prev] = max(left.get(prev, 0.0), t)
