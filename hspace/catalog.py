@@ -1,40 +1,67 @@
-"""The versioned direction catalog on any fsspec URL (layout and contract: docs/architecture.md).
+"""The versioned direction catalog on any fsspec URL.
 
 A catalog holds, per model, immutable *versions* of a set of h-space directions (the paper's PCA,
 Jacobian, supervised, disentangled and random-baseline directions, sections IV-V), optional PCA
 state and effect matrix, and named *refs* ("latest", "stable", ...) pointing at versions::
 
     <root>/<model>/versions/<version>/
-        manifest.json            written LAST, with exclusive create: the version exists once it does
+        ~claim                   created FIRST, exclusively: the publisher owning this id
         directions.safetensors   one tensor per direction ([T,C,H,W] float32, or [C,H,W] for a
                                  direction used at every step), keys <name>, <name>.sigma,
                                  <name>.timesteps, JSON metadata per direction
         pca.safetensors          optional: PerTimestepPCA state (its to_safetensors_dict())
         effects.json             optional: effect matrix and baselines
         previews/*.png, ...      optional extra files
+        manifest.json            created LAST, exclusively: the version exists once it does
     <root>/<model>/refs/<name>   {"version": ..., "updated": ..., "previous": ...}
+    <root>/<model>/gc/<version>  {"since": ...}: when gc first found the version unreferenced
 
-Readers resolve a ref, read the manifest and check the sha256 and size of every file before they
-parse it; nothing is unpickled. A version directory without ``manifest.json`` is incomplete: it is
-ignored by readers and removed by :meth:`Catalog.gc` after a grace period.
+Promises (``docs/catalog.md`` has the operator's view):
 
-Guarantees per backend:
+- A committed version never changes. A publish first creates ``~claim`` exclusively (a second
+  publisher of the same id gets :class:`VersionExistsError` before writing anything), then every
+  file with exclusive create, never replacing one, then ``manifest.json``. Readers find the files
+  where the manifest lies. A publish that fails removes what it wrote (best effort) and raises
+  :class:`PublishError`; a version without ``manifest.json`` is never listed or read, and gc
+  removes leftovers untouched for ``grace_s``.
+- Refs move by compare-and-swap and never backwards: when a ref names a generated version id
+  (UTC timestamp + random suffix) that sorts after the one being published (a later publish, or a
+  lagging clock), the ref stays and publish raises :class:`RefNotAdvancedError` after committing
+  the version. Explicit ids that are not timestamps are not compared: the ref moves.
+- Everything a reader loads is verified: the manifest against its schema (:func:`parse_manifest`,
+  :class:`ManifestError`), each file's size and sha256 (:class:`ChecksumError`), and each
+  direction's name, kind, model fingerprint and shape against its manifest entry
+  (:class:`CorruptFileError`, also for unparsable files). Nothing is unpickled. On a local disk a
+  model or version directory that resolves outside the root (a symlink) is refused
+  (:class:`UnsafePathError`).
+- gc never removes the ``keep`` newest versions or a version a ref names (refs are read at the
+  start and again right before each removal, which removes the manifest first and restores it
+  if a ref moved there meanwhile; a ref moved to a version gc removed is put back), nor an
+  incomplete version touched within ``grace_s``. Reader contract: with ``reader_grace_s`` a
+  version a reader resolved through a ref stays readable at least ``reader_grace_s`` seconds
+  after that ref moved away (gc records when it first found a version unreferenced and removes it
+  only ``reader_grace_s`` later); resolve by id only the versions a ref names or the ``keep``
+  newest if you need the same. Concurrent gc runs tolerate each other. A malformed ref is
+  reported (:class:`MalformedRefWarning`) and skipped; gc keeps every version its bytes mention.
 
-- manifest exclusive create: local paths write a temporary file and ``os.link`` it into place
-  (atomic and exclusive on POSIX filesystems); S3 uses ``If-None-Match: *`` (s3fs ``mode="xb"``,
-  atomic on AWS S3 and moto); ``memory://`` checks and creates under fsspec's ``"xb"`` mode
-  (exclusive within one process); other filesystems use ``"xb"`` where supported, else a check
-  for existence followed by a write (best effort, documented race).
+Guarantees per backend (the primitives live in :mod:`hspace._catalog_store`):
+
+- exclusive create: local paths write a temporary file and ``os.link`` it into place (atomic and
+  exclusive on POSIX filesystems); S3 uses ``If-None-Match: *`` (atomic on AWS S3 and moto);
+  ``memory://`` checks and creates under a process-wide lock (exclusive within one process);
+  other filesystems use ``"xb"`` where supported, else a check for existence followed by a write
+  (best effort, documented race).
 - ref compare-and-swap: S3 reads the ref together with its ETag and writes with ``If-Match``
-  (``If-None-Match: *`` for a new ref): a true server-side CAS. Every other backend takes a lock
-  object ``<ref>~lock`` by exclusive create, re-reads, writes (local: temporary file + atomic
-  rename) and re-reads to verify; a lock older than ``lock_timeout_s`` is considered stale and
-  broken. That is a CAS among cooperating writers on local disks and in one process for
-  ``memory://``, and best effort elsewhere. Both primitives live in :mod:`hspace._catalog_store`.
-- publishing never moves a ref backwards: if the ref already names a generated version id (UTC
-  timestamp + random suffix) that sorts after the new one, it is left alone. Explicit version ids
-  given by the caller are not compared; they should sort by time, as ``versions()`` and ``gc``
-  order versions by id.
+  (``If-None-Match: *`` for a new ref): a true server-side CAS. Local paths hold an ``flock`` on
+  ``<ref>~lock`` while they re-read, write (temporary file + atomic rename) and verify; the kernel
+  releases it only when its holder ends, so a stalled holder is waited for (up to
+  ``lock_timeout_s``, then :class:`RefConflictError`), never overtaken. ``memory://`` uses a
+  process-wide lock per ref. Other filesystems take a lock file by exclusive create carrying a
+  unique token; one older than ``lock_timeout_s`` is broken, and a holder checks its token right
+  before writing (a stalled holder that lost its lock writes nothing): best effort, with a window
+  of one request.
+- transient storage errors (ConnectionError, TimeoutError) are retried ``retries`` times with
+  exponential backoff; a retried exclusive create that finds its own bytes counts as done.
 """
 
 from __future__ import annotations
@@ -46,7 +73,9 @@ import json
 import os
 import re
 import secrets
+import socket
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from types import EllipsisType
 from typing import Any
@@ -55,7 +84,7 @@ import fsspec
 import torch
 from torch import Tensor
 
-from hspace._catalog_store import CasConflictError, LockHeldError, Store, mtime
+from hspace._catalog_store import CasConflictError, LockHeldError, LockLostError, Store, mtime
 from hspace.directions import Direction, direction_names, directions_to_safetensors
 from hspace.io import safetensors_from_bytes
 
@@ -78,6 +107,8 @@ DIRECTIONS_FILE = "directions.safetensors"
 PCA_FILE = "pca.safetensors"
 EFFECTS_FILE = "effects.json"
 RESERVED_FILES = frozenset({MANIFEST, DIRECTIONS_FILE, PCA_FILE, EFFECTS_FILE})
+CLAIM_FILE = "~claim"  # first file of a publish, created exclusively: the id belongs to its publisher
+GC_DIR = "gc"  # <model>/gc/<version>: when gc first found the version unreferenced
 
 # Model, ref and version names: one path segment, no "~" (used by lock and temp files).
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -116,6 +147,41 @@ class VersionExistsError(CatalogError, FileExistsError):
 
 class RefConflictError(CatalogError):
     """A ref changed between read and write (compare-and-swap failed) or its lock is held."""
+
+
+class RefNotAdvancedError(CatalogError):
+    """The version was published (complete, readable by id) but the ref was left where it was,
+    because it names a later version: refs never move backwards in version-id order."""
+
+    def __init__(self, model: str, ref: str, version: str, current: str) -> None:
+        self.model, self.ref, self.version, self.current = model, ref, version, current
+        super().__init__(
+            f"version {version} of model {model!r} was published, but ref {ref!r} still names {current}, "
+            f"which sorts after it (a later publish, or this publisher's clock lags); services reading "
+            f"{ref!r} do not see {version}. Point the ref at it explicitly with set_ref if that is wanted"
+        )
+
+
+class ManifestError(CatalogError, ValueError):
+    """A manifest.json is not valid JSON or breaks the manifest schema (the message names the field)."""
+
+
+class CorruptFileError(CatalogError, ValueError):
+    """A listed file has the bytes its manifest records but cannot be parsed or disagrees with its
+    manifest entry (a hostile or buggy publisher)."""
+
+
+class UnsafePathError(CatalogError, ValueError):
+    """A catalog path resolves outside the catalog root (a symlink leading elsewhere): refused."""
+
+
+class PublishError(CatalogError, OSError):
+    """Storage failed while publishing, after the configured retries; the message says whether the
+    version was committed (it never is visible half-written)."""
+
+
+class MalformedRefWarning(UserWarning):
+    """A ref file could not be parsed; it was skipped (refs) or its content kept versions alive (gc)."""
 
 
 # ---------------------------------------------------------------------- names and small helpers
@@ -286,6 +352,96 @@ def _encode_pca(pca: Any) -> bytes:
     return save(_unshare(tensors), metadata=dict(metadata))
 
 
+# ---------------------------------------------------------------------- manifest schema
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_manifest(raw: bytes, *, path: str, model: str, version: str) -> dict[str, Any]:
+    """Parse and validate a manifest.json read from ``path`` (the manifest of ``model``/``version``).
+
+    Checks the JSON, ``schema_version``, that ``version`` (and ``model.name``, if given) match where
+    the manifest lies, and every ``files`` and ``directions`` entry. Raises :class:`ManifestError`
+    (a ValueError) naming the file and the field for anything else.
+    """
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"{path}: not a manifest (bytes up to {MAX_MANIFEST_BYTES}, got {type(raw).__name__})"
+        )
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ManifestError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: a manifest is a JSON object, got {type(manifest).__name__}")
+    schema = manifest.get("schema_version")
+    if not _is_int(schema) or not 1 <= schema <= SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path}: schema_version {schema!r} is not supported (this hspace reads 1 to {SCHEMA_VERSION}); "
+            "upgrade hspace"
+        )
+    if manifest.get("version") != version:
+        raise ManifestError(
+            f"{path}: field 'version' is {manifest.get('version')!r}, but the manifest lies in {version!r}"
+        )
+    info = manifest.get("model")
+    if not isinstance(info, dict) or info.get("name", model) != model:
+        raise ManifestError(f"{path}: field 'model' must be an object whose name is {model!r}, got {info!r}")
+    for key in ("files", "directions"):
+        if not isinstance(manifest.get(key), list):
+            raise ManifestError(f"{path}: field {key!r} must be a list")
+    files = _check_manifest_files(manifest["files"], path)
+    _check_manifest_directions(manifest["directions"], path)
+    if manifest["directions"] and DIRECTIONS_FILE not in files:
+        raise ManifestError(f"{path}: lists directions but no {DIRECTIONS_FILE} in 'files'")
+    return manifest
+
+
+def _check_manifest_files(entries: list[Any], path: str) -> set[str]:
+    seen: set[str] = set()
+    for f in entries:
+        if not isinstance(f, dict):
+            raise ManifestError(f"{path}: every entry of 'files' must be an object, got {f!r}")
+        try:
+            rel = _check_relpath(f.get("path"), f"file path in {path}")
+        except ValueError as err:
+            raise ManifestError(str(err)) from None
+        if rel == MANIFEST or rel in seen:
+            raise ManifestError(f"{path}: file {rel!r} is listed twice or is the manifest itself")
+        seen.add(rel)
+        sha = f.get("sha256")
+        if not isinstance(sha, str) or not _SHA256_RE.match(sha):
+            raise ManifestError(
+                f"{path}: file {rel!r} has no valid checksum (sha256 must be 64 lowercase hex digits, got {sha!r})"
+            )
+        size = f.get("bytes")
+        if not _is_int(size) or size < 0:
+            raise ManifestError(f"{path}: file {rel!r} needs 'bytes', an integer >= 0, got {size!r}")
+    return seen
+
+
+def _check_manifest_directions(entries: list[Any], path: str) -> None:
+    seen: set[str] = set()
+    for d in entries:
+        name = d.get("name") if isinstance(d, dict) else None
+        if not isinstance(name, str) or not name or name in seen:
+            raise ManifestError(f"{path}: every entry of 'directions' needs a unique name, got {d!r}")
+        seen.add(name)
+        shape = d.get("shape")
+        if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+            raise ManifestError(
+                f"{path}: direction {name!r} needs 'shape', a list of integers >= 0, got {shape!r}"
+            )
+        if not isinstance(d.get("kind"), str):
+            raise ManifestError(f"{path}: direction {name!r} needs 'kind', a string, got {d.get('kind')!r}")
+        if not isinstance(d.get("model_fingerprint"), (str, type(None))):
+            raise ManifestError(f"{path}: direction {name!r}: 'model_fingerprint' must be a string or null")
+
+
 # ---------------------------------------------------------------------- results
 @dataclasses.dataclass
 class CatalogDiff:
@@ -305,6 +461,7 @@ class CatalogVersion:
     def __init__(self, catalog: Catalog, model: str, version: str, manifest: dict[str, Any]) -> None:
         self.catalog, self.model, self.version, self.manifest = catalog, model, version, manifest
         self._files = {f["path"]: f for f in manifest["files"]}
+        self._entries = {d["name"]: d for d in manifest["directions"]}
         self._direction_cache: tuple[dict[str, Tensor], dict[str, str]] | None = None
 
     def __repr__(self) -> str:
@@ -331,7 +488,7 @@ class CatalogVersion:
             data = self.catalog.fs.cat_file(full)
         except FileNotFoundError:
             raise FileNotFoundError(f"{full} is listed in the manifest but missing from storage") from None
-        if len(data) != entry["bytes"]:
+        if len(data) != entry["bytes"]:  # types checked by parse_manifest
             raise ChecksumError(full, f"{entry['bytes']} bytes", f"{len(data)} bytes", what="size")
         digest = _sha256(data)
         if digest != entry["sha256"]:
@@ -347,11 +504,56 @@ class CatalogVersion:
         """Names of the directions in this version, in published order."""
         return [d["name"] for d in self.manifest["directions"]]
 
+    def _safetensors(self, relpath: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """A verified safetensors file parsed; anything unparsable is a CorruptFileError naming it."""
+        from safetensors import SafetensorError
+
+        full = f"{self.path}/{relpath}"
+        data = self.read_file(relpath)
+        try:
+            tensors, metadata = safetensors_from_bytes(data, full)
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+                raise ValueError("header metadata must map str to str")
+        except (SafetensorError, ValueError, TypeError, AttributeError, KeyError, OverflowError) as err:
+            raise CorruptFileError(f"{full} is not a readable safetensors file ({err})") from None
+        return tensors, metadata
+
     def _direction_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
         if self._direction_cache is None:
-            data = self.read_file(DIRECTIONS_FILE)
-            self._direction_cache = safetensors_from_bytes(data, f"{self.path}/{DIRECTIONS_FILE}")
+            tensors, metadata = self._safetensors(DIRECTIONS_FILE)
+            full = f"{self.path}/{DIRECTIONS_FILE}"
+            try:
+                stored = direction_names(metadata)
+            except (ValueError, TypeError, AttributeError, KeyError) as err:
+                raise CorruptFileError(f"{full}: unreadable direction metadata ({err})") from None
+            listed = self.direction_names()
+            if sorted(stored) != sorted(listed):
+                raise CorruptFileError(
+                    f"{full} holds directions {sorted(stored)} but its manifest lists {sorted(listed)}"
+                )
+            self._direction_cache = tensors, metadata
         return self._direction_cache
+
+    def _load_direction(self, name: str) -> Direction:
+        """One direction from the verified file, checked against its manifest entry."""
+        tensors, metadata = self._direction_tensors()
+        full = f"{self.path}/{DIRECTIONS_FILE}"
+        try:
+            d = Direction.from_safetensors_dict(tensors, metadata, name)
+        except (ValueError, TypeError, AttributeError, KeyError, RuntimeError) as err:
+            raise CorruptFileError(f"{full}: direction {name!r} is unreadable ({err})") from None
+        entry = self._entries[name]
+        stored = {
+            "name": d.name,
+            "kind": d.kind,
+            "model_fingerprint": d.model_fingerprint,
+            "shape": list(d.vector.shape),
+        }
+        wrong = {k: (v, entry.get(k)) for k, v in stored.items() if v != entry.get(k)}
+        if wrong:
+            detail = ", ".join(f"{k}: file {a!r} vs manifest {b!r}" for k, (a, b) in wrong.items())
+            raise CorruptFileError(f"{full}: direction {name!r} disagrees with its manifest entry ({detail})")
+        return d
 
     def direction(self, name: str) -> Direction:
         """One direction, from the checksum-verified directions.safetensors."""
@@ -360,23 +562,17 @@ class CatalogVersion:
                 f"version {self.version} of model {self.model!r} has no direction {name!r}; "
                 f"directions: {self.direction_names()}"
             )
-        tensors, metadata = self._direction_tensors()
-        return Direction.from_safetensors_dict(tensors, metadata, name)
+        return self._load_direction(name)
 
     def directions(self) -> dict[str, Direction]:
         """Every direction, keyed by name, in published order."""
-        tensors, metadata = self._direction_tensors()
-        stored = set(direction_names(metadata))
-        missing = [n for n in self.direction_names() if n not in stored]
-        if missing:
-            raise ValueError(f"{self.path}/{DIRECTIONS_FILE} lacks directions the manifest lists: {missing}")
-        return {n: Direction.from_safetensors_dict(tensors, metadata, n) for n in self.direction_names()}
+        return {n: self._load_direction(n) for n in self.direction_names()}
 
     def pca_safetensors(self) -> tuple[dict[str, Tensor], dict[str, str]] | None:
         """The verified pca.safetensors as (tensors, metadata), or None if none was published."""
         if PCA_FILE not in self._files:
             return None
-        return safetensors_from_bytes(self.read_file(PCA_FILE), f"{self.path}/{PCA_FILE}")
+        return self._safetensors(PCA_FILE)
 
     def pca(self, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64) -> Any:
         """The published ``hspace.pca.PerTimestepPCA``, or None if none was published."""
@@ -391,7 +587,24 @@ class CatalogVersion:
         """The published effects.json content, or None if none was published."""
         if EFFECTS_FILE not in self._files:
             return None
-        return json.loads(self.read_file(EFFECTS_FILE))
+        try:
+            return json.loads(self.read_file(EFFECTS_FILE))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CorruptFileError(f"{self.path}/{EFFECTS_FILE} is not valid JSON ({err})") from None
+
+
+@dataclasses.dataclass
+class _GcState:
+    """What one gc run decided at its start."""
+
+    complete: set[str]
+    keep: set[str]  # the newest versions and those the refs name
+    left: dict[str, float]  # version -> when a ref last moved away from it
+    marks: dict[str, float]  # version -> when a gc run first found it unreferenced
+    now: float
+    grace_s: float
+    reader_grace_s: float
+    dry_run: bool
 
 
 # ---------------------------------------------------------------------- the catalog
@@ -399,21 +612,39 @@ class Catalog:
     """A direction catalog rooted at one fsspec location. Create it with :func:`open`."""
 
     def __init__(
-        self, fs: fsspec.AbstractFileSystem, root: str, url: str, *, lock_timeout_s: float = 30.0
+        self,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        url: str,
+        *,
+        lock_timeout_s: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.1,
     ) -> None:
         self.fs, self.root, self.url = fs, root.rstrip("/"), url
         self.lock_timeout_s = lock_timeout_s
-        self._store = Store(fs, lock_timeout_s=lock_timeout_s)
+        self._store = Store(fs, lock_timeout_s=lock_timeout_s, retries=retries, backoff_s=backoff_s)
 
     def __repr__(self) -> str:
         return f"Catalog({self.url!r})"
 
     # -------------------------------------------------------------- paths
     def _model_dir(self, model: str) -> str:
-        return f"{self.root}/{_check_name(model, 'model')}"
+        return self._inside_root(f"{self.root}/{_check_name(model, 'model')}")
 
     def _version_dir(self, model: str, version: str) -> str:
-        return f"{self._model_dir(model)}/versions/{_check_name(version, 'version')}"
+        return self._inside_root(f"{self._model_dir(model)}/versions/{_check_name(version, 'version')}")
+
+    def _inside_root(self, path: str) -> str:
+        """``path``, after checking that on a local disk it does not resolve outside the root."""
+        if self._store.is_local:
+            root = os.path.realpath(self.fs._strip_protocol(self.root))
+            real = os.path.realpath(self.fs._strip_protocol(path))
+            if real != root and not real.startswith(root + os.sep):
+                raise UnsafePathError(
+                    f"{path} resolves to {real}, outside the catalog root {root} (a symlink?): refused"
+                )
+        return path
 
     def _ref_path(self, model: str, ref: str) -> str:
         return f"{self._model_dir(model)}/refs/{_check_name(ref, 'ref')}"
@@ -446,18 +677,53 @@ class Catalog:
         return sorted(n for n in names if _NAME_RE.match(n))
 
     def refs(self, model: str) -> dict[str, str]:
-        """Every ref of a model and the version it names."""
+        """Every ref of a model and the version it names.
+
+        A malformed ref file is skipped with a :class:`MalformedRefWarning` naming it; the others
+        are still returned.
+        """
+        good, bad = self._scan_refs(model)
+        self._warn_malformed(model, bad)
+        return {name: ref["version"] for name, ref in good.items()}
+
+    def _scan_refs(self, model: str) -> tuple[dict[str, dict[str, Any]], dict[str, bytes]]:
+        """(parsed refs, raw bytes of malformed refs) of a model."""
         self._fresh()
-        out = {}
+        good, bad = {}, {}
         for name in self._ls_names(f"{self._model_dir(model)}/refs", "file"):
-            if _NAME_RE.match(name):
-                ref = self._read_ref(model, name)
-                if ref is not None:
-                    out[name] = ref["version"]
-        return out
+            if not _NAME_RE.match(name):  # lock and temporary files
+                continue
+            path = self._ref_path(model, name)
+            data, _ = self._store.retry(lambda path=path: self._store.read_raw(path))
+            if data is None:
+                continue
+            try:
+                good[name] = self._parse_ref(data, model, name)
+            except ValueError:
+                bad[name] = data
+        return good, bad
+
+    def _warn_malformed(self, model: str, bad: Mapping[str, bytes], stacklevel: int = 3) -> None:
+        for name, data in sorted(bad.items()):
+            warnings.warn(
+                MalformedRefWarning(
+                    f"ref {name!r} of model {model!r} in {self.url} is malformed and was skipped "
+                    f"({len(data)} bytes, starting {data[:60]!r}); fix it with set_ref"
+                ),
+                stacklevel=stacklevel,
+            )
 
     def _manifest_exists(self, model: str, version: str) -> bool:
-        return self.fs.exists(f"{self._version_dir(model, version)}/{MANIFEST}")
+        path = f"{self._version_dir(model, version)}/{MANIFEST}"
+
+        def probe() -> bool:  # not fs.exists: it answers False for any error, a transient one too
+            try:
+                self.fs.info(path)
+                return True
+            except FileNotFoundError:
+                return False
+
+        return self._store.retry(probe)
 
     def resolve(self, model: str, ref_or_version: str = "latest") -> str:
         """The version id a ref names, or the id itself if it is a complete version (refs win)."""
@@ -491,27 +757,7 @@ class Catalog:
             raise FileNotFoundError(
                 f"{path} does not exist: version {version!r} is missing or incomplete"
             ) from None
-        try:
-            manifest = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not valid JSON ({err})") from None
-        schema = manifest.get("schema_version") if isinstance(manifest, dict) else None
-        if not isinstance(schema, int) or schema > SCHEMA_VERSION:
-            raise ValueError(
-                f"{path}: schema_version {schema!r} is not supported (this hspace reads up to {SCHEMA_VERSION}); "
-                "upgrade hspace"
-            )
-        for key in ("files", "directions"):
-            if not isinstance(manifest.get(key), list):
-                raise ValueError(f"{path}: field {key!r} must be a list")
-        for f in manifest["files"]:
-            if not isinstance(f, dict) or not {"path", "sha256", "bytes"} <= set(f):
-                raise ValueError(f"{path}: every entry of 'files' needs path, sha256 and bytes, got {f!r}")
-            _check_relpath(f["path"], f"file path in {path}")
-        for d in manifest["directions"]:
-            if not isinstance(d, dict) or not isinstance(d.get("name"), str):
-                raise ValueError(f"{path}: every entry of 'directions' needs a name, got {d!r}")
-        return manifest
+        return parse_manifest(raw, path=path, model=model, version=version)
 
     def version(self, model: str, ref_or_version: str = "latest") -> CatalogVersion:
         """A complete version by ref or id, with verified access to its files."""
@@ -536,8 +782,12 @@ class Catalog:
         ``metadata`` (JSON-able) may hold ``model_id``, ``revision``, ``config_hash``,
         ``model_fingerprint``, ``sampler``, ``timesteps``, ``inputs`` (the run manifest summary);
         other keys are kept under the manifest's ``extra``. Every input is validated before anything
-        is written; files go first, ``manifest.json`` last (exclusive create), then the ref moves.
-        An exception part-way leaves an incomplete version that readers ignore.
+        is written; the id is claimed (``~claim``), every file is created exclusively,
+        ``manifest.json`` last, then the ref moves.
+
+        Raises VersionExistsError if another publisher has (or is publishing) the id; PublishError
+        (an OSError) if storage fails after the retries, having removed what it wrote; and
+        RefNotAdvancedError, after committing, if ``ref`` names a later generated version id.
         """
         _check_name(model, "model")
         if ref is not None:
@@ -564,20 +814,103 @@ class Catalog:
         manifest_bytes = _dumps(
             self._manifest(model, version, metadata, dir_list, entries, files), "metadata"
         )
-        vdir = self._version_dir(model, version)
         if self._manifest_exists(model, version):
             raise VersionExistsError(f"version {version!r} of model {model!r} already exists in {self.url}")
-        for rel in sorted(files):
-            self._store.write_file(f"{vdir}/{rel}", files[rel])
+        self._write_version(model, version, files)
+        self._commit(model, version, manifest_bytes)
+        if ref is not None:
+            self._advance_ref(model, ref, version)
+        return version
+
+    def _write_version(self, model: str, version: str, files: Mapping[str, bytes]) -> None:
+        """Claim the version id, then create every file (never replacing one); on failure remove
+        what this call created and raise (VersionExistsError if another publisher owns the id)."""
+        vdir = self._version_dir(model, version)
+        claim = _dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": _utc_now(),
+                "token": secrets.token_hex(8),
+            },
+            "claim",
+        )
+        written: list[str] = []
         try:
-            self._store.create_exclusive(f"{vdir}/{MANIFEST}", manifest_bytes)
+            for rel, data in [(CLAIM_FILE, claim), *sorted(files.items())]:
+                try:
+                    self._store.create_exclusive_retrying(f"{vdir}/{rel}", data)
+                except FileExistsError:
+                    raise VersionExistsError(
+                        f"version {version!r} of model {model!r} is being published or was published by "
+                        f"another writer in {self.url} ({vdir}/{rel} exists); nothing was written"
+                    ) from None
+                written.append(f"{vdir}/{rel}")
+        except BaseException as err:
+            self._discard(vdir, written)
+            if isinstance(err, OSError) and not isinstance(err, CatalogError):
+                raise PublishError(
+                    f"publishing version {version!r} of model {model!r} to {self.url} failed "
+                    f"({type(err).__name__}: {err}; transient errors are retried {self._store.retries} times); "
+                    "nothing was committed and readers do not see the version"
+                ) from err
+            raise
+
+    def _commit(self, model: str, version: str, manifest_bytes: bytes) -> None:
+        """Create manifest.json exclusively: the version exists, complete, once this succeeds."""
+        vdir = self._version_dir(model, version)
+        path = f"{vdir}/{MANIFEST}"
+        try:
+            self._store.create_exclusive_retrying(path, manifest_bytes)
+            return
         except FileExistsError:
             raise VersionExistsError(
                 f"version {version!r} of model {model!r} was published concurrently in {self.url}"
             ) from None
-        if ref is not None:
-            self._advance_ref(model, ref, version)
-        return version
+        except OSError as err:
+            failure = err
+        try:  # the answer to the last try may have been lost: is the manifest there, and ours?
+            found, _ = self._store.retry(lambda: self._store.read_raw(path))
+        except OSError:
+            raise PublishError(
+                f"publishing version {version!r} of model {model!r} to {self.url}: writing {path} failed "
+                f"({failure}) and the storage cannot be read; the version is complete if versions() lists it"
+            ) from failure
+        if found == manifest_bytes:
+            return
+        if found is not None:
+            raise VersionExistsError(
+                f"version {version!r} of model {model!r} was published concurrently in {self.url}"
+            ) from None
+        listed = [f"{vdir}/{f['path']}" for f in json.loads(manifest_bytes)["files"]]
+        self._discard(vdir, [f"{vdir}/{CLAIM_FILE}", *listed])  # the claim goes last
+        raise PublishError(
+            f"publishing version {version!r} of model {model!r} to {self.url} failed writing {MANIFEST} "
+            f"({failure}; transient errors are retried {self._store.retries} times); nothing was committed "
+            "and readers do not see the version"
+        ) from failure
+
+    def _discard(self, vdir: str, written: list[str]) -> None:
+        """Best-effort removal of the files an uncommitted publish created, in reverse order so that
+        the claim (first in ``written``) goes last (gc removes whatever is left)."""
+        for path in reversed(written):
+            try:
+                self._store.remove_file(path)
+            except OSError:
+                return
+        if self._store.is_local:  # the now empty directories, deepest first
+            local = self.fs._strip_protocol(vdir)
+            subdirs = set()
+            for p in written:
+                d = os.path.dirname(self.fs._strip_protocol(p))
+                while d.startswith(local + os.sep):
+                    subdirs.add(d)
+                    d = os.path.dirname(d)
+            for d in [*sorted(subdirs, key=len, reverse=True), local]:
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
 
     def _manifest(
         self,
@@ -643,24 +976,57 @@ class Catalog:
         if not self._manifest_exists(model, version):
             raise FileNotFoundError(f"model {model!r} has no complete version {version!r} in {self.url}")
 
-        def update(current: dict[str, Any] | None) -> dict[str, Any]:
+        def update(current: dict[str, Any] | None) -> dict[str, Any] | None:
             now = None if current is None else current["version"]
+            if now == version:  # already there (or our earlier try's answer was lost)
+                return None
             if expected is not ... and now != expected:
                 raise RefConflictError(f"ref {ref!r} of model {model!r} names {now!r}, expected {expected!r}")
             return {"version": version, "updated": _utc_now(), "previous": now}
 
-        self._update_ref(model, ref, update)
+        self._move_ref(model, ref, version, update)
 
     def _advance_ref(self, model: str, ref: str, version: str) -> None:
-        """Move ``ref`` to ``version`` unless it names a later generated version id (no moving back)."""
+        """Move ``ref`` to ``version`` unless it names a later generated version id (no moving back);
+        then raise RefNotAdvancedError so the publisher knows its version is not what the ref serves."""
+        later: list[str] = []
 
         def update(current: dict[str, Any] | None) -> dict[str, Any] | None:
             now = None if current is None else current["version"]
+            later.clear()
+            if now == version:
+                return None
             if now is not None and _is_generated_id(now) and _is_generated_id(version) and now > version:
-                return None  # a later publish already moved it
+                later.append(now)
+                return None
             return {"version": version, "updated": _utc_now(), "previous": now}
 
-        self._update_ref(model, ref, update)
+        self._move_ref(model, ref, version, update)
+        if later:
+            raise RefNotAdvancedError(model, ref, version, later[0])
+
+    def _move_ref(
+        self,
+        model: str,
+        ref: str,
+        version: str,
+        update: Callable[[dict[str, Any] | None], dict[str, Any] | None],
+    ) -> None:
+        """Update a ref by CAS, then check that its version survived: gc may have removed it between
+        the caller's existence check and the write. If so, put the ref back and raise."""
+        if not self._update_ref(model, ref, update) or self._manifest_exists(model, version):
+            return
+
+        def undo(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            if current is None or current["version"] != version or not current.get("previous"):
+                return None
+            return {"version": current["previous"], "updated": _utc_now(), "previous": version}
+
+        self._update_ref(model, ref, undo)
+        raise FileNotFoundError(
+            f"version {version!r} of model {model!r} was removed (by gc) while ref {ref!r} moved to it; "
+            "the ref was put back"
+        )
 
     def _update_ref(
         self,
@@ -668,20 +1034,22 @@ class Catalog:
         ref: str,
         update: Callable[[dict[str, Any] | None], dict[str, Any] | None],
         attempts: int = 8,
-    ) -> None:
-        """Read-modify-write one ref by compare-and-swap (``update`` returns None to leave it)."""
+    ) -> bool:
+        """Read-modify-write one ref by compare-and-swap (``update`` returns None to leave it);
+        True if it was written."""
 
         def update_bytes(data: bytes | None) -> bytes | None:
             new = update(None if data is None else self._parse_ref(data, model, ref))
             return None if new is None else _dumps(new, "ref")
 
         try:
-            self._store.compare_and_swap(self._ref_path(model, ref), update_bytes, attempts)
+            path = self._ref_path(model, ref)
+            return self._store.retry(lambda: self._store.compare_and_swap(path, update_bytes, attempts))
         except CasConflictError:
             raise RefConflictError(
                 f"could not move ref {ref!r} of model {model!r}: it kept changing ({attempts} tries)"
             ) from None
-        except LockHeldError as err:
+        except (LockHeldError, LockLostError) as err:
             raise RefConflictError(str(err)) from None
 
     # -------------------------------------------------------------- comparing and cleaning
@@ -707,37 +1075,139 @@ class Catalog:
             incompatible=incompatible,
         )
 
-    def gc(self, model: str, keep: int = 5, *, grace_s: float = 3600.0, dry_run: bool = False) -> list[str]:
+    def gc(
+        self,
+        model: str,
+        keep: int = 5,
+        *,
+        grace_s: float = 3600.0,
+        reader_grace_s: float = 0.0,
+        dry_run: bool = False,
+    ) -> list[str]:
         """Remove old versions; returns the removed version ids (sorted).
 
-        Keeps the ``keep`` newest complete versions and every version a ref names; removes the
-        other complete versions (manifest first, so readers stop seeing them at once) and
-        incomplete version directories older than ``grace_s`` seconds (younger ones may be a
-        publish in progress).
+        Keeps the ``keep`` newest complete versions and every version a ref names (refs are read
+        at the start and again right before each removal). Removes the other complete versions
+        (manifest first, so readers stop seeing them at once) and incomplete version directories
+        (failed or running publishes) untouched for ``grace_s`` seconds.
+
+        ``reader_grace_s`` > 0 protects readers: a complete version is removed only once
+        ``reader_grace_s`` seconds have passed since a gc run first found it unreferenced (it is
+        then recorded under ``<model>/gc/``) and since a ref last named it, so a reader that
+        resolved it through a ref can use it at least that long. With 0 (the default) unreferenced
+        versions beyond ``keep`` are removed at once. Concurrent gc runs are safe.
         """
         if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
             raise ValueError(f"keep must be an int >= 1 (the newest version is always kept), got {keep!r}")
-        if grace_s < 0:
-            raise ValueError(f"grace_s must be >= 0, got {grace_s!r}")
-        base = f"{self._model_dir(model)}/versions"
+        for name, value in (("grace_s", grace_s), ("reader_grace_s", reader_grace_s)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         complete = self.versions(model)
-        referenced = set(self.refs(model).values())
-        keep_set = set(complete[-keep:]) | referenced
-        now = time.time()
+        named, left = self._named_versions(model, complete, warn=True)
+        state = _GcState(
+            complete=set(complete),
+            keep=set(complete[-keep:]) | named,
+            left=left,
+            marks=self._gc_marks(model),
+            now=time.time(),
+            grace_s=grace_s,
+            reader_grace_s=reader_grace_s,
+            dry_run=dry_run,
+        )
         removed = []
-        for name in self._ls_names(base, "directory"):
-            if name in keep_set or not _NAME_RE.match(name):
+        dirs = self._ls_names(f"{self._model_dir(model)}/versions", "directory")
+        for name in dirs:
+            if not _NAME_RE.match(name) or not self._gc_due(model, name, state):
                 continue
-            vdir = f"{base}/{name}"
-            if name not in complete and now - self._last_modified(vdir, name) < grace_s:
-                continue
-            removed.append(name)
-            if not dry_run:
-                if name in complete:
-                    self.fs.rm_file(f"{vdir}/{MANIFEST}")
-                self.fs.rm(vdir, recursive=True)
+            if dry_run or self._remove_version(model, name, complete=name in state.complete):
+                removed.append(name)
+        if not dry_run:
+            for name in set(state.marks) - set(dirs):  # the version is gone (removed by another gc run)
+                self._store.remove_file(self._mark_path(model, name))
         self._fresh()
         return sorted(removed)
+
+    def _gc_due(self, model: str, name: str, state: _GcState) -> bool:
+        """Whether gc may remove version directory ``name`` now (records first sightings)."""
+        if name in state.keep:
+            if name in state.marks and not state.dry_run:
+                self._store.remove_file(self._mark_path(model, name))  # referenced again
+            return False
+        if name not in state.complete:
+            vdir = f"{self._model_dir(model)}/versions/{name}"
+            return state.now - self._last_modified(vdir, name) >= state.grace_s
+        if state.reader_grace_s <= 0:
+            return True
+        since = max(state.marks.get(name, state.now), state.left.get(name, 0.0))
+        if name not in state.marks and not state.dry_run:
+            self._mark(model, name, state.now)
+        return state.now - since >= state.reader_grace_s
+
+    def _named_versions(
+        self, model: str, complete: list[str], *, warn: bool
+    ) -> tuple[set[str], dict[str, float]]:
+        """Versions the refs name now and, per version a ref named before its last move, when that
+        move happened. A malformed ref keeps alive every version whose id appears in its bytes."""
+        good, bad = self._scan_refs(model)
+        if warn:
+            self._warn_malformed(model, bad, stacklevel=4)
+        named = {r["version"] for r in good.values()}
+        named |= {v for v in complete for data in bad.values() if v.encode() in data}
+        left: dict[str, float] = {}
+        for r in good.values():
+            prev, updated = r.get("previous"), r.get("updated")
+            try:
+                t = _dt.datetime.fromisoformat(str(updated)).timestamp()
+            except (ValueError, OverflowError, OSError):
+                continue
+            if isinstance(prev, str):
+                left[prev] = max(left.get(prev, 0.0), t)
+        return named, left
+
+    def _mark_path(self, model: str, version: str) -> str:
+        return f"{self._model_dir(model)}/{GC_DIR}/{_check_name(version, 'version')}"
+
+    def _mark(self, model: str, version: str, now: float) -> None:
+        try:
+            self._store.create_exclusive(self._mark_path(model, version), _dumps({"since": now}, "gc mark"))
+        except FileExistsError:  # another gc run marked it first: its (earlier) time stands
+            pass
+
+    def _gc_marks(self, model: str) -> dict[str, float]:
+        """When gc runs first found each version unreferenced (unreadable marks: now)."""
+        marks = {}
+        for name in self._ls_names(f"{self._model_dir(model)}/{GC_DIR}", "file"):
+            if not _NAME_RE.match(name):
+                continue
+            data, _ = self._store.read_raw(self._mark_path(model, name))
+            try:
+                marks[name] = float(json.loads(data or b"")["since"])
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+                marks[name] = time.time()
+        return marks
+
+    def _remove_version(self, model: str, version: str, *, complete: bool) -> bool:
+        """Remove one version unless a ref names it right now; the manifest goes first and comes
+        back if a ref moved to the version meanwhile. False if the version was left alone."""
+        vdir = self._version_dir(model, version)
+        manifest = f"{vdir}/{MANIFEST}"
+        if complete:
+            if version in self._named_versions(model, [version], warn=False)[0]:
+                return False
+            data, _ = self._store.read_raw(manifest)
+            self._store.remove_file(manifest)
+            if version in self._named_versions(model, [version], warn=False)[0]:
+                if data is not None:
+                    try:
+                        self._store.create_exclusive(manifest, data)
+                    except FileExistsError:
+                        pass
+                return False
+        elif self._manifest_exists(model, version):  # a slow publish committed meanwhile
+            return False
+        self._store.remove_tree(vdir)
+        self._store.remove_file(self._mark_path(model, version))
+        return True
 
     def _last_modified(self, vdir: str, version: str) -> float:
         """Newest modification time of anything in a version directory (epoch seconds)."""
@@ -753,13 +1223,22 @@ class Catalog:
 
 
 def open(
-    url: str, storage_options: Mapping[str, Any] | None = None, *, lock_timeout_s: float = 30.0
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    lock_timeout_s: float = 30.0,
+    retries: int = 3,
+    backoff_s: float = 0.1,
 ) -> Catalog:
     """Open (or start) a catalog at any fsspec URL: a local path, ``memory://...``, ``s3://bucket/prefix``.
 
     The URL is resolved once with ``fsspec.core.url_to_fs(url, **storage_options)``.
+    ``lock_timeout_s``: how long a ref update waits for another writer's lock (and, on backends
+    with lock files, when such a lock counts as stale). ``retries`` / ``backoff_s``: how often a
+    write failing with a transient error (ConnectionError, TimeoutError) is tried again, waiting
+    ``backoff_s * 2**attempt`` in between.
     """
     if not isinstance(url, str) or not url:
         raise ValueError(f"catalog url must be a non-empty string, got {url!r}")
     fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    return Catalog(fs, root, url, lock_timeout_s=lock_timeout_s)
+    return Catalog(fs, root, url, lock_timeout_s=lock_timeout_s, retries=retries, backoff_s=backoff_s)

@@ -13,7 +13,7 @@ import torch
 
 from hspace import catalog as hcat
 from hspace._catalog_store import Store
-from hspace.catalog import ChecksumError, RefConflictError, VersionExistsError
+from hspace.catalog import ChecksumError, RefConflictError, RefNotAdvancedError, VersionExistsError
 from hspace.directions import Direction
 
 T, C, H, W = 4, 8, 2, 2
@@ -138,10 +138,14 @@ def test_publish_never_moves_ref_backwards(cat):
     import datetime as dt
 
     new = cat.publish("toy", [make_direction("smile", 1)], metadata=META)
-    old_id = hcat.new_version_id(dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc))
-    old = cat.publish("toy", [make_direction("smile", 2)], metadata=META, version=old_id)
+    old = hcat.new_version_id(dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc))  # a lagging clock
+    with pytest.raises(RefNotAdvancedError, match="still names") as info:
+        cat.publish("toy", [make_direction("smile", 2)], metadata=META, version=old)
+    assert (info.value.version, info.value.current, info.value.ref) == (old, new, "latest")
+    # The version is complete and readable by id; the ref still serves the later one.
     assert cat.versions("toy") == [old, new]
     assert cat.resolve("toy") == new
+    assert torch.equal(cat.version("toy", old).direction("smile").vector, make_direction("smile", 2).vector)
     # Explicit ids are not ordered against generated ones: the ref simply moves.
     cat.publish("toy", [make_direction("smile", 3)], metadata=META, version="zz-manual")
     assert cat.resolve("toy") == "zz-manual"
@@ -203,26 +207,46 @@ def test_manifest_create_race_has_exactly_one_winner(local_cat):
 
 def test_failed_publish_leaves_previous_version_and_ref_readable(cat, monkeypatch):
     v1 = cat.publish("toy", [make_direction("smile", 1)], metadata=META)
-    real_write, calls = Store.write_file, []
+    real_create, failing = Store.create_exclusive, {"file": "effects.json"}
 
-    def failing_write(self, path, data):
-        calls.append(path)
-        if len(calls) == 2:
+    def failing_create(self, path, data):
+        if path.endswith(failing["file"]):
             raise OSError("disk full (injected)")
-        real_write(self, path, data)
+        real_create(self, path, data)
 
-    monkeypatch.setattr(Store, "write_file", failing_write)
-    with pytest.raises(OSError, match="injected"):
-        cat.publish("toy", [make_direction("smile", 9)], effects={"m": [1]}, metadata=META)
+    real_remove, removed = Store.remove_file, []
+
+    def recording_remove(self, path):
+        removed.append(path.rsplit("/", 1)[-1])
+        return real_remove(self, path)
+
+    monkeypatch.setattr(Store, "create_exclusive", failing_create)
+    monkeypatch.setattr(Store, "remove_file", recording_remove)
+    extra = {"previews/a/smile.png": b"png"}
+    for name in ("effects.json", "manifest.json"):
+        failing["file"], removed[:] = name, []
+        with pytest.raises(hcat.PublishError, match="injected.*nothing was committed"):
+            cat.publish(
+                "toy", [make_direction("smile", 9)], effects={"m": [1]}, extra_files=extra, metadata=META
+            )
+        # The claim goes last: until then no other publisher can take the id and lose files to us.
+        assert removed[-1] == "~claim" and "directions.safetensors" in removed, removed
     monkeypatch.undo()
 
     assert cat.versions("toy") == [v1]
     assert cat.resolve("toy") == v1
     assert torch.equal(cat.version("toy").direction("smile").vector, make_direction("smile", 1).vector)
-    incomplete = [n for n in cat._ls_names(f"{cat.root}/toy/versions", "directory") if n != v1]
-    assert len(incomplete) == 1  # files were written, the manifest was not
+    # The failed publish removed what it had written.
+    assert cat._ls_names(f"{cat.root}/toy/versions", "directory") == [v1]
+
+
+def test_crashed_publish_leftovers_are_removed_by_gc_after_the_grace_period(cat):
+    v1 = cat.publish("toy", [make_direction("smile", 1)], metadata=META)
+    # A publisher that died after writing a file: no manifest, nobody cleans up but gc.
+    cat._store.create_exclusive(f"{cat.root}/toy/versions/crashed/directions.safetensors", b"partial")
+    assert cat.versions("toy") == [v1]
     assert cat.gc("toy", keep=1) == []  # younger than the grace period: maybe still publishing
-    assert cat.gc("toy", keep=1, grace_s=0) == incomplete
+    assert cat.gc("toy", keep=1, grace_s=0) == ["crashed"]
     assert cat._ls_names(f"{cat.root}/toy/versions", "directory") == [v1]
 
 
@@ -285,11 +309,14 @@ def test_set_ref_is_compare_and_swap(cat):
 def test_concurrent_ref_moves_end_on_newest_version(local_cat):
     """Six threads advance one ref with the lock-based CAS; no update is lost or reordered."""
     vs = [local_cat.publish("m", [make_direction("d", i)], metadata=META, ref=None) for i in range(6)]
-    barrier = threading.Barrier(len(vs))
+    barrier, not_advanced = threading.Barrier(len(vs)), []
 
     def advance(v: str) -> None:
         barrier.wait()
-        local_cat._advance_ref("m", "latest", v)
+        try:
+            local_cat._advance_ref("m", "latest", v)
+        except RefNotAdvancedError as err:
+            not_advanced.append(err)
 
     threads = [threading.Thread(target=advance, args=(v,)) for v in vs]
     for t in threads:
@@ -297,6 +324,10 @@ def test_concurrent_ref_moves_end_on_newest_version(local_cat):
     for t in threads:
         t.join()
     assert local_cat.resolve("m") == vs[-1]
+    # Whoever came after a later version was told so; the newest never was.
+    assert all(e.current > e.version for e in not_advanced) and vs[-1] not in [
+        e.version for e in not_advanced
+    ]
 
 
 def test_stale_ref_lock_is_broken(local_cat):
@@ -308,16 +339,16 @@ def test_stale_ref_lock_is_broken(local_cat):
     assert local_cat.resolve("m") == v and not local_cat.fs.exists(lock)
 
 
-def test_held_ref_lock_times_out_with_clear_error(tmp_path):
-    cat = hcat.open(str(tmp_path / "c"), lock_timeout_s=0.2)
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_held_ref_lock_times_out_with_clear_error(tmp_path, where):
+    url = str(tmp_path / "c") if where == "local" else f"memory://held-{uuid.uuid4().hex}"
+    cat = hcat.open(url, lock_timeout_s=0.2)
     v = cat.publish("m", [make_direction("d", 1)], metadata=META, ref=None)
-    import time
-
-    lock = f"{cat.root}/m/refs/latest~lock"
-    cat.fs.makedirs(f"{cat.root}/m/refs", exist_ok=True)
-    cat.fs.pipe_file(lock, json.dumps({"token": "alive", "created": time.time() + 60}).encode())
-    with pytest.raises(RefConflictError, match="held by another writer"):
-        cat.set_ref("m", "latest", v)
+    with cat._store.lock(f"{cat.root}/m/refs/latest"):  # a live holder (another writer)
+        with pytest.raises(RefConflictError, match="held by another writer"):
+            cat.set_ref("m", "latest", v)
+    cat.set_ref("m", "latest", v)  # released: the update goes through
+    assert cat.resolve("m") == v
 
 
 @pytest.mark.parametrize(
