@@ -804,7 +804,9 @@ def explore(
     catalog: Annotated[str, typer.Argument(help="catalog URL (path, s3://..., memory://...)")],
     model: Annotated[
         str | None,
-        typer.Option("--model", "-m", help="'toy', a local model dir or a hub id (default: toy for toy catalogs)"),
+        typer.Option(
+            "--model", "-m", help="'toy', a local model dir or a hub id (default: toy for toy catalogs)"
+        ),
     ] = None,
     storage_option: Annotated[
         list[str] | None,

@@ -47,9 +47,7 @@ def build_explore_catalog(
         return pca.partial_fit(h).directions(k)
 
     supervised = {
-        a: supervised_direction(
-            traj.h, scores[:, clf.index(a)], 0.25, a, timesteps=ts, model_fingerprint=fp
-        )
+        a: supervised_direction(traj.h, scores[:, clf.index(a)], 0.25, a, timesteps=ts, model_fingerprint=fp)
         for a in ATTRIBUTES
     }
     clean = disentangle(supervised["glasses"], supervised["grey_hair"], name="glasses_disentangled")
@@ -67,7 +65,9 @@ def build_explore_catalog(
             s = clf(images.flatten(0, 1)).view(len(PREVIEW_SEEDS), len(PREVIEW_SCALES), -1)
         edited[d.name] = s[:, [0, 2]][..., [clf.index(a) for a in ATTRIBUTES]].numpy()
     with torch.no_grad():
-        base = clf(sampler.sample(PREVIEW_SEEDS, record_h=False).images)[:, [clf.index(a) for a in ATTRIBUTES]]
+        base = clf(sampler.sample(PREVIEW_SEEDS, record_h=False).images)[
+            :, [clf.index(a) for a in ATTRIBUTES]
+        ]
     effects = effect_matrix(
         base.numpy().astype(np.float64),
         edited,

@@ -60,7 +60,9 @@ def _error_status(error: BaseException) -> int | None:
     return None
 
 
-def _json_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+def _json_errors(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
     async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
@@ -90,77 +92,96 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+def _explorer(request: Request) -> Explorer:
+    return request.app.state.explorer
+
+
+def _queue(request: Request) -> RenderQueue:
+    return request.app.state.queue
+
+
+async def _on_worker(request: Request, fn: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.wrap_future(_queue(request).run(fn, *args))
+
+
+async def index(request: Request) -> Response:
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-store"})
+
+
+async def catalog(request: Request) -> Response:
+    return JSONResponse(await run_in_threadpool(_explorer(request).overview))
+
+
+async def version(request: Request) -> Response:
+    # on the worker: the slider range of a unit direction without sigma may need one sample
+    model, ref = _param(request, "model"), _param(request, "ref")
+    return JSONResponse(await _on_worker(request, _explorer(request).version_info, model, ref))
+
+
+async def preview(request: Request) -> Response:
+    p = request.path_params
+    relpath = f"previews/{p['name']}"
+    data = await run_in_threadpool(_explorer(request).preview, p["model"], p["version"], relpath)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=86400, immutable"})
+
+
+async def diff(request: Request) -> Response:
+    model, a, b = _param(request, "model"), _param(request, "a"), _param(request, "b")
+    return JSONResponse(await run_in_threadpool(_explorer(request).diff, model, a, b))
+
+
+async def render(request: Request) -> Response:
+    body = await _json_body(request)
+    client, seq = body.get("client"), body.get("seq")
+    if not isinstance(client, str) or not client or isinstance(seq, bool) or not isinstance(seq, int):
+        raise ValueError("render requests need a client id (string) and a sequence number (int)")
+    key, job = await run_in_threadpool(_explorer(request).render_job, body)
+    result = await asyncio.wrap_future(_queue(request).submit(client, seq, key, job))
+    if result is SUPERSEDED:
+        return JSONResponse({"seq": seq, "superseded": True})
+    return JSONResponse({"seq": seq, **result})
+
+
+async def invert(request: Request) -> Response:
+    model, ref = _param(request, "model"), _param(request, "ref")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_UPLOAD_BYTES:
+        raise ValueError(f"upload: {length} bytes is more than the {MAX_UPLOAD_BYTES} allowed")
+    data = await request.body()
+    return JSONResponse(await _on_worker(request, _explorer(request).invert, model, ref, data))
+
+
+async def swap(request: Request) -> Response:
+    return JSONResponse(await _on_worker(request, _explorer(request).swap, await _json_body(request)))
+
+
+async def stats(request: Request) -> Response:
+    return JSONResponse(_queue(request).stats.as_dict())
+
+
+ROUTES = [
+    Route("/", index),
+    Route("/api/catalog", _json_errors(catalog)),
+    Route("/api/version", _json_errors(version)),
+    Route("/api/preview/{model}/{version}/previews/{name}", _json_errors(preview)),
+    Route("/api/diff", _json_errors(diff)),
+    Route("/api/render", _json_errors(render), methods=["POST"]),
+    Route("/api/invert", _json_errors(invert), methods=["POST"]),
+    Route("/api/swap", _json_errors(swap), methods=["POST"]),
+    Route("/api/stats", stats),
+]
+
+
 def create_app(explorer: Explorer, queue: RenderQueue | None = None) -> Starlette:
     """The Starlette app over an :class:`Explorer`; makes (and on shutdown closes) its render queue."""
     queue = queue or RenderQueue(explorer.render_batch)
-
-    async def on_worker(fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.wrap_future(queue.run(fn, *args))
-
-    async def index(request: Request) -> Response:
-        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-store"})
-
-    async def catalog(request: Request) -> Response:
-        return JSONResponse(await run_in_threadpool(explorer.overview))
-
-    async def version(request: Request) -> Response:
-        # on the worker: the slider range of a unit direction without sigma may need one sample
-        info = await on_worker(explorer.version_info, _param(request, "model"), _param(request, "ref"))
-        return JSONResponse(info)
-
-    async def preview(request: Request) -> Response:
-        p = request.path_params
-        data = await run_in_threadpool(explorer.preview, p["model"], p["version"], f"previews/{p['name']}")
-        return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=86400, immutable"})
-
-    async def diff(request: Request) -> Response:
-        model, a, b = _param(request, "model"), _param(request, "a"), _param(request, "b")
-        return JSONResponse(await run_in_threadpool(explorer.diff, model, a, b))
-
-    async def render(request: Request) -> Response:
-        body = await _json_body(request)
-        client = body.get("client")
-        seq = body.get("seq")
-        if not isinstance(client, str) or not client or isinstance(seq, bool) or not isinstance(seq, int):
-            raise ValueError("render requests need a client id (string) and a sequence number (int)")
-        key, job = await run_in_threadpool(explorer.render_job, body)
-        result = await asyncio.wrap_future(queue.submit(client, seq, key, job))
-        if result is SUPERSEDED:
-            return JSONResponse({"seq": seq, "superseded": True})
-        return JSONResponse({"seq": seq, **result})
-
-    async def invert(request: Request) -> Response:
-        model, ref = _param(request, "model"), _param(request, "ref")
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_UPLOAD_BYTES:
-            raise ValueError(f"upload: {length} bytes is more than the {MAX_UPLOAD_BYTES} allowed")
-        data = await request.body()
-        return JSONResponse(await on_worker(explorer.invert, model, ref, data))
-
-    async def swap(request: Request) -> Response:
-        return JSONResponse(await on_worker(explorer.swap, await _json_body(request)))
-
-    async def stats(request: Request) -> Response:
-        return JSONResponse(queue.stats.as_dict())
-
-    routes = [
-        Route("/", index),
-        Route("/api/catalog", _json_errors(catalog)),
-        Route("/api/version", _json_errors(version)),
-        Route("/api/preview/{model}/{version}/previews/{name}", _json_errors(preview)),
-        Route("/api/diff", _json_errors(diff)),
-        Route("/api/render", _json_errors(render), methods=["POST"]),
-        Route("/api/invert", _json_errors(invert), methods=["POST"]),
-        Route("/api/swap", _json_errors(swap), methods=["POST"]),
-        Route("/api/stats", stats),
-    ]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         queue.close()
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=ROUTES, lifespan=lifespan)
     app.state.explorer, app.state.queue = explorer, queue
     return app
 

@@ -152,7 +152,9 @@ class Explorer:
             by_version: dict[str, list[str]] = {}
             for ref, version in sorted(refs.items()):
                 by_version.setdefault(version, []).append(ref)
-            versions = [{"id": v, "refs": by_version.get(v, [])} for v in reversed(self.catalog.versions(name))]
+            versions = [
+                {"id": v, "refs": by_version.get(v, [])} for v in reversed(self.catalog.versions(name))
+            ]
             models.append({"name": name, "refs": refs, "versions": versions})
         return {
             "catalog": self.catalog.url,
@@ -346,7 +348,9 @@ class Explorer:
         for job in jobs:
             urls = [png_data_url(images[i], self.image_size) for i in range(r, r + job.n_rows)]
             r += job.n_rows
-            out.append({"images": urls, "render_ms": round(ms, 1), "batch_requests": len(jobs), "batch_rows": rows})
+            out.append(
+                {"images": urls, "render_ms": round(ms, 1), "batch_requests": len(jobs), "batch_rows": rows}
+            )
         return out
 
     def invert(self, model: str, ref: str, data: bytes) -> dict[str, Any]:

@@ -153,7 +153,9 @@ class RenderQueue:
             try:
                 results = list(self._render_batch(key, [r.payload for r in live]))
                 if len(results) != len(live):
-                    raise RuntimeError(f"render_batch returned {len(results)} results for {len(live)} requests")
+                    raise RuntimeError(
+                        f"render_batch returned {len(results)} results for {len(live)} requests"
+                    )
             except Exception as error:  # noqa: BLE001 - every waiting request gets the error
                 for r in live:
                     r.future.set_exception(error)
