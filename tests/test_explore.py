@@ -37,7 +37,7 @@ from typer.testing import CliRunner
 from hspace.cli import app as cli_app
 from hspace.explore.command import default_model, parse_storage_option_pairs
 from hspace.explore.explorer import direction_rows
-from hspace.explore.render_queue import SUPERSEDED, RenderQueue
+from hspace.explore.render_queue import SUPERSEDED, RenderCancelled, RenderQueue
 from tests.explore_catalog import MODEL, build_explore_catalog
 
 try:  # `python -m pytest` puts the repo root on sys.path; bare `pytest` only puts tests/ there
@@ -375,7 +375,7 @@ def test_bad_render_requests_get_one_clear_error(server):
 def test_render_queue_drops_superseded_requests_and_batches_the_rest():
     gate, calls = threading.Event(), []
 
-    def render(key, payloads):
+    def render(key, payloads, cancel):
         calls.append((key, list(payloads)))
         if payloads == ["a1"]:
             gate.wait(10)
@@ -408,7 +408,7 @@ def test_render_queue_drops_superseded_requests_and_batches_the_rest():
 
 
 def test_render_queue_gives_a_batch_error_to_each_request_and_keeps_going():
-    def render(key, payloads):
+    def render(key, payloads, cancel):
         if "bad" in payloads:
             raise ValueError("no such direction")
         return payloads
@@ -426,6 +426,49 @@ def test_render_queue_gives_a_batch_error_to_each_request_and_keeps_going():
         assert queue.run(lambda: 42).result(5) == 42
     finally:
         queue.close()
+
+
+def test_release_preempts_the_render_of_an_older_position_of_the_same_page_only():
+    started: list[str] = []
+
+    def render(key, payloads, cancel):
+        started.extend(payloads)
+        if not cancel.wait(10):  # a long render that stops at the next U-Net call once cancelled
+            return list(payloads)
+        raise RenderCancelled
+
+    def wait_started(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(started) < n:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+
+    queue = RenderQueue(render)
+    try:
+        a1 = queue.submit("a", 1, "k", "a1")
+        wait_started(1)
+        assert queue.preempt("b", 5) is False  # another page's render is never cancelled
+        assert queue.preempt("a", 1) is False  # nor the released position itself
+        a2 = queue.submit("a", 2, "k", "a2", preempt=True)
+        assert a1.result(10) is SUPERSEDED
+        wait_started(2)  # a2 renders next
+        assert queue.preempt("a", 3) is True
+        assert a2.result(10) is SUPERSEDED
+        assert started == ["a1", "a2"]
+        assert queue.stats.cancelled_batches == 2 and queue.stats.rendered == 0
+    finally:
+        queue.close()
+
+
+def test_explorer_render_stops_at_the_next_unet_call_once_cancelled(server):
+    ex = server["explorer"]
+    key, job = ex.render_job({"model": MODEL, "version": "latest", "seeds": [0]})
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(RenderCancelled):
+        ex.render_batch(key, [job], cancel)
+    assert not ex.model.unet._forward_pre_hooks  # the check is removed again
+    assert len(ex.render_batch(key, [job], threading.Event())[0]["images"]) == 1
 
 
 def test_direction_rows_show_a_grade_when_the_manifest_has_one():

@@ -9,7 +9,10 @@ Endpoints (all JSON unless noted; errors are ``{"error": message}`` with status 
 - ``GET /api/preview/{model}/{version}/previews/{name}.png``: a preview strip (PNG, verified)
 - ``GET /api/diff?model=&a=&b=``: cosine per direction between two versions
 - ``POST /api/render``: ``{client, seq, model, version, seeds | image, edits, units, mode,
-  steps, sampler}`` -> ``{seq, images}`` or ``{seq, superseded: true}`` (latest request wins)
+  steps, sampler, preempt}`` -> ``{seq, images}`` or ``{seq, superseded: true}`` (latest request
+  wins)
+- ``POST /api/preempt``: ``{client, seq}`` (slider released): cancel the render in progress if it
+  only holds that client's requests older than ``seq``
 - ``POST /api/invert?model=&ref=``: body = image file bytes -> ``{image, psnr, original,
   reconstruction}``
 - ``POST /api/swap``: ``{model, version, seeds_a, seeds_b, sampler, steps}`` -> ``{a, b, swapped}``
@@ -92,6 +95,14 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+def _client_seq(body: dict[str, Any]) -> tuple[str, int]:
+    """The page's id and the request's sequence number (latest wins per page)."""
+    client, seq = body.get("client"), body.get("seq")
+    if not isinstance(client, str) or not client or isinstance(seq, bool) or not isinstance(seq, int):
+        raise ValueError("render requests need a client id (string) and a sequence number (int)")
+    return client, seq
+
+
 def _explorer(request: Request) -> Explorer:
     return request.app.state.explorer
 
@@ -132,14 +143,18 @@ async def diff(request: Request) -> Response:
 
 async def render(request: Request) -> Response:
     body = await _json_body(request)
-    client, seq = body.get("client"), body.get("seq")
-    if not isinstance(client, str) or not client or isinstance(seq, bool) or not isinstance(seq, int):
-        raise ValueError("render requests need a client id (string) and a sequence number (int)")
+    client, seq = _client_seq(body)
     key, job = await run_in_threadpool(_explorer(request).render_job, body)
-    result = await asyncio.wrap_future(_queue(request).submit(client, seq, key, job))
+    preempt = body.get("preempt") is True
+    result = await asyncio.wrap_future(_queue(request).submit(client, seq, key, job, preempt=preempt))
     if result is SUPERSEDED:
         return JSONResponse({"seq": seq, "superseded": True})
     return JSONResponse({"seq": seq, **result})
+
+
+async def preempt(request: Request) -> Response:
+    client, seq = _client_seq(await _json_body(request))
+    return JSONResponse({"cancelled": _queue(request).preempt(client, seq)})
 
 
 async def invert(request: Request) -> Response:
@@ -166,6 +181,7 @@ ROUTES = [
     Route("/api/preview/{model}/{version}/previews/{name}", _json_errors(preview)),
     Route("/api/diff", _json_errors(diff)),
     Route("/api/render", _json_errors(render), methods=["POST"]),
+    Route("/api/preempt", _json_errors(preempt), methods=["POST"]),
     Route("/api/invert", _json_errors(invert), methods=["POST"]),
     Route("/api/swap", _json_errors(swap), methods=["POST"]),
     Route("/api/stats", stats),

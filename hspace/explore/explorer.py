@@ -314,10 +314,18 @@ class Explorer:
         return (kind, n_steps, mode, units, lo, hi), job
 
     # ------------------------------------------------------------------ model work (worker thread)
-    def render_batch(self, key: Hashable, jobs: Sequence[RenderJob]) -> list[dict[str, Any]]:
+    def render_batch(
+        self, key: Hashable, jobs: Sequence[RenderJob], cancel: threading.Event | None = None
+    ) -> list[dict[str, Any]]:
         """Render jobs that share a key in one sampler call: the union of their directions, one row
-        of scales per image row (zeros for directions a job does not move)."""
+        of scales per image row (zeros for directions a job does not move). Once ``cancel`` is set,
+        the next U-Net call raises :class:`~hspace.explore.render_queue.RenderCancelled`."""
+        from hspace.explore.render_queue import RenderCancelled
         from hspace.sampling import Edit
+
+        def check_cancel(module: Any, args: Any) -> None:
+            if cancel is not None and cancel.is_set():
+                raise RenderCancelled
 
         kind, n_steps, mode, units, lo, hi = key  # type: ignore[misc]
         start = time.perf_counter()
@@ -337,12 +345,16 @@ class Explorer:
         if order:
             edit = Edit(list(names.values()), scales=scales, steps=range(lo, hi + 1), mode=mode, units=units)
         sampler = self._sampler_for(kind, n_steps)
-        if kind == "image":
-            x_T = torch.cat([job.x_T for job in jobs])  # type: ignore[misc]
-            images = sampler.sample(None, x_T=x_T, edit=edit, record_h=False).images
-        else:
-            seeds = [s for job in jobs for s in job.seeds]
-            images = sampler.sample(seeds, edit=edit, record_h=False).images
+        handle = self.model.unet.register_forward_pre_hook(check_cancel)
+        try:
+            if kind == "image":
+                x_T = torch.cat([job.x_T for job in jobs])  # type: ignore[misc]
+                images = sampler.sample(None, x_T=x_T, edit=edit, record_h=False).images
+            else:
+                seeds = [s for job in jobs for s in job.seeds]
+                images = sampler.sample(seeds, edit=edit, record_h=False).images
+        finally:
+            handle.remove()
         ms = (time.perf_counter() - start) * 1000
         out, r = [], 0
         for job in jobs:
