@@ -2,10 +2,11 @@
 
 A catalog like the quick start's (toy model, DDPM, 20 steps: the explorer renders with a version's
 own steps) is published in-process; the ``hspace explore`` command serves it as a user would run
-it (default threads); headless Chromium drags the ``glasses`` slider 10 times (10 mouse moves,
+it (default threads); headless Chromium drags the ``glasses`` slider 20 times (10 mouse moves,
 15 ms apart, then release) and the page records the time from release to the decoded image of the
-released position. Reported: median and max, for one seed and for four seeds, plus the render
-queue's counters (requests dropped as superseded, largest coalesced batch). A screenshot of the
+released position. Reported: median and max, for one seed and for four seeds, with the release
+cancelling the render of an older position (the page's default) and without, alternating drags;
+plus the render queue's counters (requests dropped as superseded, cancelled batches). A screenshot of the
 page goes next to the JSON results. Threads: ``HSPACE_BENCH_THREADS`` (default 1), for the
 explorer too (``OMP_NUM_THREADS``).
 """
@@ -53,15 +54,22 @@ def _drag(pg, name: str, to_fraction: float, moves: int = 10) -> None:
     pg.mouse.up()
 
 
-def _latencies(pg, seeds: str) -> list[float]:
+def _latencies(pg, seeds: str) -> dict[str, list[float]]:
+    """Release-to-image ms of DRAGS drags with the release preempting the render of an older
+    position and DRAGS without, alternating (so a change in the machine's load hits both)."""
     pg.fill("#seeds", seeds)
     pg.locator("#seeds").blur()
     pg.wait_for_function("state.inFlight === 0 && !state.dirty", timeout=120_000)
-    done = int(pg.evaluate("window.hspaceLatencies.length"))
-    for i in range(DRAGS):
-        _drag(pg, "glasses", [0.15, 0.85][i % 2])
-        pg.wait_for_function(f"window.hspaceLatencies.length >= {done + i + 1}", timeout=120_000)
-    return pg.evaluate("window.hspaceLatencies").__getitem__(slice(done, None))
+    out: dict[str, list[float]] = {"preempt": [], "no preempt": []}
+    for i in range(2 * DRAGS):
+        variant = "preempt" if i % 4 in (0, 3) else "no preempt"  # ABBA: both drag left and right
+        pg.evaluate(f"state.preemptOnRelease = {'true' if variant == 'preempt' else 'false'}")
+        done = int(pg.evaluate("window.hspaceLatencies.length"))
+        _drag(pg, "glasses", [0.15, 0.85][i % 2])  # the value must change for a release to count
+        pg.wait_for_function(f"window.hspaceLatencies.length > {done}", timeout=120_000)
+        out[variant].append(float(pg.evaluate("window.hspaceLatencies.at(-1)")))
+        pg.wait_for_function("state.inFlight === 0 && !state.dirty", timeout=120_000)
+    return out
 
 
 def test_bench_explore_release_to_image(tmp_path):
@@ -91,9 +99,9 @@ def test_bench_explore_release_to_image(tmp_path):
                 "Number(document.querySelector('#result').dataset.seq) >= 1", timeout=120_000
             )
             one = _latencies(pg, "0")
-            print(f"1 seed: {[round(ms) for ms in one]}", flush=True)
+            print(f"1 seed: { {k: [round(ms) for ms in v] for k, v in one.items()} }", flush=True)
             four = _latencies(pg, "0-3")
-            print(f"4 seeds: {[round(ms) for ms in four]}", flush=True)
+            print(f"4 seeds: { {k: [round(ms) for ms in v] for k, v in four.items()} }", flush=True)
             pg.fill("#seeds", "0")
             pg.locator("#seeds").blur()
             pg.wait_for_function("state.inFlight === 0 && !state.dirty", timeout=120_000)
@@ -112,12 +120,13 @@ def test_bench_explore_release_to_image(tmp_path):
         proc.terminate()
         proc.wait(30)
     rows = [
-        ["1 seed", DRAGS, statistics.median(one), max(one)],
-        ["4 seeds", DRAGS, statistics.median(four), max(four)],
+        [label, variant, len(ms), statistics.median(ms), max(ms)]
+        for label, result in (("1 seed", one), ("4 seeds", four))
+        for variant, ms in result.items()
     ]
     table(
         f"explore: slider release -> new image (ms), toy model, DDPM {STEPS} steps, CPU",
-        ["seeds", "drags", "median", "max"],
+        ["seeds", "release", "drags", "median", "max"],
         rows,
     )
     print(f"render queue: {stats}")
@@ -132,4 +141,4 @@ def test_bench_explore_release_to_image(tmp_path):
             "render_queue": stats,
         },
     )
-    assert all(ms > 0 for ms in one + four)
+    assert all(ms > 0 for result in (one, four) for v in result.values() for ms in v)
