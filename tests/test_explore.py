@@ -125,6 +125,7 @@ def browser():
 def page(browser, server):
     """A fresh page on the explorer, loaded and with its first render shown; fails on JS errors."""
     context = browser.new_context(viewport={"width": 1400, "height": 900})
+    context.set_default_timeout(60_000)  # renders on a loaded 2-core machine
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
