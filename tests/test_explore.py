@@ -353,6 +353,19 @@ def test_coalesced_renders_equal_separate_renders_and_edits_add(server):
     )
 
 
+def test_raw_slider_ranges_follow_sigma_units_or_the_norm_of_h(server):
+    from dataclasses import replace
+
+    ex = server["explorer"]
+    _, dirs = ex.version(MODEL, "latest")
+    pc = dirs["pca_0"]  # unit norm per step, with sigma: 3 sigma
+    assert ex._raw_range(pc, STEPS) == pytest.approx(float(3 * pc.sigma.double().mean()), rel=1e-5)
+    unit = replace(pc, sigma=None)  # e.g. a Jacobian singular vector: the scale of h itself
+    h_norm = ex.h_norm(STEPS)
+    assert h_norm > 1.0 and ex._raw_range(unit, STEPS) == pytest.approx(h_norm, rel=1e-5)
+    assert ex._raw_range(dirs["glasses_random7"], STEPS) == 2.0  # raw units without sigma
+
+
 def test_bad_render_requests_get_one_clear_error(server):
     url = server["url"] + "/api/render"
     base = {"client": "t", "seq": 1, "model": MODEL, "version": "latest", "seeds": [0]}

@@ -308,7 +308,7 @@ class Explorer:
         else:
             seeds = _seeds(body.get("seeds"))
             job = RenderJob(seeds, None, tuple(directions[n] for n in names), tuple(scales))
-        sampler = self._sampler_for(kind, n_steps)
+        sampler = self.sampler(kind, n_steps)
         for d in job.directions:
             check_direction(d, self.model, sampler.timesteps)
         return (kind, n_steps, mode, units, lo, hi), job
@@ -344,7 +344,7 @@ class Explorer:
         edit = None
         if order:
             edit = Edit(list(names.values()), scales=scales, steps=range(lo, hi + 1), mode=mode, units=units)
-        sampler = self._sampler_for(kind, n_steps)
+        sampler = self.sampler(kind, n_steps)
         handle = self.model.unet.register_forward_pre_hook(check_cancel)
         try:
             if kind == "image":
@@ -408,24 +408,20 @@ class Explorer:
         if len(seeds_a) != len(seeds_b):
             raise ValueError(f"seeds_a has {len(seeds_a)} seeds but seeds_b has {len(seeds_b)}")
         lo, hi = _step_range(body.get("steps"), n_steps)
-        sampler = self._sampler_for(kind, n_steps)
+        sampler = self.sampler(kind, n_steps)
         plain = sampler.sample(list(seeds_a) + list(seeds_b), record_h=False).images
         swapped = sampler.h_swap(list(seeds_a), list(seeds_b), steps=range(lo, hi + 1)).images
-        n = len(seeds_a)
-        url = self.image_size
+        n, size = len(seeds_a), self.image_size
         return {
-            "a": [png_data_url(plain[i], url) for i in range(n)],
-            "b": [png_data_url(plain[n + i], url) for i in range(n)],
-            "swapped": [png_data_url(swapped[i], url) for i in range(n)],
+            "a": [png_data_url(plain[i], size) for i in range(n)],
+            "b": [png_data_url(plain[n + i], size) for i in range(n)],
+            "swapped": [png_data_url(swapped[i], size) for i in range(n)],
         }
 
     # ------------------------------------------------------------------ helpers
     def sampler(self, kind: str, n_steps: int) -> HSpaceSampler:
         """A cached sampler: ddpm, ddim (eta 0), or ``image`` (DDIM eta 0 without x0 clipping, the
         sampler that reconstructs inverted images)."""
-        return self._sampler_for(kind, n_steps)
-
-    def _sampler_for(self, kind: str, n_steps: int) -> HSpaceSampler:
         from hspace.sampling import HSpaceSampler
 
         key = (kind, n_steps)
@@ -447,7 +443,7 @@ class Explorer:
         with self._lock:
             value = self._h_norm.get(n_steps)
         if value is None:
-            traj = self._sampler_for("ddim", n_steps).sample([0])
+            traj = self.sampler("ddim", n_steps).sample([0])
             assert traj.h is not None
             value = float(traj.h[0].float().flatten(1).norm(dim=1).mean())
             with self._lock:
