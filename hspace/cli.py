@@ -813,9 +813,7 @@ def explore(
         typer.Option(help="fsspec storage option KEY=VALUE (VALUE read as JSON when it is JSON); repeatable"),
     ] = None,
     port: Annotated[int, typer.Option(help="TCP port (0: any free port)")] = 8765,
-    host: Annotated[str, typer.Option(help="address to listen on; other machines reach it only if told")] = (
-        "127.0.0.1"
-    ),
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float32,
