@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/quickstart.yaml
 
-.PHONY: setup run test test-fast bench lint format clean
+.PHONY: setup browser run test test-fast bench lint format clean
 
 setup: $(STAMP)
 
@@ -15,16 +15,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# Debian's chromium for the explorer's browser tests (Playwright drives it; no browser downloads).
+browser:
+	command -v chromium || (apt-get update && apt-get install -y chromium)
+
 run: $(STAMP)
 	$(PY) jobs/build_catalog.py --config $(CONFIG)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
 	$(PY) -m pytest -q -s tests/benchmarks -p no:cacheprovider
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	$(PY) -m pytest -q tests -m "not slow and not ray" -x; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 lint: $(STAMP)

@@ -750,6 +750,46 @@ def train_toy(ctx: typer.Context) -> None:
     main(list(ctx.args))
 
 
+@app.command()
+@_user_errors
+def explore(
+    catalog: Annotated[str, typer.Argument(help="catalog URL (path, s3://..., memory://...)")],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", help="'toy', a local model dir or a hub id (default: toy for toy catalogs)"
+        ),
+    ] = None,
+    storage_option: Annotated[
+        list[str] | None,
+        typer.Option(help="fsspec storage option KEY=VALUE (VALUE read as JSON when it is JSON); repeatable"),
+    ] = None,
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port)")] = 8765,
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DTypeOpt = DType.float32,
+) -> None:
+    """Serve a live explorer of a catalog's directions in the browser (needs hspace[explore])."""
+    try:
+        from hspace.explore.command import run
+    except ModuleNotFoundError as err:
+        if err.name in ("starlette", "uvicorn"):
+            _fail(f"hspace explore needs {err.name!r}: pip install 'hspace[explore]'", 1)
+        raise
+    run(
+        catalog,
+        model=model,
+        storage_options=storage_option,
+        host=host,
+        port=port,
+        revision=revision,
+        device=device,
+        dtype=dtype.value,
+        echo=typer.echo,
+    )
+
+
 def main() -> None:  # pragma: no cover - console entry point alias
     app()
 

@@ -1,0 +1,89 @@
+"""``hspace explore``: open the catalog, load the model, bind 127.0.0.1 (unless told otherwise), serve.
+
+The command-line layer of the explorer, kept here so ``hspace/cli.py`` only declares the options.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from hspace.explore.app import bind_socket, create_app, serve
+from hspace.explore.explorer import Explorer
+
+__all__ = ["default_model", "parse_storage_option_pairs", "run"]
+
+
+def parse_storage_option_pairs(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """``key=value`` strings -> storage options; a value that parses as JSON is taken as JSON
+    (``anon=true``, ``client_kwargs={"endpoint_url": "http://127.0.0.1:9000"}``), else as text."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--storage-option {pair!r} must be KEY=VALUE, e.g. anon=true or profile=prod")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def default_model(catalog: Any) -> str:
+    """``toy`` when every model in the catalog was built from the shipped toy model; else a
+    ValueError asking for ``--model`` (the explorer cannot guess another model's weights)."""
+    sources = {}
+    for name in catalog.models():
+        versions = catalog.versions(name)
+        manifest = catalog.read_manifest(name, versions[-1])
+        sources[name] = (manifest.get("model") or {}).get("id")
+    if not sources:
+        raise FileNotFoundError(f"catalog {catalog.url} has no models (no complete versions)")
+    if all(_is_toy(source) for source in sources.values()):
+        return "toy"
+    listed = ", ".join(f"{name} (built from {source})" for name, source in sorted(sources.items()))
+    raise ValueError(f"--model is required: the catalog's models are not the toy model: {listed}")
+
+
+def _is_toy(source: Any) -> bool:
+    if source == "toy":
+        return True
+    from pathlib import Path
+
+    from hspace.toy import TOY_MODEL_DIR
+
+    try:
+        return isinstance(source, str) and Path(source).resolve() == TOY_MODEL_DIR.resolve()
+    except OSError:
+        return False
+
+
+def run(
+    catalog_url: str,
+    *,
+    model: str | None,
+    storage_options: Sequence[str] | None,
+    host: str,
+    port: int,
+    revision: str | None,
+    device: str,
+    dtype: str,
+    echo: Callable[[str], None] = print,
+) -> None:
+    """Open, load, bind, print the URL, and serve until interrupted."""
+    from hspace import catalog as catalog_mod
+    from hspace.cli import load_model
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0..65535 (0: any free port), got {port}")
+    cat = catalog_mod.open(catalog_url, parse_storage_option_pairs(storage_options))
+    model = model or default_model(cat)
+    hs_model = load_model(model, revision=revision, device=device, dtype=dtype)
+    explorer = Explorer(cat, hs_model, model_label=model)
+    sock = bind_socket(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    echo(f"hspace explore: {catalog_url} with model {model} on http://{shown}:{bound_port}/ (Ctrl-C stops)")
+    serve(create_app(explorer), sock)
