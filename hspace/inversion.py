@@ -114,9 +114,13 @@ def _open(item: Any) -> Image.Image:
         path = Path(item)
         if not path.is_file():
             raise FileNotFoundError(f"image file not found: {path}")
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return img.copy()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            # not an image, truncated, or more pixels than PIL.Image.MAX_IMAGE_PIXELS
+            raise ValueError(f"{path}: not a readable image ({err})") from None
     if isinstance(item, Image.Image):
         return item
     raise ValueError(f"images must be a tensor, PIL images or paths; got {type(item).__name__}")
