@@ -217,3 +217,64 @@ def test_truncated_image_file_names_it(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match=f"^{path}: not a readable image"):
         load_images(str(path), (3, 16, 16))
+
+
+# ------------------------------------------------------------------------------- model directories
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("{oops", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"num_train_timesteps": -5}', "positive int"),
+    ],
+    ids=["bad_json", "list", "negative_timesteps"],
+)
+def test_malformed_scheduler_config_names_the_file(tiny_model_dir, tmp_path, text, match):
+    import shutil
+
+    from hspace.model import HSpaceModel
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = model_dir / "scheduler" / "scheduler_config.json"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=f"^{config}: .*{match}"):
+        HSpaceModel.from_pretrained(model_dir)
+
+
+# ------------------------------------------------------------------------------- the CLI
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--seeds", str(2**63)], "out of range 0..2\\*\\*63-1"),
+        (["--sampler", "ddim", "--eta", "nan"], "eta must be a finite number"),
+        (["--sampler", "ddim", "--eta", "2"], "eta must be in \\[0, 1\\]"),
+    ],
+    ids=["seed_2_63", "eta_nan", "eta_2"],
+)
+def test_cli_sample_refuses_out_of_range_seeds_and_eta_with_exit_2(tiny_model_dir, tmp_path, args, match):
+    import re
+
+    from typer.testing import CliRunner
+
+    from hspace.cli import app
+
+    out = tmp_path / "g.png"
+    res = CliRunner().invoke(
+        app,
+        [
+            "sample",
+            *args,
+            "--steps",
+            "2",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    assert re.search(match, res.output) and "Traceback" not in res.output
+    assert not out.exists()
