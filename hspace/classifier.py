@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from hspace.io import read_json
+from hspace.io import read_json, safetensors_from_bytes
 
 __all__ = [
     "CONFIG_NAME",
@@ -99,14 +99,30 @@ class BaseAttributeClassifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls: type[C], directory: str | Path, device: str | torch.device = "cpu") -> C:
-        """Read a :meth:`save_pretrained` directory; the model is in eval mode on ``device``."""
-        from safetensors.torch import load_file
+        """Read a :meth:`save_pretrained` directory; the model is in eval mode on ``device``.
 
+        A config that does not build the model, or weights that are not finite tensors of the
+        model's names and shapes, raise ValueError naming the file.
+        """
         d = Path(directory)
         if not all((d / name).is_file() for name in _FILES):
             raise FileNotFoundError(f"no classifier at {d}: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
-        model = cls(**read_json(d / CONFIG_NAME))
-        model.load_state_dict(load_file(str(d / WEIGHTS_NAME)))
+        config_path, weights_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+        try:
+            config = read_json(config_path)
+            if not isinstance(config, dict):
+                raise TypeError(f"expected a JSON object, got {type(config).__name__}")
+            model = cls(**config)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{config_path}: not a valid classifier config ({err})") from None
+        state, _ = safetensors_from_bytes(weights_path.read_bytes(), str(weights_path))
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(f"{weights_path}: non-finite weights in {bad}")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"{weights_path}: weights do not fit the config's model ({err})") from None
         return model.to(device).eval()
 
 

@@ -624,8 +624,8 @@ def random_like(v: Direction, seed: int, name: str | None = None) -> Direction:
     Drawn on the CPU from ``torch.Generator().manual_seed(seed)`` so it is the same on any device;
     sigma is dropped (it belongs to ``v``'s direction, not to this one).
     """
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in 0..2**63-1, got {seed!r}")
     g = torch.Generator().manual_seed(seed)
     r = torch.randn(v.vector.shape, generator=g, dtype=torch.float64)
     flat = r.reshape(v.n_steps or 1, -1)

@@ -194,16 +194,29 @@ def resolve_steps(steps: Steps, num_steps: int, what: str = "steps") -> list[boo
         return [True] * num_steps
     if isinstance(steps, slice):
         indices: list[int] = list(range(num_steps))[steps]
-    elif isinstance(steps, int):
-        indices = [steps]
     else:
-        indices = [int(i) for i in steps]
+        try:
+            indices = [
+                _step_index(i, what) for i in ([steps] if isinstance(steps, numbers.Integral) else steps)
+            ]
+        except TypeError:
+            raise ValueError(f"{what} must be step indices (ints), a slice or None, got {steps!r}") from None
     mask = [False] * num_steps
     for i in indices:
         if not 0 <= i < num_steps:
             raise ValueError(f"{what}: step {i} out of range 0..{num_steps - 1} (0 is the noisiest step)")
         mask[i] = True
     return mask
+
+
+def _step_index(i: Any, what: str) -> int:
+    """One step index: an int, not a bool or a float (2.5 would silently become 2)."""
+    if isinstance(i, bool):
+        raise ValueError(f"{what}: {i!r} is not a step index")
+    try:
+        return operator.index(i)
+    except TypeError:
+        raise ValueError(f"{what}: {i!r} is not a step index (an int)") from None
 
 
 def check_direction(direction: Direction, model: HSpaceModel, timesteps: Tensor) -> None:

@@ -278,3 +278,50 @@ def test_cli_sample_refuses_out_of_range_seeds_and_eta_with_exit_2(tiny_model_di
     assert res.exit_code == 2, res.output
     assert re.search(match, res.output) and "Traceback" not in res.output
     assert not out.exists()
+
+
+def test_image_over_the_pixel_limit_is_refused_naming_it(tmp_path, monkeypatch):
+    """Between MAX_IMAGE_PIXELS and twice that PIL only warns; hspace refuses."""
+    from PIL import Image
+
+    from hspace.inversion import load_images
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (40, 40)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1600 px: a warning in PIL
+    with pytest.raises(ValueError, match=f"^{path}: not a readable image"):
+        load_images(str(path), (3, 16, 16))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    assert load_images(str(path), (3, 16, 16)).shape == (1, 3, 16, 16)
+
+
+# ------------------------------------------------------------------------------- classifier directories
+@pytest.mark.parametrize(
+    "case", ["config_list", "config_unknown_key", "weights_nan", "weights_wrong_shape", "weights_header"]
+)
+def test_malformed_classifier_directory_names_the_file(tmp_path, case):
+    from safetensors.torch import load_file, save_file
+
+    from hspace.classifier import load_classifier
+    from hspace.toy.classifier import AttributeClassifier
+
+    d = tmp_path / "clf"
+    AttributeClassifier(["round"], [True], image_size=16, width=8).save_pretrained(d)
+    config, weights = d / "config.json", d / "model.safetensors"
+    state = load_file(weights)
+    first = next(iter(state))
+    if case == "config_list":
+        config.write_text("[1]")
+    elif case == "config_unknown_key":
+        config.write_text(json.dumps({**json.loads(config.read_text()), "evil": 1}))
+    elif case == "weights_nan":
+        state[first] = torch.full_like(state[first], float("nan"))
+        save_file(state, weights)
+    elif case == "weights_wrong_shape":
+        state[first] = torch.zeros(3)
+        save_file(state, weights)
+    else:
+        weights.write_bytes(HOSTILE["huge_shape"])
+    target = config if case.startswith("config") else weights
+    with pytest.raises(ValueError, match=f"^{target}: "):
+        load_classifier(str(d))

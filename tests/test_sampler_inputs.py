@@ -25,7 +25,7 @@ def sampler(model) -> HSpaceSampler:
 
 @pytest.fixture(scope="module")
 def direction(model) -> Direction:
-    return Direction(torch.randn(*model.h_shape), name="d", sigma=torch.ones(1))
+    return Direction(torch.randn(*model.h_shape), name="d")
 
 
 @pytest.mark.parametrize("seed", [-1, 2**63, 2**64 - 1, 2**64, True, 1.0, "3", None])
@@ -110,3 +110,25 @@ def test_inversion_reconstruct_refuses_a_corrupted_x_T(model):
     inv.x_T[0, 0, 0, 0] = math.inf
     with pytest.raises(ValueError, match="x_T has non-finite values"):
         reconstruct(model, inv)
+
+
+@pytest.mark.parametrize("steps", [[0.5], [True], "0", 1.0])
+def test_edit_steps_must_be_int_indices(sampler, direction, steps):
+    with pytest.raises(ValueError, match="Edit.steps"):
+        sampler.sample([0], edit=Edit(direction, scales=1.0, steps=steps))
+
+
+def test_edit_steps_accept_ints_tensors_and_slices(sampler):
+    from hspace.sampling import resolve_steps
+
+    assert resolve_steps(1, STEPS) == [False, True]
+    assert resolve_steps(torch.tensor([0, 1]), STEPS) == [True, True]
+    assert resolve_steps(slice(1, None), STEPS) == [False, True]
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, True])
+def test_random_direction_seed_must_be_in_range(direction, seed):
+    from hspace.directions import random_like
+
+    with pytest.raises(ValueError, match=r"seed must be an int in 0..2\*\*63-1"):
+        random_like(direction, seed)
