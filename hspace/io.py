@@ -1,8 +1,9 @@
 """Bytes, JSON and safetensors on fsspec URLs: the file access every part of hspace shares.
 
 Any fsspec URL works (local paths, ``file://``, ``s3://``, ``memory://``); ``storage_options``
-are passed to the filesystem. Tensors are only ever read from safetensors (never pickle), and a
-file that is not one fails with a ValueError naming it.
+are passed to the filesystem. Tensors are only ever read from safetensors (never pickle); the
+header is checked against the file's size (:func:`check_safetensors_header`) before the
+safetensors library sees it, and a file that is not well formed fails with a ValueError naming it.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def test_seeds_outside_0_to_2_63_or_not_ints_are_refused_everywhere(sampler, dir
         sampler.h_swap([0], [seed])
 
 
-def test_largest_valid_seed_differs_from_its_negative_alias(sampler):
+def test_largest_valid_seed_renders(sampler):
     """2**63 - 1 is a seed; -1 (which torch would wrap to 2**64 - 1) is refused instead."""
     out = sampler.sample([2**63 - 1, 0], record_h=False)
     assert out.seeds == [2**63 - 1, 0] and bool(torch.isfinite(out.images).all())
