@@ -160,3 +160,12 @@ def test_s3_classifier_changes_are_noticed(s3_bucket, s3_server, tmp_path):  # n
     save_classifier(tmp_path / "v2", 1)
     upload(tmp_path / "v2", url, options)
     assert classifier_fingerprint(url, options) == classifier_fingerprint(str(tmp_path / "v2")) != first
+
+
+def test_file_url_classifier_is_fetched_like_any_url(tmp_path, cache_home):
+    save_classifier(tmp_path / "local", 3)
+    path = resolve_classifier_dir((tmp_path / "local").as_uri())
+    assert path.parent == cache_home
+    assert classifier_fingerprint((tmp_path / "local").as_uri()) == classifier_fingerprint(
+        str(tmp_path / "local")
+    )
