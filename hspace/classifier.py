@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,13 +27,15 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from hspace.io import read_json
+from hspace.io import read_json, safetensors_from_bytes
 
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "BaseAttributeClassifier",
+    "classifier_cache_dir",
     "classifier_fingerprint",
+    "fetch_classifier",
     "load_classifier",
     "resolve_classifier_dir",
     "score_images",
@@ -94,22 +99,40 @@ class BaseAttributeClassifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls: type[C], directory: str | Path, device: str | torch.device = "cpu") -> C:
-        """Read a :meth:`save_pretrained` directory; the model is in eval mode on ``device``."""
-        from safetensors.torch import load_file
+        """Read a :meth:`save_pretrained` directory; the model is in eval mode on ``device``.
 
+        A config that does not build the model, or weights that are not finite tensors of the
+        model's names and shapes, raise ValueError naming the file.
+        """
         d = Path(directory)
         if not all((d / name).is_file() for name in _FILES):
             raise FileNotFoundError(f"no classifier at {d}: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
-        model = cls(**read_json(d / CONFIG_NAME))
-        model.load_state_dict(load_file(str(d / WEIGHTS_NAME)))
+        config_path, weights_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+        try:
+            config = read_json(config_path)
+            if not isinstance(config, dict):
+                raise TypeError(f"expected a JSON object, got {type(config).__name__}")
+            model = cls(**config)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{config_path}: not a valid classifier config ({err})") from None
+        state, _ = safetensors_from_bytes(weights_path.read_bytes(), str(weights_path))
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(f"{weights_path}: non-finite weights in {bad}")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"{weights_path}: weights do not fit the config's model ({err})") from None
         return model.to(device).eval()
 
 
 def resolve_classifier_dir(spec: str, storage_options: Mapping[str, Any] | None = None) -> Path:
     """Local directory of a classifier: ``toy`` (shipped weights), a local dir, or an fsspec URL.
 
-    A URL (``s3://bucket/clf``) is copied once into a local cache keyed by the URL, because
-    :meth:`BaseAttributeClassifier.from_pretrained` reads local files.
+    A URL (``s3://bucket/clf``) is fetched on every call into :func:`classifier_cache_dir`, under
+    the sha256 of the bytes fetched (see :func:`fetch_classifier`), because
+    :meth:`BaseAttributeClassifier.from_pretrained` reads local files: changed remote weights land
+    in a new directory and so get a new fingerprint.
     """
     if spec == "toy":
         from hspace.toy import TOY_CLASSIFIER_DIR
@@ -120,19 +143,107 @@ def resolve_classifier_dir(spec: str, storage_options: Mapping[str, Any] | None 
         if not path.is_dir():
             raise FileNotFoundError(f"classifier directory {path} does not exist")
         return path
+    return fetch_classifier(spec, storage_options)
+
+
+# ---------------------------------------------------------------------------------------------
+# the private, content-addressed cache of classifiers fetched from URLs
+_TEMP_PREFIX = ".fetch-"
+_CHUNK = 1 << 20
+
+
+def classifier_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/hspace/classifiers`` (default ``~/.cache``), created private (mode 0o700).
+
+    Refuses (PermissionError) a directory owned by another user or writable by group or others,
+    where someone else could plant weights.
+    """
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    cache = base / "hspace" / "classifiers"
+    for d in (cache.parent, cache):
+        d.mkdir(mode=0o700, exist_ok=True, parents=True)
+        st = d.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise PermissionError(
+                f"classifier cache {d} is owned by another user or writable by others; "
+                "fix its owner/permissions (chmod 700) or set XDG_CACHE_HOME"
+            )
+    return cache
+
+
+def _file_digests(directory: Path) -> dict[str, str]:
+    """sha256 of each classifier file in ``directory``."""
+    out = {}
+    for name in _FILES:
+        digest = hashlib.sha256()
+        with open(directory / name, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+        out[name] = digest.hexdigest()
+    return out
+
+
+def _content_key(digests: Mapping[str, str]) -> str:
+    """One sha256 over the files' names and digests: the cache directory's name."""
+    return hashlib.sha256(json.dumps(dict(digests), sort_keys=True).encode()).hexdigest()
+
+
+def _verified(directory: Path) -> bool:
+    """True when ``directory`` holds the classifier files whose content its name is the hash of."""
+    try:
+        return directory.is_dir() and _content_key(_file_digests(directory)) == directory.name
+    except OSError:
+        return False
+
+
+def _clean_stale(cache: Path, max_age_s: float = 3600.0) -> None:
+    """Remove temporary directories of interrupted fetches (older than ``max_age_s``: a younger
+    one may belong to a fetch still running in another process)."""
+    for entry in cache.glob(f"{_TEMP_PREFIX}*"):
+        if time.time() - entry.stat().st_mtime > max_age_s:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def fetch_classifier(url: str, storage_options: Mapping[str, Any] | None = None) -> Path:
+    """Fetch a classifier directory URL into the cache; its local directory, named by content.
+
+    Every file is copied to a private temporary directory in the cache and hashed as it is copied;
+    the directory is then renamed (atomically) to the sha256 of the contents. An interrupted fetch
+    leaves at most a temporary directory, which is never read and is removed later; an entry whose
+    files do not hash to its name (a partial or planted copy) is never used and is replaced.
+    """
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(spec, **dict(storage_options or {}))
-    cache = (
-        Path(tempfile.gettempdir()) / "hspace-classifiers" / hashlib.sha256(spec.encode()).hexdigest()[:16]
-    )
-    if not (cache / CONFIG_NAME).is_file():
-        if not fs.exists(root):
-            raise FileNotFoundError(f"classifier {spec} does not exist")
-        cache.mkdir(parents=True, exist_ok=True)
+    fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    if not fs.exists(root):
+        raise FileNotFoundError(f"classifier {url} does not exist")
+    cache = classifier_cache_dir()
+    _clean_stale(cache)
+    staging = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=cache))
+    try:
+        digests = {}
         for name in _FILES:
-            fs.get(f"{root.rstrip('/')}/{name}", str(cache / name))
-    return cache
+            remote = f"{root.rstrip('/')}/{name}"
+            if not fs.isfile(remote):
+                raise FileNotFoundError(f"classifier {url} has no {name}")
+            digest = hashlib.sha256()
+            with fs.open(remote, "rb") as src, open(staging / name, "wb") as dst:
+                while chunk := src.read(_CHUNK):
+                    digest.update(chunk)
+                    dst.write(chunk)
+            digests[name] = digest.hexdigest()
+        final = cache / _content_key(digests)
+        if not _verified(final):
+            if final.exists():
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.rename(staging, final)
+            except OSError:  # another process renamed the same content first
+                if not _verified(final):
+                    raise
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_classifier(
@@ -149,7 +260,10 @@ def load_classifier(
 
 
 def classifier_fingerprint(spec: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Short sha256 over the classifier's config and weights (changes when the classifier does)."""
+    """Short sha256 over the classifier's config and weights (changes when the classifier does).
+
+    For a URL it is the hash of the bytes fetched on this call, never of the URL.
+    """
     root = resolve_classifier_dir(spec, storage_options)
     digest = hashlib.sha256()
     for name in _FILES:

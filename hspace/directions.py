@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -284,6 +285,8 @@ class Direction:
             meta = json.loads(metadata[name])
         except json.JSONDecodeError as err:
             raise ValueError(f"direction {name!r}: metadata is not valid JSON ({err})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"direction {name!r}: metadata must be a JSON object, got {type(meta).__name__}")
         return cls(
             vector=tensors[name],
             name=name,
@@ -303,9 +306,22 @@ class Direction:
     def load(
         cls, url: str, storage_options: Mapping[str, Any] | None = None, name: str | None = None
     ) -> Direction:
-        """Read a direction from a safetensors file on an fsspec URL (``name`` if it holds several)."""
+        """Read a direction from a safetensors file on an fsspec URL (``name`` if it holds several).
+
+        A file that is not a well-formed direction file raises ValueError naming ``url``.
+        """
         tensors, metadata = read_safetensors(url, storage_options)
-        return cls.from_safetensors_dict(tensors, metadata, name)
+        with _naming(url):
+            return cls.from_safetensors_dict(tensors, metadata, name)
+
+
+@contextmanager
+def _naming(url: str) -> Iterator[None]:
+    """Prefix ValueErrors raised while reading ``url`` with it, so the message names the file."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{url}: {err}") from None
 
 
 # ---------------------------------------------------------------------- files with many directions
@@ -321,6 +337,8 @@ def direction_names(metadata: Mapping[str, str]) -> list[str]:
             order = json.loads(metadata[ORDER_KEY])
         except json.JSONDecodeError:
             raise ValueError(f"metadata {ORDER_KEY!r} is not valid JSON") from None
+        if not isinstance(order, list) or not all(isinstance(n, str) for n in order):
+            raise ValueError(f"metadata {ORDER_KEY!r} must be a JSON list of names")
         if sorted(order) != names:
             raise ValueError(f"metadata {ORDER_KEY!r} lists {order} but the file describes {names}")
         return list(order)
@@ -355,7 +373,8 @@ def save_directions(
 def load_directions(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Direction]:
     """Read every direction in a safetensors file, keyed by name."""
     tensors, metadata = read_safetensors(url, storage_options)
-    return {n: Direction.from_safetensors_dict(tensors, metadata, n) for n in direction_names(metadata)}
+    with _naming(url):
+        return {n: Direction.from_safetensors_dict(tensors, metadata, n) for n in direction_names(metadata)}
 
 
 # ---------------------------------------------------------------------- supervised directions (eq. 11)
@@ -605,8 +624,8 @@ def random_like(v: Direction, seed: int, name: str | None = None) -> Direction:
     Drawn on the CPU from ``torch.Generator().manual_seed(seed)`` so it is the same on any device;
     sigma is dropped (it belongs to ``v``'s direction, not to this one).
     """
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in 0..2**63-1, got {seed!r}")
     g = torch.Generator().manual_seed(seed)
     r = torch.randn(v.vector.shape, generator=g, dtype=torch.float64)
     flat = r.reshape(v.n_steps or 1, -1)

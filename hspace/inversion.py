@@ -12,6 +12,7 @@ edits of real images are the same call with an :class:`~hspace.sampling.Edit`.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,9 +115,22 @@ def _open(item: Any) -> Image.Image:
         path = Path(item)
         if not path.is_file():
             raise FileNotFoundError(f"image file not found: {path}")
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
+        try:
+            with warnings.catch_warnings():
+                # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse it too
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    img.load()
+                    return img.copy()
+        except (
+            OSError,
+            ValueError,
+            SyntaxError,
+            Image.DecompressionBombWarning,
+            Image.DecompressionBombError,
+        ) as err:
+            # not an image, truncated, or more pixels than PIL.Image.MAX_IMAGE_PIXELS
+            raise ValueError(f"{path}: not a readable image ({err})") from None
     if isinstance(item, Image.Image):
         return item
     raise ValueError(f"images must be a tensor, PIL images or paths; got {type(item).__name__}")

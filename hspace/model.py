@@ -174,9 +174,23 @@ def _load_local(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         )
     for candidate in candidates:
         if candidate.is_file():
-            return unet, read_json(candidate)
+            return unet, _read_scheduler_config(candidate)
     logger.warning("no scheduler_config.json under %s: using DDPMScheduler defaults", path)
     return unet, dict(DDPMScheduler().config)
+
+
+def _read_scheduler_config(path: Path) -> dict[str, Any]:
+    """A scheduler_config.json: a JSON object whose num_train_timesteps (if given) is a positive int."""
+    try:
+        config = read_json(path)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a scheduler config must be a JSON object, got {type(config).__name__}")
+    steps = config.get("num_train_timesteps", 1000)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{path}: num_train_timesteps must be a positive int, got {steps!r}")
+    return config
 
 
 def _load_hub(model_id: str, revision: str | None) -> tuple[nn.Module, dict[str, Any]]:

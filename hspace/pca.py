@@ -260,15 +260,31 @@ class IncrementalPCA:
         missing = [k for k in _STATE_TENSORS if k not in state]
         if missing:
             raise ValueError(f"PCA state with n_samples_seen_={n} is missing tensors {missing}")
+        if n < 0:
+            raise ValueError(f"PCA state has n_samples_seen_={n}; it must be >= 0")
         for key in _STATE_TENSORS:
-            setattr(est, key, torch.as_tensor(state[key]).to(device=est.device, dtype=dtype))
+            value = torch.as_tensor(state[key])
+            if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+                raise ValueError(f"PCA state tensor {key!r} must be finite floating point")
+            setattr(est, key, value.to(device=est.device, dtype=dtype))
+        if est.components_.ndim != 2 or est.mean_.ndim != 1:
+            raise ValueError(
+                f"PCA state tensors have the wrong rank: components_ {tuple(est.components_.shape)}, "
+                f"mean_ {tuple(est.mean_.shape)}"
+            )
         est.n_samples_seen_ = n
         est.n_features_ = int(est.mean_.shape[0])
         k, d = est.components_.shape
-        if k != est.n_components or d != est.n_features_ or est.singular_values_.shape != (k,):
+        if (
+            k != est.n_components
+            or d != est.n_features_
+            or est.singular_values_.shape != (k,)
+            or est.var_.shape != est.mean_.shape
+        ):
             raise ValueError(
                 f"PCA state tensors disagree: components_ {tuple(est.components_.shape)}, "
-                f"singular_values_ {tuple(est.singular_values_.shape)}, mean_ {tuple(est.mean_.shape)}"
+                f"singular_values_ {tuple(est.singular_values_.shape)}, mean_ {tuple(est.mean_.shape)}, "
+                f"var_ {tuple(est.var_.shape)}"
             )
         return est
 
@@ -530,7 +546,7 @@ class PerTimestepPCA:
             raise ValueError(
                 f"not a PerTimestepPCA file: metadata __format__ is {metadata.get('__format__')!r}"
             )
-        config = json.loads(metadata["config"])
+        config = _pca_config(metadata["config"])
         pca = cls(
             int(config["n_components"]),
             int(config["n_steps"]),
@@ -541,15 +557,23 @@ class PerTimestepPCA:
             dtype=dtype,
             solver=config.get("solver", "gram"),
         )
+        features = math.prod(pca.h_shape) if pca.h_shape is not None else None
         for key, scalars in config["steps"].items():
-            t = int(key)
+            t = int(key) if key.isdigit() else -1
+            if not 0 <= t < pca.n_steps or not isinstance(scalars, dict):
+                raise ValueError(f"PCA file config names step {key!r}; steps are 0..{pca.n_steps - 1}")
             state = dict(scalars, n_components=pca.n_components, solver=pca.solver)
             for attr in _STATE_TENSORS:
                 name = f"step{t}.{attr}"
                 if name not in tensors:
                     raise ValueError(f"PCA file is missing tensor {name!r}")
                 state[attr] = tensors[name]
-            pca.estimators[t] = IncrementalPCA.from_state_dict(state, device=device, dtype=dtype)
+            est = IncrementalPCA.from_state_dict(state, device=device, dtype=dtype)
+            if est.is_fitted and features is not None and est.n_features_ != features:
+                raise ValueError(
+                    f"PCA step {t} has {est.n_features_} features but h_shape {list(pca.h_shape)} has {features}"
+                )
+            pca.estimators[t] = est
         return pca
 
     def save(
@@ -570,6 +594,24 @@ class PerTimestepPCA:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> PerTimestepPCA:
-        """Read a state written by :meth:`save`."""
+        """Read a state written by :meth:`save`; a malformed file raises ValueError naming ``url``."""
         tensors, metadata = safetensors_from_bytes(read_bytes(url, storage_options), url)
-        return cls.from_safetensors_dict(tensors, metadata, device=device, dtype=dtype)
+        try:
+            return cls.from_safetensors_dict(tensors, metadata, device=device, dtype=dtype)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"{url}: {err}") from None
+
+
+def _pca_config(text: str) -> dict[str, Any]:
+    """The ``config`` metadata of a PCA file, checked for the keys and types a reload needs."""
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"PCA file config is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("steps"), dict):
+        raise ValueError("PCA file config must be a JSON object with a 'steps' object")
+    for key in ("n_components", "n_steps"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"PCA file config {key!r} must be a positive int, got {value!r}")
+    return config

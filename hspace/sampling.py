@@ -14,6 +14,9 @@ second pass for D_t. The h-swap of Fig. 2a renders one seed with another seed's 
 
 from __future__ import annotations
 
+import contextlib
+import math
+import numbers
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -94,6 +97,7 @@ class Edit:
         dirs = _as_directions(self.directions, "Edit.directions")
         if not dirs:
             raise ValueError("Edit.directions is empty")
+        _validate_scales(self.scales, "Edit.scales")
         self._directions = dirs
 
     @property
@@ -119,22 +123,100 @@ class _EditPlan:
 
 # ---------------------------------------------------------------------------------------------
 # validation helpers
+#: Seeds are 0 <= seed < 2**63: torch.Generator.manual_seed wraps negative seeds (-1 is 2**64 - 1),
+#: and seeds are stored as int64.
+MAX_SEED = 2**63 - 1
+
+
+def _validate_seed(seed: Any, what: str = "seeds") -> int:
+    """``seed`` as an int in 0..MAX_SEED; ValueError naming the value otherwise (bools are not seeds)."""
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        value = operator.index(seed)
+    except TypeError:
+        raise ValueError(f"{what} must be ints, got {seed!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{what}: seed {value} is out of range 0..2**63-1")
+    return value
+
+
+def _validate_num_steps(num_inference_steps: Any, num_train_timesteps: int) -> int:
+    """``num_inference_steps`` as an int in 1..num_train_timesteps (no floats, strings or bools)."""
+    try:
+        if isinstance(num_inference_steps, bool):
+            raise TypeError
+        steps = operator.index(num_inference_steps)
+    except TypeError:
+        raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}") from None
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"num_inference_steps must be in 1..{num_train_timesteps}, got {steps}")
+    return steps
+
+
+def _validate_eta(eta: Any, sampler: str) -> float:
+    """DDIM eta as a finite float in [0, 1] (above 1 the DDIM update takes the root of a negative
+    number); ``sampler='ddpm'`` has eta = 1. None gives the sampler's default."""
+    if eta is None:
+        return 1.0 if sampler == "ddpm" else 0.0
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta):
+        raise ValueError(f"eta must be a finite number in [0, 1], got {eta!r}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1], got {eta!r}")
+    if sampler == "ddpm" and eta != 1:
+        raise ValueError(f"sampler='ddpm' has eta=1; for eta={eta} use sampler='ddim' with eta={eta}")
+    return float(eta)
+
+
+def _validate_scales(scales: Any, what: str) -> Tensor:
+    """Edit scales as a float32 CPU tensor; ValueError naming a non-numeric or non-finite value."""
+    try:
+        if isinstance(scales, str):
+            raise TypeError
+        s = torch.as_tensor(scales, dtype=torch.float32).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{what} must be numbers, got {scales!r}") from None
+    if not bool(torch.isfinite(s).all()):
+        bad = s[~torch.isfinite(s)].flatten()[0].item()
+        raise ValueError(f"{what} must be finite, got {bad} in {scales!r}")
+    return s
+
+
+def _validate_finite(t: Tensor, what: str) -> None:
+    """ValueError unless every value of ``t`` is finite (NaN or inf would give all-NaN images)."""
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} has non-finite values (NaN or inf)")
+
+
 def resolve_steps(steps: Steps, num_steps: int, what: str = "steps") -> list[bool]:
     """A [T] mask from step indices (0 = noisiest), a slice, or None (all); out of range raises."""
     if steps is None:
         return [True] * num_steps
     if isinstance(steps, slice):
         indices: list[int] = list(range(num_steps))[steps]
-    elif isinstance(steps, int):
-        indices = [steps]
     else:
-        indices = [int(i) for i in steps]
+        try:
+            indices = [
+                _step_index(i, what) for i in ([steps] if isinstance(steps, numbers.Integral) else steps)
+            ]
+        except TypeError:
+            raise ValueError(f"{what} must be step indices (ints), a slice or None, got {steps!r}") from None
     mask = [False] * num_steps
     for i in indices:
         if not 0 <= i < num_steps:
             raise ValueError(f"{what}: step {i} out of range 0..{num_steps - 1} (0 is the noisiest step)")
         mask[i] = True
     return mask
+
+
+def _step_index(i: Any, what: str) -> int:
+    """One step index: an int, not a bool or a float (2.5 would silently become 2)."""
+    if isinstance(i, bool):
+        raise ValueError(f"{what}: {i!r} is not a step index")
+    try:
+        return operator.index(i)
+    except TypeError:
+        raise ValueError(f"{what}: {i!r} is not a step index (an int)") from None
 
 
 def check_direction(direction: Direction, model: HSpaceModel, timesteps: Tensor) -> None:
@@ -153,7 +235,7 @@ def _as_directions(directions: Direction | Sequence[Direction], what: str) -> li
 
 def _scales_matrix(scales: float | Sequence[float] | Tensor, n_rows: int, n_dirs: int) -> Tensor:
     """Scales as [N, D] float32 (see :class:`Edit` for the accepted forms)."""
-    s = torch.as_tensor(scales, dtype=torch.float32).detach().cpu()
+    s = _validate_scales(scales, "Edit.scales")
     if s.ndim == 0:
         return s.expand(n_rows, n_dirs).clone()
     if s.ndim == 1:
@@ -201,18 +283,10 @@ class HSpaceSampler:
     ) -> None:
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-        if sampler == "ddpm" and eta not in (None, 1, 1.0):
-            raise ValueError(f"sampler='ddpm' has eta=1; for eta={eta} use sampler='ddim' with eta={eta}")
-        if eta is not None and eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        if not 1 <= int(num_inference_steps) <= model.num_train_timesteps:
-            raise ValueError(
-                f"num_inference_steps must be in 1..{model.num_train_timesteps}, got {num_inference_steps}"
-            )
+        self.eta = _validate_eta(eta, sampler)
+        self.num_inference_steps = _validate_num_steps(num_inference_steps, model.num_train_timesteps)
         self.model = model
         self.sampler = sampler
-        self.num_inference_steps = int(num_inference_steps)
-        self.eta = float(eta) if eta is not None else (1.0 if sampler == "ddpm" else 0.0)
         self.clip_sample = clip_sample
         self.timesteps = self.make_scheduler().timesteps.clone()
 
@@ -259,6 +333,8 @@ class HSpaceSampler:
         replace_h, replace_mask = self._replacement(h_replace, h_replace_steps, n)
         if x_T is not None and tuple(x_T.shape) != (n, *model.image_shape):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {(n, *model.image_shape)}")
+        if x_T is not None:
+            _validate_finite(x_T, "x_T")
         batch_size = resolve_batch_size(batch_size, n, model.device)
 
         pin = model.device.type == "cuda"
@@ -301,7 +377,7 @@ class HSpaceSampler:
         """
         seeds = self._seed_list(seeds, None)
         dirs = _as_directions(edit_directions, "edit_directions")
-        s = torch.as_tensor(scales, dtype=torch.float32)
+        s = _validate_scales(scales, "scales")
         s = s.reshape(-1, 1).expand(-1, len(dirs)) if s.ndim <= 1 else s
         if s.ndim != 2 or s.shape[1] != len(dirs):
             raise ValueError(f"scales must be [S] or [S, {len(dirs)}], got shape {tuple(s.shape)}")
@@ -429,16 +505,15 @@ class HSpaceSampler:
             if x_T is None:
                 raise ValueError("give seeds (a list of ints), or x_T")
             return list(range(int(x_T.shape[0])))
-        if isinstance(seeds, int):
-            seeds = [seeds]
-        out = []
-        for s in seeds:
-            try:
-                if isinstance(s, bool):
-                    raise TypeError
-                out.append(operator.index(s))
-            except TypeError:
-                raise ValueError(f"seeds must be ints, got {s!r}") from None
+        if isinstance(seeds, (bool, str, bytes)):
+            seeds = [seeds]  # type: ignore[list-item]
+        else:
+            with contextlib.suppress(TypeError):
+                seeds = [operator.index(seeds)]  # one seed
+        try:
+            out = [_validate_seed(s) for s in seeds]
+        except TypeError:
+            raise ValueError(f"seeds must be a list of ints, got {seeds!r}") from None
         if not out:
             raise ValueError("seeds is empty")
         return out
@@ -450,7 +525,10 @@ class HSpaceSampler:
         dirs = edit.direction_list
         for d in dirs:
             check_direction(d, model, self.timesteps)
-        vectors = torch.stack([d.in_units(edit.units, num_steps) for d in dirs]).to(model.device)
+        vectors = torch.stack([d.in_units(edit.units, num_steps) for d in dirs])
+        for d, v in zip(dirs, vectors, strict=True):
+            _validate_finite(v, f"direction {d.name!r} in {edit.units} units")
+        vectors = vectors.to(model.device)
         scales = _scales_matrix(edit.scales, n_rows, len(dirs)).to(model.device)
         active = resolve_steps(edit.steps, num_steps, "Edit.steps")
         return _EditPlan(vectors=vectors, scales=scales, active=active, mode=edit.mode)
@@ -468,6 +546,7 @@ class HSpaceSampler:
         want = (n_rows, self.num_steps, *self.model.h_shape)
         if tuple(h_replace.shape) != want:
             raise ValueError(f"h_replace has shape {tuple(h_replace.shape)}, expected {want}")
+        _validate_finite(h_replace, "h_replace")
         return h_replace, mask
 
 
