@@ -2,7 +2,8 @@
 
 Tiny random U-Net (tests/conftest.py), 3-4 sampler steps. Tolerances: float32 options (channels_last,
 compiled blocks, chunked vmap) agree to float32 rounding (1e-4); bfloat16 / float16 U-Nets with
-float32 scheduler arithmetic stay within a few 1e-2 of the float32 images. ``torch.compile`` is
+float32 scheduler arithmetic: h within 3 % / 0.5 % (relative norm) of float32, images within a mean
+absolute error of 0.0075 / 0.00125 (measured: 1.2 % / 0.15 % and 0.0010 / 0.00014). ``torch.compile`` is
 exercised with the ``aot_eager`` backend, which traces through dynamo and AOTAutograd like
 inductor but skips code generation (inductor's C++ build of this U-Net takes minutes on two cores;
 ``make bench`` compiles with inductor on a GPU).
@@ -87,7 +88,7 @@ def test_compiled_sampler_matches_eager_and_compiles_once(reference):
     torch.testing.assert_close(res.singular_values, ref.singular_values)
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, 0.1), (torch.float16, 0.02)])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, 0.03), (torch.float16, 0.005)])
 def test_half_precision_keeps_scheduler_in_float32(reference, dtype, tol):
     plain, _ = reference
     model = _model(dtype)
