@@ -26,7 +26,7 @@ test: $(STAMP) browser
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
-	$(PY) -m pytest -q -s tests/benchmarks -p no:cacheprovider
+	$(PY) -m pytest -q -s -rs tests/benchmarks -p no:cacheprovider
 
 test-fast: $(STAMP) browser
 	$(PY) -m pytest -q tests -m "not slow and not ray" -x; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc

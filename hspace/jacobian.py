@@ -282,9 +282,10 @@ def _mask_info(mask: Tensor | None) -> dict[str, Any] | None:
 class _Operators:
     """J V and J^T J V for per-image blocks V [B, D, m] (float64 in, float64 out)."""
 
-    def __init__(self, f: Callable[[Tensor], Tensor], h: Tensor) -> None:
+    def __init__(self, f: Callable[[Tensor], Tensor], h: Tensor, chunk_size: int | None = None) -> None:
         self.f = f
         self.h = h
+        self.chunk_size = chunk_size  # tangents per vmapped call (None: all at once)
         self.h_shape = tuple(h.shape[1:])
         _, self._vjp = torch.func.vjp(f, h)  # one linearisation for every iteration
         self.applications = 0
@@ -299,11 +300,11 @@ class _Operators:
         def one(t: Tensor) -> Tensor:
             return torch.func.jvp(self.f, (self.h,), (t,))[1]
 
-        return torch.func.vmap(one)(self._tangents(v))
+        return torch.func.vmap(one, chunk_size=self.chunk_size)(self._tangents(v))
 
     def jt(self, u: Tensor) -> Tensor:
         """J^T U: [m, B, *out] -> [B, D, m] (reverse mode through the kept VJP, eq. 7)."""
-        w = torch.func.vmap(self._vjp)(u)[0]
+        w = torch.func.vmap(self._vjp, chunk_size=self.chunk_size)(u)[0]
         m, b = w.shape[:2]
         return w.reshape(m, b, -1).permute(1, 2, 0).to(torch.float64)
 
@@ -371,6 +372,7 @@ def jacobian_directions(
     init_seed: int = 0,
     class_labels: Tensor | None = None,
     return_left: bool = False,
+    chunk_size: int | None = None,
 ) -> JacobianResult:
     """Top-k right singular vectors and values of J_t = d eps / d h at x_t [B, 3, H, W].
 
@@ -388,9 +390,12 @@ def jacobian_directions(
         init: initial guess [k, C, H, W] or [B, k, C, H, W] (Alg. 2's Theta); random otherwise,
             drawn on the CPU from ``init_seed``.
         return_left: also return u = J v / s (one more batched JVP).
+        chunk_size: tangents per vmapped JVP / VJP call; bounds the decoder's activation memory
+            to ``chunk_size`` copies instead of k (+ oversample) at the cost of more calls.
+            The model's dtype (e.g. bfloat16) is the dtype of the JVPs; the iteration is float64.
     """
     unet = getattr(model, "unet", model)
-    _check_arguments(method, k, n_iter, tol, oversample)
+    _check_arguments(method, k, n_iter, tol, oversample, chunk_size)
     b = x_t.shape[0]
     # no_grad keeps autograd from recording the weights; the torch.func transforms still work inside.
     with torch.no_grad(), forward_ad_safe(unet):
@@ -399,7 +404,7 @@ def jacobian_directions(
         if k > d:
             raise ValueError(f"k={k} exceeds the dimension of h ({d})")
         m = _broadcast_mask(mask, b, tuple(x_t.shape[-2:]), split.h)
-        ops = _Operators(_masked_decoder(split, m), split.h.detach())
+        ops = _Operators(_masked_decoder(split, m), split.h.detach(), chunk_size)
         theta = _initial_vectors(init, init_seed, b, d, k, tuple(split.h.shape[1:]), split.h.device)
         blocks = _vector_blocks(method, k, block_size)
         v, lam, res, converged, block_iters = _iterate_blocks(
@@ -434,7 +439,9 @@ def jacobian_directions(
     )
 
 
-def _check_arguments(method: str, k: Any, n_iter: int, tol: float, oversample: int) -> None:
+def _check_arguments(
+    method: str, k: Any, n_iter: int, tol: float, oversample: int, chunk_size: int | None
+) -> None:
     """The iteration settings of :func:`jacobian_directions`, checked before any model work."""
     if method not in ("subspace", "sequential"):
         raise ValueError(f"method must be 'subspace' or 'sequential', got {method!r}")
@@ -444,6 +451,8 @@ def _check_arguments(method: str, k: Any, n_iter: int, tol: float, oversample: i
         raise ValueError(f"n_iter must be >= 1 and tol > 0, got n_iter={n_iter}, tol={tol}")
     if oversample < 0:
         raise ValueError(f"oversample must be >= 0, got {oversample}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
 def _vector_blocks(method: str, k: int, block_size: int | None) -> list[tuple[int, int]]:

@@ -109,8 +109,12 @@ def forward_ad_safe(unet: nn.Module) -> Iterator[nn.Module]:
     - every attention module gets the classic ``AttnProcessor`` (SDPA kernels lack forward-AD
       formulas on some backends), as in :func:`use_forward_ad_safe_attention`;
     - every GroupNorm gets a contiguous input (on the CPU, GroupNorm under forward AD fails on
-      the channels_last-strided tensors attention blocks produce).
+      the channels_last-strided tensors attention blocks produce);
+    - blocks compiled by :func:`hspace.accel.accelerate` run their eager forward (``torch.func``
+      transforms do not go through compiled graphs).
     """
+    from hspace.accel import eager
+
     saved = _use_classic_attention(unet)
     handles = [
         m.register_forward_pre_hook(
@@ -120,7 +124,8 @@ def forward_ad_safe(unet: nn.Module) -> Iterator[nn.Module]:
         if isinstance(m, nn.GroupNorm)
     ]
     try:
-        yield unet
+        with eager(unet):
+            yield unet
     finally:
         for h in handles:
             h.remove()
@@ -244,11 +249,15 @@ class HSpaceModel:
         revision: str | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        compile: bool | str = False,
     ) -> HSpaceModel:
         """Load from a local directory (``unet/`` + ``scheduler/``, or a bare UNet dir) or a hub id.
 
         The fingerprint is computed from the weights as stored (float32), before the cast to
         ``dtype``, so an fp16 load of a model matches directions found with its fp32 load.
+        ``channels_last`` and ``compile`` are the speed options of :func:`hspace.accel.accelerate`
+        (bfloat16 / float16 ``dtype`` keep the sampler's scheduler arithmetic in float32).
         """
         if _is_local_path(path_or_id):
             path = Path(path_or_id).expanduser()
@@ -265,6 +274,10 @@ class HSpaceModel:
             model_id = str(path_or_id)
         fingerprint = unet_fingerprint(unet)
         unet = unet.to(device=device) if dtype == unet.dtype else unet.to(device=device, dtype=dtype)
+        if channels_last or compile:
+            from hspace.accel import accelerate
+
+            accelerate(unet, channels_last=channels_last, compile=compile)
         return cls(unet, config, model_id=model_id, revision=revision, fingerprint=fingerprint)
 
     # -- properties ---------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.config import JacobianSpec
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 # runtime_env upload: the code only (Ray's default limit is 100 MiB; .venv alone is gigabytes)
@@ -291,7 +293,8 @@ def test_submitted_build_publishes_a_verified_catalog_version(built):
     assert kinds["round_disentangled"] == "disentangled" and kinds["jac_j_0"] == "jacobian"
     assert kinds["size_conditional"] == "supervised"
     jac = v.directions()["jac_j_0"]
-    assert jac.provenance["oversample"] == 6 and jac.provenance["converged"], jac.provenance
+    default_oversample = JacobianSpec.model_fields["oversample"].default
+    assert jac.provenance["oversample"] == default_oversample and jac.provenance["converged"], jac.provenance
     assert {"effects.json", "report.html", "pca.safetensors", "previews/round.png"} <= set(v.files())
     effects = v.effects()
     assert effects["version"] == v.version and effects["matrix"]["rows"] == names

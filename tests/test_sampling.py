@@ -64,12 +64,13 @@ def test_sample_does_not_depend_on_its_batch(ddpm, plain):
 
 
 def test_default_batch_is_small_on_the_cpu_and_explicit_sizes_are_checked():
-    from hspace.sampling import CPU_DEFAULT_BATCH_SIZE, resolve_batch_size
+    from hspace.sampling import CPU_DEFAULT_BATCH_SIZE, GPU_DEFAULT_BATCH_SIZE, resolve_batch_size
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_batch_size(None, 1000, cpu) == CPU_DEFAULT_BATCH_SIZE
     assert resolve_batch_size(None, 3, cpu) == 3
-    assert resolve_batch_size(None, 1000, cuda) == 1000  # an accelerator takes every row at once
+    assert resolve_batch_size(None, 1000, cuda) == GPU_DEFAULT_BATCH_SIZE  # bounded activation memory
+    assert resolve_batch_size(None, 5, cuda) == 5
     assert resolve_batch_size(7, 1000, cpu) == 7
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         resolve_batch_size(0, 10, cpu)

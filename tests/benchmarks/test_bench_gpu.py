@@ -1,0 +1,240 @@
+"""GPU suite: the CelebA-HQ-256 U-Net's speed with the options of ``hspace.accel`` (CUDA only).
+
+A ``UNet2DModel`` with google/ddpm-ema-celebahq-256's configuration (written out below, random
+weights: no hub) measures
+
+- images/s of 50-step DDPM sampling at batch 64 with h captured (float16 host copies), in float32,
+  bfloat16, and bfloat16 + channels_last + torch.compile; the ratios of capture and of capture +
+  one edit direction to plain sampling;
+- seconds per image of k = 32 Jacobian directions (Alg. 1, oversample 8, 4 images per call) in
+  float32 and bfloat16, a fixed 20 iterations (``test_bench_jacobian_accuracy.py`` measures the
+  iterations an accuracy criterion needs on the CPU);
+- seconds per timestep of the streaming PCA of 8,192 x 32,768 h rows with k = 64, batches of 1,024,
+  on the GPU, Gram solver vs ``torch.svd_lowrank``.
+
+Goals: >= 12 images/s with capture and edits, Jacobian <= 8 s/image, PCA <= 0.2 s/timestep.
+Without CUDA the suite is skipped; ``HSPACE_BENCH_GPU_ON_CPU=1`` runs it on the CPU with the
+tests' tiny U-Net and small sizes (a smoke run of the code, not a measurement).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from _bench import TINY_UNET, configure_threads, median, table, write_results
+
+SMOKE = os.environ.get("HSPACE_BENCH_GPU_ON_CPU", "") not in ("", "0")
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(
+    not (HAS_CUDA or SMOKE),
+    reason="GPU suite skipped: no CUDA device (torch.cuda.is_available() is False); "
+    "HSPACE_BENCH_GPU_ON_CPU=1 runs a CPU smoke run of its code",
+)
+
+#: google/ddpm-ema-celebahq-256's UNet2DModel (113.7 M parameters; h = 512 x 8 x 8).
+CELEBAHQ_256_UNET = dict(
+    sample_size=256,
+    in_channels=3,
+    out_channels=3,
+    center_input_sample=False,
+    time_embedding_type="positional",
+    freq_shift=1,
+    flip_sin_to_cos=False,
+    down_block_types=(
+        "DownBlock2D",
+        "DownBlock2D",
+        "DownBlock2D",
+        "DownBlock2D",
+        "AttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+    block_out_channels=(128, 128, 256, 256, 512, 512),
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    downsample_padding=0,
+    act_fn="silu",
+    attention_head_dim=None,
+    norm_num_groups=32,
+    norm_eps=1e-6,
+)
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+UNET = TINY_UNET if SMOKE and not HAS_CUDA else CELEBAHQ_256_UNET
+UNET_NAME = "CelebA-HQ-256 (random weights)" if UNET is CELEBAHQ_256_UNET else "tiny (CPU smoke run)"
+BATCH, STEPS = (4, 3) if SMOKE and not HAS_CUDA else (64, 50)
+JAC_K, JAC_IMAGES, JAC_ITERS = (4, 2, 2) if SMOKE and not HAS_CUDA else (32, 4, 20)
+PCA_N, PCA_D, PCA_K, PCA_BATCH = (512, 2048, 8, 128) if SMOKE and not HAS_CUDA else (8192, 32768, 64, 1024)
+SUFFIX = "" if HAS_CUDA else "_cpu_smoke"
+GOALS = {"images_per_s_capture_edit": 12.0, "jacobian_s_per_image": 8.0, "pca_s_per_timestep": 0.2}
+
+
+def _sync() -> None:
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+
+
+def _model(dtype: torch.dtype, channels_last: bool = False, compile: bool = False):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from hspace.accel import accelerate
+    from hspace.model import HSpaceModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**UNET).eval().to(DEVICE, dtype)
+    # inductor on a GPU; the CPU smoke run only traces (inductor's C++ build takes minutes there)
+    accelerate(
+        unet, channels_last=channels_last, compile=compile, backend="inductor" if HAS_CUDA else "aot_eager"
+    )
+    return HSpaceModel(unet, dict(DDPMScheduler(num_train_timesteps=1000).config), model_id="celebahq-random")
+
+
+def _images_per_s(sampler, seeds, **kw) -> float:
+    sampler.sample(seeds[:BATCH], batch_size=BATCH, **kw)  # warm-up (and compilation)
+    times = []
+    for _ in range(2):
+        _sync()
+        t0 = time.perf_counter()
+        sampler.sample(seeds, batch_size=BATCH, **kw)
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return len(seeds) / median(times)
+
+
+def test_gpu_sampling_throughput():
+    from hspace.directions import Direction
+    from hspace.sampling import Edit, HSpaceSampler
+
+    configure_threads()
+    seeds = list(range(BATCH))
+    rows, data = [], {}
+    variants = {
+        "float32": dict(dtype=torch.float32),
+        "bfloat16": dict(dtype=torch.bfloat16),
+        "bfloat16 + channels_last + compile": dict(dtype=torch.bfloat16, channels_last=True, compile=True),
+    }
+    for name, opts in variants.items():
+        model = _model(**opts)
+        sampler = HSpaceSampler(model, num_inference_steps=STEPS)
+        v = Direction(vector=torch.randn(model.h_shape), name="v", kind="random", units="raw")
+        plain = _images_per_s(sampler, seeds, record_h=False)
+        capture = _images_per_s(sampler, seeds, record_h=True, h_dtype=torch.float16)
+        edit = _images_per_s(sampler, seeds, record_h=True, h_dtype=torch.float16, edit=Edit(v, scales=1.0))
+        data[name] = {"plain": plain, "capture": capture, "capture_edit": edit}
+        rows.append([name, plain, capture, edit, capture / plain, edit / plain])
+        del model, sampler
+        if HAS_CUDA:
+            torch.cuda.empty_cache()
+    text = table(
+        f"Sampling, {STEPS} DDPM steps, batch {BATCH}, U-Net {UNET_NAME} on {DEVICE}: images/s "
+        "(median of 2 runs after a warm-up)",
+        ["variant", "plain", "capture h", "capture + edit", "capture / plain", "capture+edit / plain"],
+        rows,
+    )
+    best = max(d["capture_edit"] for d in data.values())
+    write_results(
+        "gpu_sampling" + SUFFIX,
+        {
+            "figure": "images/s with h capture and one edit",
+            "baseline": "float32 eager, plain sampling",
+            "ratio": {n: d["capture_edit"] / data["float32"]["plain"] for n, d in data.items()},
+            "configuration": {"unet": UNET, "batch": BATCH, "steps": STEPS, "smoke": SMOKE},
+            "images_per_s": data,
+            "goal": GOALS["images_per_s_capture_edit"],
+            "goal_met": best >= GOALS["images_per_s_capture_edit"],
+            "table": text,
+        },
+    )
+
+
+def test_gpu_jacobian_seconds_per_image():
+    from hspace.jacobian import jacobian_directions
+
+    configure_threads()
+    rows, data = [], {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        model = _model(dtype)
+        x = torch.randn(JAC_IMAGES, *model.image_shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        kw = dict(n_iter=JAC_ITERS, tol=1e-12, oversample=8, chunk_size=None)
+        jacobian_directions(model, x[:1], 500, JAC_K, **{**kw, "n_iter": 1})  # warm-up
+        _sync()
+        t0 = time.perf_counter()
+        res = jacobian_directions(model, x, 500, JAC_K, **kw)
+        _sync()
+        per_image = (time.perf_counter() - t0) / JAC_IMAGES
+        peak = torch.cuda.max_memory_allocated() / 2**30 if HAS_CUDA else float("nan")
+        data[name] = {"s_per_image": per_image, "iterations": res.iterations, "peak_gib": peak}
+        rows.append([name, per_image, res.iterations, peak])
+        del model
+        if HAS_CUDA:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    text = table(
+        f"Jacobian directions k = {JAC_K} (Alg. 1, oversample 8, {JAC_ITERS} iterations), "
+        f"{JAC_IMAGES} images per call, t = 500, U-Net {UNET_NAME} on {DEVICE}",
+        ["dtype", "seconds per image", "J^T J applications", "peak GiB"],
+        rows,
+    )
+    write_results(
+        "gpu_jacobian" + SUFFIX,
+        {
+            "figure": "seconds per image for k Jacobian directions",
+            "baseline": "float32",
+            "ratio": data["bfloat16"]["s_per_image"] / data["float32"]["s_per_image"],
+            "configuration": {"k": JAC_K, "images": JAC_IMAGES, "n_iter": JAC_ITERS, "smoke": SMOKE},
+            "results": data,
+            "goal": GOALS["jacobian_s_per_image"],
+            "goal_met": min(d["s_per_image"] for d in data.values()) <= GOALS["jacobian_s_per_image"],
+            "table": text,
+        },
+    )
+
+
+def test_gpu_pca_seconds_per_timestep():
+    from hspace.pca import IncrementalPCA
+
+    configure_threads()
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(PCA_D, 96, device=DEVICE, generator=g))[0]
+    scales = 8.0 * 0.95 ** torch.arange(96, device=DEVICE)
+    x = (torch.randn(PCA_N, 96, device=DEVICE, generator=g) * scales) @ basis.T
+    x += 0.5 * torch.randn(PCA_N, PCA_D, device=DEVICE, generator=g)
+    x = x.to(torch.float16)  # as stored
+    rows, data, comps = [], {}, {}
+    for solver in ("gram", "lowrank"):
+        for _ in range(2):  # the second run is timed
+            est = IncrementalPCA(PCA_K, device=DEVICE, solver=solver)
+            _sync()
+            t0 = time.perf_counter()
+            for i in range(0, PCA_N, PCA_BATCH):
+                est.partial_fit(x[i : i + PCA_BATCH])
+            _sync()
+            seconds = time.perf_counter() - t0
+        comps[solver] = est.components_
+        data[solver] = seconds
+    cos = (comps["gram"] * comps["lowrank"]).sum(1).abs()
+    for solver in data:
+        rows.append([solver, data[solver], data[solver] / data["gram"], float(cos[:16].min())])
+    text = table(
+        f"Streaming PCA of {PCA_N} x {PCA_D} (float16 rows, float64 state) k = {PCA_K}, batches of {PCA_BATCH}, "
+        f"on {DEVICE}: seconds per timestep",
+        ["solver", "seconds per timestep", "ratio to gram", "min |cos| top 16 vs gram"],
+        rows,
+    )
+    write_results(
+        "gpu_pca" + SUFFIX,
+        {
+            "figure": "seconds per timestep",
+            "baseline": "gram solver",
+            "ratio": data["lowrank"] / data["gram"],
+            "configuration": {"n": PCA_N, "d": PCA_D, "k": PCA_K, "batch": PCA_BATCH, "smoke": SMOKE},
+            "seconds": data,
+            "goal": GOALS["pca_s_per_timestep"],
+            "goal_met": min(data.values()) <= GOALS["pca_s_per_timestep"],
+            "table": text,
+        },
+    )
+    assert float(cos[: min(16, PCA_K)].min()) > 0.99
