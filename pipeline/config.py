@@ -684,39 +684,43 @@ def _attribute_errors(cfg: BuildConfig, available: Sequence[str] | None) -> Erro
     return []
 
 
-def _direction_names(cfg: BuildConfig, attributes: Sequence[str]) -> dict[str, str]:
-    """Supervised direction names a build will publish -> the config field they come from."""
-    names: dict[str, str] = {}
+def _direction_names(cfg: BuildConfig, attributes: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``(direction, field, attribute)`` for the supervised directions a build will publish."""
     if cfg.aggregate is None:
-        return names
-    for a in attributes:
-        names.setdefault(a, "annotate.attributes")
-        names.setdefault(f"{a}_boundary", "annotate.attributes")
-    for target in cfg.aggregate.disentangle:
-        names.setdefault(f"{target}_disentangled", f"aggregate.disentangle.{target}")
-    for target in cfg.aggregate.condition:
-        names.setdefault(f"{target}_conditional", f"aggregate.condition.{target}")
+        return []
+    names = [(a, "annotate.attributes", a) for a in attributes]
+    names += [(f"{a}_boundary", "annotate.attributes", a) for a in attributes]
+    names += [(f"{t}_disentangled", f"aggregate.disentangle.{t}", t) for t in cfg.aggregate.disentangle]
+    names += [(f"{t}_conditional", f"aggregate.condition.{t}", t) for t in cfg.aggregate.condition]
     return names
 
 
 def _preview_errors(cfg: BuildConfig, attributes: Sequence[str] | None) -> Errors:
-    """Preview files (``pipeline.publish.preview_name``) must be distinct and paths the catalog accepts."""
+    """Preview files (``pipeline.publish.preview_name``) must be distinct and paths the catalog accepts.
+
+    One error per attribute: the names derived from an attribute already reported are not repeated.
+    """
     if cfg.evaluate is None or attributes is None:
         return []
     from pipeline.publish import preview_name
 
     errors: Errors = []
     seen: dict[str, str] = {}
-    for name, field in _direction_names(cfg, attributes).items():
+    reported: set[str] = set()
+    for name, field, attribute in _direction_names(cfg, attributes):
+        if attribute in reported:
+            continue
         path = preview_name(name)
-        if path in seen:
+        if path in seen and seen[path] != name:
             errors.append((field, f"directions {seen[path]!r} and {name!r} would both publish {path}"))
+            reported |= {attribute, seen[path]}
             continue
         seen[path] = name
         try:
             _catalog_check_relpath(path, "preview path")
         except ValueError as e:
             errors.append((field, f"direction {name!r}: the catalog refuses its preview: {e}"))
+            reported.add(attribute)
     return errors
 
 
@@ -756,26 +760,43 @@ def _split_validation_error(e: ValidationError) -> list[tuple[str, str]]:
             continue
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        if err["type"] not in ("missing", "extra_forbidden") and "input" in err:
+        if err["type"] not in ("missing", "extra_forbidden", "value_error") and "input" in err:
             shown = repr(err["input"])
             msg += f" (got {shown if len(shown) < 80 else shown[:77] + '...'})"
         errors.append((loc, msg))
     return errors
 
 
-def _non_finite_errors(data: Any) -> Errors:
-    """Every inf / nan float anywhere in the raw mapping (lists and storage_options included)."""
+#: Deepest nesting a config may have (the schema itself is 4 levels deep).
+MAX_DEPTH = 32
+
+
+def _shape_errors(data: Any) -> Errors:
+    """Every inf / nan float anywhere in the raw mapping (lists and storage_options included), and
+    self-referencing (recursive YAML alias) or absurdly deep nesting. Shared nodes are visited once."""
     errors: Errors = []
-    stack: list[tuple[tuple[Any, ...], Any]] = [((), data)]
-    while stack:
-        loc, node = stack.pop()
+    done: set[int] = set()
+    active: set[int] = set()
+
+    def walk(loc: tuple[Any, ...], node: Any) -> None:
         if isinstance(node, float) and not math.isfinite(node):
             errors.append((_format_loc(loc), f"must be a finite number, got {node}"))
-        elif isinstance(node, dict):
-            stack += [((*loc, k), v) for k, v in node.items()]
-        elif isinstance(node, list):
-            stack += [((*loc, i), v) for i, v in enumerate(node)]
-    return sorted(errors)
+        if not isinstance(node, (dict, list)) or id(node) in done:
+            return
+        if id(node) in active:
+            errors.append((_format_loc(loc), "refers to itself (a recursive YAML alias)"))
+            return
+        if len(loc) > MAX_DEPTH:
+            errors.append((_format_loc(loc[:MAX_DEPTH]), f"nested more than {MAX_DEPTH} levels deep"))
+            return
+        active.add(id(node))
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            walk((*loc, key), value)
+        active.discard(id(node))
+        done.add(id(node))
+
+    walk((), data)
+    return errors
 
 
 def validate_config(data: Any, *, source: str | None = None, check_model: bool = True) -> BuildConfig:
@@ -785,15 +806,15 @@ def validate_config(data: Any, *, source: str | None = None, check_model: bool =
     """
     if not isinstance(data, dict):
         raise ConfigError([("", f"top level must be a mapping, got {type(data).__name__}")], source)
-    non_finite = _non_finite_errors(data)
+    shape = _shape_errors(data)
     try:
         cfg = BuildConfig.model_validate(data)
     except ValidationError as e:
-        flagged = {f for f, _ in non_finite}
+        flagged = {f for f, _ in shape}
         rest = [(f, m) for f, m in _split_validation_error(e) if f not in flagged]
-        raise ConfigError(non_finite + rest, source) from None
-    if non_finite:  # inside free-form mappings such as storage_options
-        raise ConfigError(non_finite, source)
+        raise ConfigError(shape + rest, source) from None
+    if shape:  # inside free-form mappings such as storage_options, or cycles
+        raise ConfigError(shape, source)
     if check_model:
         try:
             info = describe_model(cfg.model)
@@ -805,6 +826,10 @@ def validate_config(data: Any, *, source: str | None = None, check_model: bool =
     if errors:
         raise ConfigError(errors, source)
     return cfg
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping key given twice in a YAML document."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -821,11 +846,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             seen[key] = line
             if first is not None:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"duplicate key {key!r} on line {line} (first on line {first})",
-                    key_node.start_mark,
+                raise _DuplicateKeyError(
+                    f"duplicate key {key!r} on line {line} (first given on line {first}); "
+                    "YAML would silently keep only the last"
                 )
         return super().construct_mapping(node, deep=deep)
 
@@ -853,6 +876,8 @@ def parse_yaml(text: str, source: str | None = None) -> Any:
     """YAML text -> data, refusing duplicate keys; ConfigError naming ``source`` for anything unparsable."""
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKeyError as e:
+        raise ConfigError([("", str(e))], source) from None
     except yaml.YAMLError as e:
         raise ConfigError([("", f"not valid YAML: {' '.join(str(e).split())}")], source) from None
     except RecursionError:
