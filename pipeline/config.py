@@ -91,9 +91,23 @@ def _check_seed(v: int | None) -> int | None:
     return v
 
 
+def _expand(path: str, field: str) -> Path:
+    """``Path(path).expanduser()``; a ``~user`` that does not exist is a ConfigError naming ``field``."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as e:  # "Could not determine home directory."
+        raise ConfigError([(field, f"cannot expand {path!r}: {e}")]) from None
+
+
 def _check_protocol(url: str) -> str:
-    """Every protocol of an fsspec URL (``simplecache::s3://...`` included) must have an implementation."""
+    """Every protocol of an fsspec URL (``simplecache::s3://...`` included) must have an implementation;
+    a local path's ``~user`` must exist (it is expanded before any work)."""
     protocol, _ = fsspec.core.split_protocol(url)
+    if protocol is None and url.startswith("~"):
+        try:
+            Path(url).expanduser()
+        except RuntimeError as e:
+            raise ValueError(f"cannot expand {url!r}: {e}") from None
     for proto in (protocol or "file").split("::"):
         try:
             fsspec.get_filesystem_class(proto)
@@ -568,8 +582,8 @@ def describe_model(model: ModelConfig) -> ModelInfo:
                 [("model.source", f"toy model {root} has no unet/config.json (toy weights not built)")]
             )
         location, is_local = str(root), True
-    elif Path(source).expanduser().is_dir():
-        root = Path(source).expanduser()
+    elif _expand(source, "model.source").is_dir():
+        root = _expand(source, "model.source")
         unet_cfg, sched_cfg = _local_config_files(root)
         if unet_cfg is None:
             raise ConfigError(
@@ -659,7 +673,7 @@ def _local_classifier_attributes(cfg: BuildConfig) -> list[str] | None:
 
         path = Path(TOY_CLASSIFIER_DIR)
     else:
-        path = Path(cfg.annotate.classifier).expanduser()
+        path = _expand(cfg.annotate.classifier, "annotate.classifier")
         if not path.is_dir():
             raise ConfigError([("annotate.classifier", f"classifier directory {path} does not exist")])
     config = path / CONFIG_NAME
