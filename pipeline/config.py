@@ -684,9 +684,25 @@ def _local_classifier_attributes(cfg: BuildConfig) -> list[str] | None:
 
 
 def _attribute_errors(cfg: BuildConfig, available: Sequence[str] | None) -> Errors:
-    """``annotate.attributes`` must be attributes the classifier has."""
-    if cfg.annotate is None or available is None or cfg.annotate.attributes is None:
+    """``annotate.attributes`` (when omitted: the names aggregate uses) must be attributes the classifier has."""
+    if cfg.annotate is None or available is None:
         return []
+    if cfg.annotate.attributes is None:  # every attribute of the classifier: aggregate must name some of them
+        errors: Errors = []
+        if cfg.aggregate is not None:
+            for section in ("disentangle", "condition"):
+                for target, other in getattr(cfg.aggregate, section).items():
+                    names = [target, *([other] if isinstance(other, str) else other)]
+                    unknown = [a for a in names if a not in available]
+                    if unknown:
+                        errors.append(
+                            (
+                                f"aggregate.{section}.{target}",
+                                f"unknown attributes {unknown}; classifier {cfg.annotate.classifier!r} has "
+                                f"{list(available)}",
+                            )
+                        )
+        return errors
     unknown = [a for a in cfg.annotate.attributes if a not in available]
     if unknown:
         return [

@@ -173,7 +173,7 @@ def test_a_file_that_is_not_utf8_is_named(base, tmp_path, capsys):
         ("name: [unclosed\n", "not valid YAML"),
         ("a: &x [*x]\n", "a[0]: refers to itself (a recursive YAML alias)"),
         ("? [1, 2]\n: 3\n", "not valid YAML"),
-        ("[" * 5000 + "]" * 5000, "not valid YAML"),
+        ("a: " + "[" * 200 + "]" * 200, "nested more than 32 levels deep"),
     ],
     ids=["empty", "comment", "list", "scalar", "unclosed", "recursive-alias", "unhashable-key", "deep"],
 )
@@ -245,6 +245,16 @@ def test_attributes_the_classifier_does_not_have(base, tmp_path, capsys):
     local["annotate"]["attributes"] = ["glasses"]
     _assert_refused(
         *_dry_run(tmp_path, capsys, local), "annotate.attributes: ['glasses'] are not attributes of"
+    )
+
+
+def test_aggregate_names_the_classifier_lacks_when_annotate_lists_no_attributes(base, tmp_path, capsys):
+    cfg = _with(base, "annotate", {"classifier": _clf_dir(tmp_path, ["round", "size"])})
+    cfg["aggregate"] = {"quantile": 0.25, "disentangle": {"round": ["size"]}}
+    assert validate_config(cfg).annotate.attributes is None
+    cfg["aggregate"]["condition"] = {"size": "wings"}
+    _assert_refused(
+        *_dry_run(tmp_path, capsys, cfg), "aggregate.condition.size: unknown attributes ['wings']"
     )
 
 
