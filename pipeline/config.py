@@ -799,33 +799,40 @@ def _split_validation_error(e: ValidationError) -> list[tuple[str, str]]:
 
 #: Deepest nesting a config may have (the schema itself is 4 levels deep).
 MAX_DEPTH = 32
+#: Most values a config may expand to (aliases included); real configs have a few hundred.
+MAX_VALUES = 100_000
 
 
 def _shape_errors(data: Any) -> Errors:
-    """Every inf / nan float anywhere in the raw mapping (lists and storage_options included), and
-    self-referencing (recursive YAML alias) or absurdly deep nesting. Shared nodes are visited once."""
+    """Every inf / nan float anywhere in the raw mapping (lists and storage_options included);
+    self-referencing (recursive YAML alias), absurdly deep nesting, or aliases that expand to more than
+    ``MAX_VALUES`` values. Shared nodes are visited once (their expanded size is remembered)."""
     errors: Errors = []
-    done: set[int] = set()
+    size_of: dict[int, int] = {}
     active: set[int] = set()
 
-    def walk(loc: tuple[Any, ...], node: Any) -> None:
+    def walk(loc: tuple[Any, ...], node: Any) -> int:
         if isinstance(node, float) and not math.isfinite(node):
             errors.append((_format_loc(loc), f"must be a finite number, got {node}"))
-        if not isinstance(node, (dict, list)) or id(node) in done:
-            return
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in size_of:
+            return size_of[id(node)]
         if id(node) in active:
             errors.append((_format_loc(loc), "refers to itself (a recursive YAML alias)"))
-            return
+            return 1
         if len(loc) > MAX_DEPTH:
             errors.append((_format_loc(loc[:MAX_DEPTH]), f"nested more than {MAX_DEPTH} levels deep"))
-            return
+            return 1
         active.add(id(node))
-        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
-            walk((*loc, key), value)
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        size = 1 + sum(walk((*loc, key), value) for key, value in items)
         active.discard(id(node))
-        done.add(id(node))
+        size_of[id(node)] = size
+        return size
 
-    walk((), data)
+    if walk((), data) > MAX_VALUES:
+        errors.append(("", f"expands to more than {MAX_VALUES} values (YAML aliases repeating large nodes?)"))
     return errors
 
 

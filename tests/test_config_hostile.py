@@ -163,6 +163,13 @@ def test_a_file_that_is_not_utf8_is_named(base, tmp_path, capsys):
     _assert_refused(code, err, str(tmp_path / "c.yaml"), "not UTF-8")
 
 
+#: Ten aliases of ten aliases of ...: 10**9 values once expanded, a few hundred bytes of YAML.
+ALIAS_BOMB = (
+    "storage:\n  run_url: memory://r\n  storage_options:\n    x0: &x0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+    + "".join(f"    x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 10)}]\n" for i in range(1, 9))
+)
+
+
 @pytest.mark.parametrize(
     ("content", "needle"),
     [
@@ -174,8 +181,19 @@ def test_a_file_that_is_not_utf8_is_named(base, tmp_path, capsys):
         ("a: &x [*x]\n", "a[0]: refers to itself (a recursive YAML alias)"),
         ("? [1, 2]\n: 3\n", "not valid YAML"),
         ("a: " + "[" * 200 + "]" * 200, "nested more than 32 levels deep"),
+        (ALIAS_BOMB, "expands to more than 100000 values"),
     ],
-    ids=["empty", "comment", "list", "scalar", "unclosed", "recursive-alias", "unhashable-key", "deep"],
+    ids=[
+        "empty",
+        "comment",
+        "list",
+        "scalar",
+        "unclosed",
+        "recursive-alias",
+        "unhashable-key",
+        "deep",
+        "alias-bomb",
+    ],
 )
 def test_files_that_are_not_a_config_mapping(tmp_path, capsys, content, needle):
     code, err = _dry_run(tmp_path, capsys, content)
