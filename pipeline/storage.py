@@ -417,6 +417,17 @@ class RunStore:
                 f"{self.describe(shard.path)}: {what} its block {rec.key} (seeds {rec.start}..{rec.stop - 1})"
             )
 
+    def _step_shard(self, rec: BlockRecord, step: int) -> ShardInfo:
+        """The block's shard of ``step``; a block without it is a ManifestError naming the manifest."""
+        try:
+            return rec.shard_for_step(step)
+        except KeyError:
+            steps = sorted(s.step for s in rec.activations if s.step is not None)
+            raise ManifestError(
+                f"{self.describe(MANIFEST_NAME)}: block {rec.key} has no activation shard for step {step} "
+                f"(it has steps {steps})"
+            ) from None
+
     def _block_table(self, rec: BlockRecord, shard: ShardInfo, columns: Sequence[str]) -> pa.Table:
         table = self.read_table(shard, columns=columns)
         self.check_block_seeds(rec, shard, table.column("seed").to_numpy())
@@ -519,7 +530,7 @@ class RunStore:
         pending_h: list[np.ndarray] = []
         n_pending = 0
         for rec in self._select(blocks):
-            shard = rec.shard_for_step(step)
+            shard = self._step_shard(rec, step)
             pf = self.open_shard(shard)
             try:
                 seeds_col = pf.read(columns=["seed"]).column("seed").to_numpy()
@@ -567,7 +578,7 @@ class RunStore:
             by_block.setdefault(owner[s].key, (owner[s], []))[1].append(pos)
         for rec, positions in by_block.values():
             for ti, step in enumerate(steps):
-                table = self._block_table(rec, rec.shard_for_step(step), ["seed", "h"])
+                table = self._block_table(rec, self._step_shard(rec, step), ["seed", "h"])
                 block_seeds = table.column("seed").to_numpy()
                 h = table.column("h").combine_chunks().to_numpy_ndarray()
                 if out is None:

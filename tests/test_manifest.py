@@ -174,6 +174,16 @@ def test_a_samples_shard_with_other_seeds_is_refused(store):
         store.read_samples()
 
 
+def test_a_block_missing_a_step_the_others_have_is_named(store):
+    _edit(store, lambda m: m["blocks"]["4-8"]["activations"].pop())
+    with pytest.raises(ManifestError, match=r"_manifest\.json: block 4-8 has no activation shard for step 1"):
+        store.read_h([0, 5])
+    with pytest.raises(
+        ManifestError, match=r"block 4-8 has no activation shard for step 1 \(it has steps \[0\]\)"
+    ):
+        list(store.iter_step_batches(1, batch_size=2))
+
+
 def test_a_valid_manifest_round_trips(store):
     blocks = store.blocks()
     assert [(r.start, r.stop) for r in blocks.values()] == [(0, 4), (4, 8)]
