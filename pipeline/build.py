@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.config import CONFIG_ERROR_EXIT_CODE, BuildConfig, ConfigError, load_config
+from pipeline.config import CONFIG_ERROR_EXIT_CODE, BuildConfig, ConfigError, load_config, probe_config
 from pipeline.ray_runtime import init_ray
 from pipeline.storage import RunStore
 
@@ -257,6 +257,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if args.dry_run:
         from pipeline.plan import plan
 
+        try:
+            notes = probe_config(cfg, source=args.config)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return CONFIG_ERROR_EXIT_CODE
+        print(*notes, sep="\n", file=sys.stderr, end="\n" if notes else "")
         print(f"{args.config}: ok ({cfg.name}); dry run, nothing written")
         print(plan(cfg).summary())
         return 0

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hspace.catalog import _check_name as _catalog_check_name  # the catalog's own name rule
+from hspace.catalog import _check_relpath as _catalog_check_relpath
 
 __all__ = [
     "AggregateConfig",
@@ -39,6 +44,7 @@ __all__ = [
     "StorageConfig",
     "describe_model",
     "load_config",
+    "probe_config",
     "load_config_or_exit",
     "main",
     "validate_config",
@@ -46,6 +52,17 @@ __all__ = [
 
 #: Exit status of a command-line entry point given a bad config (same as argparse usage errors).
 CONFIG_ERROR_EXIT_CODE = 2
+
+#: Largest valid seed: seeds are stored as int64 in the run's shards, and ``torch.Generator.manual_seed``
+#: wraps negative values around, so valid seeds are ``0 <= seed <= MAX_SEED``.
+MAX_SEED = 2**63 - 1
+SEED_RULE = "seeds must be in 0..2**63-1 (stored as int64; torch.Generator.manual_seed wraps beyond)"
+
+#: Most seed blocks one build may have: every block is a manifest entry and a task (see pipeline.plan).
+MAX_BLOCKS = 1_000_000
+
+#: Seconds the dry run waits for a storage URL to answer.
+PROBE_TIMEOUT_S = 10.0
 
 
 class ConfigError(ValueError):
@@ -55,14 +72,50 @@ class ConfigError(ValueError):
         self.errors = list(errors)
         self.source = source
         head = f"invalid build config {source}" if source else "invalid build config"
-        lines = [f"  {field}: {msg}" if field else f"  {msg}" for field, msg in self.errors]
-        super().__init__(head + ":\n" + "\n".join(lines))
+        lines = [f"{field}: {msg}" if field else msg for field, msg in self.errors]
+        if len(lines) == 1:  # one problem, one line
+            super().__init__(f"{head}: {lines[0]}")
+        else:
+            super().__init__(head + ":\n" + "\n".join("  " + line for line in lines))
 
 
 class _Strict(BaseModel):
     """Base of every section: unknown keys and silent type coercions are errors."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+def _check_seed(v: int | None) -> int | None:
+    if v is not None and not 0 <= v <= MAX_SEED:
+        raise ValueError(f"{v} out of range: {SEED_RULE}")
+    return v
+
+
+def _expand(path: str, field: str) -> Path:
+    """``Path(path).expanduser()``; a ``~user`` that does not exist is a ConfigError naming ``field``."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as e:  # "Could not determine home directory."
+        raise ConfigError([(field, f"cannot expand {path!r}: {e}")]) from None
+
+
+def _check_protocol(url: str) -> str:
+    """Every protocol of an fsspec URL (``simplecache::s3://...`` included) must have an implementation;
+    a local path's ``~user`` must exist (it is expanded before any work)."""
+    protocol, _ = fsspec.core.split_protocol(url)
+    if protocol is None and url.startswith("~"):
+        try:
+            Path(url).expanduser()
+        except RuntimeError as e:
+            raise ValueError(f"cannot expand {url!r}: {e}") from None
+    for proto in (protocol or "file").split("::"):
+        try:
+            fsspec.get_filesystem_class(proto)
+        except ValueError:
+            raise ValueError(f"unknown storage protocol {proto!r} in {url!r}") from None
+        except ImportError as e:
+            raise ValueError(f"storage protocol {proto!r} of {url!r} is not installed: {e}") from None
+    return url
 
 
 class ModelConfig(_Strict):
@@ -95,9 +148,11 @@ class GenerateConfig(_Strict):
     """Seeds ``seed_start .. seed_start + n_samples - 1``, cut into blocks of ``seeds_per_block``."""
 
     n_samples: int = Field(gt=0)
-    seed_start: int = Field(default=0, ge=0)
+    seed_start: int = 0
     batch_size: int = Field(default=32, gt=0)
     seeds_per_block: int = Field(default=256, gt=0)
+
+    _seed = field_validator("seed_start")(_check_seed)
 
 
 class ResourcesConfig(_Strict):
@@ -121,14 +176,27 @@ class StorageConfig(_Strict):
     run_url: str = Field(min_length=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
+    _protocol = field_validator("run_url")(_check_protocol)
+
 
 class CatalogConfig(_Strict):
     """Where the published catalog lives and under which model name and ref."""
 
     url: str = Field(min_length=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    ref: str = Field(default="latest", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model_name: str
+    ref: str = "latest"
+
+    _protocol = field_validator("url")(_check_protocol)
+
+    @field_validator("model_name", "ref")
+    @classmethod
+    def _catalog_name(cls, v: str) -> str:
+        # The catalog's own rule, so a name it would refuse at publish time fails here instead.
+        try:
+            return _catalog_check_name(v, "catalog")
+        except ValueError as e:
+            raise ValueError(str(e).replace("invalid catalog name ", "")) from None
 
 
 class PCAConfig(_Strict):
@@ -154,6 +222,11 @@ class AnnotateConfig(_Strict):
     attributes: list[str] | None = Field(default=None, min_length=1)
     batch_size: int = Field(default=64, gt=0)
 
+    @field_validator("classifier")
+    @classmethod
+    def _url_protocol(cls, v: str) -> str:
+        return _check_protocol(v) if "://" in v else v
+
 
 class AggregateConfig(_Strict):
     """Supervised directions (paper eq. 11) from quantiles, disentangling (eq. 12), baselines."""
@@ -170,18 +243,20 @@ class AggregateConfig(_Strict):
 class EvaluateConfig(_Strict):
     """Effect matrix on held-out seeds: every direction at every scale, scored by the classifier."""
 
-    seed_start: int = Field(ge=0)
+    seed_start: int
     n_seeds: int = Field(default=16, gt=0)
     scales: list[float] = Field(default_factory=lambda: [-2.0, 2.0], min_length=1)
     units: Literal["sigma", "raw"] = "sigma"
     batch_size: int = Field(default=16, gt=0)
+
+    _seed = field_validator("seed_start")(_check_seed)
 
 
 class JacobianSpec(_Strict):
     """One image-specific Jacobian direction set (paper Alg. 1/2) at ``seed`` and sampler ``step``."""
 
     name: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$")
-    seed: int = Field(ge=0)
+    seed: int
     step: int = Field(ge=0)
     k: int = Field(default=3, gt=0)
     method: Literal["subspace", "sequential"] = "subspace"
@@ -194,6 +269,8 @@ class JacobianSpec(_Strict):
     tol: float = Field(default=2e-4, gt=0)
     #: Pixel box [y0, x0, y1, x1] (end-exclusive) of a local edit; None = whole image.
     mask: list[int] | None = Field(default=None, min_length=4, max_length=4)
+
+    _seed = field_validator("seed")(_check_seed)
 
     @field_validator("mask")
     @classmethod
@@ -305,6 +382,33 @@ def _needs_annotate_errors(cfg: BuildConfig) -> Errors:
     return errors
 
 
+def _seed_range_errors(cfg: BuildConfig) -> Errors:
+    """The last seed of each range must be a valid seed too, and the blocks a bounded number."""
+    g, errors = cfg.generate, []
+    if g.seed_start + g.n_samples - 1 > MAX_SEED:
+        errors.append(
+            (
+                "generate.n_samples",
+                f"seed_start + n_samples - 1 = {g.seed_start + g.n_samples - 1}: {SEED_RULE}",
+            )
+        )
+    n_blocks = -(-g.n_samples // g.seeds_per_block)
+    if n_blocks > MAX_BLOCKS:
+        errors.append(
+            (
+                "generate.seeds_per_block",
+                f"n_samples={g.n_samples} in blocks of {g.seeds_per_block} is {n_blocks} seed blocks, more than "
+                f"the limit {MAX_BLOCKS}; raise generate.seeds_per_block",
+            )
+        )
+    ev = cfg.evaluate
+    if ev is not None and ev.seed_start + ev.n_seeds - 1 > MAX_SEED:
+        errors.append(
+            ("evaluate.n_seeds", f"seed_start + n_seeds - 1 = {ev.seed_start + ev.n_seeds - 1}: {SEED_RULE}")
+        )
+    return errors
+
+
 def _evaluate_errors(cfg: BuildConfig) -> Errors:
     if cfg.evaluate is None:
         return []
@@ -376,6 +480,7 @@ def _jacobian_errors(cfg: BuildConfig) -> Errors:
 #: Checks between fields of one config (no model, no I/O), one per section, in reporting order.
 _CROSS_FIELD_CHECKS = (
     _sampler_errors,
+    _seed_range_errors,
     _pca_steps_errors,
     _pca_size_errors,
     _needs_annotate_errors,
@@ -479,8 +584,8 @@ def describe_model(model: ModelConfig) -> ModelInfo:
                 [("model.source", f"toy model {root} has no unet/config.json (toy weights not built)")]
             )
         location, is_local = str(root), True
-    elif Path(source).expanduser().is_dir():
-        root = Path(source).expanduser()
+    elif _expand(source, "model.source").is_dir():
+        root = _expand(source, "model.source")
         unet_cfg, sched_cfg = _local_config_files(root)
         if unet_cfg is None:
             raise ConfigError(
@@ -530,6 +635,14 @@ def _model_errors(cfg: BuildConfig, info: ModelInfo) -> list[tuple[str, str]]:
         dim = math.prod(info.h_shape)
         if cfg.pca.n_components > dim:
             errors.append(("pca.n_components", f"{cfg.pca.n_components} exceeds the h-space dimension {dim}"))
+        errors += [
+            (
+                f"jacobian[{i}].k",
+                f"{spec.k} exceeds the h-space dimension {dim} (h shape {list(info.h_shape)})",
+            )
+            for i, spec in enumerate(cfg.jacobian)
+            if spec.k > dim
+        ]
     if info.image_size is not None:
         for i, spec in enumerate(cfg.jacobian):
             if spec.mask is not None and max(spec.mask[2], spec.mask[3]) > info.image_size:
@@ -537,13 +650,119 @@ def _model_errors(cfg: BuildConfig, info: ModelInfo) -> list[tuple[str, str]]:
     return errors
 
 
-def _classifier_errors(cfg: BuildConfig) -> list[tuple[str, str]]:
-    if cfg.annotate is None or cfg.annotate.classifier == "toy" or "://" in cfg.annotate.classifier:
+def _classifier_attributes(config_bytes: bytes, where: str) -> list[str]:
+    """The attribute names in a classifier's ``config.json`` (hspace.classifier layout); no weights read."""
+    import json
+
+    try:
+        data = json.loads(config_bytes)
+    except (ValueError, RecursionError) as e:
+        raise ConfigError([("annotate.classifier", f"{where} is not valid JSON: {e}")]) from None
+    attrs = data.get("attributes") if isinstance(data, dict) else None
+    if not isinstance(attrs, list) or not all(isinstance(a, str) for a in attrs):
+        raise ConfigError([("annotate.classifier", f"{where} has no 'attributes' list of names")])
+    return attrs
+
+
+def _local_classifier_attributes(cfg: BuildConfig) -> list[str] | None:
+    """Attributes of a ``toy`` or local-directory classifier; None for URL classifiers (see the dry run)."""
+    if cfg.annotate is None or "://" in cfg.annotate.classifier:
+        return None
+    from hspace.classifier import CONFIG_NAME
+
+    if cfg.annotate.classifier == "toy":
+        from hspace.toy import TOY_CLASSIFIER_DIR
+
+        path = Path(TOY_CLASSIFIER_DIR)
+    else:
+        path = _expand(cfg.annotate.classifier, "annotate.classifier")
+        if not path.is_dir():
+            raise ConfigError([("annotate.classifier", f"classifier directory {path} does not exist")])
+    config = path / CONFIG_NAME
+    try:
+        return _classifier_attributes(config.read_bytes(), str(config))
+    except OSError as e:
+        raise ConfigError([("annotate.classifier", f"cannot read {config}: {e.strerror or e}")]) from None
+
+
+def _attribute_errors(cfg: BuildConfig, available: Sequence[str] | None) -> Errors:
+    """``annotate.attributes`` (when omitted: the names aggregate uses) must be attributes the classifier has."""
+    if cfg.annotate is None or available is None:
         return []
-    path = Path(cfg.annotate.classifier).expanduser()
-    if not path.is_dir():
-        return [("annotate.classifier", f"classifier directory {path} does not exist")]
+    if cfg.annotate.attributes is None:  # every attribute of the classifier: aggregate must name some of them
+        errors: Errors = []
+        if cfg.aggregate is not None:
+            for section in ("disentangle", "condition"):
+                for target, other in getattr(cfg.aggregate, section).items():
+                    names = [target, *([other] if isinstance(other, str) else other)]
+                    unknown = [a for a in names if a not in available]
+                    if unknown:
+                        errors.append(
+                            (
+                                f"aggregate.{section}.{target}",
+                                f"unknown attributes {unknown}; classifier {cfg.annotate.classifier!r} has "
+                                f"{list(available)}",
+                            )
+                        )
+        return errors
+    unknown = [a for a in cfg.annotate.attributes if a not in available]
+    if unknown:
+        return [
+            (
+                "annotate.attributes",
+                f"{unknown} are not attributes of classifier {cfg.annotate.classifier!r} (it has {list(available)})",
+            )
+        ]
     return []
+
+
+def _direction_names(cfg: BuildConfig, attributes: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``(direction, field, attribute)`` for the supervised directions a build will publish."""
+    if cfg.aggregate is None:
+        return []
+    names = [(a, "annotate.attributes", a) for a in attributes]
+    names += [(f"{a}_boundary", "annotate.attributes", a) for a in attributes]
+    names += [(f"{t}_disentangled", f"aggregate.disentangle.{t}", t) for t in cfg.aggregate.disentangle]
+    names += [(f"{t}_conditional", f"aggregate.condition.{t}", t) for t in cfg.aggregate.condition]
+    return names
+
+
+def _preview_errors(cfg: BuildConfig, attributes: Sequence[str] | None) -> Errors:
+    """Preview files (``pipeline.publish.preview_name``) must be distinct and paths the catalog accepts.
+
+    One error per attribute: the names derived from an attribute already reported are not repeated.
+    """
+    if cfg.evaluate is None or attributes is None:
+        return []
+    from pipeline.publish import preview_name
+
+    errors: Errors = []
+    seen: dict[str, str] = {}
+    reported: set[str] = set()
+    for name, field, attribute in _direction_names(cfg, attributes):
+        if attribute in reported:
+            continue
+        path = preview_name(name)
+        if path in seen and seen[path] != name:
+            errors.append((field, f"directions {seen[path]!r} and {name!r} would both publish {path}"))
+            reported |= {attribute, seen[path]}
+            continue
+        seen[path] = name
+        try:
+            _catalog_check_relpath(path, "preview path")
+        except ValueError as e:
+            errors.append((field, f"direction {name!r}: the catalog refuses its preview: {e}"))
+            reported.add(attribute)
+    return errors
+
+
+def _classifier_errors(cfg: BuildConfig) -> Errors:
+    try:
+        available = _local_classifier_attributes(cfg)
+    except ConfigError as e:
+        return e.errors
+    attributes = cfg.annotate.attributes if cfg.annotate is not None else None
+    return _attribute_errors(cfg, available) + _preview_errors(cfg, attributes or available)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,41 +792,146 @@ def _split_validation_error(e: ValidationError) -> list[tuple[str, str]]:
             continue
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        if err["type"] not in ("missing", "extra_forbidden") and "input" in err:
+        if err["type"] not in ("missing", "extra_forbidden", "value_error") and "input" in err:
             shown = repr(err["input"])
             msg += f" (got {shown if len(shown) < 80 else shown[:77] + '...'})"
         errors.append((loc, msg))
     return errors
 
 
+#: Deepest nesting a config may have (the schema itself is 4 levels deep).
+MAX_DEPTH = 32
+#: Most values a config may expand to (aliases included); real configs have a few hundred.
+MAX_VALUES = 100_000
+
+
+def _shape_errors(data: Any) -> Errors:
+    """Every inf / nan float anywhere in the raw mapping (lists and storage_options included);
+    self-referencing (recursive YAML alias), absurdly deep nesting, or aliases that expand to more than
+    ``MAX_VALUES`` values. Shared nodes are visited once (their expanded size is remembered)."""
+    errors: Errors = []
+    size_of: dict[int, int] = {}
+    active: set[int] = set()
+
+    def walk(loc: tuple[Any, ...], node: Any) -> int:
+        if isinstance(node, float) and not math.isfinite(node):
+            errors.append((_format_loc(loc), f"must be a finite number, got {node}"))
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in size_of:
+            return size_of[id(node)]
+        if id(node) in active:
+            errors.append((_format_loc(loc), "refers to itself (a recursive YAML alias)"))
+            return 1
+        if len(loc) > MAX_DEPTH:
+            errors.append((_format_loc(loc[:MAX_DEPTH]), f"nested more than {MAX_DEPTH} levels deep"))
+            return 1
+        active.add(id(node))
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        size = 1 + sum(walk((*loc, key), value) for key, value in items)
+        active.discard(id(node))
+        size_of[id(node)] = size
+        return size
+
+    if walk((), data) > MAX_VALUES:
+        errors.append(("", f"expands to more than {MAX_VALUES} values (YAML aliases repeating large nodes?)"))
+    return errors
+
+
 def validate_config(data: Any, *, source: str | None = None, check_model: bool = True) -> BuildConfig:
-    """Validate a config mapping; with ``check_model`` also check it against the model's config files."""
+    """Validate a config mapping; with ``check_model`` also check it against the model's config files.
+
+    Raises :class:`ConfigError` (and only that) for anything wrong with ``data``.
+    """
     if not isinstance(data, dict):
         raise ConfigError([("", f"top level must be a mapping, got {type(data).__name__}")], source)
+    shape = _shape_errors(data)
     try:
         cfg = BuildConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_split_validation_error(e), source) from None
+        flagged = {f for f, _ in shape}
+        rest = [(f, m) for f, m in _split_validation_error(e) if f not in flagged]
+        raise ConfigError(shape + rest, source) from None
+    if shape:  # inside free-form mappings such as storage_options, or cycles
+        raise ConfigError(shape, source)
     if check_model:
         try:
             info = describe_model(cfg.model)
         except ConfigError as e:
             raise ConfigError(e.errors, source) from None
         errors = _model_errors(cfg, info) + _classifier_errors(cfg)
-        if errors:
-            raise ConfigError(errors, source)
+    else:
+        errors = _preview_errors(cfg, cfg.annotate.attributes if cfg.annotate is not None else None)
+    if errors:
+        raise ConfigError(errors, source)
     return cfg
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping key given twice in a YAML document."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key given twice (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable key: the base class reports it
+                continue
+            seen[key] = line
+            if first is not None:
+                raise _DuplicateKeyError(
+                    f"duplicate key {key!r} on line {line} (first given on line {first}); "
+                    "YAML would silently keep only the last"
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_text(path: Path) -> str:
+    """The config file's text: a ConfigError naming the file for a directory, unreadable or non-UTF-8 file."""
+    if path.is_dir():
+        raise ConfigError([("", "is a directory, not a YAML file")], str(path))
+    if not path.exists():
+        raise FileNotFoundError(f"build config {path} does not exist")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError([("", f"cannot read: {e.strerror or e}")], str(path)) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            [("", f"not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save it as UTF-8")],
+            str(path),
+        ) from None
+
+
+def parse_yaml(text: str, source: str | None = None) -> Any:
+    """YAML text -> data, refusing duplicate keys; ConfigError naming ``source`` for anything unparsable."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKeyError as e:
+        raise ConfigError([("", str(e))], source) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([("", f"not valid YAML: {' '.join(str(e).split())}")], source) from None
+    except RecursionError:
+        raise ConfigError([("", "not valid YAML: nested too deeply")], source) from None
+    except (ValueError, OverflowError) as e:  # e.g. a timestamp PyYAML cannot represent
+        raise ConfigError([("", f"not valid YAML: {e}")], source) from None
+    if data is None:
+        raise ConfigError([("", "empty file: expected a YAML mapping of config sections")], source)
+    return data
 
 
 def load_config(path: str | Path, *, check_model: bool = True) -> BuildConfig:
     """Read and validate a YAML build config; raises ConfigError (or FileNotFoundError for the file)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"build config {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError([("", f"not valid YAML: {e}")], str(path)) from None
+    data = parse_yaml(_read_text(path), str(path))
     return validate_config(data, source=str(path), check_model=check_model)
 
 
@@ -618,6 +942,95 @@ def load_config_or_exit(path: str | Path, *, check_model: bool = True) -> BuildC
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(CONFIG_ERROR_EXIT_CODE) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The dry run's probes (I/O, with a timeout)
+
+
+def _with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
+    """``fn()`` in a daemon thread; TimeoutError when it has not answered within ``timeout`` seconds."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller below
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True, name="hspace-config-probe")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {timeout:g}s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _reach_error(url: str, options: dict[str, Any]) -> str | None:
+    """None when ``url`` (or its nearest existing parent) is a reachable directory, else the reason."""
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    current = path.rstrip("/") or path
+    while True:
+        if fs.exists(current):
+            if fs.isfile(current):
+                return f"{current} is a file, not a directory"
+            return None
+        parent = fs._parent(current)
+        if not parent or parent == current:
+            return f"{current} does not exist (no bucket or root directory to write under)"
+        current = parent
+
+
+def _probe_url(field: str, url: str, options: dict[str, Any], timeout: float) -> Errors:
+    try:
+        reason = _with_timeout(lambda: _reach_error(url, options), timeout)
+    except Exception as e:  # any failure to talk to the storage is the answer
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    return [(field, f"cannot reach {url}: {reason}")] if reason else []
+
+
+def _probe_classifier(cfg: BuildConfig, timeout: float) -> tuple[Errors, list[str]]:
+    """A URL classifier's attributes from its ``config.json``, when it can be fetched."""
+    if cfg.annotate is None or "://" not in cfg.annotate.classifier:
+        return [], []
+    from hspace.classifier import CONFIG_NAME
+
+    url = f"{cfg.annotate.classifier.rstrip('/')}/{CONFIG_NAME}"
+    options = cfg.storage.storage_options
+
+    def fetch() -> bytes:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+        return fs.cat_file(path)
+
+    try:
+        raw = _with_timeout(fetch, timeout)
+    except Exception as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        return [], [f"note: annotate.classifier: attributes not checked, cannot fetch {url} ({reason})"]
+    try:
+        available = _classifier_attributes(raw, url)
+    except ConfigError as e:
+        return e.errors, []
+    attributes = cfg.annotate.attributes
+    return _attribute_errors(cfg, available) + _preview_errors(cfg, attributes or available), []
+
+
+def probe_config(
+    cfg: BuildConfig, *, timeout: float = PROBE_TIMEOUT_S, source: str | None = None
+) -> list[str]:
+    """The dry run's checks that need I/O: the run and catalog URLs answer, a URL classifier's attributes.
+
+    Raises ConfigError naming the field (``storage.run_url: cannot reach ...``); returns notes about
+    what could not be checked. Each probe waits at most ``timeout`` seconds.
+    """
+    errors = _probe_url("storage.run_url", cfg.storage.run_url, cfg.storage.storage_options, timeout)
+    errors += _probe_url("catalog.url", cfg.catalog.url, cfg.catalog.storage_options, timeout)
+    clf_errors, notes = _probe_classifier(cfg, timeout)
+    if errors or clf_errors:
+        raise ConfigError(errors + clf_errors, source)
+    return notes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -631,7 +1044,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for path in args.configs:
         cfg = load_config_or_exit(path)
+        try:
+            notes = probe_config(cfg, source=str(path))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(CONFIG_ERROR_EXIT_CODE) from None
         print(f"{path}: ok ({cfg.name})")
+        for note in notes:
+            print(note, file=sys.stderr)
         print(plan(cfg).summary())
     return 0
 

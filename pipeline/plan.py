@@ -8,12 +8,13 @@ computed from the config and the model's ``unet/config.json`` without loading we
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, overload
 
 from pipeline.config import BuildConfig, ModelInfo, describe_model
 
-__all__ = ["Plan", "SeedBlock", "plan", "seed_blocks"]
+__all__ = ["Plan", "SeedBlock", "SeedBlocks", "plan", "seed_blocks"]
 
 
 @dataclass(frozen=True)
@@ -37,14 +38,46 @@ class SeedBlock:
         return self.stop - self.start
 
 
-def seed_blocks(cfg: BuildConfig) -> list[SeedBlock]:
-    """Blocks of ``seeds_per_block`` consecutive seeds from ``seed_start``; the last may be short."""
+class SeedBlocks(Sequence[SeedBlock]):
+    """The seed blocks of a run, computed on access: no per-block allocation (a config may ask for millions)."""
+
+    def __init__(self, seed_start: int, n_samples: int, seeds_per_block: int) -> None:
+        if n_samples < 0 or seeds_per_block <= 0:
+            raise ValueError(
+                f"need n_samples >= 0 and seeds_per_block > 0, got {n_samples}, {seeds_per_block}"
+            )
+        self.seed_start, self.n_samples, self.seeds_per_block = seed_start, n_samples, seeds_per_block
+
+    def __len__(self) -> int:
+        return -(-self.n_samples // self.seeds_per_block)
+
+    def _block(self, i: int) -> SeedBlock:
+        start = self.seed_start + i * self.seeds_per_block
+        return SeedBlock(i, start, min(start + self.seeds_per_block, self.seed_start + self.n_samples))
+
+    @overload
+    def __getitem__(self, i: int) -> SeedBlock: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[SeedBlock]: ...
+    def __getitem__(self, i: int | slice) -> SeedBlock | list[SeedBlock]:
+        if isinstance(i, slice):
+            return [self._block(j) for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"seed block {i} out of range (the run has {n})")
+        return self._block(i % n)
+
+    def __iter__(self) -> Iterator[SeedBlock]:
+        return (self._block(i) for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"SeedBlocks(seed_start={self.seed_start}, n_samples={self.n_samples}, per_block={self.seeds_per_block})"
+
+
+def seed_blocks(cfg: BuildConfig) -> SeedBlocks:
+    """Blocks of ``seeds_per_block`` consecutive seeds from ``seed_start``; the last may be short (lazy)."""
     g = cfg.generate
-    end = g.seed_start + g.n_samples
-    return [
-        SeedBlock(i, s, min(s + g.seeds_per_block, end))
-        for i, s in enumerate(range(g.seed_start, end, g.seeds_per_block))
-    ]
+    return SeedBlocks(g.seed_start, g.n_samples, g.seeds_per_block)
 
 
 @dataclass(frozen=True)
@@ -98,20 +131,23 @@ def _human_bytes(n: int) -> str:
 
 
 def plan(cfg: BuildConfig, info: ModelInfo | None = None) -> Plan:
-    """Dry run: blocks, shards (one per step per block), rows (seed x step) and float16 h bytes."""
+    """Dry run: blocks, shards (one per step per block), rows (seed x step) and float16 h bytes.
+
+    Every number is arithmetic on the config: planning takes the same time for any run size.
+    """
     if info is None:
         info = describe_model(cfg.model)
     steps = cfg.sampler.num_inference_steps
-    blocks = seed_blocks(cfg)
+    n_blocks = len(seed_blocks(cfg))
     rows = cfg.generate.n_samples * steps
     per_row = 2 * math.prod(info.h_shape) if info.h_shape is not None else None
-    n_pca = len(cfg.pca_steps)
+    n_pca = steps if cfg.pca.steps is None else len(set(cfg.pca.steps))
     return Plan(
         n_samples=cfg.generate.n_samples,
         n_steps=steps,
-        n_blocks=len(blocks),
-        n_activation_shards=len(blocks) * steps,
-        n_sample_shards=len(blocks),
+        n_blocks=n_blocks,
+        n_activation_shards=n_blocks * steps,
+        n_sample_shards=n_blocks,
         rows=rows,
         h_shape=info.h_shape,
         bytes_per_row=per_row,

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 __all__ = [
     "BlockRecord",
     "CorruptShardError",
+    "ManifestError",
     "RunStore",
     "ShardInfo",
     "StepBatch",
@@ -45,7 +46,39 @@ MANIFEST_SCHEMA_VERSION = 1
 
 
 class CorruptShardError(IOError):
-    """A listed shard is missing, truncated, fails its checksum, or is not valid parquet."""
+    """A listed shard is missing, truncated, fails its checksum, holds the wrong seeds, or is not valid parquet."""
+
+
+class ManifestError(CorruptShardError, ValueError):
+    """The run manifest is not valid JSON of the expected shape; the message names the file and the entry."""
+
+
+_SHA256_HEX = frozenset("0123456789abcdef")
+
+
+def _field(d: Any, name: str, kind: type | tuple[type, ...], where: str, optional: bool = False) -> Any:
+    """``d[name]`` checked to be of ``kind`` (bool is never an int); ManifestError naming ``where.name``."""
+    if not isinstance(d, dict):
+        raise ManifestError(f"{where}: expected an object, got {type(d).__name__}")
+    if name not in d:
+        if optional:
+            return None
+        raise ManifestError(f"{where}: missing {name!r}")
+    value = d[name]
+    if value is None and optional:
+        return None
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ManifestError(f"{where}.{name}: expected {names}, got {value!r:.80}")
+    return value
+
+
+def _count(d: Any, name: str, where: str) -> int:
+    value = _field(d, name, int, where)
+    if value < 0:
+        raise ManifestError(f"{where}.{name}: must be >= 0, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -68,8 +101,19 @@ class ShardInfo:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ShardInfo:
-        return cls(str(d["path"]), int(d["rows"]), int(d["bytes"]), str(d["sha256"]), d.get("step"))
+    def from_dict(cls, d: dict[str, Any], where: str = "shard") -> ShardInfo:
+        """Parse a manifest entry; ManifestError naming ``where`` for a missing or mistyped field."""
+        path = _field(d, "path", str, where)
+        parts = path.split("/")
+        if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ManifestError(f"{where}.path: must be a relative path inside the run, got {path!r:.80}")
+        sha = _field(d, "sha256", str, where)
+        if len(sha) != 64 or not set(sha) <= _SHA256_HEX:
+            raise ManifestError(f"{where}.sha256: expected 64 lowercase hex digits, got {sha!r:.80}")
+        step = _field(d, "step", int, where, optional=True)
+        if step is not None and step < 0:
+            raise ManifestError(f"{where}.step: must be >= 0, got {step}")
+        return cls(path, _count(d, "rows", where), _count(d, "bytes", where), sha, step)
 
 
 @dataclass(frozen=True)
@@ -104,15 +148,32 @@ class BlockRecord:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BlockRecord:
-        return cls(
-            key=str(d["key"]),
-            start=int(d["start"]),
-            stop=int(d["stop"]),
-            activations=tuple(ShardInfo.from_dict(s) for s in d["activations"]),
-            samples=ShardInfo.from_dict(d["samples"]),
-            extra=dict(d.get("extra", {})),
+    def from_dict(cls, d: dict[str, Any], where: str = "block") -> BlockRecord:
+        """Parse a manifest entry strictly: every shard has a checksum and one row per seed of the block."""
+        key = _field(d, "key", str, where)
+        start, stop = _count(d, "start", where), _count(d, "stop", where)
+        if stop <= start:
+            raise ManifestError(f"{where}: empty or reversed seed range {start}..{stop}")
+        raw_acts = _field(d, "activations", list, where)
+        activations = tuple(
+            ShardInfo.from_dict(s, f"{where}.activations[{i}]") for i, s in enumerate(raw_acts)
         )
+        samples = ShardInfo.from_dict(_field(d, "samples", dict, where), f"{where}.samples")
+        steps = [s.step for s in activations]
+        if None in steps:
+            raise ManifestError(f"{where}.activations: every activation shard needs a step, got {steps}")
+        if len(set(steps)) != len(steps):
+            raise ManifestError(f"{where}.activations: duplicate steps {sorted(steps)}")  # type: ignore[type-var]
+        for name, shard in [
+            *((f"activations[{i}]", a) for i, a in enumerate(activations)),
+            ("samples", samples),
+        ]:
+            if shard.rows != stop - start:
+                raise ManifestError(
+                    f"{where}.{name}: {shard.rows} rows for the {stop - start} seeds {start}..{stop - 1}"
+                )
+        extra = _field(d, "extra", dict, where, optional=True)
+        return cls(key, start, stop, activations, samples, dict(extra or {}))
 
     @property
     def bytes(self) -> int:
@@ -175,6 +236,54 @@ def _parquet_bytes(table: pa.Table) -> bytes:
         row_group_size=max(1, table.num_rows),
     )
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest's shape
+
+
+def parse_manifest(raw: bytes, where: str = MANIFEST_NAME) -> dict[str, Any]:
+    """Manifest bytes -> the manifest mapping; ManifestError naming ``where`` for anything else."""
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{where}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise ManifestError(f"{where}: not valid JSON: nested too deeply") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(manifest).__name__}")
+    version = manifest.get("schema_version")
+    if isinstance(version, bool) or version != MANIFEST_SCHEMA_VERSION:
+        raise ManifestError(
+            f"{where}: schema_version {version!r:.40}, this code reads {MANIFEST_SCHEMA_VERSION}"
+        )
+    _field(manifest, "identity", dict, where, optional=True)
+    _field(manifest, "blocks", dict, where)
+    _field(manifest, "stages", dict, where)
+    for name, info in manifest["stages"].items():
+        if not isinstance(info, dict):
+            raise ManifestError(f"{where}: stages.{name}: expected an object, got {type(info).__name__}")
+    return manifest
+
+
+def parse_blocks(raw: dict[str, Any], where: str = MANIFEST_NAME) -> dict[str, BlockRecord]:
+    """The ``blocks`` of a manifest -> records by key in seed order; seed ranges must be disjoint."""
+    records = []
+    for key, d in raw.items():
+        rec = BlockRecord.from_dict(d, f"{where}: blocks.{key}")
+        if rec.key != key:
+            raise ManifestError(f"{where}: blocks.{key}: entry says key {rec.key!r:.80}")
+        records.append(rec)
+    records.sort(key=lambda r: r.start)
+    for a, b in zip(records, records[1:], strict=False):
+        if b.start < a.stop:
+            raise ManifestError(
+                f"{where}: blocks {a.key} ({a.start}..{a.stop - 1}) and {b.key} ({b.start}..{b.stop - 1}) "
+                "overlap; their rows would be counted twice"
+            )
+    return {r.key: r for r in records}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,22 +406,45 @@ class RunStore:
         except (pa.ArrowException, OSError) as e:
             raise CorruptShardError(f"{self.describe(shard.path)}: cannot read parquet data: {e}") from e
 
+    def check_block_seeds(self, rec: BlockRecord, shard: ShardInfo, seeds: np.ndarray) -> None:
+        """A shard of block ``rec`` must hold each of the block's seeds exactly once (no stray rows)."""
+        seeds = np.asarray(seeds)
+        ok = seeds.shape[0] == rec.n_seeds and np.array_equal(np.sort(seeds), np.arange(rec.start, rec.stop))
+        if not ok:
+            stray = seeds[(seeds < rec.start) | (seeds >= rec.stop)]
+            what = f"seeds {stray[:5].tolist()} outside" if stray.size else "duplicate or missing seeds of"
+            raise CorruptShardError(
+                f"{self.describe(shard.path)}: {what} its block {rec.key} (seeds {rec.start}..{rec.stop - 1})"
+            )
+
+    def _step_shard(self, rec: BlockRecord, step: int) -> ShardInfo:
+        """The block's shard of ``step``; a block without it is a ManifestError naming the manifest."""
+        try:
+            return rec.shard_for_step(step)
+        except KeyError:
+            steps = sorted(s.step for s in rec.activations if s.step is not None)
+            raise ManifestError(
+                f"{self.describe(MANIFEST_NAME)}: block {rec.key} has no activation shard for step {step} "
+                f"(it has steps {steps})"
+            ) from None
+
+    def _block_table(self, rec: BlockRecord, shard: ShardInfo, columns: Sequence[str]) -> pa.Table:
+        table = self.read_table(shard, columns=columns)
+        self.check_block_seeds(rec, shard, table.column("seed").to_numpy())
+        return table
+
     # -- the manifest ---------------------------------------------------------------------------
 
     def read_manifest(self) -> dict[str, Any]:
-        """The manifest, or an empty one for a new run."""
+        """The manifest, or an empty one for a new run.
+
+        Raises :class:`ManifestError` (naming the file) for bytes that are not a manifest: not UTF-8
+        JSON, another schema version, or a top level without its ``identity`` / ``blocks`` /
+        ``stages`` of the right types. Block entries are checked by :meth:`blocks`.
+        """
         if not self.exists(MANIFEST_NAME):
             return {"schema_version": MANIFEST_SCHEMA_VERSION, "identity": None, "blocks": {}, "stages": {}}
-        try:
-            manifest = json.loads(self.read_bytes(MANIFEST_NAME))
-        except json.JSONDecodeError as e:
-            raise CorruptShardError(f"{self.describe(MANIFEST_NAME)}: not valid JSON: {e}") from e
-        if manifest.get("schema_version") != MANIFEST_SCHEMA_VERSION:
-            raise ValueError(
-                f"{self.describe(MANIFEST_NAME)}: schema_version {manifest.get('schema_version')!r}, "
-                f"this code reads {MANIFEST_SCHEMA_VERSION}"
-            )
-        return manifest
+        return parse_manifest(self.read_bytes(MANIFEST_NAME), self.describe(MANIFEST_NAME))
 
     def update_manifest(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Read, apply ``change`` in place, write atomically. Only the driver calls this (single writer)."""
@@ -342,10 +474,8 @@ class RunStore:
             )
 
     def blocks(self) -> dict[str, BlockRecord]:
-        """Completed seed blocks by key, in seed order."""
-        raw = self.read_manifest()["blocks"]
-        records = [BlockRecord.from_dict(d) for d in raw.values()]
-        return {r.key: r for r in sorted(records, key=lambda r: r.start)}
+        """Completed seed blocks by key, in seed order; ManifestError for a malformed or overlapping entry."""
+        return parse_blocks(self.read_manifest()["blocks"], self.describe(MANIFEST_NAME))
 
     def add_blocks(self, records: Iterable[BlockRecord]) -> None:
         """List completed blocks; a listed block whose seed range overlaps a new one is replaced."""
@@ -400,7 +530,13 @@ class RunStore:
         pending_h: list[np.ndarray] = []
         n_pending = 0
         for rec in self._select(blocks):
-            pf = self.open_shard(rec.shard_for_step(step))
+            shard = self._step_shard(rec, step)
+            pf = self.open_shard(shard)
+            try:
+                seeds_col = pf.read(columns=["seed"]).column("seed").to_numpy()
+            except (pa.ArrowException, OSError, KeyError) as e:
+                raise CorruptShardError(f"{self.describe(shard.path)}: cannot read its seeds: {e}") from e
+            self.check_block_seeds(rec, shard, seeds_col)
             for rb in pf.iter_batches(batch_size=batch_size, columns=["seed", "h"]):
                 pending_s.append(rb.column("seed").to_numpy())
                 pending_h.append(rb.column("h").to_numpy_ndarray())
@@ -442,7 +578,7 @@ class RunStore:
             by_block.setdefault(owner[s].key, (owner[s], []))[1].append(pos)
         for rec, positions in by_block.values():
             for ti, step in enumerate(steps):
-                table = self.read_table(rec.shard_for_step(step), columns=["seed", "h"])
+                table = self._block_table(rec, self._step_shard(rec, step), ["seed", "h"])
                 block_seeds = table.column("seed").to_numpy()
                 h = table.column("h").combine_chunks().to_numpy_ndarray()
                 if out is None:
@@ -456,7 +592,7 @@ class RunStore:
 
     def read_samples(self, blocks: Iterable[str] | None = None) -> pa.Table:
         """Final images: a table (seed int64, png binary) sorted by seed."""
-        tables = [self.read_table(r.samples) for r in self._select(blocks)]
+        tables = [self._block_table(r, r.samples, ["seed", "png"]) for r in self._select(blocks)]
         if not tables:
             return samples_table([], [])
         return pa.concat_tables(tables).sort_by("seed")

@@ -42,8 +42,8 @@ def base(tiny_model_dir) -> dict:
         "storage": {"run_url": "memory://run"},
         "catalog": {"url": "memory://cat", "model_name": "tiny"},
         "pca": {"n_components": 4},
-        "annotate": {"classifier": "toy", "attributes": ["a", "b"]},
-        "aggregate": {"quantile": 0.25, "disentangle": {"a": ["b"]}},
+        "annotate": {"classifier": "toy", "attributes": ["glasses", "hat"]},
+        "aggregate": {"quantile": 0.25, "disentangle": {"glasses": ["hat"]}},
         "evaluate": {"seed_start": 1000, "n_seeds": 4, "scales": [-1.0, 1.0]},
     }
 
@@ -170,20 +170,20 @@ BAD = [
     (
         "disentangle unknown attr",
         "aggregate.disentangle",
-        {"a": ["zzz"]},
-        "aggregate.disentangle.a: unknown attributes ['zzz']",
+        {"glasses": ["zzz"]},
+        "aggregate.disentangle.glasses: unknown attributes ['zzz']",
     ),
     (
         "condition unknown attr",
         "aggregate.condition",
-        {"a": "zzz"},
-        "aggregate.condition.a: unknown attributes ['zzz']",
+        {"glasses": "zzz"},
+        "aggregate.condition.glasses: unknown attributes ['zzz']",
     ),
     (
         "condition on itself",
         "aggregate.condition",
-        {"a": "a"},
-        "aggregate.condition.a: 'a' cannot be held fixed",
+        {"glasses": "glasses"},
+        "aggregate.condition.glasses: 'glasses' cannot be held fixed",
     ),
     (
         "held-out seeds overlap",
