@@ -141,7 +141,7 @@ class SamplerConfig(_Strict):
 
     kind: Literal["ddpm", "ddim"] = "ddpm"
     num_inference_steps: int = Field(default=50, gt=0)
-    eta: float | None = Field(default=None, ge=0.0)
+    eta: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class GenerateConfig(_Strict):
