@@ -118,7 +118,7 @@ class BuildResult:
 
     def summary(self) -> str:
         """The closing report (plain text)."""
-        from pipeline.report import effect_table_text
+        from pipeline.report import effect_table_text, grade_table_text
 
         kinds: dict[str, int] = {}
         for kind in self.directions.values():
@@ -138,6 +138,11 @@ class BuildResult:
                 f"{self.effects['n_seeds']} held-out seeds; (score(+g) - score(-g)) / 2):"
             )
             lines += ["     " + row for row in effect_table_text(self.effects, max_rows=40).splitlines()]
+        if self.effects is not None and self.effects.get("grades"):
+            grades = self.effects["grades"]
+            passing = sum(1 for g in grades.values() if g.get("pass"))
+            lines.append(f"   grades ({passing}/{len(grades)} pass; A best, F fails; see hspace.grade):")
+            lines += ["     " + row for row in grade_table_text(grades, max_rows=40).splitlines()]
         lines += [
             f"   catalog: {self.catalog_url}  model {self.model}  version {self.version}  (ref {self.ref})",
             f"   report: {self.report_url}",

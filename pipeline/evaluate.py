@@ -9,6 +9,7 @@ read in the classifier's own units (logit for a binary attribute, value for a co
 
 The headline matrix holds ``plus`` = delta at the largest positive gamma, ``minus`` = delta at its
 negative, and ``effect`` = (plus - minus) / 2 (the mean change per gamma step, symmetric).
+``grades`` holds every direction's grade against the random baselines (:mod:`hspace.grade`).
 
 Edit vectors: with ``evaluate.units: sigma`` e_{d,t} = sigma_{d,t} * v_{d,t} / ||v_{d,t}||, so gamma
 counts standard deviations of the data along d; a random baseline uses the sigma of the direction
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from hspace.directions import Direction
+from hspace.grade import grade_directions
 
 if TYPE_CHECKING:
     from hspace.model import HSpaceModel
@@ -45,6 +47,7 @@ __all__ = [
     "effect_matrix",
     "evaluate",
     "load_model",
+    "own_attributes",
 ]
 
 EFFECTS_SCHEMA = "hspace.effects/1"
@@ -79,6 +82,16 @@ def edit_vectors(
     return out
 
 
+def own_attributes(directions: Mapping[str, Direction]) -> dict[str, str | None]:
+    """direction -> the attribute a supervised direction was built from (``provenance["attribute"]``);
+    None for PCA, Jacobian, random and custom directions (graded by their largest effect)."""
+    out: dict[str, str | None] = {}
+    for name, d in directions.items():
+        attribute = d.provenance.get("attribute") if d.kind == "supervised" else None
+        out[name] = attribute if isinstance(attribute, str) else None
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The effect matrix from raw scores (pure: tested without Ray or a model)
 
@@ -95,8 +108,9 @@ def effect_matrix(
     """effects.json content from base scores [B, A] and edited scores {name: [B, S, A]}.
 
     ``delta``/``stderr`` per direction, attribute and scale; the headline matrix (``plus``,
-    ``minus``, ``effect``) at the largest positive scale; per-attribute random baseline spread
-    and every direction's effect in units of that spread (``z``).
+    ``minus``, ``effect``) at the largest positive scale; the share of seeds whose own change
+    (per-seed effect) is positive / negative (``share_up`` / ``share_down``); per-attribute random
+    baseline spread and every direction's effect in units of that spread (``z``).
     """
     scales = [float(s) for s in scales]
     positive = [s for s in scales if s > 0]
@@ -110,6 +124,7 @@ def effect_matrix(
     delta, stderr = {}, {}
     plus = np.zeros((len(names), n_a))
     minus = np.full((len(names), n_a), np.nan)
+    share_up, share_down = np.zeros((len(names), n_a)), np.zeros((len(names), n_a))
     for r, name in enumerate(names):
         s = np.asarray(edited[name], np.float64)
         if s.ndim != 3 or s.shape[0] != base.shape[0] or s.shape[1] != len(scales) or s.shape[2] != n_a:
@@ -128,6 +143,8 @@ def effect_matrix(
         plus[r] = mean[i_plus]
         if i_minus is not None:
             minus[r] = mean[i_minus]
+        per_seed = (d[:, i_plus] - d[:, i_minus]) / 2 if i_minus is not None else d[:, i_plus]  # [B, A]
+        share_up[r], share_down[r] = (per_seed > 0).mean(0), (per_seed < 0).mean(0)
     effect = (plus - minus) / 2 if i_minus is not None else plus
     randoms = [r for r, n in enumerate(names) if n in random_of]
     baseline, z = {}, np.full_like(effect, np.nan)
@@ -140,6 +157,7 @@ def effect_matrix(
                 "rms": float(spread[k]),
                 "mean_abs": float(rnd[:, k].mean()),
                 "max_abs": float(rnd[:, k].max()),
+                "p95_abs": float(np.percentile(rnd[:, k], 95)),
             }
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.where(spread > 0, effect / spread, np.nan)
@@ -165,6 +183,8 @@ def effect_matrix(
             "minus": rows(minus) if i_minus is not None else None,
             "effect": rows(effect),
             "z": rows(z),
+            "share_up": rows(share_up),
+            "share_down": rows(share_down),
         },
         "delta": delta,
         "stderr": stderr,
@@ -314,6 +334,7 @@ def evaluate(
     effects = effect_matrix(
         base, edited, ev.scales, attributes, binary, random_of, {n: d.kind for n, d in directions.items()}
     )
+    effects["grades"] = grade_directions(effects, own_attributes(directions))
     effects |= {
         "units": ev.units,
         "mode": "both",
