@@ -158,8 +158,12 @@ def _timed(stage_seconds: dict[str, float], name: str, fn: Callable[..., T], *ar
         stage_seconds[name] = time.perf_counter() - t0
 
 
-def build_catalog(cfg: BuildConfig, progress: bool = True) -> BuildResult:
-    """Run every stage of the build in order and publish a new catalog version."""
+def build_catalog(cfg: BuildConfig, progress: bool = True, verbose: bool | None = None) -> BuildResult:
+    """Run every stage of the build in order and publish a new catalog version.
+
+    ``verbose`` (default: ``HSPACE_VERBOSE``) keeps Ray's own log output; otherwise the terminal
+    shows the stages' progress lines and the summary only (see ``pipeline.ray_runtime.QUIET_ENV``).
+    """
     from pipeline.aggregate import aggregate
     from pipeline.annotate import annotate
     from pipeline.evaluate import evaluate
@@ -170,7 +174,7 @@ def build_catalog(cfg: BuildConfig, progress: bool = True) -> BuildResult:
 
     cfg = override_urls(cfg)
     log = print if progress else (lambda *a, **k: None)
-    log(init_ray(cfg))
+    log(init_ray(cfg, verbose=verbose))
     store = RunStore(cfg.storage.run_url, cfg.storage.storage_options)
     seconds: dict[str, float] = {}
 
@@ -248,6 +252,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--run-url", default=None, help="override storage.run_url (any fsspec URL)")
     parser.add_argument("--catalog-url", default=None, help="override catalog.url (any fsspec URL)")
     parser.add_argument("--quiet", action="store_true", help="no progress output, only the closing summary")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=None,
+        help="keep Ray's own log lines and worker warnings (also: HSPACE_VERBOSE=1)",
+    )
     return parser
 
 
@@ -257,7 +267,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     try:
         cfg = load_job_config(args.config, run_url=args.run_url, catalog_url=args.catalog_url)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"Error: {e}", file=sys.stderr)
+        print(
+            "Hint: configs/quickstart.yaml is a complete example; --dry-run checks a config without doing any work",
+            file=sys.stderr,
+        )
         return CONFIG_ERROR_EXIT_CODE
     if args.dry_run:
         from pipeline.plan import plan
@@ -265,7 +279,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         print(f"{args.config}: ok ({cfg.name}); dry run, nothing written")
         print(plan(cfg).summary())
         return 0
-    result = build_catalog(cfg, progress=not args.quiet)
+    result = build_catalog(cfg, progress=not args.quiet, verbose=args.verbose)
     print(result.summary())
     return 0
 
