@@ -9,16 +9,17 @@ the same norm in a random direction moves the score this much in 1 of 20 cases).
 measured against it:
 
 - ``own``: the attribute a direction should move. A supervised direction's own attribute is the one
-  it was built from (``provenance["attribute"]``) and its intended sign is +. PCA, Jacobian, random
-  and custom directions have no own attribute: they are graded by the attribute they move most
-  (largest |effect| / band), intended sign = the sign they have, so they are never ``wrong_sign``.
+  it was built from (``provenance["attribute"]``; a disentangled direction's is its source's) and
+  its intended sign is +. PCA, Jacobian, random and custom directions have no own attribute: they
+  are graded by the attribute they move most (largest |effect| / band), intended sign = the sign
+  they have, so they are never ``wrong_sign``.
 - ``multiple``: own effect / band (signed; a positive multiple above 1 lies outside the random band).
 - ``share``: fraction of held-out seeds whose own score moved the intended way.
 - ``cross``: the largest effect on any other attribute (attribute, effect, multiple of its band).
 
 Flags: ``wrong_sign`` (a supervised direction whose own effect is negative), ``within_random``
-(|own| <= band), ``entangled`` (a cross-effect is larger, relative to its band,
-than the own effect). Letters, best first:
+(|own| <= band), ``entangled`` (a cross-effect is larger, relative to its band, than the own
+effect). Letters, best first:
 
 - ``A``: multiple >= 3 and share >= 0.9; ``B``: multiple >= 2 and share >= 0.75;
   ``C``: multiple > 1 and share >= 0.6; ``D``: outside the band but weaker than that;
@@ -77,16 +78,21 @@ def _finite(x: float) -> float | None:
 
 
 def grade_one(
-    effect: np.ndarray, share_up: np.ndarray, band: np.ndarray, attributes: list[str], own: str | None
+    effect: np.ndarray,
+    shares: tuple[np.ndarray, np.ndarray],
+    band: np.ndarray,
+    attributes: list[str],
+    own: str | None,
 ) -> dict[str, Any]:
-    """The grade of one direction from its effect row [A], share of seeds moved up [A] and the band [A]."""
+    """The grade of one direction from its effect row [A], the shares of seeds moved up and down
+    ([A] each) and the band [A]."""
     with np.errstate(divide="ignore", invalid="ignore"):
         multiples = np.where(band > 0, effect / band, np.where(effect == 0, 0.0, np.inf * np.sign(effect)))
     supervised = own is not None and own in attributes
     k = attributes.index(own) if supervised else int(np.nanargmax(np.abs(multiples)))
     sign = 1.0 if supervised else (1.0 if effect[k] >= 0 else -1.0)
     multiple = float(sign * multiples[k])
-    share = float(share_up[k] if sign > 0 else 1.0 - share_up[k])
+    share = float(shares[0][k] if sign > 0 else shares[1][k])
     flags = ["wrong_sign"] if multiple < 0 else []
     if abs(multiple) <= 1.0:
         flags.append("within_random")
@@ -128,12 +134,12 @@ def grade_directions(effects: Mapping[str, Any], own_attribute: Mapping[str, str
     m = effects["matrix"]
     names, attributes = list(m["rows"]), list(m["columns"])
     effect = np.array(m["effect"], dtype=np.float64)
-    share_up = np.array(m["share_up"], dtype=np.float64)
+    up, down = np.array(m["share_up"], dtype=np.float64), np.array(m["share_down"], dtype=np.float64)
     randoms = [r for r, n in enumerate(names) if n in effects.get("baseline_of", {})]
     if not randoms or not attributes:
         return {}
     band = random_band(effect[randoms])
     return {
-        name: grade_one(effect[r], share_up[r], band, attributes, own_attribute.get(name))
+        name: grade_one(effect[r], (up[r], down[r]), band, attributes, own_attribute.get(name))
         for r, name in enumerate(names)
     }

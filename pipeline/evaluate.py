@@ -47,6 +47,7 @@ __all__ = [
     "effect_matrix",
     "evaluate",
     "load_model",
+    "own_attribute",
     "own_attributes",
 ]
 
@@ -82,14 +83,22 @@ def edit_vectors(
     return out
 
 
+def own_attribute(d: Direction) -> str | None:
+    """The attribute a supervised direction was built from (``provenance["attribute"]``; for a
+    disentangled one, its source's); None for PCA, Jacobian, random and custom directions."""
+    if d.kind == "supervised":
+        attribute = d.provenance.get("attribute")
+    elif d.kind == "disentangled":
+        source = d.provenance.get("source_provenance")
+        attribute = source.get("attribute") if isinstance(source, dict) else None
+    else:
+        attribute = None
+    return attribute if isinstance(attribute, str) else None
+
+
 def own_attributes(directions: Mapping[str, Direction]) -> dict[str, str | None]:
-    """direction -> the attribute a supervised direction was built from (``provenance["attribute"]``);
-    None for PCA, Jacobian, random and custom directions (graded by their largest effect)."""
-    out: dict[str, str | None] = {}
-    for name, d in directions.items():
-        attribute = d.provenance.get("attribute") if d.kind == "supervised" else None
-        out[name] = attribute if isinstance(attribute, str) else None
-    return out
+    """direction -> :func:`own_attribute` (None: graded by its largest effect)."""
+    return {name: own_attribute(d) for name, d in directions.items()}
 
 
 # ---------------------------------------------------------------------------------------------

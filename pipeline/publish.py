@@ -93,6 +93,8 @@ def preview_name(direction: str) -> str:
 def direction_rows(directions: Mapping[str, Direction]) -> list[dict[str, Any]]:
     """Per-direction summary rows for the report: name, kind, units, norm, mean sigma, and for
     supervised directions the attribute and method they were built with."""
+    from pipeline.evaluate import own_attribute
+
     rows = []
     for name, d in directions.items():
         rows.append(
@@ -102,7 +104,7 @@ def direction_rows(directions: Mapping[str, Direction]) -> list[dict[str, Any]]:
                 "units": d.units,
                 "norm": float(d.vector.to(torch.float64).norm()),
                 "sigma": None if d.sigma is None else float(d.sigma.mean()),
-                "attribute": d.provenance.get("attribute") if d.kind == "supervised" else None,
+                "attribute": own_attribute(d),
                 "method": d.provenance.get("method"),
             }
         )

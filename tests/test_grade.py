@@ -85,8 +85,9 @@ def test_entangled_direction_is_lowered_one_letter():
     from hspace.grade import grade_one
 
     band = np.array([0.1, 0.1])
-    clean = grade_one(np.array([0.5, 0.0]), np.array([1.0, 0.5]), band, ATTRS, "eyes_open")
-    tangled = grade_one(np.array([0.5, 0.9]), np.array([1.0, 1.0]), band, ATTRS, "eyes_open")
+    up, down = np.array([1.0, 0.5]), np.array([0.0, 0.5])
+    clean = grade_one(np.array([0.5, 0.0]), (up, down), band, ATTRS, "eyes_open")
+    tangled = grade_one(np.array([0.5, 0.9]), (up, down), band, ATTRS, "eyes_open")
     assert clean["letter"] == "A" and tangled["flags"] == ["entangled"] and tangled["letter"] == "B"
     assert tangled["cross"] == {"attribute": "smile", "effect": 0.9, "multiple": pytest.approx(9.0)}
 
@@ -152,5 +153,6 @@ def test_own_attribute_comes_from_provenance_of_supervised_directions():
     dirs = {
         "a": Direction(v, "a", kind="supervised", provenance={"attribute": "smile"}),
         "p": Direction(v, "p", kind="pca", provenance={"attribute": "smile"}),
+        "d": Direction(v, "d", kind="disentangled", provenance={"source_provenance": {"attribute": "hat"}}),
     }
-    assert own_attributes(dirs) == {"a": "smile", "p": None}
+    assert own_attributes(dirs) == {"a": "smile", "p": None, "d": "hat"}
