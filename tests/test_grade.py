@@ -144,6 +144,19 @@ def test_catalog_filters_directions_by_grade(tmp_path, effects):
     assert list(version.directions(min_grade="C")) == ["eyes_open_boundary"]
     assert list(version.directions(min_grade="F")) == names[:3]
     assert list(version.directions()) == names
+    from typer.testing import CliRunner
+
+    from hspace.cli import app
+
+    res = CliRunner().invoke(app, ["catalog", "show", str(tmp_path / "cat"), "m"])
+    rows = {
+        line.split()[0]: line
+        for line in res.output.splitlines()
+        if line.split()[:1] and line.split()[0] in names
+    }
+    assert (
+        res.exit_code == 0 and rows["eyes_open"].endswith("F (wrong_sign)") and rows["ungraded"].endswith("-")
+    )
     with pytest.raises(ValueError, match="not published"):
         cat.publish("m", dirs[:1], metadata={}, grades={"nope": grades["smile"]})
 
