@@ -69,6 +69,8 @@ def init_ray(cfg: BuildConfig, *, verbose: bool | None = None) -> str:
         os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
         if quiet:
             _quiet_environment()  # inherited by the cluster's processes
+            # the notice that token authentication is on (Ray's default for a local cluster)
+            logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
         # a private local cluster (never a stale one from /tmp/ray): no dashboard, starts faster
         ray.init(address="local", log_to_driver=True, configure_logging=False, include_dashboard=False)
     else:
