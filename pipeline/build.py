@@ -14,16 +14,18 @@ submitted Ray job would lose, then dry-run (print the plan) or build and print t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.config import CONFIG_ERROR_EXIT_CODE, BuildConfig, ConfigError, load_config
-from pipeline.ray_runtime import init_ray
+from pipeline.ray_runtime import init_ray, verbose_default
 from pipeline.storage import RunStore
 
 __all__ = [
@@ -158,12 +160,53 @@ def _timed(stage_seconds: dict[str, float], name: str, fn: Callable[..., T], *ar
         stage_seconds[name] = time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def native_stderr_to_file() -> Iterator[str | None]:
+    """Send what native code and child processes write to file descriptor 2 (Ray's C++ core log
+    lines, the local cluster's processes) to a log file, while Python's ``sys.stderr`` (progress
+    bars, warnings, tracebacks) stays on the terminal. Yields the file's path (None if fd 2 cannot
+    be redirected); restores fd 2 on exit."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield None
+        return
+    fd, path = tempfile.mkstemp(prefix="hspace-build-", suffix=".log")
+    python_stderr = sys.stderr
+    sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace")
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        ours, sys.stderr = sys.stderr, python_stderr
+        ours.close()
+
+
 def build_catalog(cfg: BuildConfig, progress: bool = True, verbose: bool | None = None) -> BuildResult:
     """Run every stage of the build in order and publish a new catalog version.
 
-    ``verbose`` (default: ``HSPACE_VERBOSE``) keeps Ray's own log output; otherwise the terminal
-    shows the stages' progress lines and the summary only (see ``pipeline.ray_runtime.QUIET_ENV``).
+    ``verbose`` (default: ``HSPACE_VERBOSE``) keeps Ray's own log output on the terminal. Otherwise
+    the terminal shows the stages' progress lines and the summary: Ray's Python loggers and the
+    workers' deprecation warnings are quieted (``pipeline.ray_runtime.QUIET_ENV``) and, when this
+    process starts or joins Ray, the native log lines go to a file named in the first line.
     """
+    import ray
+
+    verbose = verbose_default() if verbose is None else verbose
+    with contextlib.ExitStack() as stack:
+        native_log = None
+        if not verbose and not ray.is_initialized():
+            native_log = stack.enter_context(native_stderr_to_file())
+        return _build(cfg, progress, verbose, native_log)
+
+
+def _build(cfg: BuildConfig, progress: bool, verbose: bool, native_log: str | None) -> BuildResult:
+    """The stages in order (see :func:`build_catalog`)."""
     from pipeline.aggregate import aggregate
     from pipeline.annotate import annotate
     from pipeline.evaluate import evaluate
@@ -174,7 +217,7 @@ def build_catalog(cfg: BuildConfig, progress: bool = True, verbose: bool | None 
 
     cfg = override_urls(cfg)
     log = print if progress else (lambda *a, **k: None)
-    log(init_ray(cfg, verbose=verbose))
+    log(init_ray(cfg, verbose=verbose) + (f" (Ray's own log lines: {native_log})" if native_log else ""))
     store = RunStore(cfg.storage.run_url, cfg.storage.storage_options)
     seconds: dict[str, float] = {}
 

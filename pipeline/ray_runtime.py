@@ -20,14 +20,10 @@ __all__ = ["QUIET_ENV", "REPO_ROOT", "init_ray", "verbose_default"]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: Environment of a quiet build (set before Ray starts; ``--verbose`` / ``HSPACE_VERBOSE=1`` keeps
-#: Ray's defaults): Ray Data's INFO progress lines, the workers' ``torch.jit.script`` deprecation
-#: warnings and the C++ core's log lines below FATAL stay off the terminal. The latter include
-#: ``core_worker.cc``'s "constructor arguments in the object store and max_restarts > 0" line,
-#: which every Ray Data actor pool triggers (Ray Data passes its own map function to the actors as
-#: an object ref that it keeps alive for the pool's lifetime, so the restart it warns about works).
+#: Ray's defaults): Ray Data's INFO progress lines and the workers' ``torch.jit.script``
+#: deprecation warnings stay off the terminal.
 QUIET_ENV = {
     "RAY_DATA_LOG_LEVEL": "WARNING",
-    "RAY_BACKEND_LOG_LEVEL": "fatal",
     "PYTHONWARNINGS": "ignore:`torch.jit.script` is deprecated:FutureWarning",
 }
 
