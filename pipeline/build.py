@@ -142,8 +142,11 @@ class BuildResult:
             lines += ["     " + row for row in effect_table_text(self.effects, max_rows=40).splitlines()]
         if self.effects is not None and self.effects.get("grades"):
             grades = self.effects["grades"]
-            passing = sum(1 for g in grades.values() if g.get("pass"))
-            lines.append(f"   grades ({passing}/{len(grades)} pass; A best, F fails; see hspace.grade):")
+            graded = [n for n in grades if self.directions.get(n) != "random"]
+            passing = sum(1 for n in graded if grades[n].get("pass"))
+            lines.append(
+                f"   grades ({passing}/{len(graded)} non-random directions pass; A best, F fails; see hspace.grade):"
+            )
             lines += ["     " + row for row in grade_table_text(grades, max_rows=40).splitlines()]
         lines += [
             f"   catalog: {self.catalog_url}  model {self.model}  version {self.version}  (ref {self.ref})",
