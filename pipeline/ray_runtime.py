@@ -21,7 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: Environment of a quiet build (set before Ray starts; ``--verbose`` / ``HSPACE_VERBOSE=1`` keeps
 #: Ray's defaults): Ray Data's INFO progress lines and the workers' ``torch.jit.script``
-#: deprecation warnings stay off the terminal.
+#: deprecation warnings stay off the terminal. A quiet build also leaves ``log_to_driver`` off: the
+#: workers', raylet's and GCS's output stays in the session's log files (a failed task still raises
+#: in the driver with its traceback).
 QUIET_ENV = {
     "RAY_DATA_LOG_LEVEL": "WARNING",
     "PYTHONWARNINGS": "ignore:`torch.jit.script` is deprecated:FutureWarning",
@@ -68,9 +70,9 @@ def init_ray(cfg: BuildConfig, *, verbose: bool | None = None) -> str:
             # the notice that token authentication is on (Ray's default for a local cluster)
             logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
         # a private local cluster (never a stale one from /tmp/ray): no dashboard, starts faster
-        ray.init(address="local", log_to_driver=True, configure_logging=False, include_dashboard=False)
+        ray.init(address="local", log_to_driver=not quiet, configure_logging=False, include_dashboard=False)
     else:
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
+        ray.init(address=address, log_to_driver=not quiet, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     if quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
