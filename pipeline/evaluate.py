@@ -295,6 +295,18 @@ class EvaluateResult:
     seconds: float
 
 
+def _collect(ds: Any, n: int, progress: bool) -> dict[int, Any]:
+    """Rows of the evaluate dataset by index, with a progress bar over the directions (+ unedited)."""
+    from tqdm.auto import tqdm
+
+    rows = {}
+    with tqdm(total=n, desc="evaluate directions", unit="dir", disable=not progress) as bar:
+        for r in ds.iter_rows():
+            rows[int(r["index"])] = r
+            bar.update(1)
+    return rows
+
+
 def evaluate(
     cfg: BuildConfig,
     directions: Mapping[str, Direction],
@@ -334,7 +346,7 @@ def evaluate(
         num_cpus=res.num_cpus_per_worker,
         num_gpus=res.num_gpus_per_worker or None,
     )
-    rows = {int(r["index"]): r for r in ds.iter_rows()}
+    rows = _collect(ds, len(items), progress)
     missing = [i for i in [BASE_INDEX, *range(len(names))] if i not in rows]
     if missing:
         raise RuntimeError(f"evaluate: no result for rows {missing}")
