@@ -142,12 +142,13 @@ class BuildResult:
             lines += ["     " + row for row in effect_table_text(self.effects, max_rows=40).splitlines()]
         if self.effects is not None and self.effects.get("grades"):
             grades = self.effects["grades"]
-            graded = [n for n in grades if self.directions.get(n) != "random"]
-            passing = sum(1 for n in graded if grades[n].get("pass"))
+            graded = {n: g for n, g in grades.items() if self.directions.get(n) != "random"}
+            passing = sum(1 for g in graded.values() if g.get("pass"))
             lines.append(
-                f"   grades ({passing}/{len(graded)} non-random directions pass; A best, F fails; see hspace.grade):"
+                f"   grades ({passing}/{len(graded)} directions pass; A best, F fails; see hspace.grade; "
+                f"the {len(grades) - len(graded)} random baselines are graded in the report):"
             )
-            lines += ["     " + row for row in grade_table_text(grades, max_rows=40).splitlines()]
+            lines += ["     " + row for row in grade_table_text(graded, max_rows=60).splitlines()]
         lines += [
             f"   catalog: {self.catalog_url}  model {self.model}  version {self.version}  (ref {self.ref})",
             f"   report: {self.report_url}",

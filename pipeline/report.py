@@ -78,14 +78,15 @@ def grade_table_text(grades: Mapping[str, Mapping[str, Any]], *, max_rows: int |
     shown = names if max_rows is None else names[:max_rows]
     name_w = max(10, *(len(n) for n in names)) if names else 10
     lines = [
-        f"{'direction':<{name_w}}  grade  own attribute      effect   x band  seeds  largest cross  flags"
+        f"{'direction':<{name_w}}  grade  {'own attribute':<15} {'effect':>8} {'x band':>8}  seeds  "
+        f"{'largest cross-effect':<24}  flags"
     ]
     for n in shown:
         g, own, cross = grades[n], grades[n]["own"], grades[n].get("cross") or {}
-        cross_text = f"{cross['attribute']} {_fmt(cross.get('effect'))}" if cross else "-"
+        cross_text = f"{cross['attribute'][:15]} {_fmt(cross.get('effect'))}" if cross else "-"
         lines.append(
-            f"{n:<{name_w}}  {g['letter']:<5}  {own['attribute'][:17]:<17} {_fmt(own['effect']):>7}  "
-            f"{_multiple(own.get('multiple')):>7}  {own['share']:>5.0%}  {cross_text[:13]:<13}  "
+            f"{n:<{name_w}}  {g['letter']:<5}  {own['attribute'][:15]:<15} {_fmt(own['effect']):>8} "
+            f"{_multiple(own.get('multiple')):>8}  {own['share']:>5.0%}  {cross_text:<24}  "
             + (",".join(g["flags"]) or "-")
         )
     if len(shown) < len(names):

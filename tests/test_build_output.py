@@ -86,7 +86,8 @@ def test_summary_lists_grades_best_first_with_flags():
     text = result.summary()
     lines = text[text.index("grades (") :].splitlines()
     passing = sum(g["pass"] for n, g in eff["grades"].items() if kinds[n] != "random")
-    assert passing == 1 and "1/2 non-random directions pass" in lines[0]
+    assert passing == 1 and "1/2 directions pass" in lines[0] and "4 random baselines" in lines[0]
+    assert not any(line.split()[0].startswith("random_") for line in lines[2:] if line.strip())
     rows = [line.split() for line in lines[2:]]
     assert rows[0][0] == "eyes_open_boundary" and rows[0][1] in "AB"
     eyes = next(r for r in rows if r[0] == "eyes_open")
