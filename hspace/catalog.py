@@ -313,6 +313,16 @@ def _encode_directions(directions: list[Direction]) -> tuple[bytes, list[dict[st
     return save(_unshare(tensors), metadata=metadata), entries
 
 
+def _attach_grades(entries: list[dict[str, Any]], grades: Mapping[str, Mapping[str, Any]]) -> None:
+    """Each graded direction's manifest entry gets its ``grade`` (see :mod:`hspace.grade`)."""
+    unknown = sorted(set(grades) - {e["name"] for e in entries})
+    if unknown:
+        raise ValueError(f"grades name directions that are not published: {unknown}")
+    for entry in entries:
+        if entry["name"] in grades:
+            entry["grade"] = dict(grades[entry["name"]])
+
+
 def _unshare(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Clone tensors whose memory another entry already uses (directions sharing one timesteps
     tensor, say): safetensors refuses to save shared memory."""
@@ -564,9 +574,16 @@ class CatalogVersion:
             )
         return self._load_direction(name)
 
-    def directions(self) -> dict[str, Direction]:
-        """Every direction, keyed by name, in published order."""
-        return {n: self._load_direction(n) for n in self.direction_names()}
+    def directions(self, *, min_grade: str | None = None) -> dict[str, Direction]:
+        """Every direction, keyed by name, in published order; with ``min_grade`` (``"A"`` .. ``"F"``)
+        only those whose manifest ``grade`` is that letter or better (ungraded ones are left out)."""
+        names = self.direction_names()
+        if min_grade is not None:
+            from hspace.grade import grade_at_least
+
+            entries = {d["name"]: d for d in self.manifest["directions"]}
+            names = [n for n in names if grade_at_least(entries[n].get("grade"), min_grade)]
+        return {n: self._load_direction(n) for n in names}
 
     def pca_safetensors(self) -> tuple[dict[str, Tensor], dict[str, str]] | None:
         """The verified pca.safetensors as (tensors, metadata), or None if none was published."""
@@ -776,8 +793,11 @@ class Catalog:
         metadata: Mapping[str, Any],
         ref: str | None = "latest",
         version: str | None = None,
+        grades: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> str:
         """Write a new immutable version and move ``ref`` to it; returns the version id.
+
+        ``grades`` (direction -> :mod:`hspace.grade` dict) become each manifest entry's ``grade``.
 
         ``metadata`` (JSON-able) may hold ``model_id``, ``revision``, ``config_hash``,
         ``model_fingerprint``, ``sampler``, ``timesteps``, ``inputs`` (the run manifest summary);
@@ -799,6 +819,7 @@ class Catalog:
 
         files: dict[str, bytes] = {}
         files[DIRECTIONS_FILE], entries = _encode_directions(dir_list)
+        _attach_grades(entries, grades or {})
         if pca is not None:
             files[PCA_FILE] = _encode_pca(pca)
         if effects is not None:

@@ -41,6 +41,10 @@ app.add_typer(catalog_app, name="catalog")
 
 #: Pixels of background around and between the cells of every image grid the CLI writes.
 GRID_PAD = 2
+#: Every cell of a written grid is upscaled (nearest neighbour) to at least this many pixels.
+MIN_CELL = 128
+#: PNG text key holding the grid layout as JSON (cell size, padding, label margins, labels).
+GRID_KEY = "hspace:grid"
 #: The most seeds/steps one list may expand to (a typo like 0-10000000 fails fast instead).
 MAX_LIST = 100_000
 
@@ -96,13 +100,30 @@ def _exit_code(error: BaseException) -> int | None:
     return None
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2, hint: str | None = None) -> None:
     typer.echo(f"Error: {message}", err=True)
+    if hint:
+        typer.echo(f"Hint: {hint}", err=True)
     raise typer.Exit(code)
 
 
+#: What to try next after an expected error, per command (default: the command's --help).
+_HINTS = {
+    "catalog": "`hspace catalog list URL` shows a catalog's models and refs, `--model NAME` a model's "
+    "versions, `hspace catalog show URL MODEL` a version's directions",
+    "edit": "`hspace catalog show URL MODEL` lists a catalog's directions; `hspace edit --help` the options",
+}
+
+
+def _hint(fn: Callable[..., Any]) -> str:
+    name = fn.__name__
+    if name.startswith("catalog_"):
+        return _HINTS["catalog"]
+    return _HINTS.get(name, f"`hspace {name.replace('_', '-')} --help` lists the options")
+
+
 def _user_errors(fn: F) -> F:
-    """Print expected errors as one line and exit with :func:`_exit_code`; re-raise bugs."""
+    """Print expected errors as one message with a hint and exit with :func:`_exit_code`; re-raise bugs."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -115,7 +136,7 @@ def _user_errors(fn: F) -> F:
             message = str(error) or type(error).__name__
             if isinstance(error, FileNotFoundError) and error.filename and str(error.filename) not in message:
                 message = f"{message}: {error.filename}"
-            _fail(message, code)
+            _fail(message, code, _hint(fn))
 
     return wrapper  # type: ignore[return-value]
 
@@ -229,15 +250,53 @@ def _wrap(images: Tensor, cols: int) -> Tensor:
     return cells.view(rows, cols, *images.shape[1:])
 
 
-def _save_grid(cells: Tensor, out: Path, what: str) -> None:
-    """Write cells [R, K, C, H, W] in [0, 1] as one PNG grid with GRID_PAD pixels between cells."""
+def _seed_text(seeds: Sequence[int]) -> str:
+    """Seeds as ranges: [0, 1, 2, 5] -> '0-2,5'."""
+    parts: list[str] = []
+    for s in seeds:
+        if parts and parts[-1].split("-")[-1] == str(s - 1):
+            parts[-1] = f"{parts[-1].split('-')[0]}-{s}"
+        else:
+            parts.append(str(s))
+    return ",".join(parts)
+
+
+def _save_grid(
+    cells: Tensor,
+    out: Path,
+    what: str,
+    *,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+) -> None:
+    """Write cells [R, K, C, H, W] in [0, 1] as one PNG grid: every cell upscaled (nearest) to at
+    least MIN_CELL pixels, GRID_PAD pixels between cells, rows and columns labelled. The layout
+    goes into the PNG's ``hspace:grid`` text chunk so a reader can cut the cells back out."""
+    from PIL.PngImagePlugin import PngInfo
+
     from hspace.images import image_grid
 
-    image = image_grid(cells, pad=GRID_PAD)
+    rows, cols, _, height, width = cells.shape
+    image = image_grid(cells, min_cell=MIN_CELL, pad=GRID_PAD, row_labels=row_labels, col_labels=col_labels)
+    scale = max(1, math.ceil(MIN_CELL / height))
+    cell_h, cell_w = height * scale, width * scale
+    layout = {
+        "rows": rows,
+        "cols": cols,
+        "cell": [cell_h, cell_w],
+        "scale": scale,
+        "pad": GRID_PAD,
+        "left": image.width - cols * cell_w - (cols + 1) * GRID_PAD,
+        "top": image.height - rows * cell_h - (rows + 1) * GRID_PAD,
+        "row_labels": list(row_labels or []),
+        "col_labels": list(col_labels or []),
+    }
+    info = PngInfo()
+    info.add_text(GRID_KEY, json.dumps(layout))
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out, format="PNG")
-    typer.echo(f"wrote {out} ({what}, {image.width}x{image.height} px)")
+    image.save(out, format="PNG", pnginfo=info)
+    typer.echo(f"wrote {out} ({what}, {image.width}x{image.height} px, cells {cell_w}x{cell_h} px)")
 
 
 def _save_tensors(out: Path, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
@@ -313,7 +372,16 @@ def sample(
         batch_size=batch_size,
         progress=_progress(progress),
     )
-    _save_grid(_wrap(traj.images, cols), out, f"{len(seed_list)} samples")
+    grid = _wrap(traj.images, cols)
+    per_row = grid.shape[1]
+    row_seeds = [seed_list[r * per_row : (r + 1) * per_row] for r in range(grid.shape[0])]
+    _save_grid(
+        grid,
+        out,
+        f"{len(seed_list)} samples",
+        row_labels=[f"seeds {_seed_text(s)}" for s in row_seeds],
+        col_labels=[f"+{c}" for c in range(per_row)] if len(row_seeds) > 1 else [str(s) for s in seed_list],
+    )
     if save_h is not None:
         assert traj.h is not None
         _save_tensors(
@@ -442,7 +510,13 @@ def edit(
     what = (
         f"{len(seed_list)} seeds x scales {scale_list} of {vector.name!r}, {units.value} units, {mode.value}"
     )
-    _save_grid(images, out, what)
+    _save_grid(
+        images,
+        out,
+        what,
+        row_labels=[f"seed {s}" for s in seed_list],
+        col_labels=[f"{g:+g}" for g in scale_list],
+    )
 
 
 @app.command()
@@ -485,7 +559,13 @@ def swap(
         progress=show,
     )
     grid = torch.stack([plain_a.images, donor.images, swapped.images])
-    _save_grid(grid, out, f"{len(list_a)} pairs: a, b, a with h from b")
+    _save_grid(
+        grid,
+        out,
+        f"{len(list_a)} pairs: a, b, a with h from b",
+        row_labels=["a", "b", "a+h(b)"],
+        col_labels=[f"{a}/{b}" for a, b in zip(list_a, list_b, strict=True)],
+    )
 
 
 @app.command()
@@ -521,7 +601,13 @@ def invert(
         typer.echo(f"{path}: PSNR {value:.2f} dB")
     typer.echo(str(report))
     grid = torch.stack([report.inversion.images, report.reconstruction.images])
-    _save_grid(grid, out, f"{len(images)} images: originals, reconstructions")
+    _save_grid(
+        grid,
+        out,
+        f"{len(images)} images: originals, reconstructions",
+        row_labels=["original", "reconstructed"],
+        col_labels=[Path(p).name for p in images],
+    )
     if save is not None:
         inv = report.inversion
         tensors = {"x_T": inv.x_T, "timesteps": inv.timesteps.long(), "psnr": report.psnr}
@@ -543,9 +629,20 @@ def invert(
 # ---------------------------------------------------------------------------------------------
 # catalog commands
 def _open_catalog(url: str, storage_options: str | None):
+    """An existing catalog at ``url`` (a URL with nothing there is an error, not an empty catalog)."""
     from hspace import catalog as catalog_mod
 
-    return catalog_mod.open(url, parse_storage_options(storage_options))
+    options = parse_storage_options(storage_options)
+    try:
+        cat = catalog_mod.open(url, options)
+    except (ValueError, ImportError) as err:
+        raise UsageError(
+            f"catalog URL {url!r} cannot be opened ({err}); use a local path or an fsspec URL such as "
+            "s3://bucket/prefix or memory://name"
+        ) from None
+    if not cat.fs.exists(cat.root):
+        raise FileNotFoundError(f"no catalog at {url}: nothing exists there")
+    return cat
 
 
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
@@ -573,15 +670,52 @@ def _refs_by_version(refs: dict[str, str]) -> dict[str, list[str]]:
     return out
 
 
+def _versions_of(cat: Any, url: str, model: str) -> list[dict[str, Any]]:
+    """One row per complete version of ``model``: id, created, direction count, refs (oldest first)."""
+    versions = cat.versions(model)
+    if not versions:
+        raise FileNotFoundError(
+            f"catalog {url} has no complete versions of model {model!r}; models: {cat.models()} "
+            f"(hint: `hspace catalog list {url}`)"
+        )
+    by_version = _refs_by_version(cat.refs(model))
+    rows = []
+    for v in versions:
+        manifest = cat.read_manifest(model, v)
+        rows.append(
+            {
+                "version": v,
+                "created": manifest.get("created"),
+                "directions": len(manifest["directions"]),
+                "refs": by_version.get(v, []),
+            }
+        )
+    return rows
+
+
+def _listing(cat: Any, url: str, model: str | None) -> dict[str, Any]:
+    """``catalog list --json``: every model with its refs and version ids, or one model's versions."""
+    if model is not None:
+        return {"catalog": url, "model": model, "versions": _versions_of(cat, url, model)}
+    return {
+        "catalog": url,
+        "models": [{"model": m, "versions": cat.versions(m), "refs": cat.refs(m)} for m in cat.models()],
+    }
+
+
 @catalog_app.command("list")
 @_user_errors
 def catalog_list(
     url: Annotated[str, typer.Argument(help="catalog URL (path, s3://..., memory://...)")],
     model: Annotated[str | None, typer.Option(help="list this model's versions")] = None,
     storage_options: StorageOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the listing as JSON")] = False,
 ) -> None:
     """List the models of a catalog, or one model's complete versions (oldest first) and refs."""
     cat = _open_catalog(url, storage_options)
+    if as_json:
+        typer.echo(json.dumps(_listing(cat, url, model), indent=1, sort_keys=True))
+        return
     if model is None:
         models = cat.models()
         if not models:
@@ -595,19 +729,19 @@ def catalog_list(
             )
         typer.echo(_table(rows, ["model", "versions", "refs"]))
         return
-    versions = cat.versions(model)
-    if not versions:
-        raise FileNotFoundError(
-            f"catalog {url} has no complete versions of model {model!r}; models: {cat.models()}"
-        )
-    by_version = _refs_by_version(cat.refs(model))
-    rows = []
-    for v in versions:
-        manifest = cat.read_manifest(model, v)
-        rows.append(
-            [v, manifest.get("created", "?"), len(manifest["directions"]), ", ".join(by_version.get(v, []))]
-        )
+    rows = [
+        [r["version"], r["created"] or "?", r["directions"], ", ".join(r["refs"])]
+        for r in _versions_of(cat, url, model)
+    ]
     typer.echo(_table(rows, ["version", "created", "directions", "refs"]))
+
+
+def _grade_text(grade: Any) -> str:
+    """'A', 'F (wrong_sign)', or '-' for an ungraded direction."""
+    if not isinstance(grade, dict) or "letter" not in grade:
+        return "-"
+    flags = grade.get("flags") or []
+    return str(grade["letter"]) + (f" ({','.join(flags)})" if flags else "")
 
 
 @catalog_app.command("show")
@@ -656,11 +790,64 @@ def catalog_show(
             d.get("units", "?"),
             "yes" if d.get("has_sigma") else "no",
             f"{d['norm']:.4g}" if isinstance(d.get("norm"), (int, float)) else "?",
+            _grade_text(d.get("grade")),
         ]
         for d in m["directions"]
     ]
     typer.echo(f"directions  {len(rows)}")
-    typer.echo(_table(rows, ["name", "kind", "shape", "units", "sigma", "norm"]))
+    typer.echo(_table(rows, ["name", "kind", "shape", "units", "sigma", "norm", "grade"]))
+
+
+def _verify_version(version: Any) -> list[str]:
+    """Check every file of one version against its manifest; one message per bad file."""
+    from hspace.catalog import ChecksumError
+
+    bad = []
+    for rel in version.files():
+        try:
+            version.read_file(rel)
+        except (ChecksumError, FileNotFoundError) as err:
+            bad.append(f"{rel}: {err}")
+    return bad
+
+
+@catalog_app.command("verify")
+@_user_errors
+def catalog_verify(
+    url: Annotated[str, typer.Argument(help="catalog URL")],
+    model: Annotated[str | None, typer.Argument(help="model name (default: every model)")] = None,
+    version: Annotated[
+        str | None, typer.Argument(help="ref or version id (default: every complete version)")
+    ] = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Check the size and sha256 of every file of a version against its manifest; exit 1 naming each
+    file that is missing or differs."""
+    cat = _open_catalog(url, storage_options)
+    models = [model] if model is not None else cat.models()
+    if not models:
+        raise FileNotFoundError(
+            f"catalog {url} has no models (hint: is the URL right? `hspace catalog list {url}`)"
+        )
+    n_files, failures = 0, []
+    for m in models:
+        ids = [cat.resolve(m, version)] if version is not None else cat.versions(m)
+        if not ids:
+            raise FileNotFoundError(
+                f"catalog {url} has no complete versions of model {m!r}; models: {cat.models()}"
+            )
+        for v in ids:
+            checked = cat.version(m, v)
+            bad = _verify_version(checked)
+            n_files += len(checked.files())
+            failures += [f"{m}/{v}/{b}" for b in bad]
+            status = "ok" if not bad else f"{len(bad)} bad"
+            typer.echo(f"{m} {v}: {len(checked.files())} files, {status}")
+    for line in failures:
+        typer.echo(f"MISMATCH {line}", err=True)
+    if failures:
+        _fail(f"{len(failures)} of {n_files} files do not match their manifest (first: {failures[0]})", 1)
+    typer.echo(f"verified {n_files} files: all match their manifests")
 
 
 @catalog_app.command("diff")
@@ -715,6 +902,9 @@ def build(
     run_url: Annotated[str | None, typer.Option(help="override storage.run_url")] = None,
     catalog_url: Annotated[str | None, typer.Option(help="override catalog.url")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
+    verbose: Annotated[
+        bool, typer.Option(help="keep Ray's own log lines and worker warnings (also: HSPACE_VERBOSE=1)")
+    ] = False,
 ) -> None:
     """Build a direction catalog with the Ray pipeline (pipeline.build.main); needs hspace[pipeline]."""
     if not config.is_file():
@@ -724,6 +914,7 @@ def build(
     argv += ["--catalog-url", catalog_url] if catalog_url else []
     argv += ["--dry-run"] if dry_run else []
     argv += ["--quiet"] if quiet else []
+    argv += ["--verbose"] if verbose else []
     try:
         from pipeline.build import main as build_main
 

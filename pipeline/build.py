@@ -14,16 +14,18 @@ submitted Ray job would lose, then dry-run (print the plan) or build and print t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.config import CONFIG_ERROR_EXIT_CODE, BuildConfig, ConfigError, load_config, probe_config
-from pipeline.ray_runtime import init_ray
+from pipeline.ray_runtime import init_ray, verbose_default
 from pipeline.storage import RunStore
 
 __all__ = [
@@ -118,7 +120,7 @@ class BuildResult:
 
     def summary(self) -> str:
         """The closing report (plain text)."""
-        from pipeline.report import effect_table_text
+        from pipeline.report import effect_table_text, grade_table_text
 
         kinds: dict[str, int] = {}
         for kind in self.directions.values():
@@ -138,6 +140,15 @@ class BuildResult:
                 f"{self.effects['n_seeds']} held-out seeds; (score(+g) - score(-g)) / 2):"
             )
             lines += ["     " + row for row in effect_table_text(self.effects, max_rows=40).splitlines()]
+        if self.effects is not None and self.effects.get("grades"):
+            grades = self.effects["grades"]
+            graded = {n: g for n, g in grades.items() if self.directions.get(n) != "random"}
+            passing = sum(1 for g in graded.values() if g.get("pass"))
+            lines.append(
+                f"   grades ({passing}/{len(graded)} directions pass; A best, F fails; see hspace.grade; "
+                f"the {len(grades) - len(graded)} random baselines are graded in the report):"
+            )
+            lines += ["     " + row for row in grade_table_text(graded, max_rows=60).splitlines()]
         lines += [
             f"   catalog: {self.catalog_url}  model {self.model}  version {self.version}  (ref {self.ref})",
             f"   report: {self.report_url}",
@@ -153,8 +164,53 @@ def _timed(stage_seconds: dict[str, float], name: str, fn: Callable[..., T], *ar
         stage_seconds[name] = time.perf_counter() - t0
 
 
-def build_catalog(cfg: BuildConfig, progress: bool = True) -> BuildResult:
-    """Run every stage of the build in order and publish a new catalog version."""
+@contextlib.contextmanager
+def native_stderr_to_file() -> Iterator[str | None]:
+    """Send what native code and child processes write to file descriptor 2 (Ray's C++ core log
+    lines, the local cluster's processes) to a log file, while Python's ``sys.stderr`` (progress
+    bars, warnings, tracebacks) stays on the terminal. Yields the file's path (None if fd 2 cannot
+    be redirected); restores fd 2 on exit."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield None
+        return
+    fd, path = tempfile.mkstemp(prefix="hspace-build-", suffix=".log")
+    python_stderr = sys.stderr
+    sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace")
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        ours, sys.stderr = sys.stderr, python_stderr
+        ours.close()
+
+
+def build_catalog(cfg: BuildConfig, progress: bool = True, verbose: bool | None = None) -> BuildResult:
+    """Run every stage of the build in order and publish a new catalog version.
+
+    ``verbose`` (default: ``HSPACE_VERBOSE``) keeps Ray's own log output on the terminal. Otherwise
+    the terminal shows the stages' progress lines and the summary: Ray's Python loggers and the
+    workers' deprecation warnings are quieted (``pipeline.ray_runtime.QUIET_ENV``) and, when this
+    process starts or joins Ray, the native log lines go to a file named in the first line.
+    """
+    import ray
+
+    verbose = verbose_default() if verbose is None else verbose
+    with contextlib.ExitStack() as stack:
+        native_log = None
+        if not verbose and not ray.is_initialized():
+            native_log = stack.enter_context(native_stderr_to_file())
+        return _build(cfg, progress, verbose, native_log)
+
+
+def _build(cfg: BuildConfig, progress: bool, verbose: bool, native_log: str | None) -> BuildResult:
+    """The stages in order (see :func:`build_catalog`)."""
     from pipeline.aggregate import aggregate
     from pipeline.annotate import annotate
     from pipeline.evaluate import evaluate
@@ -165,7 +221,7 @@ def build_catalog(cfg: BuildConfig, progress: bool = True) -> BuildResult:
 
     cfg = override_urls(cfg)
     log = print if progress else (lambda *a, **k: None)
-    log(init_ray(cfg))
+    log(init_ray(cfg, verbose=verbose) + (f" (Ray's own log lines: {native_log})" if native_log else ""))
     store = RunStore(cfg.storage.run_url, cfg.storage.storage_options)
     seconds: dict[str, float] = {}
 
@@ -243,6 +299,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--run-url", default=None, help="override storage.run_url (any fsspec URL)")
     parser.add_argument("--catalog-url", default=None, help="override catalog.url (any fsspec URL)")
     parser.add_argument("--quiet", action="store_true", help="no progress output, only the closing summary")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=None,
+        help="keep Ray's own log lines and worker warnings (also: HSPACE_VERBOSE=1)",
+    )
     return parser
 
 
@@ -252,7 +314,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     try:
         cfg = load_job_config(args.config, run_url=args.run_url, catalog_url=args.catalog_url)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"Error: {e}", file=sys.stderr)
+        print(
+            "Hint: configs/quickstart.yaml is a complete example; --dry-run checks a config without doing any work",
+            file=sys.stderr,
+        )
         return CONFIG_ERROR_EXIT_CODE
     if args.dry_run:
         from pipeline.plan import plan
@@ -266,7 +332,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         print(f"{args.config}: ok ({cfg.name}); dry run, nothing written")
         print(plan(cfg).summary())
         return 0
-    result = build_catalog(cfg, progress=not args.quiet)
+    result = build_catalog(cfg, progress=not args.quiet, verbose=args.verbose)
     print(result.summary())
     return 0
 

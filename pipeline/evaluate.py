@@ -9,6 +9,7 @@ read in the classifier's own units (logit for a binary attribute, value for a co
 
 The headline matrix holds ``plus`` = delta at the largest positive gamma, ``minus`` = delta at its
 negative, and ``effect`` = (plus - minus) / 2 (the mean change per gamma step, symmetric).
+``grades`` holds every direction's grade against the random baselines (:mod:`hspace.grade`).
 
 Edit vectors: with ``evaluate.units: sigma`` e_{d,t} = sigma_{d,t} * v_{d,t} / ||v_{d,t}||, so gamma
 counts standard deviations of the data along d; a random baseline uses the sigma of the direction
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from hspace.directions import Direction
+from hspace.grade import grade_directions
 
 if TYPE_CHECKING:
     from hspace.model import HSpaceModel
@@ -45,6 +47,8 @@ __all__ = [
     "effect_matrix",
     "evaluate",
     "load_model",
+    "own_attribute",
+    "own_attributes",
 ]
 
 EFFECTS_SCHEMA = "hspace.effects/1"
@@ -79,6 +83,24 @@ def edit_vectors(
     return out
 
 
+def own_attribute(d: Direction) -> str | None:
+    """The attribute a supervised direction was built from (``provenance["attribute"]``; for a
+    disentangled one, its source's); None for PCA, Jacobian, random and custom directions."""
+    if d.kind == "supervised":
+        attribute = d.provenance.get("attribute")
+    elif d.kind == "disentangled":
+        source = d.provenance.get("source_provenance")
+        attribute = source.get("attribute") if isinstance(source, dict) else None
+    else:
+        attribute = None
+    return attribute if isinstance(attribute, str) else None
+
+
+def own_attributes(directions: Mapping[str, Direction]) -> dict[str, str | None]:
+    """direction -> :func:`own_attribute` (None: graded by its largest effect)."""
+    return {name: own_attribute(d) for name, d in directions.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # The effect matrix from raw scores (pure: tested without Ray or a model)
 
@@ -95,8 +117,9 @@ def effect_matrix(
     """effects.json content from base scores [B, A] and edited scores {name: [B, S, A]}.
 
     ``delta``/``stderr`` per direction, attribute and scale; the headline matrix (``plus``,
-    ``minus``, ``effect``) at the largest positive scale; per-attribute random baseline spread
-    and every direction's effect in units of that spread (``z``).
+    ``minus``, ``effect``) at the largest positive scale; the share of seeds whose own change
+    (per-seed effect) is positive / negative (``share_up`` / ``share_down``); per-attribute random
+    baseline spread and every direction's effect in units of that spread (``z``).
     """
     scales = [float(s) for s in scales]
     positive = [s for s in scales if s > 0]
@@ -110,6 +133,7 @@ def effect_matrix(
     delta, stderr = {}, {}
     plus = np.zeros((len(names), n_a))
     minus = np.full((len(names), n_a), np.nan)
+    share_up, share_down = np.zeros((len(names), n_a)), np.zeros((len(names), n_a))
     for r, name in enumerate(names):
         s = np.asarray(edited[name], np.float64)
         if s.ndim != 3 or s.shape[0] != base.shape[0] or s.shape[1] != len(scales) or s.shape[2] != n_a:
@@ -128,6 +152,8 @@ def effect_matrix(
         plus[r] = mean[i_plus]
         if i_minus is not None:
             minus[r] = mean[i_minus]
+        per_seed = (d[:, i_plus] - d[:, i_minus]) / 2 if i_minus is not None else d[:, i_plus]  # [B, A]
+        share_up[r], share_down[r] = (per_seed > 0).mean(0), (per_seed < 0).mean(0)
     effect = (plus - minus) / 2 if i_minus is not None else plus
     randoms = [r for r, n in enumerate(names) if n in random_of]
     baseline, z = {}, np.full_like(effect, np.nan)
@@ -140,6 +166,7 @@ def effect_matrix(
                 "rms": float(spread[k]),
                 "mean_abs": float(rnd[:, k].mean()),
                 "max_abs": float(rnd[:, k].max()),
+                "p95_abs": float(np.percentile(rnd[:, k], 95)),
             }
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.where(spread > 0, effect / spread, np.nan)
@@ -165,6 +192,8 @@ def effect_matrix(
             "minus": rows(minus) if i_minus is not None else None,
             "effect": rows(effect),
             "z": rows(z),
+            "share_up": rows(share_up),
+            "share_down": rows(share_down),
         },
         "delta": delta,
         "stderr": stderr,
@@ -266,6 +295,18 @@ class EvaluateResult:
     seconds: float
 
 
+def _collect(ds: Any, n: int, progress: bool) -> dict[int, Any]:
+    """Rows of the evaluate dataset by index, with a progress bar over the directions (+ unedited)."""
+    from tqdm.auto import tqdm
+
+    rows = {}
+    with tqdm(total=n, desc="evaluate directions", unit="dir", disable=not progress) as bar:
+        for r in ds.iter_rows():
+            rows[int(r["index"])] = r
+            bar.update(1)
+    return rows
+
+
 def evaluate(
     cfg: BuildConfig,
     directions: Mapping[str, Direction],
@@ -308,7 +349,7 @@ def evaluate(
         num_cpus=res.num_cpus_per_worker,
         num_gpus=res.num_gpus_per_worker or None,
     )
-    rows = {int(r["index"]): r for r in ds.iter_rows()}
+    rows = _collect(ds, len(items), progress)
     missing = [i for i in [BASE_INDEX, *range(len(names))] if i not in rows]
     if missing:
         raise RuntimeError(f"evaluate: no result for rows {missing}")
@@ -317,6 +358,7 @@ def evaluate(
     effects = effect_matrix(
         base, edited, ev.scales, attributes, binary, random_of, {n: d.kind for n, d in directions.items()}
     )
+    effects["grades"] = grade_directions(effects, own_attributes(directions))
     effects |= {
         "units": ev.units,
         "mode": "both",

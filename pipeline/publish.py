@@ -3,7 +3,8 @@
 Everything goes through :mod:`hspace.catalog`: directions.safetensors, pca.safetensors,
 effects.json (stamped with the version id), ``previews/<direction>.png`` edit strips and a
 self-contained ``report.html`` are written under a fresh version id with their sha256 in the
-manifest; the manifest is created last (exclusive create), then the ref moves.
+manifest, and every direction's grade (:mod:`hspace.grade`) goes into its manifest entry; the
+manifest is created last (exclusive create), then the ref moves.
 
 The manifest's ``inputs`` record what the build was made from -- model fingerprint and revision,
 a hash of the result-relevant config, a fingerprint of the source code, the classifier, the
@@ -90,7 +91,10 @@ def preview_name(direction: str) -> str:
 
 
 def direction_rows(directions: Mapping[str, Direction]) -> list[dict[str, Any]]:
-    """Per-direction summary rows for the report: name, kind, units, norm, mean sigma."""
+    """Per-direction summary rows for the report: name, kind, units, norm, mean sigma, and for
+    supervised directions the attribute and method they were built with."""
+    from pipeline.evaluate import own_attribute
+
     rows = []
     for name, d in directions.items():
         rows.append(
@@ -100,6 +104,8 @@ def direction_rows(directions: Mapping[str, Direction]) -> list[dict[str, Any]]:
                 "units": d.units,
                 "norm": float(d.vector.to(torch.float64).norm()),
                 "sigma": None if d.sigma is None else float(d.sigma.mean()),
+                "attribute": own_attribute(d),
+                "method": d.provenance.get("method"),
             }
         )
     return rows
@@ -213,6 +219,7 @@ def publish(
         metadata=_version_metadata(cfg, inputs, timesteps, run_summary),
         ref=cat_cfg.ref,
         version=version,
+        grades=(effects or {}).get("grades") or None,
     )
     v = cat.version(cat_cfg.model_name, published)
     files = v.files()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from hspace import catalog as catalog_mod
-from hspace.cli import GRID_PAD, app, parse_float_list, parse_int_list
+from hspace.cli import GRID_KEY, GRID_PAD, MIN_CELL, app, parse_float_list, parse_int_list
 from hspace.directions import Direction
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,14 +41,41 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def grid_size(rows: int, cols: int, cell: int = SIZE) -> tuple[int, int]:
-    """(width, height) of a CLI grid: cells with GRID_PAD pixels around and between them."""
-    return cols * cell + (cols + 1) * GRID_PAD, rows * cell + (rows + 1) * GRID_PAD
+def layout(image: Image.Image) -> dict:
+    """The grid layout the CLI stores in the PNG (cell size, padding, label margins, labels)."""
+    return json.loads(image.text[GRID_KEY])
 
 
-def cell(image: Image.Image, row: int, col: int, size: int = SIZE) -> np.ndarray:
-    x, y = GRID_PAD + col * (size + GRID_PAD), GRID_PAD + row * (size + GRID_PAD)
-    return np.asarray(image)[y : y + size, x : x + size].astype(np.int16)
+def check_grid(image: Image.Image, rows: int, cols: int, row_labels=None, col_labels=None) -> None:
+    """A CLI grid: rows x cols cells upscaled to >= MIN_CELL px, GRID_PAD px apart, labelled margins
+    (with dark text pixels) left of the rows and above the columns."""
+    lay = layout(image)
+    ch, cw = lay["cell"]
+    assert (
+        (lay["rows"], lay["cols"]) == (rows, cols) and min(ch, cw) >= MIN_CELL and ch == SIZE * lay["scale"]
+    )
+    assert image.size == (
+        lay["left"] + cols * cw + (cols + 1) * GRID_PAD,
+        lay["top"] + rows * ch + (rows + 1) * GRID_PAD,
+    )
+    assert lay["left"] > 0 and lay["top"] > 0
+    a = np.asarray(image)
+    assert (a[:, : lay["left"]] < 128).any() and (a[: lay["top"]] < 128).any()  # label text drawn
+    if row_labels is not None:
+        assert lay["row_labels"] == row_labels
+    if col_labels is not None:
+        assert lay["col_labels"] == col_labels
+    c = cell(image, 0, 0)
+    k = lay["scale"]
+    assert (np.repeat(np.repeat(c[::k, ::k], k, 0), k, 1) == c).all()  # nearest-neighbour upscaling
+
+
+def cell(image: Image.Image, row: int, col: int) -> np.ndarray:
+    """One cell of a CLI grid at its upscaled size."""
+    lay = layout(image)
+    ch, cw = lay["cell"]
+    x, y = lay["left"] + GRID_PAD + col * (cw + GRID_PAD), lay["top"] + GRID_PAD + row * (ch + GRID_PAD)
+    return np.asarray(image)[y : y + ch, x : x + cw].astype(np.int16)
 
 
 def model_args(model_dir: Path) -> list[str]:
@@ -111,7 +139,7 @@ def test_sample_writes_a_grid_of_the_right_size_and_saves_h(tiny_model_dir, tmp_
     )
     assert res.exit_code == 0, res.output
     image = Image.open(out)
-    assert image.size == grid_size(rows=2, cols=3)
+    check_grid(image, rows=2, cols=3, row_labels=["seeds 0-2", "seeds 5"])
     assert image.mode == "RGB"
     # 4 seeds in 3 columns: the second row has one sample, its other cells stay background
     assert (cell(image, 1, 1) == 255).all()
@@ -163,7 +191,7 @@ def test_edit_from_a_direction_file_writes_a_seeds_by_scales_strip(tiny_model_di
     )
     assert res.exit_code == 0, res.output
     image = Image.open(out)
-    assert image.size == grid_size(rows=2, cols=3)
+    check_grid(image, rows=2, cols=3, row_labels=["seed 0", "seed 1"], col_labels=["-4", "+0", "+4"])
     # an edit of this size changes the image: the +-4 columns differ from the scale-0 column by more
     # than 8-bit rounding (mean |diff| > 1 grey level)
     for row in range(2):
@@ -229,7 +257,7 @@ def test_swap_writes_three_rows(tiny_model_dir, tmp_path):
     out = tmp_path / "swap.png"
     res = invoke("swap", "--seeds-a", "0,1", "--seeds-b", "2,3", "--out", out, *model_args(tiny_model_dir))
     assert res.exit_code == 0, res.output
-    assert Image.open(out).size == grid_size(rows=3, cols=2)
+    check_grid(Image.open(out), rows=3, cols=2, col_labels=["0/2", "1/3"])
 
 
 def test_invert_prints_psnr_and_writes_originals_over_reconstructions(tiny_model_dir, tmp_path):
@@ -242,7 +270,7 @@ def test_invert_prints_psnr_and_writes_originals_over_reconstructions(tiny_model
     res = invoke("invert", *paths, "--out", out, *model_args(tiny_model_dir))
     assert res.exit_code == 0, res.output
     assert res.output.count("PSNR") >= 2 and "dB" in res.output
-    assert Image.open(out).size == grid_size(rows=2, cols=2)
+    check_grid(Image.open(out), rows=2, cols=2, col_labels=["img0.png", "img1.png"])
 
 
 def test_invert_missing_image_exits_2(tiny_model_dir, tmp_path):
@@ -347,6 +375,75 @@ def test_catalog_checksum_error_exits_1(published):
     assert res.exit_code == 1 and "sha256 mismatch" in res.output and "Traceback" not in res.output
 
 
+def test_catalog_list_and_show_as_json(published):
+    url, (v1, v2, v3) = published
+    res = invoke("catalog", "list", url, "--json")
+    assert res.exit_code == 0, res.output
+    listing = json.loads(res.output)
+    assert listing["models"] == [
+        {"model": "tiny", "versions": [v1, v2, v3], "refs": {"latest": v3, "stable": v1}}
+    ]
+    res = invoke("catalog", "list", url, "--model", "tiny", "--json")
+    versions = json.loads(res.output)["versions"]
+    assert [v["version"] for v in versions] == [v1, v2, v3] and versions[0]["refs"] == ["stable"]
+    assert [v["directions"] for v in versions] == [2, 2, 1]
+    res = invoke("catalog", "show", url, "tiny", v2, "--json")
+    assert [d["name"] for d in json.loads(res.output)["directions"]] == ["a", "c"]
+
+
+def test_catalog_verify_names_every_bad_file_and_exits_1(published):
+    url, (v1, v2, v3) = published
+    res = invoke("catalog", "verify", url)
+    assert res.exit_code == 0, res.output
+    assert all(v in res.output for v in (v1, v2, v3)) and "all match" in res.output
+    vdir = Path(url) / "tiny" / "versions"
+    target = vdir / v2 / "directions.safetensors"
+    target.write_bytes(target.read_bytes()[:-1] + bytes([target.read_bytes()[-1] ^ 0xFF]))  # same size
+    (vdir / v1 / "directions.safetensors").unlink()
+    res = invoke("catalog", "verify", url, "tiny")
+    assert res.exit_code == 1, res.output
+    assert f"tiny/{v2}/directions.safetensors" in res.output and "sha256" in res.output
+    assert f"tiny/{v1}/directions.safetensors" in res.output and "missing" in res.output
+    assert "2 of 3 files" in res.output and "Traceback" not in res.output
+    assert invoke("catalog", "verify", url, "tiny", "latest").exit_code == 0  # v3 is intact
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hspace.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+
+
+def test_user_errors_are_one_message_with_a_hint_and_a_non_zero_exit(published, tmp_path):
+    url, _ = published
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("name: x\nmodel: {source: toy}\nsampler: {kind: ddpm, num_inference_steps: -3}\n")
+    cases = [
+        (["build", "--config", bad_config, "--dry-run"], 2, "num_inference_steps"),
+        (["catalog", "list", tmp_path / "nowhere"], 2, "no catalog at"),
+        (["catalog", "show", "foo://bar", "tiny"], 2, "cannot be opened"),
+        (["catalog", "show", url, "nomodel"], 2, "'nomodel'"),
+        (["catalog", "verify", url, "tiny", "no-such-version"], 2, "'no-such-version'"),
+        (
+            ["edit", "--catalog", url, "--catalog-model", "tiny", "--name", "zz", "--model", tmp_path],
+            2,
+            "'zz'",
+        ),
+        (["build", "--config", tmp_path / "missing.yaml"], 2, "missing.yaml"),
+    ]
+    for args, code, needle in cases:
+        proc = _cli(*args)
+        assert proc.returncode == code, (args, proc.stderr)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and needle in proc.stderr, (args, proc.stderr)
+        assert "Hint:" in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+
+
 def test_edit_from_a_catalog_direction(tiny_model_dir, published, tmp_path):
     url, (_, _, v3) = published
     out = tmp_path / "strip.png"
@@ -367,7 +464,7 @@ def test_edit_from_a_catalog_direction(tiny_model_dir, published, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert v3 in res.output
-    assert Image.open(out).size == grid_size(rows=1, cols=2)
+    check_grid(Image.open(out), rows=1, cols=2, col_labels=["-2", "+2"])
 
 
 # ------------------------------------------------------------------------- build and train-toy

@@ -299,8 +299,9 @@ def test_submitted_build_publishes_a_verified_catalog_version(built):
     effects = v.effects()
     assert effects["version"] == v.version and effects["matrix"]["rows"] == names
     assert v.manifest["inputs"]["n_samples"] == 16
-    # the closing summary of the job
-    assert "rows/s" in logs and f"version {v.version}" in logs and "report:" in logs
+    # every direction is graded in its manifest entry; the closing summary of the job ends with the grades
+    assert all(d["grade"]["letter"] in "ABCDF" for d in v.manifest["directions"])
+    assert "rows/s" in logs and f"version {v.version}" in logs and "report:" in logs and "grades (" in logs
 
 
 @pytest.mark.ray

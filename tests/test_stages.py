@@ -429,6 +429,12 @@ def test_evaluate_effects_and_publish_a_verified_version(tmp_path, tiny_model_di
     assert "storage_options" not in json.dumps(v.manifest["extra"])
     html = v.read_file("report.html").decode()
     assert pub.version in html and html.count("data:image/png;base64,") == 3
+    # every direction's grade is in its manifest entry; the no-effect edit lies within the random band
+    grades = {d["name"]: d["grade"] for d in v.manifest["directions"]}
+    assert grades == eff["grades"] and set(grades) == set(dirs)
+    assert grades["tiny"]["letter"] == "F" and "within_random" in grades["tiny"]["flags"]
+    assert grades["big"]["own"]["from"] == "largest_effect" and "wrong_sign" not in grades["big"]["flags"]
+    assert "tiny" not in v.directions(min_grade="D") and "<h2>Grades</h2>" in html
 
 
 def test_relative_paths_inside_a_submitted_job_are_flagged(
