@@ -308,26 +308,30 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _config_error(error: Exception) -> int:
+    """One error line naming the field or file, one hint line; the exit status for config errors."""
+    print(f"Error: {error}", file=sys.stderr)
+    print(
+        "Hint: configs/quickstart.yaml is a complete example; --dry-run checks a config without doing any work",
+        file=sys.stderr,
+    )
+    return CONFIG_ERROR_EXIT_CODE
+
+
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Validate the config (exit 2 naming the field on error), then dry-run or build; returns the exit status."""
     args = build_parser(prog).parse_args(argv)
     try:
         cfg = load_job_config(args.config, run_url=args.run_url, catalog_url=args.catalog_url)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"Error: {e}", file=sys.stderr)
-        print(
-            "Hint: configs/quickstart.yaml is a complete example; --dry-run checks a config without doing any work",
-            file=sys.stderr,
-        )
-        return CONFIG_ERROR_EXIT_CODE
+        return _config_error(e)
     if args.dry_run:
         from pipeline.plan import plan
 
         try:
             notes = probe_config(cfg, source=args.config)
         except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return CONFIG_ERROR_EXIT_CODE
+            return _config_error(e)
         print(*notes, sep="\n", file=sys.stderr, end="\n" if notes else "")
         print(f"{args.config}: ok ({cfg.name}); dry run, nothing written")
         print(plan(cfg).summary())

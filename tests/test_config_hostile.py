@@ -76,7 +76,9 @@ def _dry_run(tmp_path: Path, capsys, content: dict | str | bytes) -> tuple[int, 
 def _assert_refused(code: int, err: str, *needles: str) -> None:
     assert code == 2, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: invalid build config"), err
+    # one error line naming the field, then one hint line
+    assert len(lines) == 2 and lines[0].startswith("Error: invalid build config"), err
+    assert lines[1].startswith("Hint: "), err
     for needle in needles:
         assert needle in err, err
 
@@ -197,7 +199,7 @@ ALIAS_BOMB = (
 )
 def test_files_that_are_not_a_config_mapping(tmp_path, capsys, content, needle):
     code, err = _dry_run(tmp_path, capsys, content)
-    assert code == 2 and err.startswith("error: invalid build config") and needle in err, err
+    assert code == 2 and err.startswith("Error: invalid build config") and needle in err, err
     assert "Traceback" not in err
 
 
@@ -405,5 +407,6 @@ def test_build_catalog_script_exits_2_with_one_line_and_no_traceback(base, tmp_p
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "duplicate key 'sampler'" in lines[0], proc.stderr
+    assert len(lines) == 2 and "duplicate key 'sampler'" in lines[0], proc.stderr
+    assert lines[1].startswith("Hint: "), proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""

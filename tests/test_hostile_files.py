@@ -129,7 +129,9 @@ def test_cli_edit_with_a_hostile_direction_file_prints_one_line_and_exits_2(tmp_
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"Error: {path}: "), proc.stderr
+    # one error line naming the file, then one hint line
+    assert len(lines) == 2 and lines[0].startswith(f"Error: {path}: "), proc.stderr
+    assert lines[1].startswith("Hint: "), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "s.png").exists()
 
