@@ -21,7 +21,8 @@ result's sha256 is recorded in the manifest (``stages.pca.sha256``) and carried 
 :class:`PCAStageResult`; :func:`load_stage_pca` verifies it and names the file on a mismatch.
 
 Node loss: a call in flight on an actor whose node dies fails (``ActorUnavailableError``) although
-Ray restarts the actor; the driver calls ``run`` again, up to the actor's ``max_restarts``.
+Ray restarts the actor; the driver calls ``run`` again (until the actor's ``max_restarts`` are used
+up, within :data:`LOST_CALL_RETRY_S`).
 """
 
 from __future__ import annotations
@@ -590,6 +591,11 @@ def _stored_result(
     )
 
 
+#: How long a call lost with its actor's node is tried again while Ray restarts the actor elsewhere
+#: (a replacement node may take a while to join).
+LOST_CALL_RETRY_S = 300.0
+
+
 def _lost_errors() -> tuple[type[BaseException], ...]:
     """Errors of a call whose actor or node went away; the call is retried (the actor restarts)."""
     import ray
@@ -597,20 +603,30 @@ def _lost_errors() -> tuple[type[BaseException], ...]:
     return (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError)
 
 
-def _call_with_retries(ray: Any, actor: Any, method: str, attempts: int) -> Any:
-    """``ray.get(actor.<method>.remote())``, retried while the actor is restarting elsewhere.
+def _check_retryable(error: BaseException, deadline: float) -> None:
+    """Re-raise ``error`` when calling again cannot help: the actor is dead for good (its restarts
+    are used up) or the retry window is over."""
+    import ray
+
+    if isinstance(error, ray.exceptions.ActorDiedError) or time.monotonic() > deadline:
+        raise error
+
+
+def _call_with_retries(ray: Any, actor: Any, method: str) -> Any:
+    """``ray.get(actor.<method>.remote())``, called again while the actor is restarting elsewhere.
 
     A call in flight when an actor's node dies fails with ``ActorUnavailableError`` even though Ray
     restarts the actor; the restarted actor resumes from its checkpoint, so calling again is safe.
     """
-    for attempt in range(attempts):
+    deadline = time.monotonic() + LOST_CALL_RETRY_S
+    attempt = 0
+    while True:
         try:
             return ray.get(getattr(actor, method).remote())
-        except _lost_errors():
-            if attempt == attempts - 1:
-                raise
+        except _lost_errors() as e:
+            _check_retryable(e, deadline)
+            attempt += 1
             time.sleep(min(2.0, 0.2 * 2**attempt))
-    raise AssertionError("unreachable")
 
 
 def _fit_groups(
@@ -618,8 +634,9 @@ def _fit_groups(
 ) -> tuple[Any, list[dict[str, Any]], list[str]]:
     """One actor per step group continues its fit over ``blocks``; returns the merged PCA, each
     group's status (in group order) and the group checkpoints' sha256. A call lost with its actor
-    or node is retried up to ``max_restarts`` times (the actor restarts from its checkpoint). The
-    actors are killed afterwards, whatever happens."""
+    or node is called again while Ray restarts the actor (up to ``max_restarts`` times, within
+    :data:`LOST_CALL_RETRY_S`); the restarted actor resumes from its checkpoint. The actors are
+    killed afterwards, whatever happens."""
     import ray
     from tqdm.auto import tqdm
 
@@ -627,7 +644,7 @@ def _fit_groups(
     actor_cls = remote_worker(cfg, max_restarts)
     groups = step_groups(cfg.pca_steps, cfg.pca.steps_per_actor)
     actors = [actor_cls.remote(**worker_kwargs(cfg, store, g, blocks)) for g in groups]
-    attempts = [0] * len(actors)
+    deadline = time.monotonic() + LOST_CALL_RETRY_S
     try:
         pending = {a.run.remote(): i for i, a in enumerate(actors)}
         statuses: dict[int, dict[str, Any]] = {}
@@ -638,21 +655,19 @@ def _fit_groups(
                 try:
                     statuses[i] = ray.get(ready[0])
                 except _lost_errors() as e:
-                    attempts[i] += 1
-                    if attempts[i] > max_restarts:
-                        raise
+                    _check_retryable(e, deadline)
                     print(
                         f"pca: step group {groups[i]} lost its actor ({type(e).__name__}); retrying",
                         flush=True,
                     )
-                    time.sleep(min(2.0, 0.2 * 2 ** attempts[i]))
+                    time.sleep(0.5)
                     pending[actors[i].run.remote()] = i
                     continue
                 bar.update(1)
         pca = empty_pca(cfg, store)
         digests = []
         for actor in actors:
-            data = _call_with_retries(ray, actor, "state_bytes", max_restarts + 1)
+            data = _call_with_retries(ray, actor, "state_bytes")
             digests.append(hashlib.sha256(data).hexdigest())
             fold_group_state(data, pca, cfg.pca.backend, cfg.pca.n_components)
     finally:
