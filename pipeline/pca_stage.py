@@ -13,12 +13,14 @@ saved batch counter. The checkpoint also records which seed blocks its state has
 grown run is continued with the new blocks only. The driver merges the groups into one
 ``PerTimestepPCA``, stores it as ``<run>/pca/pca.safetensors`` and returns it.
 
-Integrity: each checkpoint is followed by a sidecar ``<checkpoint>.sha256.json`` (atomic replace,
-written second). An actor resumes only from a checkpoint that matches its sidecar; any other one
-(damaged, or a crash between the two writes) is discarded with a warning and the group is refitted
-from its first batch, so a flipped byte can cost time but never change the components. The merged
-result's sha256 is recorded in the manifest (``stages.pca.sha256``) and carried by
-:class:`PCAStageResult`; :func:`load_stage_pca` verifies it and names the file on a mismatch.
+Integrity: a checkpoint's bytes go to a file named by their sha256
+(``steps-<a>-<b>.<sha256[:16]>.safetensors``), then the sidecar ``steps-<a>-<b>.safetensors.sha256.json``
+(atomic replace) names that file and its sha256, then the previous file is deleted; a crash at any
+point leaves a sidecar naming a complete checkpoint. An actor resumes only from a checkpoint that
+matches its sidecar; a damaged one is discarded with a warning and the group is refitted from its
+first batch, so a flipped byte can cost time but never change the components. The merged result's
+sha256 is recorded in the manifest (``stages.pca.sha256``) and carried by :class:`PCAStageResult`;
+:func:`load_stage_pca` verifies it and names the file on a mismatch.
 
 Node loss: a call in flight on an actor whose node dies fails (``ActorUnavailableError``) although
 Ray restarts the actor; the driver calls ``run`` again (until the actor's ``max_restarts`` are used
@@ -276,11 +278,11 @@ class PCAGroupWorker:
     def _load_checkpoint(self) -> None:
         """Resume from the group's checkpoint when its sha256 sidecar vouches for it.
 
-        A checkpoint is a cache of work already done: one that is missing its sidecar, or whose
-        bytes do not match it (damage, or a crash between writing the two), is discarded with a
-        note in :meth:`status` and the group is refitted from the first batch.
+        A checkpoint is a cache of work already done: one whose bytes do not match its sidecar
+        (damage) is discarded with a note in :meth:`status` and the group is refitted from the
+        first batch.
         """
-        if not self.store.exists(self.checkpoint_path):
+        if not self.store.exists(sidecar_path(self.checkpoint_path)):
             return
         try:
             data = read_verified(self.store, self.checkpoint_path)
@@ -303,7 +305,7 @@ class PCAGroupWorker:
         self.resumed_from = {"blocks_seen": len(self.blocks_seen), **asdict(self.position)}
 
     def _save_checkpoint(self) -> bytes:
-        """Write the state (atomic replace), then its sha256 sidecar; returns the bytes written."""
+        """Write the state (see :func:`write_verified`); returns the bytes written."""
         from safetensors.numpy import save
 
         tensors: dict[str, np.ndarray] = {}
@@ -414,33 +416,47 @@ class PCAGroupWorker:
 
 
 def sidecar_path(rel: str) -> str:
-    """Where the sha256 of ``rel`` is recorded (``<rel>.sha256.json``)."""
+    """Where the file holding ``rel``'s current content and its sha256 is named (``<rel>.sha256.json``)."""
     return f"{rel}.sha256.json"
 
 
 def write_verified(store: RunStore, rel: str, data: bytes) -> str:
-    """Write ``data`` to ``rel`` and then its sidecar (each an atomic replace); returns the sha256.
+    """Store ``data`` as the current content of ``rel``; returns its sha256.
 
-    The sidecar is written second, so a reader that finds them agreeing knows the file is whole;
-    a crash in between leaves a mismatch that the reader treats like damage.
+    The bytes go to a file named by their sha256 (``<stem>.<sha256[:16]><suffix>``), then the
+    sidecar, replaced atomically, names that file and its sha256, then the previous file is
+    deleted. A crash at any point leaves the sidecar naming a complete file that matches it.
     """
     digest = hashlib.sha256(data).hexdigest()
-    store.write_bytes_atomic(rel, data)
-    record = {"path": rel, "bytes": len(data), "sha256": digest}
+    stem, dot, suffix = rel.rpartition(".")
+    target = f"{stem}.{digest[:16]}.{suffix}" if dot else f"{rel}.{digest[:16]}"
+    try:
+        previous = json.loads(store.read_bytes(sidecar_path(rel))).get("path")
+    except (FileNotFoundError, ValueError, AttributeError):
+        previous = None
+    store.write_bytes_atomic(target, data)
+    record = {"path": target, "bytes": len(data), "sha256": digest}
     store.write_bytes_atomic(sidecar_path(rel), json.dumps(record, sort_keys=True).encode())
+    if previous and previous != target:
+        try:
+            store.delete(previous)
+        except OSError as e:  # a stale file costs space, never correctness
+            print(f"warning: could not delete {store.describe(previous)}: {e}", flush=True)
     return digest
 
 
 def read_verified(store: RunStore, rel: str, sha256: str | None = None) -> bytes:
-    """The bytes of ``rel`` after checking them against ``sha256`` (default: the sidecar's).
+    """The bytes of ``rel`` checked against ``sha256``; without ``sha256``, the current content
+    that ``rel``'s sidecar names (see :func:`write_verified`).
 
     Raises :class:`~pipeline.storage.CorruptShardError` naming the file when it is missing, has no
-    sidecar, or its size or sha256 differ.
+    sidecar, or its sha256 differs.
     """
+    path = rel
     if sha256 is None:
         try:
             record = json.loads(store.read_bytes(sidecar_path(rel)))
-            sha256 = str(record["sha256"])
+            path, sha256 = str(record["path"]), str(record["sha256"])
         except FileNotFoundError:
             raise CorruptShardError(
                 f"{store.describe(rel)}: no sha256 sidecar ({sidecar_path(rel)})"
@@ -450,13 +466,13 @@ def read_verified(store: RunStore, rel: str, sha256: str | None = None) -> bytes
                 f"{store.describe(sidecar_path(rel))}: unreadable sha256 sidecar: {e}"
             ) from e
     try:
-        data = store.read_bytes(rel)
+        data = store.read_bytes(path)
     except FileNotFoundError as e:
-        raise CorruptShardError(f"{store.describe(rel)}: missing") from e
+        raise CorruptShardError(f"{store.describe(path)}: missing") from e
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
         raise CorruptShardError(
-            f"{store.describe(rel)}: sha256 {digest[:12]}... does not match the recorded {sha256[:12]}..."
+            f"{store.describe(path)}: sha256 {digest[:12]}... does not match the recorded {sha256[:12]}..."
         )
     return data
 

@@ -7,6 +7,7 @@ The data are synthetic h with known spectral gaps (variances 16, 8, 4 over a noi
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -225,12 +226,12 @@ def test_damaged_checkpoint_is_discarded_and_refitted_and_a_damaged_result_is_na
     actor = remote_worker(cfg).remote(**kwargs)
     ray.get(actor.run.remote(max_batches=2))
     ray.kill(actor, no_restart=True)
-    checkpoint = tmp_path / "run" / kwargs["checkpoint_path"]
-    _flip_last_byte(checkpoint)
+    pointer = json.loads((tmp_path / "run" / (kwargs["checkpoint_path"] + ".sha256.json")).read_text())
+    _flip_last_byte(tmp_path / "run" / pointer["path"])
     actor = remote_worker(cfg).remote(**kwargs)
     status = ray.get(actor.status.remote())
     assert status["resumed_from"] is None and "discarded PCA checkpoint" in status["restart_note"]
-    assert "sha256" in status["restart_note"] and kwargs["checkpoint_path"] in status["restart_note"]
+    assert "sha256" in status["restart_note"] and pointer["path"] in status["restart_note"]
     final = ray.get(actor.run.remote())
     assert final["batches_run"] == T * 3  # 48 rows per step in batches of 20: all refitted
     refit = empty_pca(cfg, store)
