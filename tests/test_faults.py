@@ -296,7 +296,7 @@ def test_driver_killed_mid_build_and_run_again(cluster, tiny_model_dir, tmp_path
 def test_flaky_store_under_generation_is_retried(cluster, tiny_model_dir, tmp_path, reference_h):
     run_dir = tmp_path / "run"
     # 30 % of storage calls fail, at most 2 in a row: every call gets through within the retries.
-    options = {"fail_rate": 0.3, "max_consecutive": 2, "seed": 11}
+    options = {"fail_rate": 0.3, "max_consecutive": 2, "seed": 11, "strict_exists": True}
     cfg = _cfg(tiny_model_dir, f"flaky://{run_dir}", workers=1, **options)
     store = RunStore(cfg.storage.run_url, cfg.storage.storage_options)
     report = generate(cfg, store, progress=False)
