@@ -231,6 +231,7 @@ def generate(
     generated: list[BlockRecord] = []
     if todo:
         generated = _run_blocks(cfg, store, todo, progress)
+        _remove_unlisted_shards(store, todo)
     seconds = time.perf_counter() - t0
     facts = (store.stage("generate") or {}).get("model") or {}
     timesteps = facts.get("timesteps")
@@ -256,6 +257,32 @@ def generate(
     if progress:
         print(report.summary(), flush=True)
     return report
+
+
+def _remove_unlisted_shards(store: RunStore, blocks: list[SeedBlock], attempts: int = 3) -> None:
+    """Delete shard files of ``blocks`` that the manifest does not list.
+
+    A block whose worker died (node lost, driver killed) is done again by another worker under
+    another file name; the first attempt's files are never read, and removing them keeps one file
+    per listed shard. Best effort: a storage error here is logged, not fatal.
+    """
+    listed = store.blocks()
+    for block in blocks:
+        rec = listed.get(block.key)
+        if rec is None:
+            continue
+        keep = {store.abspath(s.path) for s in (*rec.activations, rec.samples)}
+        suffix = f"part-*-{block.index:06d}.parquet"
+        for attempt in range(attempts):
+            try:
+                found = store.fs.glob(store.abspath(f"activations/t=*/{suffix}"))
+                found += store.fs.glob(store.abspath(f"samples/{suffix}"))
+                for path in sorted({p.rstrip("/") for p in found} - keep):
+                    store.fs.rm(path)
+                break
+            except OSError as e:
+                if attempt == attempts - 1:
+                    print(f"warning: could not remove stale shards of block {block.key}: {e}", flush=True)
 
 
 def _run_blocks(

@@ -12,6 +12,19 @@ done) to ``<run>/pca/<settings>/steps-<a>-<b>.safetensors`` (atomic replace). Ac
 saved batch counter. The checkpoint also records which seed blocks its state has folded in, so a
 grown run is continued with the new blocks only. The driver merges the groups into one
 ``PerTimestepPCA``, stores it as ``<run>/pca/pca.safetensors`` and returns it.
+
+Integrity: a checkpoint's bytes go to a file named by their sha256
+(``steps-<a>-<b>.<sha256[:16]>.safetensors``), then the sidecar ``steps-<a>-<b>.safetensors.sha256.json``
+(atomic replace) names that file and its sha256, then the previous file is deleted; a crash at any
+point leaves a sidecar naming a complete checkpoint. An actor resumes only from a checkpoint that
+matches its sidecar; a damaged one is discarded with a warning and the group is refitted from its
+first batch, so a flipped byte can cost time but never change the components. The merged result's
+sha256 is recorded in the manifest (``stages.pca.sha256``) and carried by :class:`PCAStageResult`;
+:func:`load_stage_pca` verifies it and names the file on a mismatch.
+
+Node loss: a call in flight on an actor whose node dies fails (``ActorUnavailableError``) although
+Ray restarts the actor; the driver calls ``run`` again (until the actor's ``max_restarts`` are used
+up, within :data:`LOST_CALL_RETRY_S`).
 """
 
 from __future__ import annotations
@@ -43,8 +56,10 @@ __all__ = [
     "empty_pca",
     "fold_group_state",
     "load_stage_pca",
+    "read_verified",
     "remote_worker",
     "worker_kwargs",
+    "write_verified",
 ]
 
 CHECKPOINT_FORMAT = "pipeline.pca_checkpoint/1"
@@ -261,18 +276,22 @@ class PCAGroupWorker:
     # -- checkpoint -----------------------------------------------------------------------------
 
     def _load_checkpoint(self) -> None:
-        from safetensors.numpy import load
+        """Resume from the group's checkpoint when its sha256 sidecar vouches for it.
 
-        if not self.store.exists(self.checkpoint_path):
+        A checkpoint is a cache of work already done: one whose bytes do not match its sidecar
+        (damage) is discarded with a note in :meth:`status` and the group is refitted from the
+        first batch.
+        """
+        if not self.store.exists(sidecar_path(self.checkpoint_path)):
             return
-        data = self.store.read_bytes(self.checkpoint_path)
         try:
-            tensors = load(data)
-            meta = json.loads(_safetensors_metadata(data)["checkpoint"])
-        except Exception as e:  # checkpoints are replaced atomically; this is damage, not a crash
-            raise CorruptShardError(
-                f"{self.store.describe(self.checkpoint_path)}: unreadable PCA checkpoint ({e}); delete it to refit"
-            ) from e
+            data = read_verified(self.store, self.checkpoint_path)
+            tensors, metadata = _safetensors(data, self.store.describe(self.checkpoint_path))
+            meta = json.loads(metadata["checkpoint"])
+        except (CorruptShardError, ValueError, KeyError) as e:
+            self.restart_note = f"discarded PCA checkpoint, refitting the group: {e}"
+            print(f"warning: {self.restart_note}", flush=True)
+            return
         if meta.get("format") != CHECKPOINT_FORMAT or meta.get("steps") != self.steps:
             self.restart_note = f"ignored checkpoint {self.checkpoint_path}: written for other steps/format"
             return
@@ -285,7 +304,8 @@ class PCAGroupWorker:
         self.position = GroupPosition(**meta["position"])
         self.resumed_from = {"blocks_seen": len(self.blocks_seen), **asdict(self.position)}
 
-    def _save_checkpoint(self) -> None:
+    def _save_checkpoint(self) -> bytes:
+        """Write the state (see :func:`write_verified`); returns the bytes written."""
         from safetensors.numpy import save
 
         tensors: dict[str, np.ndarray] = {}
@@ -301,9 +321,9 @@ class PCAGroupWorker:
             "blocks_seen": self.blocks_seen,
             "position": asdict(self.position),
         }
-        self.store.write_bytes_atomic(
-            self.checkpoint_path, save(tensors, metadata={"checkpoint": json.dumps(meta)})
-        )
+        data = save(tensors, metadata={"checkpoint": json.dumps(meta)})
+        write_verified(self.store, self.checkpoint_path, data)
+        return data
 
     def _start_pass(self, listed: list[str]) -> None:
         """Decide which blocks this pass folds in: an unfinished pass continues, else the new blocks."""
@@ -388,23 +408,87 @@ class PCAGroupWorker:
 
     def state_bytes(self) -> bytes:
         """The group's per-step states as a safetensors file (same layout as the checkpoint)."""
-        self._save_checkpoint()
-        return self.store.read_bytes(self.checkpoint_path)
+        return self._save_checkpoint()
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file, read from its JSON header (no tensors parsed)."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    return dict(header.get("__metadata__", {}))
+# ---------------------------------------------------------------------------------------------
+# Verified files: safetensors bytes plus a sha256 sidecar
+
+
+def sidecar_path(rel: str) -> str:
+    """Where the file holding ``rel``'s current content and its sha256 is named (``<rel>.sha256.json``)."""
+    return f"{rel}.sha256.json"
+
+
+def write_verified(store: RunStore, rel: str, data: bytes) -> str:
+    """Store ``data`` as the current content of ``rel``; returns its sha256.
+
+    The bytes go to a file named by their sha256 (``<stem>.<sha256[:16]><suffix>``), then the
+    sidecar, replaced atomically, names that file and its sha256, then the previous file is
+    deleted. A crash at any point leaves the sidecar naming a complete file that matches it.
+    """
+    digest = hashlib.sha256(data).hexdigest()
+    stem, dot, suffix = rel.rpartition(".")
+    target = f"{stem}.{digest[:16]}.{suffix}" if dot else f"{rel}.{digest[:16]}"
+    try:
+        previous = json.loads(store.read_bytes(sidecar_path(rel))).get("path")
+    except (FileNotFoundError, ValueError, AttributeError):
+        previous = None
+    store.write_bytes_atomic(target, data)
+    record = {"path": target, "bytes": len(data), "sha256": digest}
+    store.write_bytes_atomic(sidecar_path(rel), json.dumps(record, sort_keys=True).encode())
+    if previous and previous != target:
+        try:
+            store.delete(previous)
+        except OSError as e:  # a stale file costs space, never correctness
+            print(f"warning: could not delete {store.describe(previous)}: {e}", flush=True)
+    return digest
+
+
+def read_verified(store: RunStore, rel: str, sha256: str | None = None) -> bytes:
+    """The bytes of ``rel`` checked against ``sha256``; without ``sha256``, the current content
+    that ``rel``'s sidecar names (see :func:`write_verified`).
+
+    Raises :class:`~pipeline.storage.CorruptShardError` naming the file when it is missing, has no
+    sidecar, or its sha256 differs.
+    """
+    path = rel
+    if sha256 is None:
+        try:
+            record = json.loads(store.read_bytes(sidecar_path(rel)))
+            path, sha256 = str(record["path"]), str(record["sha256"])
+        except FileNotFoundError:
+            raise CorruptShardError(
+                f"{store.describe(rel)}: no sha256 sidecar ({sidecar_path(rel)})"
+            ) from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptShardError(
+                f"{store.describe(sidecar_path(rel))}: unreadable sha256 sidecar: {e}"
+            ) from e
+    try:
+        data = store.read_bytes(path)
+    except FileNotFoundError as e:
+        raise CorruptShardError(f"{store.describe(path)}: missing") from e
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise CorruptShardError(
+            f"{store.describe(path)}: sha256 {digest[:12]}... does not match the recorded {sha256[:12]}..."
+        )
+    return data
+
+
+def _safetensors(data: bytes, what: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors (as numpy) and metadata of safetensors bytes, parsed by :mod:`hspace.io`."""
+    from hspace.io import safetensors_from_bytes
+
+    tensors, metadata = safetensors_from_bytes(data, what)
+    return {k: v.numpy() for k, v in tensors.items()}, metadata
 
 
 def fold_group_state(data: bytes, into: Any, backend: str, n_components: int) -> None:
     """Fold one group's checkpoint bytes into a PerTimestepPCA ``into``."""
-    from safetensors.numpy import load
-
-    meta = json.loads(_safetensors_metadata(data)["checkpoint"])
-    tensors = load(data)
+    tensors, metadata = _safetensors(data, "PCA group state")
+    meta = json.loads(metadata["checkpoint"])
     for s, n_seen in meta["n_samples_seen"].items():
         if not n_seen:
             continue
@@ -431,6 +515,8 @@ class PCAStageResult:
     batches: int
     seconds: float
     groups: list[dict[str, Any]] = field(default_factory=list)
+    #: sha256 of the stored file at ``path`` (also in the manifest); readers verify against it.
+    sha256: str = ""
 
     def summary(self) -> str:
         return (
@@ -492,7 +578,9 @@ def remote_worker(cfg: BuildConfig, max_restarts: int = 3) -> Any:
 def _stored_result(
     cfg: BuildConfig, store: RunStore, blocks: list[str], digest: str, t0: float
 ) -> PCAStageResult | None:
-    """The stored PCA when nothing changed since it was fitted (same settings, blocks and steps)."""
+    """The stored PCA when nothing changed since it was fitted (same settings, blocks and steps).
+
+    A stored result that fails its sha256 is refitted (the group checkpoints make that cheap)."""
     prev = store.stage("pca")
     if (
         prev is None
@@ -502,38 +590,106 @@ def _stored_result(
         or not store.exists(PCA_RESULT_PATH)
     ):
         return None
+    try:
+        pca = load_stage_pca(store)
+    except CorruptShardError as e:
+        print(f"warning: refitting the PCA: {e}", flush=True)
+        return None
     return PCAStageResult(
-        load_stage_pca(store), PCA_RESULT_PATH, blocks, int(prev["n_samples"]), 0, 0, time.perf_counter() - t0
+        pca,
+        PCA_RESULT_PATH,
+        blocks,
+        int(prev["n_samples"]),
+        0,
+        0,
+        time.perf_counter() - t0,
+        sha256=str(prev["sha256"]),
     )
 
 
+#: How long a call lost with its actor's node is tried again while Ray restarts the actor elsewhere
+#: (a replacement node may take a while to join).
+LOST_CALL_RETRY_S = 300.0
+
+
+def _lost_errors() -> tuple[type[BaseException], ...]:
+    """Errors of a call whose actor or node went away; the call is retried (the actor restarts)."""
+    import ray
+
+    return (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError)
+
+
+def _check_retryable(error: BaseException, deadline: float) -> None:
+    """Re-raise ``error`` when calling again cannot help: the actor is dead for good (its restarts
+    are used up) or the retry window is over."""
+    import ray
+
+    if isinstance(error, ray.exceptions.ActorDiedError) or time.monotonic() > deadline:
+        raise error
+
+
+def _call_with_retries(ray: Any, actor: Any, method: str) -> Any:
+    """``ray.get(actor.<method>.remote())``, called again while the actor is restarting elsewhere.
+
+    A call in flight when an actor's node dies fails with ``ActorUnavailableError`` even though Ray
+    restarts the actor; the restarted actor resumes from its checkpoint, so calling again is safe.
+    """
+    deadline = time.monotonic() + LOST_CALL_RETRY_S
+    attempt = 0
+    while True:
+        try:
+            return ray.get(getattr(actor, method).remote())
+        except _lost_errors() as e:
+            _check_retryable(e, deadline)
+            attempt += 1
+            time.sleep(min(2.0, 0.2 * 2**attempt))
+
+
 def _fit_groups(
-    cfg: BuildConfig, store: RunStore, blocks: list[str], progress: bool
-) -> tuple[Any, list[dict[str, Any]]]:
-    """One actor per step group continues its fit over ``blocks``; returns the merged PCA and each
-    group's status (in group order). The actors are killed afterwards, whatever happens."""
+    cfg: BuildConfig, store: RunStore, blocks: list[str], progress: bool, max_restarts: int = 3
+) -> tuple[Any, list[dict[str, Any]], list[str]]:
+    """One actor per step group continues its fit over ``blocks``; returns the merged PCA, each
+    group's status (in group order) and the group checkpoints' sha256. A call lost with its actor
+    or node is called again while Ray restarts the actor (up to ``max_restarts`` times, within
+    :data:`LOST_CALL_RETRY_S`); the restarted actor resumes from its checkpoint. The actors are
+    killed afterwards, whatever happens."""
     import ray
     from tqdm.auto import tqdm
 
     init_ray(cfg)
-    actor_cls = remote_worker(cfg)
+    actor_cls = remote_worker(cfg, max_restarts)
     groups = step_groups(cfg.pca_steps, cfg.pca.steps_per_actor)
     actors = [actor_cls.remote(**worker_kwargs(cfg, store, g, blocks)) for g in groups]
+    deadline = time.monotonic() + LOST_CALL_RETRY_S
     try:
         pending = {a.run.remote(): i for i, a in enumerate(actors)}
         statuses: dict[int, dict[str, Any]] = {}
         with tqdm(total=len(actors), desc="pca step groups", unit="group", disable=not progress) as bar:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
-                statuses[pending.pop(ready[0])] = ray.get(ready[0])
+                i = pending.pop(ready[0])
+                try:
+                    statuses[i] = ray.get(ready[0])
+                except _lost_errors() as e:
+                    _check_retryable(e, deadline)
+                    print(
+                        f"pca: step group {groups[i]} lost its actor ({type(e).__name__}); retrying",
+                        flush=True,
+                    )
+                    time.sleep(0.5)
+                    pending[actors[i].run.remote()] = i
+                    continue
                 bar.update(1)
         pca = empty_pca(cfg, store)
+        digests = []
         for actor in actors:
-            fold_group_state(ray.get(actor.state_bytes.remote()), pca, cfg.pca.backend, cfg.pca.n_components)
+            data = _call_with_retries(ray, actor, "state_bytes")
+            digests.append(hashlib.sha256(data).hexdigest())
+            fold_group_state(data, pca, cfg.pca.backend, cfg.pca.n_components)
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
-    return pca, [statuses[i] for i in range(len(actors))]
+    return pca, [statuses[i] for i in range(len(actors))], digests
 
 
 def pca_stage(cfg: BuildConfig, store: RunStore | None = None, *, progress: bool = True) -> PCAStageResult:
@@ -546,8 +702,8 @@ def pca_stage(cfg: BuildConfig, store: RunStore | None = None, *, progress: bool
     digest, settings = pca_settings(cfg, store.identity())
     result = _stored_result(cfg, store, blocks, digest, t0)  # nothing new: no actors
     if result is None:
-        pca, group_info = _fit_groups(cfg, store, blocks, progress)
-        _save_pca(store, pca)
+        pca, group_info, _ = _fit_groups(cfg, store, blocks, progress)
+        sha256, n_bytes = _save_pca(store, pca)
         result = PCAStageResult(
             pca=pca,
             path=PCA_RESULT_PATH,
@@ -557,11 +713,14 @@ def pca_stage(cfg: BuildConfig, store: RunStore | None = None, *, progress: bool
             batches=sum(st["batches_run"] for st in group_info),
             seconds=time.perf_counter() - t0,
             groups=group_info,
+            sha256=sha256,
         )
         store.record_stage(
             "pca",
             {
                 "path": PCA_RESULT_PATH,
+                "sha256": sha256,
+                "bytes": n_bytes,
                 "blocks": blocks,
                 "n_samples": result.n_samples,
                 "steps": cfg.pca_steps,
@@ -575,21 +734,30 @@ def pca_stage(cfg: BuildConfig, store: RunStore | None = None, *, progress: bool
     return result
 
 
-def _save_pca(store: RunStore, pca: Any) -> None:
+def _save_pca(store: RunStore, pca: Any) -> tuple[str, int]:
+    """Store the merged PCA (atomic replace); returns its sha256 and size for the manifest."""
     from safetensors.torch import save
 
     tensors, metadata = pca.to_safetensors_dict()
-    store.write_bytes_atomic(PCA_RESULT_PATH, save(tensors, metadata=metadata))
+    data = save(tensors, metadata=metadata)
+    store.write_bytes_atomic(PCA_RESULT_PATH, data)
+    return hashlib.sha256(data).hexdigest(), len(data)
 
 
-def load_stage_pca(store: RunStore) -> Any:
-    """The PCA the stage stored in the run (for publish)."""
+def load_stage_pca(store: RunStore, sha256: str | None = None) -> Any:
+    """The PCA the stage stored in the run, verified against ``sha256`` (default: the one the
+    manifest records under ``stages.pca``); CorruptShardError names the file on a mismatch."""
     from hspace.io import safetensors_from_bytes
     from hspace.pca import PerTimestepPCA
 
-    tensors, metadata = safetensors_from_bytes(
-        store.read_bytes(PCA_RESULT_PATH), store.describe(PCA_RESULT_PATH)
-    )
+    if sha256 is None:
+        sha256 = (store.stage("pca") or {}).get("sha256")
+        if sha256 is None:
+            raise CorruptShardError(
+                f"{store.describe(PCA_RESULT_PATH)}: the manifest records no sha256 for it; rerun the pca stage"
+            )
+    data = read_verified(store, PCA_RESULT_PATH, sha256)
+    tensors, metadata = safetensors_from_bytes(data, store.describe(PCA_RESULT_PATH))
     return PerTimestepPCA.from_safetensors_dict(tensors, metadata)
 
 

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import posixpath
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,10 @@ __all__ = [
 
 MANIFEST_NAME = "_manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
+
+
+#: Storage errors that retrying cannot fix.
+_FINAL_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 class CorruptShardError(IOError):
@@ -297,10 +302,35 @@ class RunStore:
     every path handed out or recorded is relative to the run root.
     """
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        retries: int = 4,
+        backoff_s: float = 0.05,
+    ) -> None:
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
+        self.retries, self.backoff_s = retries, backoff_s
+
+    def _retry(self, what: str, rel: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``, retried ``retries`` times with exponential backoff on transient storage errors
+        (connection resets, timeouts, other OSErrors); a missing file or a permission error is final.
+        The last failure is re-raised as an OSError naming the file and the attempts."""
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except _FINAL_ERRORS:
+                raise
+            except (OSError, TimeoutError) as e:
+                if attempt == self.retries:
+                    raise OSError(
+                        f"{self.describe(rel)}: {what} failed after {attempt + 1} attempts: {type(e).__name__}: {e}"
+                    ) from e
+                time.sleep(self.backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
 
     def __repr__(self) -> str:
         return f"RunStore({self.url!r})"
@@ -316,35 +346,39 @@ class RunStore:
         return posixpath.join(self.url.rstrip("/"), rel)
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.abspath(rel))
+        return self._retry("exists", rel, lambda: self.fs.exists(self.abspath(rel)))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a file (parents created). Not atomic by itself; see :meth:`write_bytes_atomic`."""
         path = self.abspath(rel)
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        with self.fs.open(path, "wb") as f:
-            f.write(data)
+
+        def write() -> None:
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
+
+        self._retry("makedirs", rel, lambda: self.fs.makedirs(posixpath.dirname(path), exist_ok=True))
+        self._retry("write", rel, write)
 
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         """Write to a unique temporary name, then move over ``rel``: readers see old or new, never half."""
         tmp = f"{rel}.tmp-{uuid.uuid4().hex}"
         self.write_bytes(tmp, data)
         try:
-            self.fs.mv(self.abspath(tmp), self.abspath(rel))
+            self._retry("move", rel, lambda: self.fs.mv(self.abspath(tmp), self.abspath(rel)))
         except BaseException:
             self.delete(tmp)
             raise
 
     def read_bytes(self, rel: str) -> bytes:
         path = self.abspath(rel)
-        if not self.fs.exists(path):
+        if not self.exists(rel):
             raise FileNotFoundError(f"{self.describe(rel)} does not exist")
-        return self.fs.cat_file(path)
+        return self._retry("read", rel, lambda: self.fs.cat_file(path))
 
     def delete(self, rel: str, recursive: bool = False) -> None:
         path = self.abspath(rel)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=recursive)
+        if self.exists(rel):
+            self._retry("delete", rel, lambda: self.fs.rm(path, recursive=recursive))
 
     def write_table(self, rel: str, table: pa.Table, step: int | None = None) -> ShardInfo:
         """Write a parquet shard and return what the manifest records about it."""

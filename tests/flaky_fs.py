@@ -1,11 +1,19 @@
 """A seeded, failure-injecting fsspec filesystem that wraps another one, for storage-fault tests.
 
 ``FlakyFileSystem(target, fail_rate=0.2, lost_rate=0.1, seed=3)`` forwards every call to
-``target``. Before a call it fails a seeded fraction ``fail_rate`` of calls with ConnectionError
-(the request never reached the storage); after a write it fails a fraction ``lost_rate`` (the
+``target`` (a filesystem, or one built from ``target_protocol`` and ``target_options``). Before a
+call it fails a seeded fraction ``fail_rate`` of calls with ConnectionError (the request never
+reached the storage); after a write it fails a fraction ``lost_rate`` (the
 write happened, its answer was lost). ``fail_if(op, path)`` / ``lose_if(op, path)`` do the same
-for chosen calls, deterministically; ``write_delay_s`` slows every write down. Every injected
-fault is recorded in ``faults``.
+for chosen calls, deterministically; ``write_delay_s`` (or ``slow_s``) slows every write down. Every
+injected fault is recorded in ``faults``. ``max_consecutive`` caps the seeded failures in a row on
+one path (a caller that retries enough always gets through); ``fail_paths`` (a regular expression)
+fails every call on a matching path (storage that is down for those files). ``strict_exists``
+makes ``exists`` raise an injected failure instead of answering False (fsspec's default).
+
+Built from plain arguments it also works as a URL: after :func:`register`, ``flaky:///tmp/run``
+with ``storage_options={"fail_rate": 0.2, "seed": 3}`` wraps the local directory, also in Ray
+workers when :func:`register` is their ``worker_process_setup_hook``.
 
 The catalog sees an unknown filesystem (protocol ``flaky``), so it uses its generic code paths:
 ``"xb"`` exclusive create and token lock files.
@@ -15,14 +23,23 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import fsspec
 from fsspec import AbstractFileSystem
 
-WRITES = frozenset({"create", "pipe", "rm_file", "rm", "makedirs"})
+__all__ = ["FlakyFileSystem", "register"]
+
+WRITES = frozenset({"create", "pipe", "rm_file", "rm", "makedirs", "mv"})
+
+
+def register() -> None:
+    """Make ``flaky://`` URLs resolve to :class:`FlakyFileSystem` in this process."""
+    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
 
 
 class FlakyFileSystem(AbstractFileSystem):
@@ -34,19 +51,31 @@ class FlakyFileSystem(AbstractFileSystem):
 
     def __init__(
         self,
-        target: AbstractFileSystem,
+        target: AbstractFileSystem | None = None,
         *,
+        target_protocol: str = "file",
+        target_options: dict[str, Any] | None = None,
         fail_rate: float = 0.0,
         lost_rate: float = 0.0,
         seed: int = 0,
         write_delay_s: float = 0.0,
+        slow_s: float = 0.0,
+        max_consecutive: int | None = None,
+        fail_paths: str | None = None,
+        strict_exists: bool = False,
         fail_if: Callable[[str, str], bool] | None = None,
         lose_if: Callable[[str, str], bool] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.target = target
-        self.fail_rate, self.lost_rate, self.write_delay_s = fail_rate, lost_rate, write_delay_s
+        self.target = (
+            target if target is not None else fsspec.filesystem(target_protocol, **(target_options or {}))
+        )
+        self.fail_rate, self.lost_rate = fail_rate, lost_rate
+        self.write_delay_s = max(write_delay_s, slow_s)
+        self.max_consecutive, self.strict_exists = max_consecutive, strict_exists
+        self.fail_paths = re.compile(fail_paths) if fail_paths else None
+        self._in_a_row: dict[str, int] = {}  # seeded failures in a row per path
         self.fail_if, self.lose_if = fail_if, lose_if
         self.faults: list[tuple[str, str, str]] = []  # (when, op, path)
         self._rng, self._lock = random.Random(seed), threading.Lock()
@@ -61,8 +90,20 @@ class FlakyFileSystem(AbstractFileSystem):
         with self._lock:
             return rate > 0 and self._rng.random() < rate
 
+    def _seeded_failure(self, path: str) -> bool:
+        fail = self._draw(self.fail_rate)
+        with self._lock:
+            in_a_row = self._in_a_row.get(path, 0)
+            if fail and self.max_consecutive is not None and in_a_row >= self.max_consecutive:
+                fail = False
+            self._in_a_row[path] = in_a_row + 1 if fail else 0
+        return fail
+
     def _before(self, op: str, path: str) -> None:
-        if (self.fail_if is not None and self.fail_if(op, path)) or self._draw(self.fail_rate):
+        chosen = (self.fail_if is not None and self.fail_if(op, path)) or (
+            self.fail_paths is not None and self.fail_paths.search(path) is not None
+        )
+        if chosen or self._seeded_failure(path):
             self.faults.append(("before", op, path))
             raise ConnectionError(f"injected: connection reset before {op} {path}")
         if op in WRITES and self.write_delay_s:
@@ -101,6 +142,14 @@ class FlakyFileSystem(AbstractFileSystem):
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         return self._call("info", path, lambda: self.target.info(path, **kwargs))
+
+    def exists(self, path: str, **kwargs: Any) -> bool:
+        if not self.strict_exists:
+            return super().exists(path, **kwargs)  # fsspec's default: any error answers False
+        return self._call("exists", path, lambda: self.target.exists(path))
+
+    def mv(self, path1: str, path2: str, **kwargs: Any) -> None:
+        self._call("mv", path1, lambda: self.target.mv(path1, path2, **kwargs))
 
     def rm_file(self, path: str) -> None:
         self._call("rm_file", path, lambda: self.target.rm_file(path))

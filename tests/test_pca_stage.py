@@ -7,6 +7,7 @@ The data are synthetic h with known spectral gaps (variances 16, 8, 4 over a noi
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -22,7 +23,7 @@ from pipeline.pca_stage import (
     remote_worker,
     worker_kwargs,
 )
-from pipeline.storage import BlockRecord, RunStore
+from pipeline.storage import BlockRecord, CorruptShardError, RunStore
 from tests.ray_cluster import ray_local  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.ray
@@ -205,3 +206,47 @@ def test_grown_run_is_continued_with_new_blocks_only(ray_local, tiny_model_dir, 
         assert _abs_cos(_components(grown.pca, t), _exact_components(store, t)).min() >= 0.999
     again = pca_stage(cfg, store, progress=False)
     assert again.new_blocks == 0 and again.batches == 0 and again.n_samples == 96
+
+
+def _flip_last_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the tensor data: a valid file with other numbers
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_checkpoint_is_discarded_and_refitted_and_a_damaged_result_is_named(
+    ray_local,  # noqa: F811
+    tiny_model_dir,
+    tmp_path,
+):
+    ray = ray_local
+    store = _store(tmp_path / "run", n_blocks=2)
+    cfg = _cfg(tiny_model_dir, store.url, steps_per_actor=T)
+    kwargs = worker_kwargs(cfg, store, list(range(T)), list(store.blocks()))
+    actor = remote_worker(cfg).remote(**kwargs)
+    ray.get(actor.run.remote(max_batches=2))
+    ray.kill(actor, no_restart=True)
+    pointer = json.loads((tmp_path / "run" / (kwargs["checkpoint_path"] + ".sha256.json")).read_text())
+    _flip_last_byte(tmp_path / "run" / pointer["path"])
+    actor = remote_worker(cfg).remote(**kwargs)
+    status = ray.get(actor.status.remote())
+    assert status["resumed_from"] is None and "discarded PCA checkpoint" in status["restart_note"]
+    assert "sha256" in status["restart_note"] and pointer["path"] in status["restart_note"]
+    final = ray.get(actor.run.remote())
+    assert final["batches_run"] == T * 3  # 48 rows per step in batches of 20: all refitted
+    refit = empty_pca(cfg, store)
+    fold_group_state(ray.get(actor.state_bytes.remote()), refit, "torch", K)
+    ray.kill(actor, no_restart=True)
+    reference = fit_in_process(store, range(T), T, K, batch_size=20)
+    for t in range(T):
+        np.testing.assert_allclose(_components(refit, t), _components(reference, t), atol=1e-10)
+
+    result = pca_stage(cfg, store, progress=False)
+    assert result.sha256 == store.stage("pca")["sha256"] and len(result.sha256) == 64
+    _flip_last_byte(tmp_path / "run" / "pca" / "pca.safetensors")
+    with pytest.raises(CorruptShardError, match=r"pca/pca\.safetensors: sha256 .* does not match"):
+        load_stage_pca(store)
+    again = pca_stage(cfg, store, progress=False)  # the damaged result is refitted from the checkpoints
+    assert again.batches == 0 and again.sha256 == store.stage("pca")["sha256"]
+    for t in range(T):
+        np.testing.assert_array_equal(_components(load_stage_pca(store), t), _components(result.pca, t))
