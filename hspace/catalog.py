@@ -1102,7 +1102,7 @@ class Catalog:
         keep: int = 5,
         *,
         grace_s: float = 3600.0,
-        reader_grace_s: float = 0.0,
+        reader_grace_s: float | None = None,
         dry_run: bool = False,
     ) -> list[str]:
         """Remove old versions; returns the removed version ids (sorted).
@@ -1112,12 +1112,15 @@ class Catalog:
         (manifest first, so readers stop seeing them at once) and incomplete version directories
         (failed or running publishes) untouched for ``grace_s`` seconds.
 
-        ``reader_grace_s`` > 0 protects readers: a complete version is removed only once
-        ``reader_grace_s`` seconds have passed since a gc run first found it unreferenced (it is
-        then recorded under ``<model>/gc/``) and since a ref last named it, so a reader that
-        resolved it through a ref can use it at least that long. With 0 (the default) unreferenced
-        versions beyond ``keep`` are removed at once. Concurrent gc runs are safe.
+        ``reader_grace_s`` (default: ``grace_s``) protects readers: a complete version is removed
+        only once ``reader_grace_s`` seconds have passed since a gc run first found it unreferenced
+        (it is then recorded under ``<model>/gc/``) and since a ref last named it, so a reader that
+        resolved it through a ref can use it at least that long; a scheduled gc removes it on a
+        later run. With 0 unreferenced versions beyond ``keep`` are removed at once. Concurrent
+        gc runs are safe.
         """
+        if reader_grace_s is None:
+            reader_grace_s = grace_s
         if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
             raise ValueError(f"keep must be an int >= 1 (the newest version is always kept), got {keep!r}")
         for name, value in (("grace_s", grace_s), ("reader_grace_s", reader_grace_s)):

@@ -878,6 +878,13 @@ def catalog_gc(
         int, typer.Option(help="newest complete versions to keep (referenced ones are always kept)")
     ] = 5,
     grace_s: Annotated[float, typer.Option(help="leave incomplete versions younger than this (s)")] = 3600.0,
+    reader_grace_s: Annotated[
+        float | None,
+        typer.Option(
+            help="remove an unreferenced version only this long after gc first found it so, letting "
+            "readers that resolved it finish (s; default: --grace-s; 0 removes at once)"
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="list what would be removed; remove nothing")] = False,
     storage_options: StorageOpt = None,
 ) -> None:
@@ -885,7 +892,7 @@ def catalog_gc(
     cat = _open_catalog(url, storage_options)
     if model not in cat.models() and not cat.versions(model):
         raise FileNotFoundError(f"catalog {url} has no model {model!r}; models: {cat.models()}")
-    removed = cat.gc(model, keep=keep, grace_s=grace_s, dry_run=dry_run)
+    removed = cat.gc(model, keep=keep, grace_s=grace_s, reader_grace_s=reader_grace_s, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     typer.echo(f"{verb} {len(removed)} version(s) of {model}" + (":" if removed else ""))
     for v in removed:

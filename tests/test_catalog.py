@@ -282,9 +282,9 @@ def test_diff_reports_cosine_added_and_removed(cat):
 def test_gc_keeps_newest_and_every_referenced_version(cat):
     vs = [cat.publish("toy", [make_direction("smile", i)], metadata=META) for i in range(4)]
     cat.set_ref("toy", "stable", vs[0])
-    assert cat.gc("toy", keep=1, dry_run=True) == [vs[1], vs[2]]
+    assert cat.gc("toy", keep=1, reader_grace_s=0, dry_run=True) == [vs[1], vs[2]]
     assert cat.versions("toy") == vs
-    assert cat.gc("toy", keep=1) == [vs[1], vs[2]]
+    assert cat.gc("toy", keep=1, reader_grace_s=0) == [vs[1], vs[2]]
     assert cat.versions("toy") == [vs[0], vs[3]]
     assert cat.resolve("toy", "stable") == vs[0] and cat.resolve("toy") == vs[3]
     assert cat.version("toy", "stable").direction("smile").vector.shape == (T, C, H, W)

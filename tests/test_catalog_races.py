@@ -128,7 +128,7 @@ def test_gc_keeps_a_version_a_ref_moves_to_while_gc_runs(any_cat, monkeypatch):
         return real(self, model, version, complete=complete)
 
     monkeypatch.setattr(hcat.Catalog, "_remove_version", remove_version)
-    assert any_cat.gc("m", keep=1) == [vs[1]]
+    assert any_cat.gc("m", keep=1, reader_grace_s=0) == [vs[1]]
     assert_version_is(any_cat, vs[0], 0)
 
 
@@ -146,7 +146,7 @@ def test_gc_puts_back_the_manifest_when_a_ref_moved_there_during_the_removal(any
         return removed
 
     monkeypatch.setattr(Store, "remove_file", remove_file)
-    assert any_cat.gc("m", keep=1) == []
+    assert any_cat.gc("m", keep=1, reader_grace_s=0) == []
     monkeypatch.undo()
     assert any_cat.versions("m") == vs and any_cat.resolve("m", "stable") == vs[0]
     assert_version_is(any_cat, vs[0], 0)
@@ -238,7 +238,7 @@ def test_a_malformed_ref_does_not_stop_refs_or_gc(any_cat):
         assert any_cat.refs("m") == {"latest": vs[3], "stable": vs[1]}
     assert sorted(str(w.message).split("'")[1] for w in caught) == ["broken", "garbage"]
     with pytest.warns(MalformedRefWarning) as caught:
-        assert any_cat.gc("m", keep=1) == [vs[2]]
+        assert any_cat.gc("m", keep=1, reader_grace_s=0) == [vs[2]]
     assert len(caught) == 2 and all(w.filename == __file__ for w in caught)  # points at the caller
     assert any_cat.versions("m") == [vs[0], vs[1], vs[3]]
 

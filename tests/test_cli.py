@@ -346,11 +346,14 @@ def test_catalog_diff_reports_cosines_added_and_removed(published):
 
 def test_catalog_gc_dry_run_then_remove_keeps_referenced_versions(published):
     url, (v1, v2, v3) = published
-    res = invoke("catalog", "gc", url, "tiny", "--keep", "1", "--dry-run")
+    res = invoke("catalog", "gc", url, "tiny", "--keep", "1", "--reader-grace-s", "0", "--dry-run")
     assert res.exit_code == 0, res.output
     assert "would remove 1 version" in res.output and v2 in res.output
     assert catalog_mod.open(url).versions("tiny") == [v1, v2, v3]
-    res = invoke("catalog", "gc", url, "tiny", "--keep", "1")
+    res = invoke("catalog", "gc", url, "tiny", "--keep", "1")  # default: readers get the grace period
+    assert res.exit_code == 0 and "removed 0 version" in res.output
+    assert catalog_mod.open(url).versions("tiny") == [v1, v2, v3]
+    res = invoke("catalog", "gc", url, "tiny", "--keep", "1", "--reader-grace-s", "0")
     assert res.exit_code == 0 and "removed 1 version" in res.output
     assert catalog_mod.open(url).versions("tiny") == [v1, v3]  # v1 kept: 'stable' names it
 
