@@ -476,9 +476,14 @@ class RunStore:
         JSON, another schema version, or a top level without its ``identity`` / ``blocks`` /
         ``stages`` of the right types. Block entries are checked by :meth:`blocks`.
         """
-        if not self.exists(MANIFEST_NAME):
+        # Read directly rather than ask exists(): fsspec's exists() answers False on any error, and a
+        # transient error mistaken for "no manifest" would let the next update drop listed blocks.
+        path = self.abspath(MANIFEST_NAME)
+        try:
+            data = self._retry("read", MANIFEST_NAME, lambda: self.fs.cat_file(path))
+        except FileNotFoundError:
             return {"schema_version": MANIFEST_SCHEMA_VERSION, "identity": None, "blocks": {}, "stages": {}}
-        return parse_manifest(self.read_bytes(MANIFEST_NAME), self.describe(MANIFEST_NAME))
+        return parse_manifest(data, self.describe(MANIFEST_NAME))
 
     def update_manifest(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Read, apply ``change`` in place, write atomically. Only the driver calls this (single writer)."""

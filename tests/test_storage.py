@@ -216,3 +216,22 @@ def test_streaming_reader_memory_does_not_grow_with_the_run(tmp_path):
     # Python/numpy (tracemalloc) plus Arrow pool peaks: a shard and a batch or two, whatever the run
     # size. Four times the data (1.5 MB more) may add at most 10% of that (measured: ~10 KB).
     assert large - small < 0.1 * (large_total - small_total)
+
+
+def test_a_transient_error_reading_the_manifest_is_not_taken_for_a_new_run(tmp_path, monkeypatch):
+    """fsspec's exists() answers False on any error: the manifest is read directly, so a storage
+    hiccup is retried (or raised) instead of starting an empty manifest that would drop blocks."""
+    store = RunStore(str(tmp_path / "run"), retries=2, backoff_s=0.0)
+    store.update_manifest(lambda m: m["stages"].update({"generate": {"done": True}}))
+    real_cat, calls = store.fs.cat_file, []
+
+    def flaky_cat(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:
+            raise ConnectionError("connection reset")
+        return real_cat(path, *args, **kwargs)
+
+    monkeypatch.setattr(store.fs, "exists", lambda path, **kw: False)  # what fsspec does on errors
+    monkeypatch.setattr(store.fs, "cat_file", flaky_cat)
+    assert store.read_manifest()["stages"] == {"generate": {"done": True}}
+    assert len(calls) == 2
