@@ -18,6 +18,7 @@ from pipeline.config import (
     validate_config,
 )
 from pipeline.plan import plan, seed_blocks
+from tests.config_examples import small_config, with_field
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LARGE = ("celebahq", "church", "bedroom")
@@ -34,28 +35,7 @@ def _toy_ready() -> bool:
 @pytest.fixture
 def base(tiny_model_dir) -> dict:
     """A small valid config on the tiny test model (h [32, 4, 4], 1000 training steps)."""
-    return {
-        "name": "t",
-        "model": {"source": str(tiny_model_dir)},
-        "sampler": {"kind": "ddpm", "num_inference_steps": 5},
-        "generate": {"n_samples": 16, "batch_size": 4, "seeds_per_block": 8},
-        "storage": {"run_url": "memory://run"},
-        "catalog": {"url": "memory://cat", "model_name": "tiny"},
-        "pca": {"n_components": 4},
-        "annotate": {"classifier": "toy", "attributes": ["glasses", "hat"]},
-        "aggregate": {"quantile": 0.25, "disentangle": {"glasses": ["hat"]}},
-        "evaluate": {"seed_start": 1000, "n_seeds": 4, "scales": [-1.0, 1.0]},
-    }
-
-
-def _with(cfg: dict, dotted: str, value) -> dict:
-    cfg = copy.deepcopy(cfg)
-    *parents, last = dotted.split(".")
-    node = cfg
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
-    return cfg
+    return small_config(tiny_model_dir)
 
 
 def test_base_config_is_valid(base):
@@ -205,7 +185,7 @@ BAD = [
 @pytest.mark.parametrize(("what", "field", "value", "message"), BAD, ids=[b[0] for b in BAD])
 def test_bad_input_names_the_field(base, what, field, value, message):
     with pytest.raises(ConfigError) as info:
-        validate_config(_with(base, field, value))
+        validate_config(with_field(base, field, value))
     assert message in str(info.value), str(info.value)
 
 
@@ -217,7 +197,7 @@ def test_missing_required_section_is_named(base):
 
 
 def test_all_errors_are_reported_at_once(base):
-    bad = _with(_with(base, "generate.n_samples", 0), "sampler.kind", "euler")
+    bad = with_field(with_field(base, "generate.n_samples", 0), "sampler.kind", "euler")
     with pytest.raises(ConfigError) as info:
         validate_config(bad)
     fields = {f for f, _ in info.value.errors}
@@ -228,7 +208,7 @@ def test_cli_exits_2_on_a_bad_config_and_0_on_a_good_one(base, tmp_path, capsys)
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(base))
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(_with(base, "sampler.num_inference_steps", 5000)))
+    bad.write_text(yaml.safe_dump(with_field(base, "sampler.num_inference_steps", 5000)))
     assert main([str(good)]) == 0
     assert "activation shards:  10" in capsys.readouterr().out  # 2 blocks x 5 steps
     with pytest.raises(SystemExit) as info:
@@ -248,7 +228,7 @@ def test_invalid_yaml_is_a_config_error(tmp_path):
 
 
 def test_hub_model_without_local_files_needs_explicit_h_shape_for_bytes(base):
-    cfg = validate_config(_with(base, "model", {"source": "someone/some-ddpm"}))
+    cfg = validate_config(with_field(base, "model", {"source": "someone/some-ddpm"}))
     p = plan(cfg)
     assert p.h_shape is None and p.estimated_bytes is None
     assert "set model.h_shape" in p.summary()
@@ -256,7 +236,7 @@ def test_hub_model_without_local_files_needs_explicit_h_shape_for_bytes(base):
 
 
 def test_seed_blocks_partition_the_seed_range(base):
-    cfg = validate_config(_with(_with(base, "generate.n_samples", 19), "generate.seed_start", 100))
+    cfg = validate_config(with_field(with_field(base, "generate.n_samples", 19), "generate.seed_start", 100))
     blocks = seed_blocks(cfg)
     assert [(b.start, b.stop) for b in blocks] == [(100, 108), (108, 116), (116, 119)]
     assert [s for b in blocks for s in b.seeds] == list(cfg.seeds)

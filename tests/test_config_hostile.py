@@ -7,7 +7,6 @@ names the field (or the file) -- no traceback, nothing written.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -23,6 +22,7 @@ import yaml
 from pipeline.build import main as build_main
 from pipeline.config import MAX_BLOCKS, MAX_SEED, ConfigError, load_config, probe_config, validate_config
 from pipeline.plan import plan, seed_blocks
+from tests.config_examples import small_config, with_field
 
 try:  # `python -m pytest` puts the repo root on sys.path; bare `pytest` only puts tests/ there
     from tests.s3_server import s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
@@ -34,29 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def base(tiny_model_dir, tmp_path) -> dict:
-    """A small valid config on the tiny test model (h [32, 4, 4]) and the toy classifier."""
-    return {
-        "name": "t",
-        "model": {"source": str(tiny_model_dir)},
-        "sampler": {"kind": "ddpm", "num_inference_steps": 5},
-        "generate": {"n_samples": 16, "batch_size": 4, "seeds_per_block": 8},
-        "storage": {"run_url": str(tmp_path / "run")},
-        "catalog": {"url": str(tmp_path / "catalog"), "model_name": "tiny"},
-        "pca": {"n_components": 4},
-        "annotate": {"classifier": "toy", "attributes": ["glasses", "hat"]},
-        "aggregate": {"quantile": 0.25, "disentangle": {"glasses": ["hat"]}},
-        "evaluate": {"seed_start": 1000, "n_seeds": 4, "scales": [-1.0, 1.0]},
-    }
-
-
-def _with(cfg: dict, dotted: str, value) -> dict:
-    cfg = copy.deepcopy(cfg)
-    *parents, last = dotted.split(".")
-    node = cfg
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
-    return cfg
+    """A small valid config on the tiny test model, writing under ``tmp_path``."""
+    return small_config(tiny_model_dir, run_url=str(tmp_path / "run"), catalog_url=str(tmp_path / "catalog"))
 
 
 def _dry_run(tmp_path: Path, capsys, content: dict | str | bytes) -> tuple[int, str]:
@@ -104,7 +83,7 @@ NON_FINITE = [
 
 @pytest.mark.parametrize(("field", "value"), NON_FINITE, ids=[f for f, _ in NON_FINITE])
 def test_non_finite_numbers_are_refused_naming_the_field(base, tmp_path, capsys, field, value):
-    cfg = _with(base, field, value)
+    cfg = with_field(base, field, value)
     if field == "sampler.eta":
         cfg["sampler"]["kind"] = "ddim"
     code, err = _dry_run(tmp_path, capsys, cfg)
@@ -140,7 +119,7 @@ SEEDS = [
 
 @pytest.mark.parametrize(("field", "value", "needle"), SEEDS, ids=[f"{s[0]}={s[1]}"[:40] for s in SEEDS])
 def test_seeds_outside_the_generator_range_are_refused(base, tmp_path, capsys, field, value, needle):
-    code, err = _dry_run(tmp_path, capsys, _with(base, field, value))
+    code, err = _dry_run(tmp_path, capsys, with_field(base, field, value))
     _assert_refused(code, err, needle, "0..2**63-1")
 
 
@@ -221,11 +200,11 @@ def test_a_directory_instead_of_a_file(tmp_path, capsys):
     ],
 )
 def test_names_the_catalog_refuses(base, tmp_path, capsys, field, value):
-    _assert_refused(*_dry_run(tmp_path, capsys, _with(base, field, value)), field, "1-128 characters")
+    _assert_refused(*_dry_run(tmp_path, capsys, with_field(base, field, value)), field, "1-128 characters")
 
 
 def test_a_128_character_model_name_is_accepted(base):
-    assert validate_config(_with(base, "catalog.model_name", "m" * 128)).catalog.model_name == "m" * 128
+    assert validate_config(with_field(base, "catalog.model_name", "m" * 128)).catalog.model_name == "m" * 128
 
 
 def _clf_dir(tmp_path: Path, attributes: list[str]) -> str:
@@ -240,7 +219,7 @@ def _clf_dir(tmp_path: Path, attributes: list[str]) -> str:
 
 
 def test_direction_names_whose_previews_collide_after_sanitising(base, tmp_path, capsys):
-    cfg = _with(base, "annotate", {"classifier": _clf_dir(tmp_path, ["a b", "a_b"])})
+    cfg = with_field(base, "annotate", {"classifier": _clf_dir(tmp_path, ["a b", "a_b"])})
     cfg["aggregate"] = {"quantile": 0.25}
     code, err = _dry_run(tmp_path, capsys, cfg)
     _assert_refused(
@@ -249,15 +228,15 @@ def test_direction_names_whose_previews_collide_after_sanitising(base, tmp_path,
 
 
 def test_direction_name_whose_preview_path_the_catalog_refuses(base, tmp_path, capsys):
-    cfg = _with(base, "annotate", {"classifier": _clf_dir(tmp_path, [" smile", "hat"])})
+    cfg = with_field(base, "annotate", {"classifier": _clf_dir(tmp_path, [" smile", "hat"])})
     cfg["aggregate"] = {"quantile": 0.25}
     _assert_refused(*_dry_run(tmp_path, capsys, cfg), "direction ' smile': the catalog refuses its preview")
 
 
 def test_attributes_the_classifier_does_not_have(base, tmp_path, capsys):
-    cfg = _with(base, "annotate.attributes", ["glasses", "hat", "wings"])
+    cfg = with_field(base, "annotate.attributes", ["glasses", "hat", "wings"])
     _assert_refused(*_dry_run(tmp_path, capsys, cfg), "annotate.attributes: ['wings'] are not attributes of")
-    local = _with(
+    local = with_field(
         base, "annotate", {"classifier": _clf_dir(tmp_path, ["round", "size"]), "attributes": ["round"]}
     )
     local["aggregate"] = {"quantile": 0.25}
@@ -269,7 +248,7 @@ def test_attributes_the_classifier_does_not_have(base, tmp_path, capsys):
 
 
 def test_aggregate_names_the_classifier_lacks_when_annotate_lists_no_attributes(base, tmp_path, capsys):
-    cfg = _with(base, "annotate", {"classifier": _clf_dir(tmp_path, ["round", "size"])})
+    cfg = with_field(base, "annotate", {"classifier": _clf_dir(tmp_path, ["round", "size"])})
     cfg["aggregate"] = {"quantile": 0.25, "disentangle": {"round": ["size"]}}
     assert validate_config(cfg).annotate.attributes is None
     cfg["aggregate"]["condition"] = {"size": "wings"}
@@ -280,7 +259,7 @@ def test_aggregate_names_the_classifier_lacks_when_annotate_lists_no_attributes(
 
 def test_a_classifier_dir_without_config_json(base, tmp_path, capsys):
     (tmp_path / "empty_clf").mkdir()
-    cfg = _with(base, "annotate.classifier", str(tmp_path / "empty_clf"))
+    cfg = with_field(base, "annotate.classifier", str(tmp_path / "empty_clf"))
     _assert_refused(*_dry_run(tmp_path, capsys, cfg), "annotate.classifier: cannot read")
 
 
@@ -290,18 +269,20 @@ def test_a_classifier_dir_without_config_json(base, tmp_path, capsys):
 @pytest.mark.parametrize("field", ["storage.run_url", "catalog.url", "annotate.classifier"])
 def test_unknown_storage_protocol(base, tmp_path, capsys, field):
     _assert_refused(
-        *_dry_run(tmp_path, capsys, _with(base, field, "foo://x")), field, "unknown storage protocol 'foo'"
+        *_dry_run(tmp_path, capsys, with_field(base, field, "foo://x")),
+        field,
+        "unknown storage protocol 'foo'",
     )
 
 
 def test_chained_url_with_an_unknown_protocol(base, tmp_path, capsys):
-    cfg = _with(base, "storage.run_url", "simplecache::nope://bucket/run")
+    cfg = with_field(base, "storage.run_url", "simplecache::nope://bucket/run")
     _assert_refused(*_dry_run(tmp_path, capsys, cfg), "storage.run_url: unknown storage protocol 'nope'")
 
 
 def test_local_run_url_under_a_file_cannot_be_reached(base, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
-    cfg = _with(base, "storage.run_url", str(tmp_path / "afile" / "run"))
+    cfg = with_field(base, "storage.run_url", str(tmp_path / "afile" / "run"))
     _assert_refused(
         *_dry_run(tmp_path, capsys, cfg), "storage.run_url: cannot reach", "is a file, not a directory"
     )
@@ -331,22 +312,24 @@ def test_url_classifier_is_checked_when_fetchable_else_noted(base, tmp_path, cap
 
     fs = fsspec.filesystem("memory")
     fs.pipe("/hostile-clf/config.json", json.dumps({"attributes": ["x", "y"]}).encode())
-    cfg = _with(base, "annotate.classifier", "memory://hostile-clf")
+    cfg = with_field(base, "annotate.classifier", "memory://hostile-clf")
     _assert_refused(
         *_dry_run(tmp_path, capsys, cfg), "annotate.attributes: ['glasses', 'hat'] are not attributes"
     )
-    code, err = _dry_run(tmp_path, capsys, _with(base, "annotate.classifier", "memory://absent-clf"))
+    code, err = _dry_run(tmp_path, capsys, with_field(base, "annotate.classifier", "memory://absent-clf"))
     assert code == 0 and "note: annotate.classifier: attributes not checked" in err
 
 
 @pytest.mark.s3
 def test_s3_run_url_reachable_bucket_and_missing_bucket(base, tmp_path, capsys, s3_server, s3_bucket):
     opts = s3_server.storage_options()
-    cfg = _with(_with(base, "storage.run_url", f"{s3_bucket}/runs/t"), "storage.storage_options", opts)
-    cfg = _with(_with(cfg, "catalog.url", f"{s3_bucket}/catalog"), "catalog.storage_options", opts)
+    cfg = with_field(
+        with_field(base, "storage.run_url", f"{s3_bucket}/runs/t"), "storage.storage_options", opts
+    )
+    cfg = with_field(with_field(cfg, "catalog.url", f"{s3_bucket}/catalog"), "catalog.storage_options", opts)
     code, err = _dry_run(tmp_path, capsys, cfg)
     assert code == 0, err
-    missing = _with(cfg, "storage.run_url", "s3://no-such-bucket-hostile/runs/t")
+    missing = with_field(cfg, "storage.run_url", "s3://no-such-bucket-hostile/runs/t")
     _assert_refused(
         *_dry_run(tmp_path, capsys, missing), "storage.run_url: cannot reach s3://no-such-bucket-hostile"
     )
@@ -356,14 +339,14 @@ def test_s3_run_url_reachable_bucket_and_missing_bucket(base, tmp_path, capsys, 
 
 
 def test_jacobian_k_beyond_the_h_space(base, tmp_path, capsys):
-    ok = _with(base, "jacobian", [{"seed": 0, "step": 1, "k": 32 * 4 * 4}])
+    ok = with_field(base, "jacobian", [{"seed": 0, "step": 1, "k": 32 * 4 * 4}])
     assert validate_config(ok).jacobian[0].k == 512
-    bad = _with(base, "jacobian", [{"seed": 0, "step": 1, "k": 513}])
+    bad = with_field(base, "jacobian", [{"seed": 0, "step": 1, "k": 513}])
     _assert_refused(*_dry_run(tmp_path, capsys, bad), "jacobian[0].k: 513 exceeds the h-space dimension 512")
 
 
 def test_jacobian_mask_outside_the_image(base, tmp_path, capsys):
-    bad = _with(base, "jacobian", [{"seed": 0, "step": 1, "mask": [0, 0, 8, 17]}])
+    bad = with_field(base, "jacobian", [{"seed": 0, "step": 1, "mask": [0, 0, 8, 17]}])
     _assert_refused(*_dry_run(tmp_path, capsys, bad), "jacobian[0].mask", "16px image")
 
 
@@ -371,7 +354,7 @@ def test_jacobian_mask_outside_the_image(base, tmp_path, capsys):
 
 
 def test_a_billion_samples_plan_lazily_in_bounded_time(base, tmp_path, capsys):
-    big = _with(base, "generate", {"n_samples": 10**9, "seeds_per_block": 10**4})
+    big = with_field(base, "generate", {"n_samples": 10**9, "seeds_per_block": 10**4})
     big["evaluate"]["seed_start"] = 2 * 10**9
     t0 = time.perf_counter()
     code, err = _dry_run(tmp_path, capsys, big)
@@ -383,7 +366,7 @@ def test_a_billion_samples_plan_lazily_in_bounded_time(base, tmp_path, capsys):
 
 
 def test_one_seed_per_block_for_a_billion_samples_is_refused_quickly(base, tmp_path, capsys):
-    big = _with(base, "generate", {"n_samples": 10**9, "seeds_per_block": 1})
+    big = with_field(base, "generate", {"n_samples": 10**9, "seeds_per_block": 1})
     big["evaluate"]["seed_start"] = 2 * 10**9
     t0 = time.perf_counter()
     code, err = _dry_run(tmp_path, capsys, big)

@@ -21,6 +21,7 @@ from pipeline.storage import (
     parse_blocks,
     parse_manifest,
 )
+from tests.config_examples import small_config
 
 SETTINGS = settings(
     max_examples=150,
@@ -121,19 +122,7 @@ CONFIG_FIELDS = [
 
 
 def _base(model_dir) -> dict:
-    return {
-        "name": "t",
-        "model": {"source": str(model_dir)},
-        "sampler": {"kind": "ddpm", "num_inference_steps": 5},
-        "generate": {"n_samples": 16, "batch_size": 4, "seeds_per_block": 8},
-        "storage": {"run_url": "memory://run"},
-        "catalog": {"url": "memory://cat", "model_name": "tiny"},
-        "pca": {"n_components": 4},
-        "annotate": {"classifier": "toy", "attributes": ["glasses", "hat"]},
-        "aggregate": {"quantile": 0.25, "disentangle": {"glasses": ["hat"]}},
-        "evaluate": {"seed_start": 1000, "n_seeds": 4, "scales": [-1.0, 1.0]},
-        "jacobian": [{"seed": 0, "step": 1, "k": 2}],
-    }
+    return {**small_config(model_dir), "jacobian": [{"seed": 0, "step": 1, "k": 2}]}
 
 
 def _set(cfg: dict, dotted: str, value) -> dict:

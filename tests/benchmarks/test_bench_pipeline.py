@@ -5,7 +5,7 @@ GPU) against ``HSpaceSampler.sample`` in this process at the same batch size, re
 float16, block by block. Two pipeline numbers: end to end (the call's wall time: actor start and
 model load included, which a short run cannot amortise) and steady state (the median block's
 seconds inside the actor: sampling plus writing the parquet shards and PNGs, against the median
-block sampled here). Ratio = pipeline throughput / in-process throughput (the issue aims at
+block sampled here). Ratio = pipeline throughput / in-process throughput (the project aims at
 >= 0.8).
 
 PCA memory: one ``PCAGroupWorker`` actor (the PCA stage's) fits synthetic h shards of a run with
