@@ -38,6 +38,7 @@ from hspace.cli import app as cli_app
 from hspace.explore.command import default_model, parse_storage_option_pairs
 from hspace.explore.explorer import direction_rows
 from hspace.explore.render_queue import SUPERSEDED, RenderCancelled, RenderQueue
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.explore_catalog import MODEL, build_explore_catalog
 
 try:  # `python -m pytest` puts the repo root on sys.path; bare `pytest` only puts tests/ there
@@ -47,17 +48,6 @@ except ModuleNotFoundError:  # pragma: no cover
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "out" / "explore"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 STEPS = 10  # the test catalog's sampler steps (the explorer renders with a version's own steps)
 
 

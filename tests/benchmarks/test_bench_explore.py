@@ -24,20 +24,11 @@ import urllib.request
 
 from _bench import REPO_ROOT, RESULTS_DIR, configure_threads, table, write_results
 
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.explore_catalog import build_explore_catalog
 
 STEPS = 20
 DRAGS = 10
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def _drag(pg, name: str, to_fraction: float, moves: int = 10) -> None:
@@ -92,7 +83,7 @@ def test_bench_explore_release_to_image(tmp_path):
         line = proc.stdout.readline()  # type: ignore[union-attr]
         url = re.search(r"(http://127\.0\.0\.1:\d+/)", line).group(1)  # type: ignore[union-attr]
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             pg = browser.new_page(viewport={"width": 1400, "height": 900})
             pg.goto(url)
             pg.wait_for_function(
