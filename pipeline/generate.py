@@ -139,6 +139,7 @@ class BlockGenerator:
         eta: float | None,
         batch_size: int,
     ) -> None:
+        started = time.perf_counter()
         import torch
 
         from hspace.model import HSpaceModel
@@ -153,15 +154,18 @@ class BlockGenerator:
         )
         self.batch_size = batch_size
         self.worker = uuid.uuid4().hex[:8]  # unique file names even if a block is retried elsewhere
+        self.init_seconds = time.perf_counter() - started  # imports and model load, reported with each block
 
     def generate_block(self, block: SeedBlock) -> BlockRecord:
         """Sample the block's seeds, write one shard per step and the images; return the record."""
         import torch
 
         t0 = time.perf_counter()
+        started_unix = time.time()
         seeds = list(block.seeds)
         traj = self.sampler.sample(seeds, record_h=True, h_dtype=torch.float16, batch_size=self.batch_size)
         h = traj.h.cpu().numpy()  # [B, T, C, H, W] float16
+        sampled = time.perf_counter()
         timesteps = [int(t) for t in traj.timesteps]
         shards = tuple(
             self.store.write_activations(step, timesteps[step], seeds, h[:, step], self.worker, block.index)
@@ -173,6 +177,9 @@ class BlockGenerator:
         extra = {
             "worker": self.worker,
             "seconds": time.perf_counter() - t0,
+            "sample_seconds": sampled - t0,
+            "started_unix": started_unix,
+            "worker_init_seconds": self.init_seconds,
             "model_fingerprint": self.model.fingerprint,
             "timesteps": timesteps,
             "h_shape": list(self.model.h_shape),

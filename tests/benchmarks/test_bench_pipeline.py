@@ -1,12 +1,20 @@
-"""The Ray pipeline against in-process work: generate-stage throughput, and PCA actor memory.
+"""The Ray pipeline against bare work: generate-stage throughput, and PCA actor memory.
 
-Generate: ``pipeline.generate.generate`` on a local Ray cluster with one worker (one CPU, or one
-GPU) against ``HSpaceSampler.sample`` in this process at the same batch size, recording h in
-float16, block by block. Two pipeline numbers: end to end (the call's wall time: actor start and
-model load included, which a short run cannot amortise) and steady state (the median block's
-seconds inside the actor: sampling plus writing the parquet shards and PNGs, against the median
-block sampled here). Ratio = pipeline throughput / in-process throughput (the project aims at
->= 0.8).
+Generate: ``pipeline.generate.generate`` on a local Ray cluster with ``WORKERS`` workers (one CPU
+each, or one GPU) against the bare sampler doing the same work in as many plain processes started
+together (``_bare_sampler.py``: ``HSpaceSampler.sample`` of the same seed blocks at the same batch
+size, h recorded as float16, nothing written, model load excluded). Two ratios, throughput over the
+baseline's (aims: >= 0.8 and >= 0.95):
+
+* end to end: the bare processes' sampling seconds against the whole ``generate`` call (Ray Data
+  and actor start, imports, model load, sampling, parquet shards and PNGs, manifest updates);
+* inside the actor: the median bare block against the median block in an actor (sampling and
+  writing).
+
+Rounds alternate a Ray run and a bare run, so a change in the machine's load hits both; the
+ratios are medians over rounds. A profile table splits the Ray run's wall time: start-up until
+the first block (worker imports and model load vs Ray's own start), sampling, writing, gaps between
+blocks, and the tail after the last block.
 
 PCA memory: one ``PCAGroupWorker`` actor (the PCA stage's) fits synthetic h shards of a run with
 N and 4N samples; its peak RSS above the RSS at the start of ``run`` (VmHWM after resetting it)
@@ -15,13 +23,18 @@ should not grow with N, because it streams one batch at a time.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _bench import DEVICE, ON_GPU, configure_threads, median, table, toy_model_or_random, write_results
+from _bench import ON_GPU, REPO_ROOT, median, table, toy_model_or_random, write_results
 
 pytest.importorskip("ray", reason="the pipeline benchmark needs Ray (pip install 'hspace[pipeline]')")
 generate_mod = pytest.importorskip("pipeline.generate", reason="pipeline.generate is not there yet")
@@ -30,12 +43,11 @@ from pipeline.plan import SeedBlock  # noqa: E402
 from pipeline.storage import BlockRecord, RunStore  # noqa: E402
 from tests.ray_cluster import ray_local  # noqa: E402,F401  (session fixture)
 
-N_SAMPLES, STEPS, BATCH, PER_BLOCK = (512, 50, 64, 128) if ON_GPU else (32, 5, 8, 8)
-PIPELINE_RUNS = (
-    3 if ON_GPU else 1
-)  # on the CPU one run: starting the actor (importing torch) takes minutes under load
-LOCAL_REPEATS = 3
+N_SAMPLES, STEPS, BATCH, PER_BLOCK = (2048, 50, 64, 128) if ON_GPU else (1024, 10, 64, 128)
+WORKERS = max(1, torch.cuda.device_count()) if ON_GPU else 2  # the local test cluster has 2 CPUs
+ROUNDS = int(os.environ.get("HSPACE_BENCH_GEN_ROUNDS", "2"))
 PCA_N, PCA_STEPS, PCA_BATCH, PCA_K, PCA_BLOCK = (2048, 4, 256, 32, 512) if ON_GPU else (512, 2, 64, 8, 128)
+BARE_SCRIPT = Path(__file__).resolve().parent / "_bare_sampler.py"
 
 
 def _model_source(tmp_path) -> tuple[str, str]:
@@ -56,7 +68,11 @@ def _config(source: str, run_url: str, **overrides) -> object:
         "model": {"source": source},
         "sampler": {"kind": "ddpm", "num_inference_steps": STEPS},
         "generate": {"n_samples": N_SAMPLES, "batch_size": BATCH, "seeds_per_block": PER_BLOCK},
-        "resources": {"workers": 1, "num_cpus_per_worker": 1, "num_gpus_per_worker": 1 if ON_GPU else 0},
+        "resources": {
+            "workers": WORKERS,
+            "num_cpus_per_worker": 1,
+            "num_gpus_per_worker": 1 if ON_GPU else 0,
+        },
         "storage": {"run_url": run_url},
         "catalog": {"url": "memory://bench-unused", "model_name": "bench"},
         "pca": {"n_components": 2},
@@ -66,57 +82,137 @@ def _config(source: str, run_url: str, **overrides) -> object:
     return validate_config(data)
 
 
-def test_generate_stage_vs_in_process_sampler(ray_local, tmp_path):  # noqa: F811
-    threads = configure_threads()  # the Ray worker reserves one CPU: the in-process baseline uses one thread
-    from hspace.model import HSpaceModel
-    from hspace.sampling import HSpaceSampler
+def _bare_run(location: str, blocks: list[tuple[int, int]]) -> list[list[float]]:
+    """Block seconds of WORKERS bare sampler processes (blocks dealt round-robin), started together."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    device = "cuda:{}" if ON_GPU else "cpu"
+    procs = []
+    for w in range(WORKERS):
+        spec = {
+            "model": location,
+            "device": device.format(w),
+            "steps": STEPS,
+            "batch": BATCH,
+            "threads": 1,
+            "blocks": blocks[w::WORKERS],
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(BARE_SCRIPT), json.dumps(spec)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                env=env,
+            )
+        )
+    for p in procs:  # every process has loaded its model and warmed up
+        line = p.stdout.readline()
+        assert line.strip() == "READY", f"bare sampler did not start: {line!r}"
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    out = []
+    for p in procs:
+        stdout, _ = p.communicate(timeout=3600)
+        assert p.returncode == 0
+        line = next(x for x in stdout.splitlines() if x.startswith("RESULT_JSON "))
+        out.append(json.loads(line.removeprefix("RESULT_JSON "))["block_seconds"])
+    return out
+
+
+def _profile(wall: float, t_call: float, records: list[BlockRecord]) -> dict[str, float]:
+    """Where a Ray run's wall time went, per worker averaged: start-up, sampling, writing, gaps, tail."""
+    by_worker: dict[str, list[dict]] = {}
+    for rec in records:
+        by_worker.setdefault(rec.extra["worker"], []).append(rec.extra)
+    parts = {"start-up: Ray Data and actor start": [], "start-up: worker imports + model load": []}
+    parts.update({"sampling": [], "writing shards and PNGs": [], "gaps between blocks": [], "tail": []})
+    for blocks in by_worker.values():
+        blocks.sort(key=lambda e: e["started_unix"])
+        first = blocks[0]["started_unix"] - t_call
+        init = blocks[0]["worker_init_seconds"]
+        parts["start-up: worker imports + model load"].append(init)
+        parts["start-up: Ray Data and actor start"].append(first - init)
+        parts["sampling"].append(sum(e["sample_seconds"] for e in blocks))
+        parts["writing shards and PNGs"].append(sum(e["seconds"] - e["sample_seconds"] for e in blocks))
+        ends = [e["started_unix"] + e["seconds"] for e in blocks]
+        parts["gaps between blocks"].append(
+            sum(b["started_unix"] - a for b, a in zip(blocks[1:], ends[:-1], strict=True))
+        )
+        parts["tail"].append(t_call + wall - ends[-1])
+    return {name: float(np.mean(v)) for name, v in parts.items()}
+
+
+def test_generate_stage_vs_bare_sampler(ray_local, tmp_path):  # noqa: F811
+    source, which = _model_source(tmp_path)
     from hspace.toy import TOY_MODEL_DIR
 
-    source, which = _model_source(tmp_path)
     location = str(TOY_MODEL_DIR) if source == "toy" else source
-    model = HSpaceModel.from_pretrained(location, device=DEVICE)
-    sampler = HSpaceSampler(model, sampler="ddpm", num_inference_steps=STEPS)
-    blocks = [list(range(s, min(s + PER_BLOCK, N_SAMPLES))) for s in range(0, N_SAMPLES, PER_BLOCK)]
-
-    def in_process() -> list[float]:
-        """Seconds per block, sampled here exactly as the actor samples a block."""
-        out = []
-        for seeds in blocks:
-            t0 = time.perf_counter()
-            sampler.sample(seeds, record_h=True, h_dtype=torch.float16, batch_size=BATCH)
-            if ON_GPU:
-                torch.cuda.synchronize()
-            out.append(time.perf_counter() - t0)
-        return out
-
-    in_process()  # warm-up
-    local_blocks: list[float] = []
-    runs = []
-    for r in range(max(PIPELINE_RUNS, LOCAL_REPEATS)):  # interleaved: a pipeline run, an in-process pass
-        if r < PIPELINE_RUNS:
-            url = str(tmp_path / f"run-{r}")
-            report = generate_mod.generate(_config(source, url), progress=False)
-            assert report.samples == N_SAMPLES
-            actor_blocks = [float(rec.extra["seconds"]) for rec in RunStore(url).blocks().values()]
-            runs.append({"pipeline_wall_s": report.seconds, "actor_block_s": actor_blocks})
-        if r < LOCAL_REPEATS:
-            local_blocks += in_process()
-    n_blocks = len(blocks)
-    local = median(local_blocks) * n_blocks
-    wall = median([x["pipeline_wall_s"] for x in runs])
-    steady = median([b for x in runs for b in x["actor_block_s"]]) * n_blocks
-    rows = [
-        ["in-process HSpaceSampler (baseline)", local, N_SAMPLES / local, 1.0],
-        ["Ray generate stage, end to end", wall, N_SAMPLES / wall, local / wall],
-        ["Ray generate stage, blocks in the actor", steady, N_SAMPLES / steady, local / steady],
-    ]
+    blocks = [(s, min(s + PER_BLOCK, N_SAMPLES)) for s in range(0, N_SAMPLES, PER_BLOCK)]
+    rounds = []
+    for r in range(ROUNDS):  # alternating: a Ray run, then the bare processes
+        url = str(tmp_path / f"run-{r}")
+        t_call = time.time()
+        report = generate_mod.generate(_config(source, url), progress=False)
+        assert report.samples == N_SAMPLES
+        records = list(RunStore(url).blocks().values())
+        bare = _bare_run(location, blocks)
+        rounds.append(
+            {
+                "ray_wall_s": report.seconds,
+                "ray_block_s": [float(rec.extra["seconds"]) for rec in records],
+                "ray_profile_s": _profile(report.seconds, t_call, records),
+                "bare_block_s": bare,
+                "bare_wall_s": max(sum(x) for x in bare),
+            }
+        )
+    end_to_end = median([x["bare_wall_s"] / x["ray_wall_s"] for x in rounds])
+    in_actor = median(
+        [median([b for w in x["bare_block_s"] for b in w]) / median(x["ray_block_s"]) for x in rounds]
+    )
+    rows = []
+    for i, x in enumerate(rounds):
+        bare_block, ray_block = median([b for w in x["bare_block_s"] for b in w]), median(x["ray_block_s"])
+        rows.append([i, "bare sampler, all samples", x["bare_wall_s"], N_SAMPLES / x["bare_wall_s"], 1.0])
+        rows.append(
+            [
+                i,
+                "Ray generate, end to end",
+                x["ray_wall_s"],
+                N_SAMPLES / x["ray_wall_s"],
+                x["bare_wall_s"] / x["ray_wall_s"],
+            ]
+        )
+        rows.append([i, "bare sampler, median block", bare_block, PER_BLOCK / bare_block, 1.0])
+        rows.append(
+            [
+                i,
+                "Ray generate, median block in an actor",
+                ray_block,
+                PER_BLOCK / ray_block,
+                bare_block / ray_block,
+            ]
+        )
+    device = f"{WORKERS} GPU(s)" if ON_GPU else f"{WORKERS} CPUs, 1 thread each"
     text = table(
-        f"generate: {N_SAMPLES} samples x {STEPS} DDPM steps, batch {BATCH}, {n_blocks} blocks of {PER_BLOCK}, "
-        f"{which}, 1 Ray worker ({'1 GPU' if ON_GPU else '1 CPU'}) vs this process ({threads} thread(s)); seconds "
-        f"for all samples from median block times ({PIPELINE_RUNS} pipeline run(s), {LOCAL_REPEATS} in-process "
-        f"passes); ratio = throughput / baseline (target >= 0.8)",
-        ["path", "seconds", "samples/s", "ratio"],
+        f"generate: {N_SAMPLES} samples x {STEPS} DDPM steps, batch {BATCH}, {len(blocks)} blocks of {PER_BLOCK}, "
+        f"{which}, {WORKERS} Ray workers vs {WORKERS} bare processes ({device}); ratio = throughput / bare "
+        f"(aims >= 0.8 end to end, >= 0.95 in the actor); medians over {ROUNDS} rounds: end to end "
+        f"{end_to_end:.3f}, in the actor {in_actor:.3f}",
+        ["round", "path", "seconds", "samples/s", "ratio"],
         rows,
+    )
+    profile_names = list(rounds[0]["ray_profile_s"])
+    wall = median([x["ray_wall_s"] for x in rounds])
+    profile_rows = []
+    for name in profile_names:
+        seconds = median([x["ray_profile_s"][name] for x in rounds])
+        profile_rows.append([name, seconds, seconds / wall])
+    text += "\n" + table(
+        f"where a Ray run's wall time goes (per worker, median over rounds; wall {wall:.1f} s)",
+        ["part", "seconds", "share of wall"],
+        profile_rows,
     )
     write_results(
         "pipeline_generate",
@@ -126,18 +222,17 @@ def test_generate_stage_vs_in_process_sampler(ray_local, tmp_path):  # noqa: F81
                 "steps": STEPS,
                 "batch": BATCH,
                 "seeds_per_block": PER_BLOCK,
+                "workers": WORKERS,
                 "model": which,
-                "pipeline_runs": PIPELINE_RUNS,
-                "in_process_repeats": LOCAL_REPEATS,
+                "rounds": ROUNDS,
             },
-            "runs": runs,
-            "in_process_block_s": local_blocks,
-            "ratio_end_to_end": local / wall,
-            "ratio_steady_state": local / steady,
+            "rounds": rounds,
+            "ratio_end_to_end": end_to_end,
+            "ratio_in_actor": in_actor,
             "table": text,
         },
     )
-    assert steady > 0 and local > 0
+    assert end_to_end > 0 and in_actor > 0
 
 
 # ------------------------------------------------------------------------------ PCA actor memory
