@@ -34,6 +34,7 @@ import torch
 
 from hspace.directions import Direction
 from hspace.grade import grade_directions
+from pipeline.progress import progress_bar
 
 if TYPE_CHECKING:
     from hspace.model import HSpaceModel
@@ -297,10 +298,9 @@ class EvaluateResult:
 
 def _collect(ds: Any, n: int, progress: bool) -> dict[int, Any]:
     """Rows of the evaluate dataset by index, with a progress bar over the directions (+ unedited)."""
-    from tqdm.auto import tqdm
 
     rows = {}
-    with tqdm(total=n, desc="evaluate directions", unit="dir", disable=not progress) as bar:
+    with progress_bar(total=n, desc="evaluate directions", unit="dir", progress=progress) as bar:
         for r in ds.iter_rows():
             rows[int(r["index"])] = r
             bar.update(1)

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import math
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -28,6 +29,7 @@ import numpy as np
 
 from pipeline.config import BuildConfig, ModelInfo, describe_model
 from pipeline.plan import SeedBlock, seed_blocks
+from pipeline.progress import progress_bar
 from pipeline.ray_runtime import init_ray
 from pipeline.storage import BlockRecord, RunStore
 
@@ -296,13 +298,12 @@ def _run_blocks(
     cfg: BuildConfig, store: RunStore, todo: list[SeedBlock], progress: bool
 ) -> list[BlockRecord]:
     import ray
-    from tqdm.auto import tqdm
 
     init_ray(cfg)
     info = describe_model(cfg.model)
     res = cfg.resources
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = progress and sys.stderr.isatty()  # no bars redrawn into a log
     ds = ray.data.from_items(
         [{"index": b.index, "start": b.start, "stop": b.stop} for b in todo], override_num_blocks=len(todo)
     )
@@ -328,7 +329,7 @@ def _run_blocks(
         num_cpus=res.num_cpus_per_worker,
     )
     records: list[BlockRecord] = []
-    bar = tqdm(total=len(todo), desc="seed blocks", unit="block", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="seed blocks", unit="block", progress=progress)
     try:
         for row in out.iter_rows():
             rec = BlockRecord.from_dict(json.loads(row["record"]))

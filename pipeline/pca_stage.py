@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import BuildConfig
+from pipeline.progress import progress_bar
 from pipeline.ray_runtime import init_ray
 from pipeline.storage import CorruptShardError, RunStore, StepBatch
 
@@ -654,7 +655,6 @@ def _fit_groups(
     :data:`LOST_CALL_RETRY_S`); the restarted actor resumes from its checkpoint. The actors are
     killed afterwards, whatever happens."""
     import ray
-    from tqdm.auto import tqdm
 
     init_ray(cfg)
     actor_cls = remote_worker(cfg, max_restarts)
@@ -664,7 +664,7 @@ def _fit_groups(
     try:
         pending = {a.run.remote(): i for i, a in enumerate(actors)}
         statuses: dict[int, dict[str, Any]] = {}
-        with tqdm(total=len(actors), desc="pca step groups", unit="group", disable=not progress) as bar:
+        with progress_bar(total=len(actors), desc="pca step groups", unit="group", progress=progress) as bar:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 i = pending.pop(ready[0])
