@@ -85,6 +85,7 @@ def _config(source: str, run_url: str, **overrides) -> object:
 def _bare_run(location: str, blocks: list[tuple[int, int]]) -> list[list[float]]:
     """Block seconds of WORKERS bare sampler processes (blocks dealt round-robin), started together."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env["OMP_NUM_THREADS"] = "1"  # as Ray sets it for a worker with one CPU
     device = "cuda:{}" if ON_GPU else "cpu"
     procs = []
     for w in range(WORKERS):
