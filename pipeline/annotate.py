@@ -80,7 +80,8 @@ def decode_pngs(pngs: Sequence[bytes]) -> torch.Tensor:
 class ClassifierScorer:
     """Ray Data callable class: holds the classifier, maps a batch of sample shards to scores.
 
-    Input batch: columns ``path``, ``rows``, ``bytes``, ``sha256`` (ShardInfo of samples shards).
+    Input batch: column ``block`` (a completed block's record as JSON); its samples shard is read
+    verified (size, sha256) and must hold exactly the block's seeds.
     Output batch: ``seed`` int64 and one float32 column per attribute.
     """
 
@@ -101,10 +102,10 @@ class ClassifierScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         seeds, scores = [], []
-        for path, rows, nbytes, sha in zip(
-            batch["path"], batch["rows"], batch["bytes"], batch["sha256"], strict=True
-        ):
-            table = self.store.read_table(ShardInfo(str(path), int(rows), int(nbytes), str(sha)))
+        for raw in batch["block"]:
+            rec = BlockRecord.from_dict(json.loads(str(raw)))
+            table = self.store.read_table(rec.samples, columns=["seed", "png"])
+            self.store.check_block_seeds(rec, rec.samples, table.column("seed").to_numpy())
             images = decode_pngs(table.column("png").to_pylist())
             seeds.append(table.column("seed").to_numpy())
             scores.append(score_images(self.classifier, images, self.columns, self.batch_size).numpy())
@@ -249,8 +250,7 @@ def _score_blocks(
     init_ray(cfg)
     ann, res = cfg.annotate, cfg.resources
     assert ann is not None
-    keys = ("path", "rows", "bytes", "sha256")
-    items = [{k: rec.samples.to_dict()[k] for k in keys} for rec in todo]
+    items = [{"block": json.dumps(rec.to_dict())} for rec in todo]
     ds = ray.data.from_items(items).map_batches(
         ClassifierScorer,
         fn_constructor_kwargs={

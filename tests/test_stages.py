@@ -34,7 +34,7 @@ from pipeline.config import validate_config
 from pipeline.evaluate import edit_vectors, effect_matrix
 from pipeline.publish import config_hash, preview_name
 from pipeline.report import edit_strip_png, effect_table_text, render_report
-from pipeline.storage import BlockRecord, RunStore
+from pipeline.storage import BlockRecord, CorruptShardError, RunStore
 from tests.ray_cluster import ray_local  # noqa: F401  (fixture)
 
 C, H, W, T = 8, 2, 2, 3
@@ -351,6 +351,25 @@ def test_annotate_scores_every_seed_and_only_new_blocks_on_growth(tmp_path, tiny
     table, _ = read_scores(store)
     assert table.column("seed").to_pylist() == list(range(24))
     np.testing.assert_allclose(table.column("round").to_numpy()[:16], want[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_annotate_refuses_a_samples_shard_holding_another_blocks_seeds(tmp_path, classifier_dir):
+    """A samples shard that passes its checksum but belongs to another block is named, not scored."""
+    import dataclasses
+    import json
+
+    from pipeline.annotate import ClassifierScorer
+
+    store = RunStore(str(tmp_path / "run"))
+    h, _, _ = _planted(16)
+    _write_run(store, h, block=8)
+    first, second = store.blocks().values()
+    scorer = ClassifierScorer(store.url, {}, str(classifier_dir), ["round", "size"], 8, "cpu")
+    out = scorer({"block": np.array([json.dumps(first.to_dict())])})
+    assert out["seed"].tolist() == list(range(8))
+    swapped = dataclasses.replace(second, samples=first.samples)  # checksum right, seeds 0..7 for block 8..15
+    with pytest.raises(CorruptShardError, match=rf"{first.samples.path}.*outside its block {second.key}"):
+        scorer({"block": np.array([json.dumps(swapped.to_dict())])})
 
 
 def test_annotate_rejects_unknown_attributes(classifier_dir):
