@@ -52,6 +52,9 @@ __all__ = [
     "ShardInfo",
     "StepBatch",
     "activation_table",
+    "footer_sha256",
+    "h_rows",
+    "parse_activation_footer",
     "samples_table",
 ]
 
@@ -941,6 +944,8 @@ class RunStore:
         if steps is None:
             steps = sorted({s.step for r in recs for s in r.activations if s.step is not None})
         steps = list(steps)
+        if not steps:
+            raise ValueError(f"no steps requested (the run {self.url} records none)")
         by_block = self._positions_by_block(want, recs)
         out: np.ndarray | None = None
         for ti, step in enumerate(steps):
@@ -963,7 +968,7 @@ class RunStore:
                         f"{list(out.shape[2:])}"
                     )
                 out[positions, ti] = h
-        assert out is not None
+        assert out is not None  # steps and seeds are non-empty
         return out
 
     def _positions_by_block(
