@@ -273,19 +273,19 @@ def _is_activation_table(table: pa.Table) -> bool:
     return H_METADATA_KEY.encode() in (table.schema.metadata or {})
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def _parquet_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
     """Parquet with zstd and no dictionary. An activation table gets one row per row group,
     statistics only for ``seed``, and its ``hspace`` metadata in the footer (no Arrow schema copy)."""
     buf = io.BytesIO()
     if not _is_activation_table(table):
         pq.write_table(
-            table, buf, compression="zstd", use_dictionary=False, row_group_size=max(1, table.num_rows)
+            table, buf, compression=compression, use_dictionary=False, row_group_size=max(1, table.num_rows)
         )
         return buf.getvalue()
     with pq.ParquetWriter(
         buf,
         table.schema.remove_metadata(),
-        compression="zstd",
+        compression=compression,
         use_dictionary=False,
         write_statistics=["seed"],
         store_schema=False,
