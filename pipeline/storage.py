@@ -11,8 +11,8 @@ An activation shard (run format 2) stores each row's h as one binary value: the 
 reader can fetch single rows; only ``seed`` has statistics, so the footer alone says which row
 group holds which seed. The footer's key-value metadata ``hspace`` (JSON) holds what a reader
 needs: ``h_shape``, ``h_dtype``, ``step``, ``timestep`` and ``row_sha256`` (sha256 of each row's
-h bytes, in row order). Step and timestep are not columns (measured: they grow the footer by half
-and a write or read by a fifth); the step is also the ``t=`` directory (hive partitioning).
+h bytes, in row order). Step and timestep are not columns (measured: as constant columns they grow
+the footer by half and a write or read by a quarter); the step is also the ``t=`` directory.
 
 A shard counts only once the manifest lists it (path, rows, bytes, sha256, and for activation
 shards the sha256 of the parquet footer), so a crashed worker leaves at most an unlisted file that
@@ -379,9 +379,9 @@ def parse_activation_footer(md: pq.FileMetaData) -> ActivationFooter:
 def h_rows(column: pa.Array | pa.ChunkedArray, h_shape: Sequence[int]) -> np.ndarray:
     """A ``fixed_size_binary`` h column -> float16 [N, *h_shape], one copy at most (chunks combined)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    width = arr.type.byte_width
-    if width != math.prod(h_shape) * H_DTYPE.itemsize:
-        raise ValueError(f"h is {width} bytes per row, h_shape {list(h_shape)} needs more or fewer")
+    width, need = arr.type.byte_width, math.prod(h_shape) * H_DTYPE.itemsize
+    if width != need:
+        raise ValueError(f"h is {width} bytes per row; float16 of h_shape {list(h_shape)} is {need}")
     data = arr.buffers()[1]
     count = len(arr) * width // H_DTYPE.itemsize
     if count == 0:
@@ -415,9 +415,9 @@ class _PrefetchedFile(io.RawIOBase):
 
     def read(self, n: int = -1) -> bytes:
         n = self._size - self._pos if n is None or n < 0 else n
-        i = bisect_right(self._starts, self._pos) - 1
         if n == 0:
             return b""
+        i = bisect_right(self._starts, self._pos) - 1
         if i >= 0:
             start = self._starts[i]
             data = self._ranges[start]
