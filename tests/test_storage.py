@@ -378,3 +378,18 @@ def test_a_transient_error_reading_the_manifest_is_not_taken_for_a_new_run(tmp_p
     monkeypatch.setattr(store.fs, "cat_file", flaky_cat)
     assert store.read_manifest()["stages"] == {"generate": {"done": True}}
     assert len(calls) == 2
+
+
+def test_the_decoder_gets_only_fetched_bytes(store):
+    """Rows are decoded from a file object that serves the fetched ranges and nothing else: a row
+    whose bytes were not fetched is an error naming the file, never a silent extra read."""
+    shard = store.blocks()["0-5"].shard_for_step(0)
+    footer = store.read_footers([shard])[0]
+    a, b = footer.h_range(2)
+    data = open(store.abspath(shard.path), "rb").read()
+    h = store._decode_rows(shard, footer, [2], {a: data[a:b]})
+    np.testing.assert_array_equal(h[0], _h(2, 0))
+    with pytest.raises(
+        CorruptShardError, match=r"part-w0-000000\.parquet: cannot read rows \[2, 3\].*not fetched"
+    ):
+        store._decode_rows(shard, footer, [2, 3], {a: data[a:b]})
