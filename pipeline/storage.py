@@ -3,15 +3,25 @@
 Layout under the run URL::
 
     _manifest.json                                   completed seed blocks and their shards
-    activations/t=<step>/part-<worker>-<n>.parquet   seed int64, step int16, timestep int16,
-                                                     h fixed_shape_tensor(float16, [C, H, W])
+    activations/t=<step>/part-<worker>-<n>.parquet   seed int64, h fixed_size_binary(C*H*W*2)
     samples/part-<worker>-<n>.parquet                seed int64, png binary (final image)
 
-A shard counts only once the manifest lists it (path, rows, bytes, sha256), so a crashed worker
-leaves at most an unlisted file that a re-run overwrites or ignores. The manifest is replaced
-atomically (written to a temporary name, then moved), and only the driver writes it. Readers check
-every shard's size and sha256 before parsing it, so a truncated or corrupt file fails loudly with
-its path instead of feeding garbage to the PCA. Nothing here unpickles anything.
+An activation shard (run format 2) stores each row's h as one binary value: the float16 array
+[C, H, W] in C order, little-endian. Every row is its own row group (zstd, no dictionary), so a
+reader can fetch single rows; only ``seed`` has statistics, so the footer alone says which row
+group holds which seed. The footer's key-value metadata ``hspace`` (JSON) holds what a reader
+needs: ``h_shape``, ``h_dtype``, ``step``, ``timestep`` and ``row_sha256`` (sha256 of each row's
+h bytes, in row order). Step and timestep are not columns (measured: as constant columns they grow
+the footer by half and a write or read by a quarter); the step is also the ``t=`` directory.
+
+A shard counts only once the manifest lists it (path, rows, bytes, sha256, and for activation
+shards the sha256 of the parquet footer), so a crashed worker leaves at most an unlisted file that
+a re-run overwrites or ignores. The manifest is replaced atomically (written to a temporary name,
+then moved), and only the driver writes it. Full reads check every shard's size and sha256 before
+parsing it; partial reads (:meth:`RunStore.read_h`) fetch only the footer, checked against the
+manifest, and the wanted rows, each checked against its digest in that footer. So a truncated or
+corrupt file fails loudly with its path instead of feeding garbage to the PCA or an aggregation.
+Nothing here unpickles anything.
 """
 
 from __future__ import annotations
@@ -19,9 +29,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import posixpath
 import time
 import uuid
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 __all__ = [
+    "ActivationFooter",
     "BlockRecord",
     "CorruptShardError",
     "ManifestError",
@@ -39,11 +52,19 @@ __all__ = [
     "ShardInfo",
     "StepBatch",
     "activation_table",
+    "footer_sha256",
+    "h_rows",
+    "parse_activation_footer",
     "samples_table",
 ]
 
 MANIFEST_NAME = "_manifest.json"
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2
+
+#: Key of an activation shard's parquet key-value metadata (a JSON object; see the module docstring).
+H_METADATA_KEY = "hspace"
+#: The float16 h bytes of a row: little-endian, C order.
+H_DTYPE = np.dtype("<f2")
 
 
 #: Storage errors that retrying cannot fix.
@@ -86,39 +107,51 @@ def _count(d: Any, name: str, where: str) -> int:
     return value
 
 
+def _sha256_field(d: Any, name: str, where: str, optional: bool = False) -> Any:
+    value = _field(d, name, str, where, optional=optional)
+    if value is not None and (len(value) != 64 or not set(value) <= _SHA256_HEX):
+        raise ManifestError(f"{where}.{name}: expected 64 lowercase hex digits, got {value!r:.80}")
+    return value
+
+
 @dataclass(frozen=True)
 class ShardInfo:
-    """One parquet file of the run: path relative to the run root, rows, bytes, sha256, step (or None)."""
+    """One parquet file of the run: path relative to the run root, rows, bytes, sha256, step (or None),
+    and for an activation shard the sha256 of its parquet footer (what a partial read verifies)."""
 
     path: str
     rows: int
     bytes: int
     sha256: str
     step: int | None = None
+    footer_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "path": self.path,
             "rows": self.rows,
             "bytes": self.bytes,
             "sha256": self.sha256,
             "step": self.step,
         }
+        if self.footer_sha256 is not None:
+            d["footer_sha256"] = self.footer_sha256
+        return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "shard") -> ShardInfo:
-        """Parse a manifest entry; ManifestError naming ``where`` for a missing or mistyped field."""
+    def from_dict(cls, d: dict[str, Any], where: str = "shard", footer: bool = False) -> ShardInfo:
+        """Parse a manifest entry; ManifestError naming ``where`` for a missing or mistyped field.
+        ``footer``: the entry must record ``footer_sha256`` (activation shards)."""
         path = _field(d, "path", str, where)
         parts = path.split("/")
         if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise ManifestError(f"{where}.path: must be a relative path inside the run, got {path!r:.80}")
-        sha = _field(d, "sha256", str, where)
-        if len(sha) != 64 or not set(sha) <= _SHA256_HEX:
-            raise ManifestError(f"{where}.sha256: expected 64 lowercase hex digits, got {sha!r:.80}")
+        sha = _sha256_field(d, "sha256", where)
         step = _field(d, "step", int, where, optional=True)
         if step is not None and step < 0:
             raise ManifestError(f"{where}.step: must be >= 0, got {step}")
-        return cls(path, _count(d, "rows", where), _count(d, "bytes", where), sha, step)
+        footer_sha = _sha256_field(d, "footer_sha256", where, optional=not footer)
+        return cls(path, _count(d, "rows", where), _count(d, "bytes", where), sha, step, footer_sha)
 
 
 @dataclass(frozen=True)
@@ -161,7 +194,7 @@ class BlockRecord:
             raise ManifestError(f"{where}: empty or reversed seed range {start}..{stop}")
         raw_acts = _field(d, "activations", list, where)
         activations = tuple(
-            ShardInfo.from_dict(s, f"{where}.activations[{i}]") for i, s in enumerate(raw_acts)
+            ShardInfo.from_dict(s, f"{where}.activations[{i}]", footer=True) for i, s in enumerate(raw_acts)
         )
         samples = ShardInfo.from_dict(_field(d, "samples", dict, where), f"{where}.samples")
         steps = [s.step for s in activations]
@@ -199,22 +232,32 @@ class StepBatch:
 
 
 def activation_table(seeds: Sequence[int] | np.ndarray, step: int, timestep: int, h: np.ndarray) -> pa.Table:
-    """Rows of one step: ``h`` [N, C, H, W] stored as Arrow's canonical fixed_shape_tensor (float16)."""
-    h = np.ascontiguousarray(np.asarray(h, dtype=np.float16))
+    """Rows of one step: ``h`` [N, C, H, W] as one ``fixed_size_binary`` value (float16 bytes) per row.
+
+    The schema's metadata ``hspace`` carries h's shape and dtype, the step, the timestep and each
+    row's sha256; the parquet writer puts it in the footer.
+    """
+    h = np.ascontiguousarray(np.asarray(h, dtype=H_DTYPE))
     seeds = np.asarray(seeds, dtype=np.int64)
     if h.ndim != 4 or h.shape[0] != seeds.shape[0]:
         raise ValueError(
             f"h must be [N, C, H, W] with N = len(seeds) = {seeds.shape[0]}, got {tuple(h.shape)}"
         )
-    n = seeds.shape[0]
-    return pa.table(
-        {
-            "seed": pa.array(seeds, pa.int64()),
-            "step": pa.array(np.full(n, step, np.int16), pa.int16()),
-            "timestep": pa.array(np.full(n, timestep, np.int16), pa.int16()),
-            "h": pa.FixedShapeTensorArray.from_numpy_ndarray(h),
-        }
+    n, row_bytes = seeds.shape[0], math.prod(h.shape[1:]) * H_DTYPE.itemsize
+    rows = h.reshape(n, row_bytes // H_DTYPE.itemsize).view(np.uint8)
+    info = {
+        "h_shape": list(h.shape[1:]),
+        "h_dtype": "float16",
+        "step": int(step),
+        "timestep": int(timestep),
+        "row_sha256": [hashlib.sha256(r).hexdigest() for r in rows],
+    }
+    schema = pa.schema(
+        [pa.field("seed", pa.int64(), nullable=False), pa.field("h", pa.binary(row_bytes), nullable=False)],
+        metadata={H_METADATA_KEY: json.dumps(info, separators=(",", ":"))},
     )
+    blob = pa.FixedSizeBinaryArray.from_buffers(pa.binary(row_bytes), n, [None, pa.py_buffer(h)])
+    return pa.table([pa.array(seeds, pa.int64()), blob], schema=schema)
 
 
 def samples_table(seeds: Sequence[int] | np.ndarray, pngs: Sequence[bytes]) -> pa.Table:
@@ -226,21 +269,168 @@ def samples_table(seeds: Sequence[int] | np.ndarray, pngs: Sequence[bytes]) -> p
     )
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    """Parquet with zstd; ``h`` gets byte-stream-split and no dictionary (random floats do not repeat)."""
-    names = table.column_names
-    dictionary = [c for c in ("step", "timestep") if c in names]
-    split = ["h.list.element"] if "h" in names else False
+def _is_activation_table(table: pa.Table) -> bool:
+    return H_METADATA_KEY.encode() in (table.schema.metadata or {})
+
+
+def _parquet_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
+    """Parquet with zstd and no dictionary. An activation table gets one row per row group,
+    statistics only for ``seed``, and its ``hspace`` metadata in the footer (no Arrow schema copy)."""
     buf = io.BytesIO()
-    pq.write_table(
-        table,
+    if not _is_activation_table(table):
+        pq.write_table(
+            table, buf, compression=compression, use_dictionary=False, row_group_size=max(1, table.num_rows)
+        )
+        return buf.getvalue()
+    with pq.ParquetWriter(
         buf,
-        compression="zstd",
-        use_dictionary=dictionary,
-        use_byte_stream_split=split,
-        row_group_size=max(1, table.num_rows),
-    )
+        table.schema.remove_metadata(),
+        compression=compression,
+        use_dictionary=False,
+        write_statistics=["seed"],
+        store_schema=False,
+    ) as writer:
+        writer.write_table(table.replace_schema_metadata(None), row_group_size=1)
+        writer.add_key_value_metadata(table.schema.metadata)
     return buf.getvalue()
+
+
+def _footer_length(tail: bytes) -> int:
+    """The footer length from a parquet file's last 8 bytes; ValueError if they are not a trailer."""
+    if len(tail) != 8 or tail[4:] != b"PAR1":
+        raise ValueError("no parquet trailer (PAR1) at the end")
+    return int.from_bytes(tail[:4], "little")
+
+
+def footer_sha256(data: bytes) -> str:
+    """sha256 of a parquet file's footer (the serialized FileMetaData before the 8-byte trailer)."""
+    n = _footer_length(data[-8:])
+    return hashlib.sha256(data[len(data) - 8 - n : len(data) - 8]).hexdigest()
+
+
+@dataclass(frozen=True)
+class ActivationFooter:
+    """What an activation shard's footer says: its parsed metadata, each row's seed (from the
+    ``seed`` statistics, row order), h's shape, the step and timestep, and each row's h sha256."""
+
+    metadata: pq.FileMetaData
+    seeds: np.ndarray
+    h_shape: tuple[int, ...]
+    step: int
+    timestep: int
+    row_sha256: tuple[str, ...]
+
+    def h_range(self, row: int) -> tuple[int, int]:
+        """Byte range [start, end) of row ``row``'s h column chunk in the file."""
+        col = self.metadata.row_group(row).column(1)
+        start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+        return start, start + col.total_compressed_size
+
+
+def _footer_info(md: pq.FileMetaData) -> dict[str, Any]:
+    raw = (md.metadata or {}).get(H_METADATA_KEY.encode())
+    if raw is None:
+        raise ValueError(f"no {H_METADATA_KEY!r} key-value metadata (not a run-format-2 activation shard)")
+    info = json.loads(raw)
+    if not isinstance(info, dict):
+        raise ValueError(f"malformed {H_METADATA_KEY!r} metadata: {raw[:120]!r}")
+    shape, digests = info.get("h_shape"), info.get("row_sha256")
+    ok = (
+        info.get("h_dtype") == "float16"
+        and isinstance(shape, list)
+        and len(shape) == 3
+        and all(isinstance(d, int) and d > 0 for d in shape)
+        and all(isinstance(info.get(k), int) for k in ("step", "timestep"))
+        and isinstance(digests, list)
+        and all(isinstance(d, str) and len(d) == 64 for d in digests)
+    )
+    if not ok:
+        raise ValueError(f"malformed {H_METADATA_KEY!r} metadata: {raw[:120]!r}")
+    return info
+
+
+def parse_activation_footer(md: pq.FileMetaData) -> ActivationFooter:
+    """Check an activation shard's footer for the run format; ValueError saying what is wrong."""
+    info = _footer_info(md)
+    shape = tuple(info["h_shape"])
+    schema = md.schema
+    names = [schema.column(i).name for i in range(len(schema))]
+    width = math.prod(shape) * H_DTYPE.itemsize
+    if names != ["seed", "h"] or schema.column(1).physical_type != "FIXED_LEN_BYTE_ARRAY":
+        raise ValueError(f"columns {names}, expected seed and h (fixed-size binary)")
+    if schema.column(1).length != width:
+        raise ValueError(f"h is {schema.column(1).length} bytes per row, h_shape {list(shape)} needs {width}")
+    n = md.num_rows
+    if md.num_row_groups != n or len(info["row_sha256"]) != n:
+        raise ValueError(
+            f"{n} rows in {md.num_row_groups} row groups with {len(info['row_sha256'])} row digests; "
+            "expected one row per row group and one digest per row"
+        )
+    seeds = np.empty(n, np.int64)
+    for i in range(n):
+        rg = md.row_group(i)
+        stats = rg.column(0).statistics
+        if rg.num_rows != 1 or stats is None or not stats.has_min_max or stats.min != stats.max:
+            raise ValueError(f"row group {i} does not hold exactly one row with its seed in the statistics")
+        seeds[i] = stats.min
+    return ActivationFooter(md, seeds, shape, info["step"], info["timestep"], tuple(info["row_sha256"]))
+
+
+def h_rows(column: pa.Array | pa.ChunkedArray, h_shape: Sequence[int]) -> np.ndarray:
+    """A ``fixed_size_binary`` h column -> float16 [N, *h_shape], one copy at most (chunks combined)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width, need = arr.type.byte_width, math.prod(h_shape) * H_DTYPE.itemsize
+    if width != need:
+        raise ValueError(f"h is {width} bytes per row; float16 of h_shape {list(h_shape)} is {need}")
+    data = arr.buffers()[1]
+    count = len(arr) * width // H_DTYPE.itemsize
+    if count == 0:
+        return np.empty((0, *h_shape), np.float16)
+    flat = np.frombuffer(data, dtype=H_DTYPE, count=count, offset=arr.offset * width)
+    return flat.astype(np.float16, copy=False).reshape(len(arr), *h_shape)
+
+
+class _PrefetchedFile(io.RawIOBase):
+    """A read-only file of ``size`` bytes that serves only prefetched ranges; any other read raises,
+    so pyarrow cannot silently read (or be handed) bytes that were not fetched and verified."""
+
+    def __init__(self, size: int, ranges: dict[int, bytes]) -> None:
+        self._size, self._pos = size, 0
+        self._starts = sorted(ranges)
+        self._ranges = ranges
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._size - self._pos if n is None or n < 0 else n
+        if n == 0:
+            return b""
+        i = bisect_right(self._starts, self._pos) - 1
+        if i >= 0:
+            start = self._starts[i]
+            data = self._ranges[start]
+            if self._pos + n <= start + len(data):
+                out = data[self._pos - start : self._pos - start + n]
+                self._pos += n
+                return out
+        raise OSError(f"reader asked for {n} bytes at offset {self._pos}, which were not fetched")
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +450,12 @@ def parse_manifest(raw: bytes, where: str = MANIFEST_NAME) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise ManifestError(f"{where}: expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("schema_version")
+    if version == 1 and not isinstance(version, bool):
+        raise ManifestError(
+            f"{where}: schema_version 1: this run was written by an older version of hspace (activation "
+            "shards as parquet lists), which this version does not read; regenerate it into a new "
+            "storage.run_url or delete the run"
+        )
     if isinstance(version, bool) or version != MANIFEST_SCHEMA_VERSION:
         raise ManifestError(
             f"{where}: schema_version {version!r:.40}, this code reads {MANIFEST_SCHEMA_VERSION}"
@@ -384,7 +580,8 @@ class RunStore:
         """Write a parquet shard and return what the manifest records about it."""
         data = _parquet_bytes(table)
         self.write_bytes(rel, data)
-        return ShardInfo(rel, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), step)
+        footer = footer_sha256(data) if _is_activation_table(table) else None
+        return ShardInfo(rel, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), step, footer)
 
     def write_activations(
         self, step: int, timestep: int, seeds: Sequence[int] | np.ndarray, h: np.ndarray, worker: str, n: int
@@ -466,6 +663,156 @@ class RunStore:
         table = self.read_table(shard, columns=columns)
         self.check_block_seeds(rec, shard, table.column("seed").to_numpy())
         return table
+
+    def _parse_footer(self, shard: ShardInfo, md: pq.FileMetaData) -> ActivationFooter:
+        try:
+            footer = parse_activation_footer(md)
+        except ValueError as e:
+            raise CorruptShardError(
+                f"{self.describe(shard.path)}: not a run-format-2 activation shard: {e}"
+            ) from e
+        if footer.step != shard.step:
+            raise CorruptShardError(
+                f"{self.describe(shard.path)}: holds step {footer.step}, manifest says {shard.step}"
+            )
+        if len(footer.seeds) != shard.rows:
+            raise CorruptShardError(
+                f"{self.describe(shard.path)}: {len(footer.seeds)} rows, manifest says {shard.rows}"
+            )
+        return footer
+
+    def read_activations(self, rec: BlockRecord, shard: ShardInfo) -> tuple[np.ndarray, np.ndarray]:
+        """Seeds [N] int64 and h [N, C, H, W] float16 of a whole activation shard of block ``rec``,
+        after checking the file's size and sha256 and that it holds exactly the block's seeds."""
+        pf = self.open_shard(shard)
+        footer = self._parse_footer(shard, pf.metadata)
+        try:
+            table = pf.read(columns=["seed", "h"], use_threads=False)
+            seeds = table.column("seed").to_numpy()
+            h = h_rows(table.column("h"), footer.h_shape)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise CorruptShardError(f"{self.describe(shard.path)}: cannot read its rows: {e}") from e
+        self.check_block_seeds(rec, shard, seeds)
+        if not np.array_equal(seeds, footer.seeds):
+            raise CorruptShardError(f"{self.describe(shard.path)}: seed column and seed statistics disagree")
+        return seeds, h
+
+    # -- partial, verified reads ----------------------------------------------------------------
+
+    def _cat_ranges(self, rels: Sequence[str], starts: Sequence[int], ends: Sequence[int]) -> list[bytes]:
+        """Byte ranges of run files in one ``fs.cat_ranges`` call (parallel ranged GETs on object
+        stores, no read-ahead cache), retried on transient errors."""
+        if not rels:
+            return []
+        paths = [self.abspath(r) for r in rels]
+        where = rels[0] if len(set(rels)) == 1 else f"{posixpath.dirname(rels[0])} ({len(set(rels))} shards)"
+
+        def fetch() -> list[bytes]:
+            out = self.fs.cat_ranges(paths, list(starts), list(ends), on_error="raise")
+            for got in out:
+                if isinstance(got, BaseException):
+                    raise got
+            return out
+
+        return self._retry("ranged read", where, fetch)
+
+    def _check_size(self, shard: ShardInfo) -> None:
+        try:
+            size = self._retry("size", shard.path, lambda: self.fs.size(self.abspath(shard.path)))
+        except FileNotFoundError as e:
+            raise CorruptShardError(f"{self.describe(shard.path)}: listed in the manifest but missing") from e
+        if size != shard.bytes:
+            raise CorruptShardError(
+                f"{self.describe(shard.path)}: {size} bytes, manifest says {shard.bytes} (truncated or rewritten)"
+            )
+
+    def read_footers(self, shards: Sequence[ShardInfo]) -> list[ActivationFooter]:
+        """The footers of activation shards, reading only their last bytes: each file's size and its
+        footer's sha256 are checked against the manifest before the footer is parsed."""
+        for shard in shards:
+            if shard.footer_sha256 is None:
+                raise ManifestError(
+                    f"{self.describe(shard.path)}: the manifest records no footer_sha256 for it"
+                )
+            self._check_size(shard)
+        rels = [s.path for s in shards]
+        tails = self._cat_ranges(rels, [s.bytes - 8 for s in shards], [s.bytes for s in shards])
+        lengths = []
+        for shard, tail in zip(shards, tails, strict=True):
+            try:
+                n = _footer_length(tail)
+                if not 0 < n <= shard.bytes - 12:
+                    raise ValueError(f"footer length {n} does not fit in {shard.bytes} bytes")
+            except ValueError as e:
+                raise CorruptShardError(f"{self.describe(shard.path)}: not a valid parquet file: {e}") from e
+            lengths.append(n)
+        raw = self._cat_ranges(
+            rels,
+            [s.bytes - 8 - n for s, n in zip(shards, lengths, strict=True)],
+            [s.bytes - 8 for s in shards],
+        )
+        footers = []
+        for shard, data, tail in zip(shards, raw, tails, strict=True):
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != shard.footer_sha256:
+                raise CorruptShardError(
+                    f"{self.describe(shard.path)}: footer sha256 {digest[:12]}... does not match the manifest"
+                )
+            try:
+                md = pq.read_metadata(pa.BufferReader(b"PAR1" + data + tail))
+            except (pa.ArrowException, OSError) as e:
+                raise CorruptShardError(f"{self.describe(shard.path)}: cannot parse its footer: {e}") from e
+            footers.append(self._parse_footer(shard, md))
+        return footers
+
+    def read_rows(self, shards: Sequence[ShardInfo], rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """h [len(rows[i]), C, H, W] float16 of the given rows of each activation shard (in the order
+        given), fetching only the verified footers and those rows' h column chunks (one
+        ``cat_ranges`` for all of them); every row is checked against its sha256 in the footer."""
+        return self._rows_of(shards, self.read_footers(shards), rows)
+
+    def _rows_of(
+        self, shards: Sequence[ShardInfo], footers: Sequence[ActivationFooter], rows: Sequence[Sequence[int]]
+    ) -> list[np.ndarray]:
+        wanted = [sorted(set(int(r) for r in rs)) for rs in rows]
+        rels, starts, ends = [], [], []
+        for shard, footer, rs in zip(shards, footers, wanted, strict=True):
+            for r in rs:
+                if not 0 <= r < shard.rows:
+                    raise IndexError(f"{self.describe(shard.path)} has no row {r}")
+                a, b = footer.h_range(r)
+                rels.append(shard.path)
+                starts.append(a)
+                ends.append(b)
+        chunks = iter(self._cat_ranges(rels, starts, ends))
+        out = []
+        for shard, footer, rs, asked in zip(shards, footers, wanted, rows, strict=True):
+            ranges = {footer.h_range(r)[0]: next(chunks) for r in rs}
+            h = self._decode_rows(shard, footer, rs, ranges)
+            pos = {r: i for i, r in enumerate(rs)}
+            out.append(h[[pos[int(r)] for r in asked]])
+        return out
+
+    def _decode_rows(
+        self, shard: ShardInfo, footer: ActivationFooter, rows: list[int], ranges: dict[int, bytes]
+    ) -> np.ndarray:
+        """Decode prefetched row groups ``rows`` (sorted) and check each row's sha256."""
+        if not rows:
+            return np.empty((0, *footer.h_shape), np.float16)
+        try:
+            pf = pq.ParquetFile(
+                _PrefetchedFile(shard.bytes, ranges), metadata=footer.metadata, pre_buffer=False
+            )
+            h = h_rows(pf.read_row_groups(rows, columns=["h"], use_threads=False).column("h"), footer.h_shape)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise CorruptShardError(f"{self.describe(shard.path)}: cannot read rows {rows[:5]}: {e}") from e
+        flat = h.reshape(len(rows), -1).view(np.uint8)
+        for i, r in enumerate(rows):
+            if hashlib.sha256(flat[i]).hexdigest() != footer.row_sha256[r]:
+                raise CorruptShardError(
+                    f"{self.describe(shard.path)}: row {r} (seed {footer.seeds[r]}) fails its sha256 in the footer"
+                )
+        return h
 
     # -- the manifest ---------------------------------------------------------------------------
 
@@ -561,7 +908,8 @@ class RunStore:
         """Rows of one step in seed order, ``batch_size`` at a time (the last batch may be shorter).
 
         Only one shard and one batch are in memory at a time. ``blocks`` restricts to those block
-        keys (e.g. the new blocks of a grown run).
+        keys (e.g. the new blocks of a grown run). Each shard is read whole and checked against
+        its size and sha256 in the manifest.
         """
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -569,65 +917,78 @@ class RunStore:
         pending_h: list[np.ndarray] = []
         n_pending = 0
         for rec in self._select(blocks):
-            shard = self._step_shard(rec, step)
-            pf = self.open_shard(shard)
-            try:
-                seeds_col = pf.read(columns=["seed"]).column("seed").to_numpy()
-            except (pa.ArrowException, OSError, KeyError) as e:
-                raise CorruptShardError(f"{self.describe(shard.path)}: cannot read its seeds: {e}") from e
-            self.check_block_seeds(rec, shard, seeds_col)
-            for rb in pf.iter_batches(batch_size=batch_size, columns=["seed", "h"]):
-                pending_s.append(rb.column("seed").to_numpy())
-                pending_h.append(rb.column("h").to_numpy_ndarray())
-                n_pending += rb.num_rows
-                while n_pending >= batch_size:
-                    seeds, h = np.concatenate(pending_s), np.concatenate(pending_h)
-                    yield StepBatch(step, seeds[:batch_size], h[:batch_size])
-                    pending_s, pending_h = [seeds[batch_size:]], [h[batch_size:]]
-                    n_pending -= batch_size
+            seeds_col, h_col = self.read_activations(rec, self._step_shard(rec, step))
+            pending_s.append(seeds_col)
+            pending_h.append(h_col)
+            n_pending += len(seeds_col)
+            del seeds_col, h_col
+            while n_pending >= batch_size:
+                seeds, h = np.concatenate(pending_s), np.concatenate(pending_h)
+                yield StepBatch(step, seeds[:batch_size], h[:batch_size])
+                pending_s, pending_h = [seeds[batch_size:]], [h[batch_size:]]
+                n_pending -= batch_size
         if n_pending:
             yield StepBatch(step, np.concatenate(pending_s), np.concatenate(pending_h))
 
     def read_h(self, seeds: Sequence[int], steps: Sequence[int] | None = None) -> np.ndarray:
         """h of the given seeds, [N, T, C, H, W] float16 in the order given (steps: all recorded by default).
 
-        Reads only the blocks that contain the seeds (for aggregate: the top/bottom quantiles).
+        Reads only what it needs (for aggregate: the top/bottom quantiles): per step, the footers of
+        the shards that hold the seeds (size and footer sha256 checked against the manifest), then
+        the wanted rows' h in one ranged read, each row checked against its sha256 in the footer.
         """
         want = np.asarray(list(seeds), dtype=np.int64)
+        if want.size == 0:
+            raise ValueError("no seeds requested")
         recs = self._select(None)
         if steps is None:
             steps = sorted({s.step for r in recs for s in r.activations if s.step is not None})
         steps = list(steps)
-        owner: dict[int, BlockRecord] = {}
+        if not steps:
+            raise ValueError(f"no steps requested (the run {self.url} records none)")
+        by_block = self._positions_by_block(want, recs)
+        out: np.ndarray | None = None
+        for ti, step in enumerate(steps):
+            parts = list(by_block.values())
+            shards = [self._step_shard(rec, step) for rec, _ in parts]
+            footers = self.read_footers(shards)
+            rows = []
+            for (rec, positions), shard, footer in zip(parts, shards, footers, strict=True):
+                self.check_block_seeds(rec, shard, footer.seeds)
+                row_of = {int(s): i for i, s in enumerate(footer.seeds)}
+                rows.append([row_of[int(want[p])] for p in positions])
+            for (_, positions), shard, h in zip(
+                parts, shards, self._rows_of(shards, footers, rows), strict=True
+            ):
+                if out is None:
+                    out = np.empty((len(want), len(steps), *h.shape[1:]), dtype=np.float16)
+                if h.shape[1:] != out.shape[2:]:
+                    raise CorruptShardError(
+                        f"{self.describe(shard.path)}: h shape {list(h.shape[1:])}, other shards have "
+                        f"{list(out.shape[2:])}"
+                    )
+                out[positions, ti] = h
+        assert out is not None  # steps and seeds are non-empty
+        return out
+
+    def _positions_by_block(
+        self, want: np.ndarray, recs: list[BlockRecord]
+    ) -> dict[str, tuple[BlockRecord, list[int]]]:
+        """Positions in ``want`` grouped by the block that holds the seed; KeyError for seeds in none."""
         starts = np.array([r.start for r in recs], dtype=np.int64)  # blocks are disjoint and sorted
+        by_block: dict[str, tuple[BlockRecord, list[int]]] = {}
         missing = []
-        for s in want.tolist():
+        for pos, s in enumerate(want.tolist()):
             i = int(np.searchsorted(starts, s, side="right")) - 1
             if i < 0 or not recs[i].start <= s < recs[i].stop:
                 missing.append(s)
             else:
-                owner[s] = recs[i]
+                by_block.setdefault(recs[i].key, (recs[i], []))[1].append(pos)
         if missing:
             raise KeyError(
                 f"seeds {missing[:10]}{'...' if len(missing) > 10 else ''} are in no completed block of {self.url}"
             )
-        out: np.ndarray | None = None
-        by_block: dict[str, tuple[BlockRecord, list[int]]] = {}
-        for pos, s in enumerate(want.tolist()):
-            by_block.setdefault(owner[s].key, (owner[s], []))[1].append(pos)
-        for rec, positions in by_block.values():
-            for ti, step in enumerate(steps):
-                table = self._block_table(rec, self._step_shard(rec, step), ["seed", "h"])
-                block_seeds = table.column("seed").to_numpy()
-                h = table.column("h").combine_chunks().to_numpy_ndarray()
-                if out is None:
-                    out = np.empty((len(want), len(steps), *h.shape[1:]), dtype=np.float16)
-                row_of = {int(s): i for i, s in enumerate(block_seeds)}
-                idx = [row_of[int(want[p])] for p in positions]
-                out[positions, ti] = h[idx]
-        if out is None:
-            raise ValueError("no seeds requested")
-        return out
+        return by_block
 
     def read_samples(self, blocks: Iterable[str] | None = None) -> pa.Table:
         """Final images: a table (seed int64, png binary) sorted by seed."""

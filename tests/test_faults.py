@@ -191,10 +191,9 @@ def assert_every_row_once(store: RunStore) -> None:
         listed.add(rec.samples.path)
         for shard in rec.activations:
             listed.add(shard.path)
-            table = store.read_table(shard, columns=["seed", "step"])
-            counts.update(
-                zip(table.column("seed").to_pylist(), table.column("step").to_pylist(), strict=True)
-            )
+            seeds, _ = store.read_activations(rec, shard)
+            assert store.read_footers([shard])[0].step == shard.step
+            counts.update((int(s), shard.step) for s in seeds)
     expected = {(s, t) for s in range(N_SAMPLES) for t in range(STEPS)}
     assert set(counts) == expected, f"rows missing: {sorted(expected - set(counts))[:5]}"
     assert max(counts.values()) == 1, f"rows doubled: {[k for k, n in counts.items() if n > 1][:5]}"

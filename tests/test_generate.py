@@ -126,7 +126,7 @@ def test_rows_are_identical_for_one_and_two_workers_and_equal_the_sampler(run, t
     assert facts["model_fingerprint"] == model.fingerprint
     assert facts["h_shape"] == [32, 4, 4] and len(facts["timesteps"]) == STEPS
     shard = run.store.blocks()[block0.key].shard_for_step(2)
-    assert set(run.store.read_table(shard).column("timestep").to_pylist()) == {facts["timesteps"][2]}
+    assert run.store.read_footers([shard])[0].timestep == facts["timesteps"][2]
 
 
 def test_other_batch_size_changes_only_rounding(run, tiny_model_dir):

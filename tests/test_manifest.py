@@ -44,6 +44,26 @@ HOSTILE = [
     ("no checksum", lambda m: _first_shard(m).pop("sha256"), "blocks.0-4.activations[0]: missing 'sha256'"),
     ("short checksum", lambda m: _first_shard(m).update(sha256="abc"), "activations[0].sha256: expected 64"),
     (
+        "no footer checksum",
+        lambda m: _first_shard(m).pop("footer_sha256"),
+        "blocks.0-4.activations[0]: missing 'footer_sha256'",
+    ),
+    (
+        "null footer checksum",
+        lambda m: _first_shard(m).update(footer_sha256=None),
+        "blocks.0-4.activations[0].footer_sha256: expected str, got None",
+    ),
+    (
+        "upper-case footer checksum",
+        lambda m: _first_shard(m).update(footer_sha256="A" * 64),
+        "activations[0].footer_sha256: expected 64 lowercase hex",
+    ),
+    (
+        "footer checksum as a number",
+        lambda m: _first_shard(m).update(footer_sha256=7),
+        "activations[0].footer_sha256: expected str, got 7",
+    ),
+    (
         "rows as string",
         lambda m: _first_shard(m).update(rows="4"),
         "activations[0].rows: expected int, got '4'",
@@ -106,12 +126,12 @@ def test_overlapping_blocks_would_double_count_rows(store):
         (b"{not json", "not valid JSON"),
         (b"[1, 2]", "expected a JSON object, got list"),
         (b'{"schema_version": true, "identity": null, "blocks": {}, "stages": {}}', "schema_version True"),
-        (b'{"schema_version": 2, "identity": null, "blocks": {}, "stages": {}}', "schema_version 2"),
-        (b'{"schema_version": 1, "identity": null, "stages": {}}', "missing 'blocks'"),
-        (b'{"schema_version": 1, "identity": [], "blocks": {}, "stages": {}}', "identity: expected dict"),
-        (b'{"schema_version": 1, "identity": null, "blocks": [], "stages": {}}', "blocks: expected dict"),
+        (b'{"schema_version": 3, "identity": null, "blocks": {}, "stages": {}}', "schema_version 3"),
+        (b'{"schema_version": 2, "identity": null, "stages": {}}', "missing 'blocks'"),
+        (b'{"schema_version": 2, "identity": [], "blocks": {}, "stages": {}}', "identity: expected dict"),
+        (b'{"schema_version": 2, "identity": null, "blocks": [], "stages": {}}', "blocks: expected dict"),
         (
-            b'{"schema_version": 1, "identity": null, "blocks": {}, "stages": {"pca": 3}}',
+            b'{"schema_version": 2, "identity": null, "blocks": {}, "stages": {"pca": 3}}',
             "stages.pca: expected",
         ),
         (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
@@ -146,7 +166,7 @@ def _swap_in_shard_of(store: RunStore, victim: str, donor_seeds: np.ndarray) -> 
 
     def change(m):
         entry = m["blocks"][victim]["activations"][0]
-        entry.update(path=forged.path, sha256=forged.sha256, bytes=forged.bytes, rows=forged.rows)
+        entry.update(forged.to_dict())
 
     _edit(store, change)
     assert store.blocks()[victim].n_seeds == rec.n_seeds
@@ -190,3 +210,14 @@ def test_a_valid_manifest_round_trips(store):
     assert all(BlockRecord.from_dict(r.to_dict()) == r for r in blocks.values())
     got = np.concatenate([b.seeds for b in store.iter_step_batches(1, batch_size=3)])
     assert got.tolist() == list(range(8))
+
+
+def test_a_version_1_manifest_is_refused_with_what_to_do(store):
+    """Run format 1 stored h as parquet lists; its shards are not reinterpreted, the run is refused."""
+    _edit(store, lambda m: m.update(schema_version=1))
+    for read in (store.blocks, lambda: store.read_h([0]), lambda: list(store.iter_step_batches(0, 2))):
+        with pytest.raises(ManifestError) as info:
+            read()
+        msg = str(info.value)
+        assert store.describe(MANIFEST_NAME) in msg and "schema_version 1" in msg, msg
+        assert "older version of hspace" in msg and "new storage.run_url or delete the run" in msg, msg

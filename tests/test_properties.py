@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from pipeline.config import BuildConfig, ConfigError, load_config, validate_config
 from pipeline.storage import (
+    MANIFEST_SCHEMA_VERSION,
     BlockRecord,
     CorruptShardError,
     ManifestError,
@@ -206,11 +207,16 @@ def _valid_manifest() -> dict:
         "key": "0-4",
         "start": 0,
         "stop": 4,
-        "activations": [{**shard, "step": 0}, {**shard, "step": 1}],
+        "activations": [{**shard, "step": s, "footer_sha256": "b" * 64} for s in (0, 1)],
         "samples": {**shard, "path": "samples/part-w-000000.parquet", "step": None},
         "extra": {},
     }
-    return {"schema_version": 1, "identity": None, "blocks": {"0-4": block}, "stages": {}}
+    return {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "identity": None,
+        "blocks": {"0-4": block},
+        "stages": {},
+    }
 
 
 def _read_or_manifest_error(raw: bytes) -> None:
@@ -223,6 +229,7 @@ def _read_or_manifest_error(raw: bytes) -> None:
     for key, rec in blocks.items():
         assert isinstance(rec, BlockRecord) and rec.key == key and rec.start < rec.stop
         assert all(s.rows == rec.n_seeds and len(s.sha256) == 64 for s in (*rec.activations, rec.samples))
+        assert all(len(s.footer_sha256 or "") == 64 for s in rec.activations)
 
 
 @SETTINGS

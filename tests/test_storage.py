@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 
@@ -10,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.storage import BlockRecord, CorruptShardError, RunStore
+from pipeline.storage import BlockRecord, CorruptShardError, RunStore, footer_sha256
 
 C, H, W = 4, 2, 2
 STEPS = (0, 1, 2)
@@ -40,28 +41,33 @@ def store(tmp_path) -> RunStore:
     return s
 
 
-def test_activation_shard_uses_canonical_tensor_type_zstd_and_byte_stream_split(store):
+def test_activation_shard_has_one_binary_row_per_row_group_and_its_facts_in_the_footer(store):
     shard = store.blocks()["0-5"].shard_for_step(1)
     assert shard.path == "activations/t=1/part-w0-000000.parquet"
     pf = pq.ParquetFile(store.abspath(shard.path))
-    h_type = pf.schema_arrow.field("h").type
-    assert isinstance(h_type, pa.FixedShapeTensorType)
-    assert h_type.value_type == pa.float16() and list(h_type.shape) == [C, H, W]
+    assert pf.schema_arrow.names == ["seed", "h"]
     assert pf.schema_arrow.field("seed").type == pa.int64()
-    assert pf.schema_arrow.field("step").type == pa.int16()
-    assert pf.schema_arrow.field("timestep").type == pa.int16()
-    cols = {
-        pf.metadata.row_group(0).column(i).path_in_schema: pf.metadata.row_group(0).column(i)
-        for i in range(4)
-    }
-    h_col = cols["h.list.element"]
-    assert h_col.compression == "ZSTD"
-    assert "BYTE_STREAM_SPLIT" in h_col.encodings
-    assert not h_col.has_dictionary_page
-    # The file carries no pickled payload: only Arrow's JSON extension metadata.
-    assert b"pickle" not in pf.schema_arrow.to_string().encode()
-    table = pf.read()
-    assert table.column("timestep").to_pylist() == [800] * 5
+    assert pf.schema_arrow.field("h").type == pa.binary(C * H * W * 2)
+    md = pf.metadata
+    assert md.num_row_groups == md.num_rows == 5
+    for i in range(5):
+        seed_col, h_col = md.row_group(i).column(0), md.row_group(i).column(1)
+        assert md.row_group(i).num_rows == 1
+        assert seed_col.statistics.min == seed_col.statistics.max == i  # the row's seed, footer only
+        assert h_col.compression == "ZSTD" and not h_col.has_dictionary_page
+        assert h_col.statistics is None
+    info = json.loads(md.metadata[b"hspace"])
+    assert info["h_shape"] == [C, H, W] and info["h_dtype"] == "float16"
+    assert (info["step"], info["timestep"]) == (1, 800)
+    assert info["row_sha256"] == [hashlib.sha256(_h(s, 1).tobytes()).hexdigest() for s in range(5)]
+    assert b"ARROW:schema" not in md.metadata  # no second copy of the schema (and nothing pickled)
+    # An external reader needs only the metadata: h is the row's float16 bytes in C order.
+    table = pq.read_table(store.abspath(shard.path))
+    h3 = np.frombuffer(table.column("h")[3].as_py(), "<f2").reshape(info["h_shape"])
+    np.testing.assert_array_equal(h3, _h(3, 1))
+    footer = store.read_footers([shard])[0]
+    assert footer.seeds.tolist() == list(range(5)) and footer.h_shape == (C, H, W)
+    assert (footer.step, footer.timestep) == (1, 800)
 
 
 def test_iter_step_batches_streams_in_seed_order_across_shards_bit_exact(store):
@@ -108,14 +114,148 @@ def test_truncated_shard_raises_error_naming_the_file(store):
         store.open_shard(shard, verify=False)
 
 
-def test_flipped_byte_fails_checksum_naming_the_file(store):
-    shard = store.blocks()["0-5"].shard_for_step(2)
-    path = store.abspath(shard.path)
+def _flip(path: str, offset: int) -> None:
     data = bytearray(open(path, "rb").read())
-    data[len(data) // 2] ^= 0xFF
+    data[offset] ^= 0xFF
     open(path, "wb").write(bytes(data))
-    with pytest.raises(CorruptShardError, match=r"t=2/part-w0-000000\.parquet: sha256"):
-        store.read_h([1])
+
+
+def test_flipped_byte_in_a_row_fails_both_readers_naming_the_file(store):
+    shard = store.blocks()["0-5"].shard_for_step(2)
+    start, end = store.read_footers([shard])[0].h_range(3)
+    _flip(store.abspath(shard.path), (start + end) // 2)
+    with pytest.raises(CorruptShardError, match=r"t=2/part-w0-000000\.parquet: sha256 .* does not match"):
+        list(store.iter_step_batches(2, batch_size=4))
+    with pytest.raises(
+        CorruptShardError, match=r"t=2/part-w0-000000\.parquet: (row 3 \(seed 3\)|cannot read)"
+    ):
+        store.read_h([1, 3], steps=[2])
+    # A partial read verifies the bytes it uses: the shard's other rows are still readable.
+    np.testing.assert_array_equal(store.read_h([4, 1], steps=[2])[:, 0], np.stack([_h(4, 2), _h(1, 2)]))
+
+
+def _footer_span(path: str) -> tuple[bytes, int, int]:
+    data = open(path, "rb").read()
+    n = int.from_bytes(data[-8:-4], "little")
+    return data, len(data) - 8 - n, len(data) - 8
+
+
+def test_tampered_footer_is_refused_by_both_readers(store):
+    shard = store.blocks()["5-10"].shard_for_step(0)
+    path = store.abspath(shard.path)
+    data, start, end = _footer_span(path)
+    digest = hashlib.sha256(_h(6, 0).tobytes()).hexdigest().encode()
+    at = data.index(digest, start, end)
+    open(path, "wb").write(data[:at] + digest[::-1] + data[at + 64 :])  # same size, other row digest
+    with pytest.raises(CorruptShardError, match=r"part-w0-000005\.parquet: footer sha256 .* does not match"):
+        store.read_h([6], steps=[0])
+    with pytest.raises(CorruptShardError, match=r"part-w0-000005\.parquet: sha256 .* does not match"):
+        list(store.iter_step_batches(0, batch_size=4))
+
+
+def test_a_row_digest_that_does_not_match_its_row_is_refused_even_with_a_consistent_manifest(store):
+    """A shard whose manifest entry matches its bytes but whose footer vouches for other h: the
+    partial reader checks each row it decodes against the footer."""
+    shard = store.blocks()["5-10"].shard_for_step(0)
+    path = store.abspath(shard.path)
+    data, start, end = _footer_span(path)
+    digest = hashlib.sha256(_h(6, 0).tobytes()).hexdigest().encode()
+    at = data.index(digest, start, end)
+    forged = data[:at] + b"0" * 64 + data[at + 64 :]
+    open(path, "wb").write(forged)
+    entry = {
+        "sha256": hashlib.sha256(forged).hexdigest(),
+        "footer_sha256": footer_sha256(forged),
+        "bytes": len(forged),
+    }
+    store.update_manifest(lambda m: m["blocks"]["5-10"]["activations"][0].update(entry))
+    with pytest.raises(
+        CorruptShardError, match=r"part-w0-000005\.parquet: row 1 \(seed 6\) fails its sha256"
+    ):
+        store.read_h([6], steps=[0])
+    np.testing.assert_array_equal(store.read_h([7], steps=[0])[0, 0], _h(7, 0))
+
+
+def test_truncated_shard_fails_the_partial_reader_naming_the_file(store):
+    shard = store.blocks()["5-10"].shard_for_step(1)
+    path = store.abspath(shard.path)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-100])
+    with pytest.raises(
+        CorruptShardError, match=r"t=1/part-w0-000005\.parquet: \d+ bytes, manifest says .*truncated"
+    ):
+        store.read_h([6])
+
+
+def test_partial_read_of_scattered_seeds_equals_the_full_read(store):
+    full = {}  # (seed, step) -> h row of the whole-shard reader
+    for step in STEPS:
+        for batch in store.iter_step_batches(step, 4):
+            full.update({(int(s), step): row for s, row in zip(batch.seeds, batch.h, strict=True)})
+    want = [11, 0, 5, 12, 4, 9, 1]
+    got = store.read_h(want)
+    assert got.dtype == np.float16 and got.shape == (len(want), len(STEPS), C, H, W)
+    for i, seed in enumerate(want):
+        for t, step in enumerate(STEPS):
+            assert got[i, t].tobytes() == full[seed, step].tobytes()
+
+
+class _CountingFS:
+    """An fsspec filesystem wrapper counting the bytes read from activation shards; refuses ``open``
+    (so no read-ahead cache can hide extra reads)."""
+
+    def __init__(self, fs) -> None:
+        self._fs, self.bytes_read, self.calls = fs, 0, []
+
+    def cat_ranges(self, paths, starts, ends, **kwargs):
+        out = self._fs.cat_ranges(paths, starts, ends, **kwargs)
+        self.calls.append(len(paths))
+        self.bytes_read += sum(len(b) for p, b in zip(paths, out, strict=True) if "/activations/" in p)
+        return out
+
+    def cat_file(self, path, *args, **kwargs):
+        data = self._fs.cat_file(path, *args, **kwargs)
+        self.bytes_read += len(data) if "/activations/" in path else 0
+        return data
+
+    def open(self, *args, **kwargs):
+        raise AssertionError(f"opened {args[0]}: a partial read must use ranged reads only")
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+
+def test_partial_read_of_2_rows_of_a_64_row_shard_reads_only_the_footer_and_those_rows(tmp_path):
+    store = RunStore(str(tmp_path / "run"))
+    rng = np.random.default_rng(1)
+    h = rng.standard_normal((64, 16, 8, 8)).astype(np.float16)
+    shard = store.write_activations(0, 999, np.arange(64), h, "w", 0)
+    samples = store.write_samples(np.arange(64), [b""] * 64, "w", 0)
+    store.add_blocks([BlockRecord("0-64", 0, 64, (shard,), samples)])
+    footer = store.read_footers([shard])[0]
+    store.fs = counting = _CountingFS(store.fs)
+    got = store.read_h([40, 3], steps=[0])
+    np.testing.assert_array_equal(got[:, 0], h[[40, 3]])
+    _, start, end = _footer_span(store.abspath(shard.path))
+    chunks = sum(b - a for a, b in (footer.h_range(40), footer.h_range(3)))
+    assert counting.bytes_read == 8 + (end - start) + chunks  # trailer, footer, the two rows' h: nothing else
+    assert counting.bytes_read < 0.2 * shard.bytes
+    assert counting.calls == [1, 1, 2]  # trailer, footer, then both rows in one ranged read
+
+
+def test_a_transient_error_in_a_ranged_read_is_retried(store, monkeypatch):
+    real, calls = store.fs.cat_ranges, []
+
+    def flaky(paths, starts, ends, **kwargs):
+        calls.append(len(paths))
+        if len(calls) == 2:
+            raise ConnectionError("connection reset")
+        return real(paths, starts, ends, **kwargs)
+
+    store.retries, store.backoff_s = 2, 0.0
+    monkeypatch.setattr(store.fs, "cat_ranges", flaky)
+    np.testing.assert_array_equal(store.read_h([8], steps=[1])[0, 0], _h(8, 1))
+    assert len(calls) == 4
 
 
 def test_missing_listed_shard_is_an_error(store):
@@ -148,7 +288,7 @@ def test_manifest_update_is_atomic_when_the_write_fails(store, monkeypatch):
     assert leftovers == []
 
 
-def test_manifest_lists_rows_bytes_and_sha256(store):
+def test_manifest_lists_rows_bytes_sha256_and_the_footer_sha256(store):
     manifest = json.loads(open(store.abspath("_manifest.json")).read())
     block = manifest["blocks"]["5-10"]
     assert block["start"] == 5 and block["stop"] == 10
@@ -157,6 +297,9 @@ def test_manifest_lists_rows_bytes_and_sha256(store):
         assert shard["rows"] == 5
         assert len(shard["sha256"]) == 64
         assert shard["bytes"] == store.fs.size(store.abspath(shard["path"]))
+    for shard in block["activations"]:
+        assert shard["footer_sha256"] == footer_sha256(open(store.abspath(shard["path"]), "rb").read())
+    assert "footer_sha256" not in block["samples"]
     assert store.summary() == {
         "blocks": 3,
         "samples": 13,
@@ -235,3 +378,18 @@ def test_a_transient_error_reading_the_manifest_is_not_taken_for_a_new_run(tmp_p
     monkeypatch.setattr(store.fs, "cat_file", flaky_cat)
     assert store.read_manifest()["stages"] == {"generate": {"done": True}}
     assert len(calls) == 2
+
+
+def test_the_decoder_gets_only_fetched_bytes(store):
+    """Rows are decoded from a file object that serves the fetched ranges and nothing else: a row
+    whose bytes were not fetched is an error naming the file, never a silent extra read."""
+    shard = store.blocks()["0-5"].shard_for_step(0)
+    footer = store.read_footers([shard])[0]
+    a, b = footer.h_range(2)
+    data = open(store.abspath(shard.path), "rb").read()
+    h = store._decode_rows(shard, footer, [2], {a: data[a:b]})
+    np.testing.assert_array_equal(h[0], _h(2, 0))
+    with pytest.raises(
+        CorruptShardError, match=r"part-w0-000000\.parquet: cannot read rows \[2, 3\].*not fetched"
+    ):
+        store._decode_rows(shard, footer, [2, 3], {a: data[a:b]})

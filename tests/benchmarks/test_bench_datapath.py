@@ -6,14 +6,15 @@ default, ``HSPACE_BENCH_QUICK=1`` for 512 x 4) is written through ``RunStore`` e
 generate stage writes it, each shard alternating with an ``np.save`` of the same array. Then:
 
 - write / read throughput against ``np.save`` / ``np.load`` of the same bytes, and which part of
-  a shard write / read costs what (Arrow conversion, parquet encoding per compression setting,
-  sha256, file I/O), timed as interleaved variants on one shard;
+  a shard write / read costs what (Arrow conversion, parquet encoding of the run format's
+  one-binary-value-per-row layout and of format 1's list layout per compression setting, sha256,
+  file I/O, a verified partial read), timed as interleaved variants on one shard;
 - the PCA stage's group worker (the Ray actor's class, run in-process with its real checkpoints)
   against scikit-learn's ``IncrementalPCA`` on the same batches read the same way, same thread
   count; |cos| of the top 16 components; the worker's peak RSS at N and 4N samples (fresh process);
 - the supervised aggregation's read-back (``RunStore.read_h`` + mean difference of the top/bottom
-  10 % seeds): bytes read against the bytes of the rows it needs, and time against a numpy mean
-  over the same rows read from ``.npy`` memory maps.
+  10 % seeds): bytes read (counted at the fsspec filesystem) against the bytes of the rows it
+  needs, and time against a numpy mean over the same rows read from ``.npy`` memory maps.
 
 Files are in the page cache after writing, so read numbers measure the CPU side of a read
 (decompression, checksums, conversion), not a disk.
@@ -36,10 +37,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from _bench import REPO_ROOT, compare, configure_threads, median, ratio, table, write_results
+from _list_layout import list_decode, list_parquet, list_table
 from _synthetic_run import block_h, npy_path, planted_basis, spec_from_env, write_synthetic_run
 from threadpoolctl import threadpool_limits
 
-from pipeline.storage import RunStore, _parquet_bytes, activation_table
+from pipeline.storage import BlockRecord, RunStore, _parquet_bytes, activation_table, h_rows
 
 SPEC = spec_from_env()
 K = 16
@@ -65,40 +67,11 @@ def _mb_s(n_bytes: float, seconds: float) -> float:
     return n_bytes / seconds / 1e6
 
 
-def _parquet(table: pa.Table, compression: str | None, split: bool) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(
-        table,
-        buf,
-        compression=compression or "none",
-        use_dictionary=["step", "timestep"],
-        use_byte_stream_split=["h.list.element"] if split else False,
-        row_group_size=table.num_rows,
-    )
-    return buf.getvalue()
-
-
 def _decode(data: bytes) -> np.ndarray:
-    t = pq.ParquetFile(pa.BufferReader(data)).read(columns=["seed", "h"])
-    col = t.column("h").combine_chunks()
-    if pa.types.is_fixed_size_binary(col.type):  # the row-blob layout: one value per row
-        return np.frombuffer(col.buffers()[1], np.float16, count=len(col) * col.type.byte_width // 2)
-    return col.to_numpy_ndarray()
-
-
-def _row_blob_table(seeds: np.ndarray, h: np.ndarray) -> pa.Table:
-    """The alternative layout: h as one fixed_size_binary value per row (no per-element list levels)."""
-    n = len(seeds)
-    blob = pa.FixedSizeBinaryArray.from_buffers(pa.binary(h[0].nbytes), n, [None, pa.py_buffer(h.tobytes())])
-    return pa.table({"seed": pa.array(seeds, pa.int64()), "h": blob})
-
-
-def _parquet_blob(table: pa.Table, compression: str | None) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(
-        table, buf, compression=compression or "none", use_dictionary=False, row_group_size=table.num_rows
-    )
-    return buf.getvalue()
+    """h [N, C, H, W] float16 of a run-format-2 shard's bytes (no checks: the decode alone)."""
+    pf = pq.ParquetFile(pa.BufferReader(data))
+    shape = json.loads(pf.metadata.metadata[b"hspace"])["h_shape"]
+    return h_rows(pf.read(columns=["seed", "h"]).column("h"), shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,21 +124,24 @@ def test_shard_write_read_throughput(run):
     h = block_h(SPEC, 0, 0, SPEC.seeds_per_block, planted_basis(SPEC, 0))
     seeds = np.arange(SPEC.seeds_per_block)
     tbl = activation_table(seeds, 0, 999, h)
+    ltbl = list_table(seeds, 0, 999, h)
     shard_raw = h.nbytes
+    default = "binary rows, zstd (run format 2)"
     encoded = {
-        "zstd + byte_stream_split (default)": _parquet_bytes(tbl),
-        "zstd, no byte_stream_split": _parquet(tbl, "zstd", False),
-        "lz4 + byte_stream_split": _parquet(tbl, "lz4", True),
-        "snappy + byte_stream_split": _parquet(tbl, "snappy", True),
-        "uncompressed": _parquet(tbl, None, False),
-        "row blobs (fixed_size_binary), zstd": _parquet_blob(_row_blob_table(seeds, h), "zstd"),
-        "row blobs (fixed_size_binary), uncompressed": _parquet_blob(_row_blob_table(seeds, h), None),
+        default: _parquet_bytes(tbl),
+        "binary rows, uncompressed": _parquet_bytes(tbl, "none"),
+        "format 1 list, zstd + byte_stream_split": list_parquet(ltbl),
+        "format 1 list, zstd": list_parquet(ltbl, "zstd", False),
+        "format 1 list, lz4 + byte_stream_split": list_parquet(ltbl, "lz4", True),
+        "format 1 list, uncompressed": list_parquet(ltbl, None, False),
     }
-    settings = {
-        "zstd, no byte_stream_split": ("zstd", False),
-        "lz4 + byte_stream_split": ("lz4", True),
-        "snappy + byte_stream_split": ("snappy", True),
-        "uncompressed": (None, False),
+    encoders = {
+        default: lambda: _parquet_bytes(tbl),
+        "binary rows, uncompressed": lambda: _parquet_bytes(tbl, "none"),
+        "format 1 list, zstd + byte_stream_split": lambda: list_parquet(ltbl),
+        "format 1 list, zstd": lambda: list_parquet(ltbl, "zstd", False),
+        "format 1 list, lz4 + byte_stream_split": lambda: list_parquet(ltbl, "lz4", True),
+        "format 1 list, uncompressed": lambda: list_parquet(ltbl, None, False),
     }
     tmp = Path(npy_dir) / "_part.bin"
 
@@ -176,30 +152,29 @@ def test_shard_write_read_throughput(run):
     npy_buf = io.BytesIO()
     np.save(npy_buf, h)
     npy_bytes = npy_buf.getvalue()
+    shard = store.write_activations(0, 999, seeds, h, "bench", 0)
+    rec = BlockRecord("bench", 0, len(seeds), (shard,), shard)
+    two_rows = [[3, len(seeds) - 7]]
     parts = {
         "np.save to a file (baseline)": lambda: np.save(str(tmp) + ".npy", h),
-        "activation_table (numpy -> Arrow)": lambda: activation_table(seeds, 0, 999, h),
-        "parquet encode: zstd + byte_stream_split (default)": lambda: _parquet_bytes(tbl),
-        **{
-            f"parquet encode: {name}": (lambda c=c, s=s: _parquet(tbl, c, s))
-            for name, (c, s) in settings.items()
-        },
-        "parquet encode: row blobs (fixed_size_binary), zstd": lambda: _parquet_blob(
-            _row_blob_table(seeds, h), "zstd"
-        ),
-        "parquet encode: row blobs (fixed_size_binary), uncompressed": lambda: _parquet_blob(
-            _row_blob_table(seeds, h), None
-        ),
-        "sha256 of the shard": lambda: hashlib.sha256(encoded["zstd + byte_stream_split (default)"]).digest(),
-        "file write of the shard bytes": lambda: write_file(encoded["zstd + byte_stream_split (default)"]),
+        "activation_table (numpy -> Arrow, row sha256s)": lambda: activation_table(seeds, 0, 999, h),
+        "format 1 list_table (numpy -> Arrow)": lambda: list_table(seeds, 0, 999, h),
+        **{f"parquet encode: {name}": fn for name, fn in encoders.items()},
+        "sha256 of the shard": lambda: hashlib.sha256(encoded[default]).digest(),
+        "file write of the shard bytes": lambda: write_file(encoded[default]),
         "RunStore.write_activations (all of it)": lambda: store.write_activations(
             0, 999, seeds, h, "bench", 0
         ),
     }
     reads = {
         "np.load from bytes (baseline)": lambda: np.load(io.BytesIO(npy_bytes)),
-        **{f"parquet decode: {name}": (lambda d=d: _decode(d)) for name, d in encoded.items()},
-        "sha256 of the shard": lambda: hashlib.sha256(encoded["zstd + byte_stream_split (default)"]).digest(),
+        **{
+            f"parquet decode: {name}": (lambda d=d, f=(list_decode if "list" in name else _decode): f(d))
+            for name, d in encoded.items()
+        },
+        "sha256 of the shard": lambda: hashlib.sha256(encoded[default]).digest(),
+        "RunStore.read_activations (whole shard, verified)": lambda: store.read_activations(rec, shard),
+        "RunStore.read_rows (2 rows, footer + rows verified)": lambda: store.read_rows([shard], two_rows),
     }
     repeats = 5
     wt = compare(parts, repeats=repeats)
@@ -227,6 +202,8 @@ def test_shard_write_read_throughput(run):
         ]
         for n in reads
     ]
+    assert np.array_equal(store.read_rows([shard], two_rows)[0], h[two_rows[0]])
+    assert all(np.array_equal(_decode(encoded[n]), h) for n in encoded if "list" not in n)
     text_b = table(
         f"One shard ({SPEC.seeds_per_block} x {SPEC.h_shape} float16 = {shard_raw / 1e6:.1f} MB), parts timed as "
         f"interleaved variants (median of {repeats} rounds); ratio = median per-round time / baseline",
@@ -365,15 +342,28 @@ def test_pca_stage_vs_sklearn(run):
 
 
 # ---------------------------------------------------------------------------------------------
-class _CountingStore(RunStore):
-    """A RunStore that counts the bytes it reads."""
+class _CountingFS:
+    """Wraps a run's fsspec filesystem and counts the bytes read from activation shards (whole-file
+    and ranged reads); ``open`` is refused, so no read-ahead file can hide a read."""
 
-    bytes_read = 0
+    def __init__(self, fs) -> None:
+        self._fs, self.bytes_read = fs, 0
 
-    def read_bytes(self, rel: str) -> bytes:
-        data = super().read_bytes(rel)
-        self.bytes_read += len(data)
+    def cat_file(self, path, *args, **kwargs):
+        data = self._fs.cat_file(path, *args, **kwargs)
+        self.bytes_read += len(data) if "/activations/" in path else 0
         return data
+
+    def cat_ranges(self, paths, starts, ends, **kwargs):
+        out = self._fs.cat_ranges(paths, starts, ends, **kwargs)
+        self.bytes_read += sum(len(b) for p, b in zip(paths, out, strict=True) if "/activations/" in p)
+        return out
+
+    def open(self, *args, **kwargs):
+        raise AssertionError(f"opened {args[0]}: reads must not go through a read-ahead file")
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
 
 
 def test_aggregate_read_back(run):
@@ -386,12 +376,13 @@ def test_aggregate_read_back(run):
     pos, neg = (i.numpy() for i in select_quantiles(torch.from_numpy(scores), q))
     wanted = np.concatenate([pos, neg])  # seed == row index in the synthetic run
     needed = len(wanted) * SPEC.n_steps * SPEC.d * 2
-    counting = _CountingStore(store.url)
+    counting = RunStore(store.url)
+    counting.fs = fs = _CountingFS(counting.fs)
     per_block = SPEC.seeds_per_block
     results = {}
 
     def stage() -> None:
-        counting.bytes_read = 0
+        fs.bytes_read = 0
         h = torch.from_numpy(counting.read_h(wanted))
         results["stage"] = mean_difference(h[: len(pos)], h[len(pos) :]).numpy()
 
@@ -426,9 +417,9 @@ def test_aggregate_read_back(run):
                 "RunStore.read_h + mean_difference",
                 median(times["RunStore.read_h + mean_difference"]),
                 r,
-                counting.bytes_read,
+                fs.bytes_read,
                 needed,
-                counting.bytes_read / needed,
+                fs.bytes_read / needed,
             ],
             [
                 "numpy mean over .npy memmaps",
@@ -446,7 +437,8 @@ def test_aggregate_read_back(run):
             "figure": "seconds of read_h + mean difference, and bytes read / bytes of the rows needed",
             "baseline": "numpy mean over the same rows of .npy memory maps",
             "ratio": r,
-            "bytes_read_over_needed": counting.bytes_read / needed,
+            "bytes_read": fs.bytes_read,
+            "bytes_read_over_needed": fs.bytes_read / needed,
             "configuration": {"q": q, "rows": len(wanted), "threads": threads, **SPEC.__dict__},
             "seconds": times,
             "max_rel_err_vs_numpy": err,

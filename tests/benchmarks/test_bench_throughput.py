@@ -4,17 +4,15 @@ Throughput: ``HSpaceSampler.sample`` recording h in float16 (what the generate s
 several batch sizes, interleaved; images/s and the speed-up over batch 1.
 
 Storage: h of a block of seeds written per step with ``RunStore.write_activations`` (parquet,
-zstd, byte-stream-split on h, float16) against raw float16 (C*H*W*2 bytes) and against the same
-parquet without byte-stream-split, per (seed, step) row.
+zstd, one binary value per row and row group, float16) against raw float16 (C*H*W*2 bytes) and
+against run format 1's list layout (zstd + byte-stream-split), per (seed, step) row.
 """
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from _bench import (
     ON_GPU,
@@ -27,6 +25,7 @@ from _bench import (
     toy_model_or_random,
     write_results,
 )
+from _list_layout import list_parquet, list_table
 
 from hspace.sampling import HSpaceSampler
 
@@ -75,22 +74,9 @@ def test_sampler_throughput_vs_batch_size():
     assert all(r[2] > 0 for r in rows)
 
 
-def _parquet_size(table_, byte_stream_split: bool) -> int:
-    buf = io.BytesIO()
-    pq.write_table(
-        table_,
-        buf,
-        compression="zstd",
-        use_dictionary=["step", "timestep"],
-        use_byte_stream_split=["h.list.element"] if byte_stream_split else False,
-        row_group_size=table_.num_rows,
-    )
-    return len(buf.getvalue())
-
-
 def test_h_storage_bytes_per_seed_step(tmp_path):
     configure_threads()
-    from pipeline.storage import RunStore, activation_table
+    from pipeline.storage import RunStore
 
     model, which = toy_model_or_random()
     sampler = HSpaceSampler(model, sampler="ddpm", num_inference_steps=STORE_STEPS)
@@ -106,9 +92,9 @@ def test_h_storage_bytes_per_seed_step(tmp_path):
     assert rows == STORE_SEEDS * STORE_STEPS
     raw = math.prod(model.h_shape) * 2
     stored = sum(s.bytes for s in shards) / rows
-    no_split = (
+    list_layout = (
         sum(
-            _parquet_size(activation_table(seeds, step, int(traj.timesteps[step]), h[:, step]), False)
+            len(list_parquet(list_table(np.asarray(seeds), step, int(traj.timesteps[step]), h[:, step])))
             for step in range(STORE_STEPS)
         )
         / rows
@@ -120,8 +106,8 @@ def test_h_storage_bytes_per_seed_step(tmp_path):
         ["format", "bytes / row", "vs raw float16"],
         [
             ["raw float16", float(raw), 1.0],
-            ["parquet zstd + byte-stream-split (RunStore)", stored, stored / raw],
-            ["parquet zstd, no byte-stream-split", no_split, no_split / raw],
+            ["parquet zstd, one binary value per row (RunStore)", stored, stored / raw],
+            ["format 1 list layout, zstd + byte-stream-split", list_layout, list_layout / raw],
             ["  RunStore, noisiest step", per_step[0], per_step[0] / raw],
             ["  RunStore, last step", per_step[-1], per_step[-1] / raw],
         ],
@@ -138,7 +124,7 @@ def test_h_storage_bytes_per_seed_step(tmp_path):
             "bytes_per_row": {
                 "raw_float16": raw,
                 "runstore": stored,
-                "parquet_no_byte_stream_split": no_split,
+                "format_1_list_layout": list_layout,
             },
             "runstore_bytes_per_row_by_step": per_step,
             "table": text,
