@@ -727,16 +727,24 @@ class RunStore:
             )
 
     def read_footers(self, shards: Sequence[ShardInfo]) -> list[ActivationFooter]:
-        """The footers of activation shards, reading only their last bytes: each file's size and its
-        footer's sha256 are checked against the manifest before the footer is parsed."""
+        """The footers of activation shards, reading only their last bytes (where the manifest's
+        size puts them): each footer's sha256 is checked against the manifest before it is parsed.
+
+        The file sizes are asked for only when something fails (a missing, truncated or rewritten
+        file then gets that message): on an object store each would be one more request per shard.
+        """
         for shard in shards:
             if shard.footer_sha256 is None:
                 raise ManifestError(
                     f"{self.describe(shard.path)}: the manifest records no footer_sha256 for it"
                 )
-            self._check_size(shard)
         rels = [s.path for s in shards]
-        tails = self._cat_ranges(rels, [s.bytes - 8 for s in shards], [s.bytes for s in shards])
+        try:
+            tails = self._cat_ranges(rels, [s.bytes - 8 for s in shards], [s.bytes for s in shards])
+        except (FileNotFoundError, ValueError):
+            for shard in shards:
+                self._check_size(shard)
+            raise
         lengths = []
         for shard, tail in zip(shards, tails, strict=True):
             try:
@@ -744,6 +752,7 @@ class RunStore:
                 if not 0 < n <= shard.bytes - 12:
                     raise ValueError(f"footer length {n} does not fit in {shard.bytes} bytes")
             except ValueError as e:
+                self._check_size(shard)
                 raise CorruptShardError(f"{self.describe(shard.path)}: not a valid parquet file: {e}") from e
             lengths.append(n)
         raw = self._cat_ranges(
@@ -755,6 +764,7 @@ class RunStore:
         for shard, data, tail in zip(shards, raw, tails, strict=True):
             digest = hashlib.sha256(data).hexdigest()
             if digest != shard.footer_sha256:
+                self._check_size(shard)
                 raise CorruptShardError(
                     f"{self.describe(shard.path)}: footer sha256 {digest[:12]}... does not match the manifest"
                 )

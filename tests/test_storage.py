@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 
 import numpy as np
@@ -263,6 +264,15 @@ def test_missing_listed_shard_is_an_error(store):
     store.delete(shard.path)
     with pytest.raises(CorruptShardError, match="missing"):
         store.read_samples()
+
+
+def test_missing_activation_shard_is_named_by_the_partial_reader(store):
+    shard = store.blocks()["0-5"].shard_for_step(1)
+    store.delete(shard.path)
+    with pytest.raises(
+        CorruptShardError, match=rf"{re.escape(shard.path)}: listed in the manifest but missing"
+    ):
+        store.read_h([2], steps=[1])
 
 
 def test_unlisted_shard_is_ignored(store):
