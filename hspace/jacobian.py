@@ -444,9 +444,10 @@ def jacobian_directions(
         k: number of singular vectors.
         method: ``"subspace"`` (Alg. 1, all k at once), ``"sequential"`` (Alg. 2, blocks of
             ``block_size`` vectors, each deflated against the ones found before; less memory) or
-            ``"krylov"`` (block Krylov: blocks of ``block_size`` (default k) + ``oversample``
-            vectors, Rayleigh-Ritz on all blocks so far; the fewest products at equal accuracy,
-            at the cost of keeping the basis: 2 x up to ``KRYLOV_MAX_BLOCKS`` blocks of D floats).
+            ``"krylov"`` (block Krylov: blocks of ``block_size`` (default and at most k) +
+            ``oversample`` vectors, Rayleigh-Ritz on all blocks so far; the fewest products at
+            equal accuracy, at the cost of keeping the basis and its products: 2 x up to
+            max(``KRYLOV_MAX_BLOCKS`` blocks, 2 (k + block)) float64 vectors of h per image).
         mask: pixel mask M ([H, W], [1, H, W], [B, H, W] or [B, 1, H, W]); uses J of eps * M (eq. 9).
         n_iter: iteration limit per block (for ``"krylov"``: products of a block, i.e. blocks in
             the basis); tol: stop when every residual
