@@ -470,7 +470,8 @@ def _jacobian_mask(box: list[int] | None, model: Any) -> torch.Tensor | None:
 
 
 def _jacobian_task(cfg_json: dict, spec: dict, model_fingerprint: str | None) -> list[dict]:
-    """Jacobian directions (paper Alg. 1/2) at one seed and step; runs where the model can be loaded."""
+    """Jacobian directions (paper Alg. 1/2 or block Krylov) at one seed and step; runs where the model
+    can be loaded."""
     from hspace.jacobian import jacobian_directions
     from hspace.sampling import HSpaceSampler
     from pipeline.config import BuildConfig

@@ -252,25 +252,45 @@ class EvaluateConfig(_Strict):
     _seed = field_validator("seed_start")(_check_seed)
 
 
+#: ``JacobianSpec.oversample`` when the spec leaves it out, per method (docs/benchmarks.md,
+#: equal-accuracy table): Alg. 1 with 8 extra vectors took k = 32 to |cos| >= 0.99 against the
+#: explicit SVD in 9 iterations instead of 41 with none; the Krylov method gains nothing from them
+#: (its basis grows past k anyway) and pays for them in every product.
+DEFAULT_OVERSAMPLE = {"krylov": 0, "subspace": 8, "sequential": 8}
+
+
 class JacobianSpec(_Strict):
-    """One image-specific Jacobian direction set (paper Alg. 1/2) at ``seed`` and sampler ``step``."""
+    """One image-specific Jacobian direction set (paper Alg. 1/2, or block Krylov) at ``seed`` and
+    sampler ``step``."""
 
     name: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$")
     seed: int
     step: int = Field(ge=0)
     k: int = Field(default=3, gt=0)
-    method: Literal["subspace", "sequential"] = "subspace"
-    #: Extra vectors iterated beside the k wanted ones; they speed up convergence on flat spectra.
-    #: On the toy model (docs/benchmarks.md, equal-accuracy table) 8 extra vectors took k = 32 to
-    #: |cos| >= 0.99 against the explicit SVD in 9 iterations instead of 41 with none; the residual
-    #: there was 3.9e-4 of s_1^2, so ``tol`` 2e-4 stops at or after that point.
-    oversample: int = Field(default=8, ge=0)
+    #: "krylov" (block Krylov iteration) reached the accuracy of the explicit SVD with about half
+    #: the J^T J products of Alg. 1 on the toy model (docs/benchmarks.md); "subspace" is the
+    #: paper's Alg. 1, "sequential" its Alg. 2.
+    method: Literal["subspace", "sequential", "krylov"] = "krylov"
+    #: Extra vectors iterated beside the k wanted ones; left out (or null): ``DEFAULT_OVERSAMPLE``
+    #: of the method.
+    oversample: int = Field(default=0, ge=0)
     n_iter: int = Field(default=100, gt=0)
+    #: The residual ||J^T J v - s^2 v|| / s_1^2 at the equal-accuracy point was 3.9e-4 (Alg. 1,
+    #: k = 32) to 1.4e-4 (Krylov, k = 32), so 2e-4 stops at or after that point.
     tol: float = Field(default=2e-4, gt=0)
     #: Pixel box [y0, x0, y1, x1] (end-exclusive) of a local edit; None = whole image.
     mask: list[int] | None = Field(default=None, min_length=4, max_length=4)
 
     _seed = field_validator("seed")(_check_seed)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_oversample(cls, data: Any) -> Any:
+        """An oversample left out (or null) becomes the method's default."""
+        if isinstance(data, dict) and data.get("oversample") is None:
+            method = data.get("method", cls.model_fields["method"].default)
+            data = {**data, "oversample": DEFAULT_OVERSAMPLE.get(method, 0) if isinstance(method, str) else 0}
+        return data
 
     @field_validator("mask")
     @classmethod

@@ -108,13 +108,14 @@ def test_pinned_copies_are_a_no_op_path_on_the_cpu():
     assert not out.h.is_pinned()  # pinned host buffers only when the model is on CUDA
 
 
-def test_jacobian_chunked_vmap_bf16_and_batches():
+@pytest.mark.parametrize("method", ["subspace", "krylov"])
+def test_jacobian_chunked_vmap_bf16_and_batches(method):
     # the same iterations from the same start: chunking and batching change nothing but rounding
     model = _model()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, *model.image_shape, generator=g)
     init = torch.randn(3, *model.h_shape, generator=g)
-    kw = dict(n_iter=3, init=init)
+    kw = dict(n_iter=3, init=init, method=method)
     base = jacobian_directions(model, x, 500, 3, **kw)
     chunked = jacobian_directions(model, x, 500, 3, chunk_size=2, **kw)
     torch.testing.assert_close(chunked.singular_values, base.singular_values, rtol=1e-5, atol=1e-7)

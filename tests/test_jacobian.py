@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import hspace.jacobian
 from hspace.jacobian import (
     _broadcast_mask,
     explicit_jacobian,
@@ -167,6 +168,36 @@ def test_alg2_sequential_agrees_with_alg1_and_the_explicit_svd(unet, x_t, alg1, 
     assert torch.allclose(seq.singular_values[0], alg1.singular_values[0], rtol=1e-3)
     cos = (seq.vectors[0].flatten(1) * alg1.vectors[0].flatten(1)).sum(1).abs()
     assert bool((cos >= 0.999).all()), cos  # each vector, not only the subspace (gaps are >= 3%)
+
+
+# ---------------------------------------------------------------- block Krylov
+def test_krylov_matches_the_explicit_svd_with_fewer_products_than_alg1(unet, x_t, alg1, exact):
+    _, _, s, vh = exact
+    kry = jacobian_directions(unet, x_t, T, K, method="krylov", tol=1e-4, n_iter=200)
+    assert kry.meta["method"] == "block_krylov_iteration" and kry.meta["block_size"] == K
+    assert bool(kry.converged.all()) and kry.block_iterations == [kry.iterations]
+    for b in range(2):
+        _assert_matches_svd(kry.vectors[b], kry.singular_values[b], s[b], vh[b])
+    # J^T J vector products: K per Krylov block against K + 8 per Alg. 1 iteration
+    assert kry.iterations * K < alg1.iterations * (K + 8), (kry.iterations, alg1.iterations)
+
+
+def test_krylov_with_small_blocks_restarts_and_a_basis_filling_h_space(unet, x_t, exact, monkeypatch):
+    _, _, s, vh = exact
+    # blocks of 128 fill the 512 dimensions of h after 4 products: then the Ritz pairs are exact
+    full = jacobian_directions(unet, x_t[:1], T, K, method="krylov", oversample=124, tol=1e-14, n_iter=50)
+    assert full.iterations == 4 and not bool(full.converged.all())  # float32 products: residual > 1e-14
+    assert float(((full.singular_values[0].double() - s[0, :K]) / s[0, :K]).abs().max()) <= 1e-5
+    assert _largest_principal_angle(full.vectors[0].reshape(K, -1), vh[0, :K]) <= 1e-4
+    sizes = []
+    ritz = hspace.jacobian._ritz
+    monkeypatch.setattr(hspace.jacobian, "_ritz", lambda v, w: sizes.append(v.shape[2]) or ritz(v, w))
+    monkeypatch.setattr(hspace.jacobian, "KRYLOV_MAX_BLOCKS", 3)  # cap 2 (K + 2) = 12 vectors
+    small = jacobian_directions(unet, x_t[:1], T, K, method="krylov", block_size=2, tol=1e-4, n_iter=200)
+    assert bool(small.converged.all()) and max(sizes) == 12 and len(sizes) > 6, sizes  # restarted
+    _assert_matches_svd(small.vectors[0], small.singular_values[0], s[0], vh[0])
+    with pytest.raises(ValueError, match="n_iter"):
+        jacobian_directions(unet, x_t, T, K, method="krylov", block_size=1, n_iter=3)
 
 
 # ---------------------------------------------------------------- masked Jacobian (eq. 9)

@@ -293,7 +293,7 @@ def test_submitted_build_publishes_a_verified_catalog_version(built):
     assert kinds["round_disentangled"] == "disentangled" and kinds["jac_j_0"] == "jacobian"
     assert kinds["size_conditional"] == "supervised"
     jac = v.directions()["jac_j_0"]
-    default_oversample = JacobianSpec.model_fields["oversample"].default
+    default_oversample = JacobianSpec(seed=0, step=0).oversample
     assert jac.provenance["oversample"] == default_oversample and jac.provenance["converged"], jac.provenance
     assert {"effects.json", "report.html", "pca.safetensors", "previews/round.png"} <= set(v.files())
     effects = v.effects()

@@ -43,8 +43,9 @@ def cases(
 
     def alg(method: str) -> Callable[[], Any]:
         def run():
+            size = None if method == "krylov" else block  # the Krylov method: blocks of all k
             res = jacobian_directions(
-                model, x_t, t, k, method=method, n_iter=n_iter, tol=tol, block_size=block
+                model, x_t, t, k, method=method, n_iter=n_iter, tol=tol, block_size=size
             )
             return res.vectors.flatten(2).double().cpu(), res.singular_values.double().cpu(), res.iterations
 
@@ -58,6 +59,7 @@ def cases(
     return {
         f"Alg. 1 subspace (all {k} at once)": alg("subspace"),
         f"Alg. 2 sequential (blocks of {block})": alg("sequential"),
+        f"block Krylov (blocks of {k})": alg("krylov"),
         "explicit Jacobian + SVD": explicit,
     }
 

@@ -6,8 +6,9 @@ baseline, not library code.
 
 Equal accuracy: every method is stopped at the first iteration where its current vectors meet
 the criterion against the explicit SVD (every |cos| >= ``COS_MIN`` and every singular value
-within ``SIGMA_REL`` of the SVD's). For Alg. 1 / Alg. 2 the oracle wraps
-``hspace.jacobian._ritz`` (called once per iteration with the Ritz vectors of the current block)
+within ``SIGMA_REL`` of the SVD's). For Alg. 1 / Alg. 2 / the block Krylov method the oracle wraps
+``hspace.jacobian._ritz`` (called once per iteration with the Ritz vectors of the current block;
+for the Krylov method of the whole basis, whose leading k are checked)
 and, when the block's vectors meet the criterion, reports zero residuals so the library's own
 loop returns; the oracle's own time is measured and subtracted. The reference checks each vector
 after every iteration the same way. A method that stops at the criterion cannot do better with

@@ -3,10 +3,11 @@
 On the toy U-Net (trained weights when installed) at one x_t, batch 1: the explicit Jacobian's SVD
 gives the truth; every method runs until its vectors meet the criterion (every |cos| >= 0.99,
 every singular value within 1 %; see ``_jacobian_reference.py``) and is timed up to that point.
-Alg. 1 and Alg. 2 run through ``hspace.jacobian.jacobian_directions`` with several oversampling
-settings; the table also gives the residual tolerance that would have stopped each run at the
-same point (``tol needed``), from which the pipeline's defaults (``JacobianSpec.oversample``,
-``tol``) are chosen. ``HSPACE_BENCH_JAC_K`` (default ``8,32``) sets the k values.
+Alg. 1, Alg. 2 and the block Krylov method run through ``hspace.jacobian.jacobian_directions``
+with several oversampling and block settings; the table also gives the residual tolerance that
+would have stopped each run at the same point (``tol needed``), from which the pipeline's
+defaults (``JacobianSpec.method``, ``oversample``, ``tol``) are chosen. ``HSPACE_BENCH_JAC_K``
+(default ``8,32``) sets the k values.
 """
 
 from __future__ import annotations
@@ -45,7 +46,19 @@ def _configs(k: int) -> list[tuple[str, str, int | None, int]]:
         ("Alg. 1 subspace", "subspace", None, max(2, k // 4)),
         (f"Alg. 2 sequential, blocks of {block}", "sequential", block, 0),
         (f"Alg. 2 sequential, blocks of {block}", "sequential", block, max(2, block // 2)),
+        (f"block Krylov, blocks of {k}", "krylov", None, 0),
+        (f"block Krylov, blocks of {k}", "krylov", None, max(2, k // 4)),
+        (f"block Krylov, blocks of {max(1, k // 2)}", "krylov", max(1, k // 2), 0),
     ]
+
+
+def _products(method: str, k: int, block: int | None, p: int, iterations: list[int]) -> tuple[int, int]:
+    """(J^T J vector products, tangents per product) of a run: one block of ``block`` (default k) +
+    p vectors per iteration for Alg. 1 and the Krylov method; Alg. 2's blocks of ``block`` + p."""
+    width = block or k
+    if method != "sequential":
+        return sum(iterations) * (width + p), width + p
+    return sum(i * (min(width, k - b * width) + p) for b, i in enumerate(iterations)), width + p
 
 
 def _product_costs(model, x_t, widths: list[int]) -> tuple[dict[str, float], str]:
@@ -87,7 +100,7 @@ def test_jacobian_equal_accuracy():
     kmax = max(KS)
     criterion = Criterion(vh[:kmax], s_all[:kmax])
     rows, results = [], {}
-    widths = sorted({w for k in KS for _, _, b, p in _configs(k) for w in [(b or k) + p]})
+    widths = sorted({(b or k) + p for k in KS for _, _, b, p in _configs(k)})
     per_vector, cost_text = _product_costs(model, x_t, widths)
     for k in KS:
         ref = reference_power_iteration(model, x_t, TIMESTEP, k, criterion.stricter(), n_max=N_MAX)
@@ -102,15 +115,17 @@ def test_jacobian_equal_accuracy():
                 jacobian_directions, model, x_t, TIMESTEP, k, method=method, block_size=block,
                 oversample=p, n_iter=N_MAX, tol=1e-12,
             )  # fmt: skip
-            stop = criterion if block is None else criterion.stricter()
-            seconds, info, res = timed_library(fn, functools.partial(oracle_stop, stop, k, block, N_MAX))
-            n_blocks = 1 if block is None else math.ceil(k / block)
-            met = len(info["met"]) == n_blocks
-            width = k if block is None else block
-            products = sum(i * (min(width, k - b * width) + p) for b, i in enumerate(info["iterations"]))
-            model_speedup = ref_cost / (products * per_vector[f"{width + p} tangents vmapped (library)"])
+            sequential = method == "sequential"
+            stop = criterion.stricter() if sequential else criterion
+            oracle_block = block if sequential else None  # Alg. 1 and Krylov: one block of all k
+            seconds, info, res = timed_library(
+                fn, functools.partial(oracle_stop, stop, k, oracle_block, N_MAX)
+            )
+            met = len(info["met"]) == (math.ceil(k / block) if sequential else 1)
+            products, tangents = _products(method, k, block, p, info["iterations"])
+            model_speedup = ref_cost / (products * per_vector[f"{tangents} tangents vmapped (library)"])
             tol_needed = min(info["tol_needed"]) if met else float("nan")
-            key = f"k={k} {method} p={p}"
+            key = f"k={k} {method} block={block or k} p={p}"
             results[key] = {
                 "seconds": seconds,
                 "iterations": info["iterations"],
