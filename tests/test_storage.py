@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.storage import BlockRecord, CorruptShardError, RunStore, footer_sha256
+from tests.counting_fs import CountingFS
 
 C, H, W = 4, 2, 2
 STEPS = (0, 1, 2)
@@ -201,31 +202,6 @@ def test_partial_read_of_scattered_seeds_equals_the_full_read(store):
             assert got[i, t].tobytes() == full[seed, step].tobytes()
 
 
-class _CountingFS:
-    """An fsspec filesystem wrapper counting the bytes read from activation shards; refuses ``open``
-    (so no read-ahead cache can hide extra reads)."""
-
-    def __init__(self, fs) -> None:
-        self._fs, self.bytes_read, self.calls = fs, 0, []
-
-    def cat_ranges(self, paths, starts, ends, **kwargs):
-        out = self._fs.cat_ranges(paths, starts, ends, **kwargs)
-        self.calls.append(len(paths))
-        self.bytes_read += sum(len(b) for p, b in zip(paths, out, strict=True) if "/activations/" in p)
-        return out
-
-    def cat_file(self, path, *args, **kwargs):
-        data = self._fs.cat_file(path, *args, **kwargs)
-        self.bytes_read += len(data) if "/activations/" in path else 0
-        return data
-
-    def open(self, *args, **kwargs):
-        raise AssertionError(f"opened {args[0]}: a partial read must use ranged reads only")
-
-    def __getattr__(self, name):
-        return getattr(self._fs, name)
-
-
 def test_partial_read_of_2_rows_of_a_64_row_shard_reads_only_the_footer_and_those_rows(tmp_path):
     store = RunStore(str(tmp_path / "run"))
     rng = np.random.default_rng(1)
@@ -234,7 +210,7 @@ def test_partial_read_of_2_rows_of_a_64_row_shard_reads_only_the_footer_and_thos
     samples = store.write_samples(np.arange(64), [b""] * 64, "w", 0)
     store.add_blocks([BlockRecord("0-64", 0, 64, (shard,), samples)])
     footer = store.read_footers([shard])[0]
-    store.fs = counting = _CountingFS(store.fs)
+    store.fs = counting = CountingFS(store.fs)
     got = store.read_h([40, 3], steps=[0])
     np.testing.assert_array_equal(got[:, 0], h[[40, 3]])
     _, start, end = _footer_span(store.abspath(shard.path))

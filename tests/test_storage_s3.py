@@ -9,8 +9,10 @@ import pytest
 from pipeline.storage import BlockRecord, CorruptShardError, RunStore
 
 try:  # `python -m pytest` puts the repo root on sys.path; bare `pytest` only puts tests/ there
+    from tests.counting_fs import CountingFS
     from tests.s3_server import s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
 except ModuleNotFoundError:  # pragma: no cover
+    from counting_fs import CountingFS
     from s3_server import s3_bucket, s3_server  # noqa: F401
 
 pytestmark = pytest.mark.s3
@@ -18,29 +20,6 @@ pytestmark = pytest.mark.s3
 SHAPE = (16, 8, 8)
 STEPS = (0, 1)
 ROWS = 32
-
-
-class _CountingFS:
-    """Wraps the s3fs filesystem: counts bytes read from activation shards, refuses ``open``."""
-
-    def __init__(self, fs) -> None:
-        self._fs, self.bytes_read = fs, 0
-
-    def cat_ranges(self, paths, starts, ends, **kwargs):
-        out = self._fs.cat_ranges(paths, starts, ends, **kwargs)
-        self.bytes_read += sum(len(b) for p, b in zip(paths, out, strict=True) if "/activations/" in p)
-        return out
-
-    def cat_file(self, path, *args, **kwargs):
-        data = self._fs.cat_file(path, *args, **kwargs)
-        self.bytes_read += len(data) if "/activations/" in path else 0
-        return data
-
-    def open(self, *args, **kwargs):
-        raise AssertionError(f"opened {args[0]}: reads must not go through a read-ahead file")
-
-    def __getattr__(self, name):
-        return getattr(self._fs, name)
 
 
 @pytest.fixture
@@ -62,7 +41,7 @@ def test_partial_read_on_s3_returns_the_rows_and_reads_little(run):
     store, h = run
     want = [40, 3, 17, 63]
     reader = RunStore(store.url, store.storage_options)
-    reader.fs = counting = _CountingFS(reader.fs)
+    reader.fs = counting = CountingFS(reader.fs)
     got = reader.read_h(want)
     for t, step in enumerate(STEPS):
         np.testing.assert_array_equal(got[:, t], h[step][want])

@@ -42,6 +42,7 @@ from _synthetic_run import block_h, npy_path, planted_basis, spec_from_env, writ
 from threadpoolctl import threadpool_limits
 
 from pipeline.storage import BlockRecord, RunStore, _parquet_bytes, activation_table, h_rows
+from tests.counting_fs import CountingFS
 
 SPEC = spec_from_env()
 K = 16
@@ -342,28 +343,6 @@ def test_pca_stage_vs_sklearn(run):
 
 
 # ---------------------------------------------------------------------------------------------
-class _CountingFS:
-    """Wraps a run's fsspec filesystem and counts the bytes read from activation shards (whole-file
-    and ranged reads); ``open`` is refused, so no read-ahead file can hide a read."""
-
-    def __init__(self, fs) -> None:
-        self._fs, self.bytes_read = fs, 0
-
-    def cat_file(self, path, *args, **kwargs):
-        data = self._fs.cat_file(path, *args, **kwargs)
-        self.bytes_read += len(data) if "/activations/" in path else 0
-        return data
-
-    def cat_ranges(self, paths, starts, ends, **kwargs):
-        out = self._fs.cat_ranges(paths, starts, ends, **kwargs)
-        self.bytes_read += sum(len(b) for p, b in zip(paths, out, strict=True) if "/activations/" in p)
-        return out
-
-    def open(self, *args, **kwargs):
-        raise AssertionError(f"opened {args[0]}: reads must not go through a read-ahead file")
-
-    def __getattr__(self, name):
-        return getattr(self._fs, name)
 
 
 def test_aggregate_read_back(run):
@@ -377,7 +356,7 @@ def test_aggregate_read_back(run):
     wanted = np.concatenate([pos, neg])  # seed == row index in the synthetic run
     needed = len(wanted) * SPEC.n_steps * SPEC.d * 2
     counting = RunStore(store.url)
-    counting.fs = fs = _CountingFS(counting.fs)
+    counting.fs = fs = CountingFS(counting.fs)
     per_block = SPEC.seeds_per_block
     results = {}
 
