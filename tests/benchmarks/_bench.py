@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -149,6 +150,29 @@ def write_results(name: str, data: Mapping[str, Any]) -> Path:
     )
     print(f"-> {path.relative_to(REPO_ROOT)}", flush=True)
     return path
+
+
+def script_env() -> dict[str, str]:
+    """The environment of a benchmark's helper process: this one's, with the repository importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_script(name: str, *args: str, marker: str = "PEAK_JSON", timeout: float = 900) -> Any:
+    """Run ``tests/benchmarks/<name>`` in a fresh process (a clean peak-memory reading) and return the
+    JSON of its stdout line that starts with ``marker``."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name(name)), *args],
+        capture_output=True,
+        text=True,
+        env=script_env(),
+        cwd=REPO_ROOT,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith(marker + " "))
+    return json.loads(line.removeprefix(marker + " "))
 
 
 def bench_unet(config: Mapping[str, Any] | None = None, seed: int = 0):

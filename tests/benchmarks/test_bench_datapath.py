@@ -26,8 +26,6 @@ import hashlib
 import io
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from _bench import REPO_ROOT, compare, configure_threads, median, ratio, table, write_results
+from _bench import compare, configure_threads, median, ratio, run_script, table, write_results
 from _list_layout import list_decode, list_parquet, list_table
 from _synthetic_run import block_h, npy_path, planted_basis, spec_from_env, write_synthetic_run
 from threadpoolctl import threadpool_limits
@@ -235,20 +233,8 @@ def _abs_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _peak(run_dir: str, n_blocks: int, batch: int) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("_synthetic_run.py")), "pca-peak", run_dir]
-        + [str(n_blocks), "0", str(batch)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO_ROOT,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("PEAK_JSON "))
-    return json.loads(line.removeprefix("PEAK_JSON "))
+    """Peak memory of the PCA stage's worker over a run, measured in a fresh process."""
+    return run_script("_synthetic_run.py", "pca-peak", run_dir, str(n_blocks), "0", str(batch))
 
 
 def test_pca_stage_vs_sklearn(run):

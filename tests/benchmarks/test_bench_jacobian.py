@@ -13,13 +13,18 @@ SVD.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
-from _bench import ON_GPU, REPO_ROOT, compare, configure_threads, median, ratio, table, write_results
+from _bench import (
+    ON_GPU,
+    compare,
+    configure_threads,
+    median,
+    ratio,
+    run_script,
+    table,
+    write_results,
+)
 from _jacobian_cases import cases, setup
 
 # A fixed budget of iterations per block: the random U-Nets' spectra decay slowly (on the tiny one
@@ -34,20 +39,7 @@ REPEATS = 5 if ON_GPU else 2
 
 def _peak_memory(threads: int) -> dict[str, int]:
     """Run ``_jacobian_cases.py`` in a fresh process and parse its peak-memory line."""
-    script = Path(__file__).with_name("_jacobian_cases.py")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, str(script), json.dumps({**PARAMS, "threads": threads})],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO_ROOT,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("PEAK_JSON "))
-    return json.loads(line.removeprefix("PEAK_JSON "))
+    return run_script("_jacobian_cases.py", json.dumps({**PARAMS, "threads": threads}))
 
 
 def test_jacobian_alg1_vs_alg2_vs_explicit():

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _bench import ON_GPU, REPO_ROOT, median, table, toy_model_or_random, write_results
+from _bench import ON_GPU, median, script_env, table, toy_model_or_random, write_results
 
 pytest.importorskip("ray", reason="the pipeline benchmark needs Ray (pip install 'hspace[pipeline]')")
 generate_mod = pytest.importorskip("pipeline.generate", reason="pipeline.generate is not there yet")
@@ -84,7 +84,7 @@ def _config(source: str, run_url: str, **overrides) -> object:
 
 def _bare_run(location: str, blocks: list[tuple[int, int]]) -> list[list[float]]:
     """Block seconds of WORKERS bare sampler processes (blocks dealt round-robin), started together."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = script_env()
     env["OMP_NUM_THREADS"] = "1"  # as Ray sets it for a worker with one CPU
     device = "cuda:{}" if ON_GPU else "cpu"
     procs = []
