@@ -958,10 +958,7 @@ def explore(
             "--model", "-m", help="'toy', a local model dir or a hub id (default: toy for toy catalogs)"
         ),
     ] = None,
-    storage_option: Annotated[
-        list[str] | None,
-        typer.Option(help="fsspec storage option KEY=VALUE (VALUE read as JSON when it is JSON); repeatable"),
-    ] = None,
+    storage_options: StorageOpt = None,
     port: Annotated[int, typer.Option(help="TCP port (0: any free port)")] = 8765,
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
     revision: RevisionOpt = None,
@@ -978,7 +975,7 @@ def explore(
     run(
         catalog,
         model=model,
-        storage_options=storage_option,
+        storage_options=parse_storage_options(storage_options),
         host=host,
         port=port,
         revision=revision,

@@ -35,7 +35,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hspace.cli import app as cli_app
-from hspace.explore.command import default_model, parse_storage_option_pairs
+from hspace.explore.command import default_model
 from hspace.explore.explorer import direction_rows
 from hspace.explore.render_queue import SUPERSEDED, RenderCancelled, RenderQueue
 from tests.browser import CHROMIUM, CHROMIUM_ARGS
@@ -490,15 +490,6 @@ def test_direction_rows_show_a_grade_when_the_manifest_has_one():
 
 
 # ------------------------------------------------------------------------- the command
-def test_storage_option_pairs_parse_json_values_and_reject_bad_pairs():
-    opts = parse_storage_option_pairs(
-        ["anon=true", "profile=prod", 'client_kwargs={"endpoint_url": "http://x"}']
-    )
-    assert opts == {"anon": True, "profile": "prod", "client_kwargs": {"endpoint_url": "http://x"}}
-    with pytest.raises(ValueError, match="KEY=VALUE"):
-        parse_storage_option_pairs(["novalue"])
-
-
 def test_default_model_is_toy_only_for_toy_catalogs(catalog, tmp_path):
     from hspace import catalog as hcat
     from hspace.directions import Direction
@@ -514,8 +505,10 @@ def test_default_model_is_toy_only_for_toy_catalogs(catalog, tmp_path):
 
 def test_command_errors_are_one_line_with_exit_2(tmp_path):
     runner = CliRunner()
-    res = runner.invoke(cli_app, ["explore", str(tmp_path), "--storage-option", "oops"])
-    assert res.exit_code == 2 and "Error: --storage-option 'oops' must be KEY=VALUE" in res.output
+    res = runner.invoke(cli_app, ["explore", str(tmp_path), "--storage-options", "oops"])
+    assert res.exit_code == 2 and "Error: --storage-options is not valid JSON" in res.output
+    res = runner.invoke(cli_app, ["explore", str(tmp_path), "--storage-options", "[1]"])
+    assert res.exit_code == 2 and "--storage-options must be a JSON object" in res.output
     res = runner.invoke(cli_app, ["explore", str(tmp_path / "empty")])
     assert res.exit_code == 2 and "has no models" in res.output
     assert "Traceback" not in res.output
@@ -549,10 +542,8 @@ def test_command_serves_an_s3_catalog_on_127_0_0_1_only(catalog, s3_bucket, s3_s
     opts = s3_server.storage_options()
     fs = fsspec.filesystem("s3", **opts)
     fs.put(str(catalog["path"]) + "/", url.removeprefix("s3://") + "/", recursive=True)
-    args = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in opts.items()]
     cmd = [sys.executable, "-m", "hspace.cli", "explore", url, "--port", "0", "--device", "cpu"]
-    for a in args:
-        cmd += ["--storage-option", a]
+    cmd += ["--storage-options", json.dumps(opts)]
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,

@@ -5,30 +5,13 @@ The command-line layer of the explorer, kept here so ``hspace/cli.py`` only decl
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from hspace.explore.app import bind_socket, create_app, serve
 from hspace.explore.explorer import Explorer
 
-__all__ = ["default_model", "parse_storage_option_pairs", "run"]
-
-
-def parse_storage_option_pairs(pairs: Sequence[str] | None) -> dict[str, Any]:
-    """``key=value`` strings -> storage options; a value that parses as JSON is taken as JSON
-    (``anon=true``, ``client_kwargs={"endpoint_url": "http://127.0.0.1:9000"}``), else as text."""
-    options: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--storage-option {pair!r} must be KEY=VALUE, e.g. anon=true or profile=prod")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
+__all__ = ["default_model", "run"]
 
 
 def default_model(catalog: Any) -> str:
@@ -64,7 +47,7 @@ def run(
     catalog_url: str,
     *,
     model: str | None,
-    storage_options: Sequence[str] | None,
+    storage_options: dict[str, Any],
     host: str,
     port: int,
     revision: str | None,
@@ -78,7 +61,7 @@ def run(
 
     if not 0 <= port <= 65535:
         raise ValueError(f"--port must be in 0..65535 (0: any free port), got {port}")
-    cat = catalog_mod.open(catalog_url, parse_storage_option_pairs(storage_options))
+    cat = catalog_mod.open(catalog_url, storage_options)
     model = model or default_model(cat)
     hs_model = load_model(model, revision=revision, device=device, dtype=dtype)
     explorer = Explorer(cat, hs_model, model_label=model)
