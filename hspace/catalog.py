@@ -86,7 +86,7 @@ from torch import Tensor
 
 from hspace._catalog_store import CasConflictError, LockHeldError, LockLostError, Store, mtime
 from hspace.directions import Direction, direction_names, directions_to_safetensors
-from hspace.io import safetensors_from_bytes
+from hspace.io import loads_json, safetensors_from_bytes
 
 __all__ = [
     "Catalog",
@@ -383,8 +383,8 @@ def parse_manifest(raw: bytes, *, path: str, model: str, version: str) -> dict[s
             f"{path}: not a manifest (bytes up to {MAX_MANIFEST_BYTES}, got {type(raw).__name__})"
         )
     try:
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        manifest = loads_json(raw)
+    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, or a repeated key
         raise ManifestError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(manifest, dict):
         raise ManifestError(f"{path}: a manifest is a JSON object, got {type(manifest).__name__}")

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 __all__ = [
+    "loads_json",
     "read_bytes",
     "read_json",
     "read_safetensors",
@@ -51,6 +52,24 @@ def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> by
         return f.read()
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r:.80} in a JSON object")
+        out[key] = value
+    return out
+
+
+def loads_json(data: bytes | str) -> Any:
+    """``json.loads`` that refuses an object with a repeated key (ValueError naming the key).
+
+    Parsers disagree on which of two equal keys wins, so such a document could mean one thing to
+    hspace and another to a different reader of the same file; none of hspace's files has one.
+    """
+    return json.loads(data, object_pairs_hook=_unique_keys)
+
+
 def read_json(
     url: str | Path, storage_options: Mapping[str, Any] | None = None, *, missing_ok: bool = False
 ) -> Any:
@@ -61,7 +80,7 @@ def read_json(
         if missing_ok:
             return None
         raise
-    return json.loads(data)
+    return loads_json(data)
 
 
 def read_safetensors(
@@ -137,9 +156,9 @@ def check_safetensors_header(data: bytes, what: str = "<bytes>") -> dict[str, st
             f"{what}: not a safetensors file (header length {n} but the file has {len(data)} bytes)"
         )
     try:
-        header = json.loads(data[8 : 8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{what}: not a safetensors file (header is not JSON)") from None
+        header = loads_json(data[8 : 8 + n])
+    except ValueError as err:  # not JSON, not UTF-8, or a repeated key
+        raise ValueError(f"{what}: not a safetensors file (header is not valid JSON: {err})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{what}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}

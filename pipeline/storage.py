@@ -43,6 +43,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hspace.io import loads_json
+
 __all__ = [
     "ActivationFooter",
     "BlockRecord",
@@ -440,10 +442,10 @@ class _PrefetchedFile(io.RawIOBase):
 def parse_manifest(raw: bytes, where: str = MANIFEST_NAME) -> dict[str, Any]:
     """Manifest bytes -> the manifest mapping; ManifestError naming ``where`` for anything else."""
     try:
-        manifest = json.loads(raw.decode("utf-8"))
+        manifest = loads_json(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ManifestError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or a repeated key
         raise ManifestError(f"{where}: not valid JSON: {e}") from None
     except RecursionError:
         raise ManifestError(f"{where}: not valid JSON: nested too deeply") from None

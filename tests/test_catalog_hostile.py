@@ -105,6 +105,15 @@ def test_manifest_that_is_not_an_object_is_refused(local_cat, raw):
         local_cat.version("m", v)
 
 
+def test_manifest_with_a_repeated_key_is_refused(local_cat):
+    """Two readers could take different values of a repeated key: hspace takes neither."""
+    v = local_cat.publish("m", [make_direction("d", 1)], metadata=META)
+    raw = local_cat.fs.cat_file(manifest_path(local_cat, v))
+    local_cat.fs.pipe_file(manifest_path(local_cat, v), raw.replace(b"{", b'{"version": "v-evil", ', 1))
+    with pytest.raises(ManifestError, match=r"manifest\.json is not valid JSON \(duplicate key 'version'"):
+        local_cat.version("m", v)
+
+
 # ------------------------------------------------------------------------- directions vs manifest
 DIRECTION_BREAKS = {
     "kind": lambda e: e.update(kind="pca"),

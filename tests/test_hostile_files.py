@@ -43,6 +43,9 @@ HOSTILE = {
     "not_json": raw_file(b"{not json"),
     "not_utf8": raw_file(b"\xff\xfe\x00"),
     "header_is_a_list": raw_file([1, 2]),
+    "repeated_key": raw_file(
+        b'{"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "x": {}}', bytes(16)
+    ),
     "metadata_not_a_mapping": raw_file({"__metadata__": ["a"], "x": entry()}, bytes(16)),
     "metadata_value_not_str": raw_file({"__metadata__": {"a": 1}, "x": entry()}, bytes(16)),
     "huge_shape": raw_file({"x": entry(shape=[10**6, 10**6], offsets=[0, 4 * 10**12])}, bytes(16)),

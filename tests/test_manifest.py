@@ -135,6 +135,10 @@ def test_overlapping_blocks_would_double_count_rows(store):
             "stages.pca: expected",
         ),
         (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+        (
+            b'{"schema_version": 2, "identity": null, "blocks": {}, "blocks": {}, "stages": {}}',
+            "not valid JSON: duplicate key 'blocks'",
+        ),
     ],
     ids=[
         "utf8",
@@ -147,6 +151,7 @@ def test_overlapping_blocks_would_double_count_rows(store):
         "blocks",
         "stage",
         "deep",
+        "duplicate-key",
     ],
 )
 def test_manifest_bytes_that_are_not_a_manifest(store, raw, needle):
