@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import math
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -303,7 +302,7 @@ def _run_blocks(
     info = describe_model(cfg.model)
     res = cfg.resources
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress and sys.stderr.isatty()  # no bars redrawn into a log
+    ctx.enable_progress_bars = progress  # on a non-terminal Ray Data logs its progress instead of drawing it
     ds = ray.data.from_items(
         [{"index": b.index, "start": b.start, "stop": b.stop} for b in todo], override_num_blocks=len(todo)
     )
