@@ -141,8 +141,17 @@ def environment() -> dict[str, Any]:
     return info
 
 
+#: What every result file says besides the machine and date (``environment``).
+RESULT_KEYS = ("figure", "baseline", "ratio", "configuration")
+
+
 def write_results(name: str, data: Mapping[str, Any]) -> Path:
-    """``tests/benchmarks/results/<name>.json`` with the environment added; returns the path."""
+    """``tests/benchmarks/results/<name>.json`` with the environment (machine, date) added; returns
+    the path. ``data`` must give :data:`RESULT_KEYS`: what is measured, against what, the ratio (or
+    ratios by variant) and the configuration."""
+    missing = [k for k in RESULT_KEYS if k not in data]
+    if missing:
+        raise ValueError(f"benchmark result {name!r} lacks {missing}")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(

@@ -62,7 +62,10 @@ def test_capture_and_edit_overhead():
     write_results(
         "capture",
         {
-            "params": {
+            "figure": "seconds of a sampling call with h capture and edits",
+            "baseline": base,
+            "ratio": {name: ratio(times, name, base) for name in times},
+            "configuration": {
                 "batch": BATCH,
                 "steps": STEPS,
                 "repeats": REPEATS,
@@ -70,7 +73,6 @@ def test_capture_and_edit_overhead():
                 "h_bytes_float32": h_bytes,
             },
             "seconds": times,
-            "ratio_vs_baseline": {name: ratio(times, name, base) for name in times},
             "table": text,
         },
     )

@@ -124,9 +124,14 @@ def test_bench_explore_release_to_image(tmp_path):
     write_results(
         "explore",
         {
-            "steps": STEPS,
-            "drags": DRAGS,
-            "threads": threads,
+            "figure": "ms from slider release to the new image, 1 and 4 seeds",
+            "baseline": "1 seed",
+            "ratio": {
+                variant: statistics.median(four[variant]) / statistics.median(one[variant])
+                for variant in one
+                if variant in four
+            },
+            "configuration": {"steps": STEPS, "drags": DRAGS, "threads": threads},
             "one_seed_ms": one,
             "four_seeds_ms": four,
             "render_queue": stats,

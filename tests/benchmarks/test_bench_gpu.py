@@ -191,7 +191,7 @@ def test_gpu_jacobian_seconds_per_image():
         {
             "figure": "seconds per image for k Jacobian directions",
             "baseline": baseline,
-            "ratios": {name: d["s_per_image"] / data[baseline]["s_per_image"] for name, d in data.items()},
+            "ratio": {name: d["s_per_image"] / data[baseline]["s_per_image"] for name, d in data.items()},
             "configuration": {"k": JAC_K, "images": JAC_IMAGES, "n_iter": JAC_ITERS, "smoke": SMOKE},
             "results": data,
             "goal": GOALS["jacobian_s_per_image"],

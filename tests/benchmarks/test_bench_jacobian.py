@@ -101,9 +101,11 @@ def test_jacobian_alg1_vs_alg2_vs_explicit():
     write_results(
         "jacobian",
         {
-            "params": {**PARAMS, "repeats": REPEATS, "h_shape": model.h_shape, "timestep": t},
+            "figure": "seconds, peak memory and accuracy of Jacobian directions at a fixed budget",
+            "baseline": alg1,
+            "ratio": {n: ratio(times, n, alg1) for n in names},
+            "configuration": {**PARAMS, "repeats": REPEATS, "h_shape": model.h_shape, "timestep": t},
             "seconds": times,
-            "time_ratio_vs_alg1": {n: ratio(times, n, alg1) for n in names},
             "peak_bytes": peaks,
             "accuracy_vs_explicit_svd": accuracy,
             "iterations": {n: results[n][2] for n in (alg1, alg2, krylov)},

@@ -218,7 +218,10 @@ def test_generate_stage_vs_bare_sampler(ray_local, tmp_path):  # noqa: F811
     write_results(
         "pipeline_generate",
         {
-            "params": {
+            "figure": "samples/s of the Ray generate stage, end to end and per block in an actor",
+            "baseline": f"the bare sampler in {WORKERS} plain processes",
+            "ratio": {"end_to_end": end_to_end, "in_actor": in_actor},
+            "configuration": {
                 "n_samples": N_SAMPLES,
                 "steps": STEPS,
                 "batch": BATCH,
@@ -228,8 +231,6 @@ def test_generate_stage_vs_bare_sampler(ray_local, tmp_path):  # noqa: F811
                 "rounds": ROUNDS,
             },
             "rounds": rounds,
-            "ratio_end_to_end": end_to_end,
-            "ratio_in_actor": in_actor,
             "table": text,
         },
     )
@@ -342,7 +343,10 @@ def test_pca_actor_peak_rss_is_flat_in_the_sample_count(ray_local, tmp_path):  #
     write_results(
         "pipeline_pca_memory",
         {
-            "params": {
+            "figure": "peak RSS growth of a PCA actor over its run",
+            "baseline": f"{PCA_N} samples",
+            "ratio": large["growth"] / max(small["growth"], 1),
+            "configuration": {
                 "steps": PCA_STEPS,
                 "h_shape": h_shape,
                 "k": PCA_K,

@@ -59,7 +59,10 @@ def test_sampler_throughput_vs_batch_size():
     write_results(
         "throughput",
         {
-            "params": {
+            "figure": "images/s of the sampler recording h, by batch size",
+            "baseline": "batch 1",
+            "ratio": {b: 1 / ratio(per_image, f"batch {b}", "batch 1") for b in BATCHES},
+            "configuration": {
                 "batches": BATCHES,
                 "steps": THROUGHPUT_STEPS,
                 "repeats": REPEATS,
@@ -67,7 +70,6 @@ def test_sampler_throughput_vs_batch_size():
             },
             "seconds": times,
             "images_per_s": {b: b / median(times[f"batch {b}"]) for b in BATCHES},
-            "speedup_vs_batch_1": {b: 1 / ratio(per_image, f"batch {b}", "batch 1") for b in BATCHES},
             "table": text,
         },
     )
@@ -115,7 +117,10 @@ def test_h_storage_bytes_per_seed_step(tmp_path):
     write_results(
         "storage",
         {
-            "params": {
+            "figure": "stored bytes per activation row",
+            "baseline": "raw float16",
+            "ratio": {"runstore": stored / raw, "format_1_list_layout": list_layout / raw},
+            "configuration": {
                 "model": which,
                 "seeds_per_shard": STORE_SEEDS,
                 "steps": STORE_STEPS,
