@@ -128,14 +128,21 @@ class _EditPlan:
 MAX_SEED = 2**63 - 1
 
 
+def _exact_int(value: Any) -> int | None:
+    """``value`` as an int if it is an integer type (numpy ints too), else None (bools, floats, strings)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _validate_seed(seed: Any, what: str = "seeds") -> int:
     """``seed`` as an int in 0..MAX_SEED; ValueError naming the value otherwise (bools are not seeds)."""
-    try:
-        if isinstance(seed, bool):
-            raise TypeError
-        value = operator.index(seed)
-    except TypeError:
-        raise ValueError(f"{what} must be ints, got {seed!r}") from None
+    value = _exact_int(seed)
+    if value is None:
+        raise ValueError(f"{what} must be ints, got {seed!r}")
     if not 0 <= value <= MAX_SEED:
         raise ValueError(f"{what}: seed {value} is out of range 0..2**63-1")
     return value
@@ -143,12 +150,9 @@ def _validate_seed(seed: Any, what: str = "seeds") -> int:
 
 def _validate_num_steps(num_inference_steps: Any, num_train_timesteps: int) -> int:
     """``num_inference_steps`` as an int in 1..num_train_timesteps (no floats, strings or bools)."""
-    try:
-        if isinstance(num_inference_steps, bool):
-            raise TypeError
-        steps = operator.index(num_inference_steps)
-    except TypeError:
-        raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}") from None
+    steps = _exact_int(num_inference_steps)
+    if steps is None:
+        raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
     if not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"num_inference_steps must be in 1..{num_train_timesteps}, got {steps}")
     return steps
