@@ -13,15 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import BuildConfig, ConfigError, load_config, validate_config
-from pipeline.storage import (
-    MANIFEST_SCHEMA_VERSION,
-    BlockRecord,
-    CorruptShardError,
-    ManifestError,
-    RunStore,
-    parse_blocks,
-    parse_manifest,
-)
+from pipeline.run_format import MANIFEST_SCHEMA_VERSION, parse_blocks, parse_manifest
+from pipeline.storage import BlockRecord, CorruptShardError, ManifestError, RunStore
 from tests.config_examples import small_config
 
 SETTINGS = settings(

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.storage import BlockRecord, CorruptShardError, RunStore, footer_sha256
+from pipeline.run_format import footer_sha256
+from pipeline.storage import BlockRecord, CorruptShardError, RunStore
 from tests.counting_fs import CountingFS
 
 C, H, W = 4, 2, 2

@@ -39,7 +39,8 @@ from _list_layout import list_decode, list_parquet, list_table
 from _synthetic_run import block_h, npy_path, planted_basis, spec_from_env, write_synthetic_run
 from threadpoolctl import threadpool_limits
 
-from pipeline.storage import BlockRecord, RunStore, _parquet_bytes, activation_table, h_rows
+from pipeline.run_format import activation_table, h_rows, parquet_bytes
+from pipeline.storage import BlockRecord, RunStore
 from tests.counting_fs import CountingFS
 
 SPEC = spec_from_env()
@@ -127,16 +128,16 @@ def test_shard_write_read_throughput(run):
     shard_raw = h.nbytes
     default = "binary rows, zstd (run format 2)"
     encoded = {
-        default: _parquet_bytes(tbl),
-        "binary rows, uncompressed": _parquet_bytes(tbl, "none"),
+        default: parquet_bytes(tbl),
+        "binary rows, uncompressed": parquet_bytes(tbl, "none"),
         "format 1 list, zstd + byte_stream_split": list_parquet(ltbl),
         "format 1 list, zstd": list_parquet(ltbl, "zstd", False),
         "format 1 list, lz4 + byte_stream_split": list_parquet(ltbl, "lz4", True),
         "format 1 list, uncompressed": list_parquet(ltbl, None, False),
     }
     encoders = {
-        default: lambda: _parquet_bytes(tbl),
-        "binary rows, uncompressed": lambda: _parquet_bytes(tbl, "none"),
+        default: lambda: parquet_bytes(tbl),
+        "binary rows, uncompressed": lambda: parquet_bytes(tbl, "none"),
         "format 1 list, zstd + byte_stream_split": lambda: list_parquet(ltbl),
         "format 1 list, zstd": lambda: list_parquet(ltbl, "zstd", False),
         "format 1 list, lz4 + byte_stream_split": lambda: list_parquet(ltbl, "lz4", True),
