@@ -88,6 +88,20 @@ def compare(
     return times
 
 
+def alternate(
+    variants: Mapping[str, Callable[[], Any]], times: dict[str, list[float]], *, reverse: bool
+) -> dict[str, Any]:
+    """One interleaved round: every variant once, in the given order or reversed (alternate it per
+    round, so that neither variant always runs first); each call's seconds are appended to
+    ``times[name]``. Returns each variant's result."""
+    results = {}
+    for name in reversed(list(variants)) if reverse else list(variants):
+        t0 = time.perf_counter()
+        results[name] = variants[name]()
+        times.setdefault(name, []).append(time.perf_counter() - t0)
+    return results
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

@@ -23,11 +23,11 @@ import json
 import os
 import re
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from _bench import alternate
 
 from pipeline.storage import BlockRecord, RunStore
 
@@ -159,19 +159,33 @@ def _write_shard(
         with open(npy_path(npy_dir, step, index), "wb") as f:
             np.save(f, h)
 
-    order = [("runstore", runstore), ("npy", npy)]
-    if (step + index) % 2:
-        order.reverse()
-    result = None
-    for name, fn in order:
-        t0 = time.perf_counter()
-        value = fn()
-        (timings if timings is not None else {}).setdefault(name, []).append(time.perf_counter() - t0)
-        result = value if name == "runstore" else result
-    return result
+    results = alternate(
+        {"runstore": runstore, "npy": npy},
+        timings if timings is not None else {},
+        reverse=bool((step + index) % 2),
+    )
+    return results["runstore"]
 
 
 # ------------------------------------------------------------------------------ memory (script)
+def stage_worker(run_url: str, step: int, blocks: list[str], k: int, batch: int, checkpoint: str) -> Any:
+    """The PCA stage's group worker (the Ray actor's class, here in-process) for one step, torch
+    backend, a checkpoint every 4 batches as in the stage."""
+    from pipeline.pca_stage import PCAGroupWorker
+
+    return PCAGroupWorker(
+        run_url=run_url,
+        storage_options={},
+        steps=[step],
+        blocks=blocks,
+        n_components=k,
+        backend="torch",
+        batch_size=batch,
+        checkpoint_every=4,
+        checkpoint_path=checkpoint,
+    )
+
+
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
@@ -180,7 +194,6 @@ def _status_kb(field: str) -> int:
 def pca_worker_peak(run_dir: str, n_blocks: int, step: int, batch: int, k: int = 16) -> dict[str, Any]:
     """Peak RSS above the start of one :class:`PCAGroupWorker` fitting ``step`` over the first
     ``n_blocks`` blocks (checkpoints written to the run as in the stage)."""
-    from pipeline.pca_stage import PCAGroupWorker
 
     store = RunStore(run_dir)
     blocks = list(store.blocks())[:n_blocks]
@@ -189,18 +202,7 @@ def pca_worker_peak(run_dir: str, n_blocks: int, step: int, batch: int, k: int =
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_kb("VmRSS")
-    worker = PCAGroupWorker(
-        run_url=run_dir,
-        storage_options={},
-        steps=[step],
-        blocks=blocks,
-        n_components=k,
-        backend="torch",
-        batch_size=batch,
-        checkpoint_every=4,
-        checkpoint_path=ckpt,
-    )
-    status = worker.run()
+    status = stage_worker(run_dir, step, blocks, k, batch, ckpt).run()
     peak = (_status_kb("VmHWM") - base) * 1024
     store.delete(ckpt)
     return {"peak_bytes": peak, "n_samples": status["n_samples_seen"][step], "blocks": n_blocks}

@@ -27,6 +27,7 @@ import io
 import json
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from _bench import compare, configure_threads, median, ratio, run_script, table, write_results
+from _bench import alternate, compare, configure_threads, median, ratio, run_script, table, write_results
 from _list_layout import list_decode, list_parquet, list_table
-from _synthetic_run import block_h, npy_path, planted_basis, spec_from_env, write_synthetic_run
+from _synthetic_run import block_h, npy_path, planted_basis, spec_from_env, stage_worker, write_synthetic_run
 from threadpoolctl import threadpool_limits
 
 from pipeline.run_format import activation_table, h_rows, parquet_bytes
@@ -94,13 +95,11 @@ def test_shard_write_read_throughput(run):
             np.load(npy_path(npy_dir, step, i)).sum(dtype=np.float32)
 
     for step in range(SPEC.n_steps):
-        order = [("runstore", read_rs), ("npy", read_np)]
-        if step % 2:
-            order.reverse()
-        for name, fn in order:
-            t0 = time.perf_counter()
-            fn(step)
-            read_t[name].append(time.perf_counter() - t0)
+        alternate(
+            {"runstore": partial(read_rs, step), "npy": partial(read_np, step)},
+            read_t,
+            reverse=bool(step % 2),
+        )
     read_rs_s, read_np_s = sum(read_t["runstore"]), sum(read_t["npy"])
     text_a = table(
         f"Shards at real h size: {SPEC.n_samples} samples x {SPEC.n_steps} steps x {SPEC.h_shape} float16 "
@@ -241,7 +240,7 @@ def _peak(run_dir: str, n_blocks: int, batch: int) -> dict:
 def test_pca_stage_vs_sklearn(run):
     from sklearn.decomposition import IncrementalPCA as SkIPCA
 
-    from pipeline.pca_stage import PCAGroupWorker, fit_batches
+    from pipeline.pca_stage import fit_batches
 
     threads = configure_threads()
     store, _, _, _ = run
@@ -253,17 +252,7 @@ def test_pca_stage_vs_sklearn(run):
     def stage(step: int) -> None:
         ckpt = f"pca/bench/steps-{step}.safetensors"
         store.delete(ckpt)
-        w = PCAGroupWorker(
-            run_url=store.url,
-            storage_options={},
-            steps=[step],
-            blocks=blocks,
-            n_components=K,
-            backend="torch",
-            batch_size=PCA_BATCH,
-            checkpoint_every=4,
-            checkpoint_path=ckpt,
-        )
+        w = stage_worker(store.url, step, blocks, K, PCA_BATCH, ckpt)
         w.run()
         comps["stage"][step] = w.estimators[step].est.components_.numpy()
 
@@ -275,13 +264,11 @@ def test_pca_stage_vs_sklearn(run):
 
     with threadpool_limits(threads):
         for step in steps:
-            order = [("stage", stage), ("sklearn", sklearn)]
-            if step % 2:
-                order.reverse()
-            for name, fn in order:
-                t0 = time.perf_counter()
-                fn(step)
-                times[name].append(time.perf_counter() - t0)
+            alternate(
+                {"stage": partial(stage, step), "sklearn": partial(sklearn, step)},
+                times,
+                reverse=bool(step % 2),
+            )
     speedup = ratio(times, "sklearn", "stage")
     min_cos = {s: float(_abs_cos(comps["stage"][s], comps["sklearn"][s]).min()) for s in steps}
     planted_cos = {s: float(_abs_cos(comps["stage"][s], planted_basis(SPEC, s)[0][:K]).min()) for s in steps}
