@@ -263,7 +263,7 @@ def test_a_valid_manifest_with_any_entry_changed_parses_or_names_the_file(change
         try:
             for part in path[:-1]:
                 node = node[part]
-            node[path[-1]] = value
+            node[path[-1]] = copy.deepcopy(value)  # a file holds a tree: never the same object twice
         except (KeyError, IndexError, TypeError):  # an earlier change removed the parent
             continue
     _read_or_manifest_error(json.dumps(m).encode())
