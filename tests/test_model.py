@@ -40,7 +40,7 @@ def test_from_pretrained_reads_pipeline_layout(model, tiny_model_dir):
     assert isinstance(model.make_scheduler("ddpm"), DDPMScheduler)
     assert isinstance(model.make_scheduler("ddim"), DDIMScheduler)
     with pytest.raises(ValueError, match="kind"):
-        model.make_scheduler("euler")
+        model.make_scheduler("heun")
 
 
 def test_bare_unet_dir_with_scheduler_config(tmp_path):
