@@ -217,7 +217,8 @@ def load_model(model: str, *, revision: str | None, device: str, dtype: str) -> 
     """``toy`` (the shipped weights), a local DDPMPipeline / UNet directory, or a hub id (+ revision)."""
     import torch
 
-    from hspace.model import TOY_MODEL_NAME, HSpaceModel, resolve_model_source
+    from hspace.model import HSpaceModel
+    from hspace.toy import TOY_MODEL_NAME, resolve_model_source
 
     source = resolve_model_source(model)
     if model == TOY_MODEL_NAME:
@@ -975,12 +976,10 @@ def explore(
     run(
         catalog,
         model=model,
+        load_model=functools.partial(load_model, revision=revision, device=device, dtype=dtype.value),
         storage_options=parse_storage_options(storage_options),
         host=host,
         port=port,
-        revision=revision,
-        device=device,
-        dtype=dtype.value,
         echo=typer.echo,
     )
 

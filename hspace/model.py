@@ -30,8 +30,6 @@ SchedulerKind = Literal["ddpm", "ddim"]
 
 #: A Hugging Face hub model id, ``owner/name``; anything else is a local path.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-#: The model name that stands for the toy model shipped in :mod:`hspace.toy`.
-TOY_MODEL_NAME = "toy"
 
 
 @dataclass(frozen=True)
@@ -232,15 +230,6 @@ def unet_fingerprint(unet: nn.Module) -> str:
         data = tensor.detach().to("cpu", torch.float32).contiguous()
         digest.update(data.numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def resolve_model_source(source: str | Path) -> str | Path:
-    """``toy`` -> the shipped toy model's directory; a local directory or hub id is returned as given."""
-    if isinstance(source, str) and source == TOY_MODEL_NAME:
-        from hspace.toy import TOY_MODEL_DIR
-
-        return TOY_MODEL_DIR
-    return source
 
 
 def _is_local_path(path_or_id: str | Path) -> bool:

@@ -148,8 +148,8 @@ def test_forward_ad_safe_attention_keeps_outputs_and_enables_jvp(model):
 
 
 def test_resolve_model_source_maps_only_the_toy_name():
-    from hspace.model import HUB_ID, resolve_model_source
-    from hspace.toy import TOY_MODEL_DIR
+    from hspace.model import HUB_ID
+    from hspace.toy import TOY_MODEL_DIR, resolve_model_source
 
     assert resolve_model_source("toy") == TOY_MODEL_DIR
     assert resolve_model_source("google/ddpm-ema-celebahq-256") == "google/ddpm-ema-celebahq-256"
