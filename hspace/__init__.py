@@ -2,8 +2,8 @@
 
 The core API: :class:`HSpaceModel` (any supported diffusers denoiser -- pixel and latent U-Nets,
 Stable Diffusion, SDXL, class-conditional U-Nets, DiT -- with its scheduler config and the one
-h-space hook at a :class:`CapturePoint`), :class:`HSpaceSampler` (seeded sampling that records h, applies :class:`Edit` s and
-swaps h), :class:`Trajectory` (its result) and :class:`Direction`.
+h-space hook at a :class:`CapturePoint`), :class:`HSpaceSampler` (seeded sampling that records h,
+applies :class:`Edit` s and swaps h), :class:`Trajectory` (its result) and :class:`Direction`.
 """
 
 from __future__ import annotations

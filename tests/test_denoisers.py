@@ -186,11 +186,13 @@ def test_capture_at_the_mid_block_input_and_at_other_blocks(pipeline_dirs):
         model = HSpaceModel.from_pretrained(path, capture=spec)
         assert model.h_shape  # measured by a dry forward before the plain hook is attached
         module = model.denoiser.get_submodule(module_name)
-        seen = []
+        seen: list[torch.Tensor] = []
         if spec.endswith(":input"):
-            handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+            handle = module.register_forward_pre_hook(
+                lambda _m, args, seen=seen: seen.append(args[0].clone())
+            )
         else:
-            handle = module.register_forward_hook(lambda _m, _a, out: seen.append(out.clone()))
+            handle = module.register_forward_hook(lambda _m, _a, out, seen=seen: seen.append(out.clone()))
         try:
             traj = HSpaceSampler(model, sampler="ddim", num_inference_steps=2).sample(
                 SEEDS, prompt=PROMPTS, guidance_scale=1.0
