@@ -27,6 +27,17 @@ def build_tiny_unet(sample_size: int = 16, seed: int = 0):
     return UNet2DModel(**{**TINY_UNET_CONFIG, "sample_size": sample_size}).eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op torch thread for the whole suite: the tiny test models gain nothing from more,
+    and on a shared 2-core machine threads waiting for each other made them many times slower
+    (measured: tests/test_denoisers.py 658 s with two threads at load 20, 52 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random tiny DDPM saved in DDPMPipeline layout (unet/ + scheduler/)."""

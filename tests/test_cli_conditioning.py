@@ -19,14 +19,6 @@ runner = CliRunner()
 STEPS = "2"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
