@@ -88,7 +88,10 @@ def build_explore_catalog(
         {baseline.name: "glasses"},
         {d.name: d.kind for d in [*directions, baseline]},
     ) | {"units": "sigma"}
-    grades = grade_directions(effects, own_attributes({d.name: d for d in [*directions, baseline]}))
+    # what each supervised direction was built from (the pipeline records it in its provenance)
+    own = own_attributes({d.name: d for d in [*directions, baseline]})
+    own |= {a: a for a in ATTRIBUTES} | {clean.name: "glasses"}
+    grades = grade_directions(effects, own)
     add_leakage(grades, effects, {a: supervised[a].name for a in ATTRIBUTES}, skip={baseline.name})
 
     cat = hcat.open(url, storage_options)

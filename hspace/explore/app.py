@@ -48,7 +48,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from hspace.explore.explorer import MAX_UPLOAD_BYTES, PREEMPT_FIELDS, Explorer, check_fields
+from hspace.explore.explorer import MAX_UPLOAD_BYTES, PREEMPT_FIELDS, SWAP_FIELDS, Explorer, check_fields
 from hspace.explore.guard import AccessPolicy, RequestGuard
 from hspace.explore.render_queue import SUPERSEDED, RenderQueue
 
@@ -220,7 +220,8 @@ async def invert(request: Request) -> Response:
 
 
 async def swap(request: Request) -> Response:
-    return JSONResponse(await _on_worker(request, _explorer(request).swap, await _json_body(request)))
+    body = check_fields(await _json_body(request), SWAP_FIELDS, "swap request")  # before the queue
+    return JSONResponse(await _on_worker(request, _explorer(request).swap, body))
 
 
 async def stats(request: Request) -> Response:
