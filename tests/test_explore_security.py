@@ -577,3 +577,27 @@ def test_a_rebound_dns_name_gets_400_in_the_browser(served, chromium):
         assert status == 400
     finally:
         context.close()
+
+
+def test_the_printed_token_url_opens_the_page_which_then_renders_with_its_cookie(with_token, chromium):
+    context = chromium.new_context()
+    try:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(with_token.url)
+        assert page.url == f"http://127.0.0.1:{with_token.port}/"  # the token left the address bar
+        page.wait_for_function("Number(document.querySelector('#result').dataset.seq) >= 1", timeout=120_000)
+        assert page.locator("tr[data-name]").count() > 0
+        assert with_token.token not in page.evaluate("document.cookie")  # HttpOnly: no script reads it
+        (cookie,) = [c for c in context.cookies() if c["name"].startswith("hspace_explore_token_")]
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        assert not errors, errors
+        fresh = chromium.new_context()  # another browser profile without the cookie
+        try:
+            response = fresh.new_page().goto(f"http://127.0.0.1:{with_token.port}/")
+            assert response is not None and response.status == 401
+        finally:
+            fresh.close()
+    finally:
+        context.close()
