@@ -197,6 +197,27 @@ def test_a_malformed_allow_host_exits_2_before_any_work(tmp_path):
         assert "--allow-host" in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LocalHost.", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.5", False),
+        ("gpu-box.lab", False),
+    ],
+)
+def test_only_loopback_binds_go_without_a_token_by_default(host, loopback):
+    from hspace.explore.guard import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
 # ------------------------------------------------------------------------- origins and body types
 @pytest.mark.parametrize(
     "headers",
