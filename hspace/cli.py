@@ -1054,6 +1054,21 @@ def explore(
     storage_options: StorageOpt = None,
     port: Annotated[int, typer.Option(help="TCP port (0: any free port)")] = 8765,
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            help="another Host name (or NAME:PORT) browsers may use for this server; repeatable "
+            "(127.0.0.1, localhost, [::1] and --host are always answered)",
+        ),
+    ] = None,
+    token: Annotated[
+        bool | None,
+        typer.Option(
+            "--token/--no-token",
+            help="require the printed per-launch access token (default: only when --host is not loopback)",
+        ),
+    ] = None,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float32,
@@ -1072,7 +1087,10 @@ def explore(
         storage_options=parse_storage_options(storage_options),
         host=host,
         port=port,
+        allow_hosts=allow_host or (),
+        token=token,
         echo=typer.echo,
+        warn=lambda message: typer.echo(message, err=True),
     )
 
 

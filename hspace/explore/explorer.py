@@ -37,7 +37,16 @@ if TYPE_CHECKING:
     from hspace.model import HSpaceModel
     from hspace.sampling import HSpaceSampler
 
-__all__ = ["Explorer", "RenderJob", "direction_rows", "png_data_url"]
+__all__ = [
+    "PREEMPT_FIELDS",
+    "RENDER_FIELDS",
+    "SWAP_FIELDS",
+    "Explorer",
+    "RenderJob",
+    "check_fields",
+    "direction_rows",
+    "png_data_url",
+]
 
 #: Most seeds one render or swap request may hold (a typo like 0-10000 fails fast instead).
 MAX_SEEDS = 16
@@ -47,6 +56,37 @@ MAX_UPLOAD_BYTES = 8 * 1024 * 1024
 SIGMA_RANGE = 3.0
 #: Default slider half-range in raw units for directions stored in raw h units (mean differences).
 RAW_RANGE = 2.0
+
+#: The fields each request body may hold; any other key is refused, naming it (a misspelt
+#: ``edits`` would otherwise render an unedited image without a word).
+RENDER_FIELDS = (
+    "client",
+    "seq",
+    "preempt",
+    "model",
+    "version",
+    "seeds",
+    "image",
+    "edits",
+    "units",
+    "mode",
+    "steps",
+    "sampler",
+)
+PREEMPT_FIELDS = ("client", "seq")
+SWAP_FIELDS = ("model", "version", "seeds_a", "seeds_b", "sampler", "steps")
+
+
+def check_fields(body: Mapping[str, Any], accepted: Sequence[str], what: str) -> Mapping[str, Any]:
+    """``body`` itself if every key is one of ``accepted``; else a ValueError naming the unknown
+    keys and the accepted ones."""
+    unknown = sorted(set(body) - set(accepted), key=str)
+    if unknown:
+        names = ", ".join(repr(k) for k in unknown)
+        raise ValueError(
+            f"{what}: unknown field{'s' if len(unknown) > 1 else ''} {names}; accepted: {', '.join(accepted)}"
+        )
+    return body
 
 
 def png_data_url(image: Tensor, min_size: int = 256) -> str:
@@ -270,10 +310,12 @@ class Explorer:
 
         body: ``model``, ``version``, ``seeds`` (list) or ``image`` (an id from :meth:`invert`),
         ``edits`` {direction: scale}, ``units`` raw|sigma, ``mode`` both|asyrp, ``steps`` [lo, hi]
-        (edited step range, inclusive, 0 = noisiest), ``sampler`` ddpm|ddim.
+        (edited step range, inclusive, 0 = noisiest), ``sampler`` ddpm|ddim; and the web app's
+        ``client``, ``seq``, ``preempt``. Any other key is a ValueError (:data:`RENDER_FIELDS`).
         """
         from hspace.sampling import check_direction
 
+        check_fields(body, RENDER_FIELDS, "render request")
         model, ref = _text(body, "model"), _text(body, "version")
         version, directions = self.version(model, ref)
         n_steps = self.steps_of(version, directions)
@@ -395,6 +437,7 @@ class Explorer:
 
     def swap(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """h-swap (paper Fig. 2a): seeds a rendered with the h of seeds b, next to a and b."""
+        check_fields(body, SWAP_FIELDS, "swap request")
         model, ref = _text(body, "model"), _text(body, "version")
         version, directions = self.version(model, ref)
         n_steps = self.steps_of(version, directions)
