@@ -245,7 +245,7 @@ def _score_blocks(
     """Score the samples shards of ``todo`` blocks with a Ray Data actor pool; one table per block."""
     import ray
 
-    from pipeline.ray_runtime import init_ray
+    from pipeline.ray_runtime import CapacityWatch, actor_demand, init_ray, iterate_watched
 
     init_ray(cfg)
     ann, res = cfg.annotate, cfg.resources
@@ -267,7 +267,9 @@ def _score_blocks(
         num_cpus=res.num_cpus_per_worker,
         num_gpus=res.num_gpus_per_worker or None,
     )
-    return [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    watch = CapacityWatch("annotate", actor_demand(res.num_cpus_per_worker, res.num_gpus_per_worker))
+    tables = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    return [t for t in iterate_watched(ds, tables, watch) if t.num_rows]
 
 
 def _combined_table(parts: list[pa.Table], attributes: list[str], meta: dict[str, Any]) -> pa.Table:
