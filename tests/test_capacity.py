@@ -1,0 +1,246 @@
+"""A cluster that lost capacity never hangs the build: each stage that runs actors (generate's and
+annotate's and evaluate's Ray Data actor pools, the PCA stage's group actors) finishes on the
+nodes that remain, or fails within the capacity timeout naming the resources it lacks.
+
+Cluster: a head without CPUs and two 1-CPU worker nodes (``tests.ray_cluster.multinode_cluster``);
+``remove_node(..., allow_graceful=False)`` kills a whole node and no replacement is added unless
+a test says so (the tests with a replacement node are in tests/test_faults.py). Results are
+checked against the undisturbed references of tests/test_faults.py (every (seed, step) row once;
+PCA components |cos| >= 0.9999 to the single-process fit). The capacity timeout is set to
+:data:`TIMEOUT_S` here (the default is ``pipeline.ray_runtime.DEFAULT_CAPACITY_TIMEOUT_S``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hspace.directions import Direction
+from pipeline.annotate import annotate
+from pipeline.config import validate_config
+from pipeline.evaluate import evaluate
+from pipeline.failure import CapacityError
+from pipeline.generate import generate
+from pipeline.pca_stage import load_stage_pca, pca_stage
+from pipeline.plan import seed_blocks
+from pipeline.ray_runtime import CAPACITY_TIMEOUT_ENV
+from pipeline.storage import RunStore
+from tests.ray_cluster import add_worker, multinode_cluster, node_hosting_actor, worker_nodes
+from tests.test_faults import (
+    N_SAMPLES,
+    PER_BLOCK,
+    STEPS,
+    _in_thread,
+    _listed_blocks,
+    _wait_for,
+    assert_every_row_once,
+    assert_pca_equals_undisturbed,
+)
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+#: The capacity timeout of these tests, in seconds.
+TIMEOUT_S = 3.0
+#: How long a stage may take to fail once no node can host its actors: Ray marks a killed node
+#: dead after its missed health checks (~30 s by default), then the timeout runs.
+FAIL_WITHIN_S = 180.0
+
+
+def _cfg(
+    model_dir: Path, run_url: str, classifier_dir: Path | None = None, cpus: float = 1, **storage_options
+):
+    data = {
+        "name": "capacity-test",
+        "model": {"source": str(model_dir)},
+        "sampler": {"kind": "ddpm", "num_inference_steps": STEPS},
+        "generate": {"n_samples": N_SAMPLES, "batch_size": PER_BLOCK, "seeds_per_block": PER_BLOCK},
+        "resources": {"workers": 2, "num_cpus_per_worker": cpus},
+        "storage": {"run_url": run_url, "storage_options": storage_options},
+        "catalog": {"url": "memory://unused", "model_name": "tiny"},
+        "pca": {"n_components": 2, "batch_size": 2, "checkpoint_every": 1, "steps_per_actor": STEPS // 2},
+    }
+    if classifier_dir is not None:
+        data["annotate"] = {"classifier": str(classifier_dir), "batch_size": 8}
+        data["evaluate"] = {"seed_start": 1000, "n_seeds": 2, "scales": [-2.0, 2.0], "batch_size": 4}
+    return validate_config(data)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with multinode_cluster() as c:
+        yield c
+
+
+@pytest.fixture
+def short_capacity_timeout(monkeypatch):
+    monkeypatch.setenv(CAPACITY_TIMEOUT_ENV, str(TIMEOUT_S))
+
+
+@pytest.fixture
+def restore_workers(cluster):
+    """Bring the cluster back to two worker nodes after the test."""
+    yield
+    for _ in range(2 - len(worker_nodes(cluster))):
+        add_worker(cluster)
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    """A random tiny AttributeClassifier (16 px) with one binary and one continuous attribute."""
+    from hspace.toy.classifier import AttributeClassifier
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clf")
+    AttributeClassifier(["round", "size"], [True, False], image_size=16, width=8).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def generated_after_losing_a_node(cluster, tiny_model_dir, tmp_path_factory):
+    """Generate on two 1-CPU worker nodes; once the manifest lists a block, kill one worker node
+    for good (no replacement). Returns (report, run directory); the node is added back after."""
+    run_dir = tmp_path_factory.mktemp("capacity-gen") / "run"
+    cfg = _cfg(tiny_model_dir, f"flaky://{run_dir}", slow_s=0.1)
+    join = _in_thread(generate, cfg, progress=False)
+    _wait_for(lambda: _listed_blocks(run_dir) >= 1, "the first listed block")
+    assert _listed_blocks(run_dir) < len(seed_blocks(cfg)), "generation finished before the fault"
+    cluster.remove_node(worker_nodes(cluster)[0], allow_graceful=False)
+    try:
+        return join(), run_dir
+    finally:
+        add_worker(cluster)
+
+
+def _copy_run(source: Path, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    return run_dir
+
+
+def test_generate_finishes_on_the_remaining_node_when_a_node_is_lost_for_good(generated_after_losing_a_node):
+    report, run_dir = generated_after_losing_a_node
+    store = RunStore(str(run_dir))
+    assert report.blocks_generated == N_SAMPLES // PER_BLOCK and store.stage("generate")["complete"]
+    assert_every_row_once(store)
+
+
+@pytest.mark.usefixtures("restore_workers")
+def test_pca_finishes_on_the_remaining_node_when_a_node_is_lost_after_the_first_checkpoint(
+    cluster, generated_after_losing_a_node, tiny_model_dir, tmp_path
+):
+    # Two step groups, one actor on each worker node. The surviving node's CPU is held by its
+    # group's actor until that group is done; the lost group's actor restarts there afterwards.
+    run_dir = _copy_run(generated_after_losing_a_node[1], tmp_path)
+    cfg = _cfg(tiny_model_dir, f"flaky://{run_dir}", slow_s=0.1)
+    join = _in_thread(pca_stage, cfg, progress=False)
+    _wait_for(lambda: len(list((run_dir / "pca").rglob("*.sha256.json"))) >= 2, "both groups' checkpoints")
+    cluster.remove_node(node_hosting_actor(cluster, "PCAGroupWorker"), allow_graceful=False)
+    result = join(timeout=FAIL_WITHIN_S + 120)
+    assert [g for g in result.groups if g["resumed_from"] is not None], result.groups
+    store = RunStore(str(run_dir))
+    assert result.n_samples == N_SAMPLES
+    assert_pca_equals_undisturbed(result.pca, store)
+    assert_pca_equals_undisturbed(load_stage_pca(store), store)
+
+
+@pytest.mark.usefixtures("restore_workers", "short_capacity_timeout")
+def test_pca_fails_naming_the_missing_resources_when_no_node_is_left(
+    cluster, generated_after_losing_a_node, tiny_model_dir, tmp_path
+):
+    run_dir = _copy_run(generated_after_losing_a_node[1], tmp_path)
+    cfg = _cfg(tiny_model_dir, f"flaky://{run_dir}", slow_s=0.1)
+    join = _in_thread(pca_stage, cfg, progress=False)
+    _wait_for(lambda: any((run_dir / "pca").rglob("*.sha256.json")), "a first checkpoint")
+    for node in worker_nodes(cluster):
+        cluster.remove_node(node, allow_graceful=False)
+    removed = time.monotonic()
+    with pytest.raises(
+        CapacityError,
+        match=r"^pca: no node can host an actor needing \{CPU: 1\} after 3 s; the cluster has \{\} on 1 live",
+    ):
+        join(timeout=FAIL_WITHIN_S)
+    print(f"pca: failed {time.monotonic() - removed:.1f} s after the last worker node was removed")
+
+
+@pytest.mark.usefixtures("restore_workers", "short_capacity_timeout")
+def test_generate_fails_naming_the_missing_resources_when_no_node_is_left(cluster, tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = _cfg(tiny_model_dir, f"flaky://{run_dir}", slow_s=0.1)
+    join = _in_thread(generate, cfg, progress=False)
+    _wait_for(lambda: _listed_blocks(run_dir) >= 1, "the first listed block")
+    for node in worker_nodes(cluster):
+        cluster.remove_node(node, allow_graceful=False)
+    removed = time.monotonic()
+    with pytest.raises(
+        CapacityError, match=r"^generate: no node can host an actor needing \{CPU: 1\} after 3 s"
+    ):
+        join(timeout=FAIL_WITHIN_S)
+    print(f"generate: failed {time.monotonic() - removed:.1f} s after the last worker node was removed")
+    assert 1 <= len(RunStore(str(run_dir)).blocks()) < len(seed_blocks(cfg))  # finished blocks are kept
+
+
+# The Ray Data stages below ask for actors bigger than any node (2 CPUs on 1-CPU nodes): the
+# capacity that remains cannot run them at all, and no actor ever starts.
+
+
+@pytest.mark.usefixtures("short_capacity_timeout")
+def test_annotate_fails_naming_the_missing_resources_when_no_node_can_host_a_scorer(
+    generated_after_losing_a_node, tiny_model_dir, classifier_dir, tmp_path
+):
+    run_dir = _copy_run(generated_after_losing_a_node[1], tmp_path)
+    cfg = _cfg(tiny_model_dir, str(run_dir), classifier_dir, cpus=2)
+    started = time.monotonic()
+    with pytest.raises(
+        CapacityError,
+        match=r"^annotate: no node can host an actor needing \{CPU: 2\} after 3 s; the cluster has \{CPU: 2\} "
+        r"on 3 live node",
+    ):
+        annotate(cfg, RunStore(str(run_dir)), progress=False)
+    print(f"annotate: failed after {time.monotonic() - started:.1f} s")
+
+
+@pytest.mark.usefixtures("short_capacity_timeout")
+def test_evaluate_fails_naming_the_missing_resources_when_no_node_can_host_a_scorer(
+    tiny_model_dir, classifier_dir, tmp_path
+):
+    cfg = _cfg(tiny_model_dir, str(tmp_path / "run"), classifier_dir, cpus=2)
+    g = torch.Generator().manual_seed(1)
+    c, h, w = 32, 4, 4  # the tiny U-Net's h
+    d = Direction(
+        vector=torch.randn(STEPS, c, h, w, generator=g), name="d", kind="custom", sigma=torch.ones(STEPS)
+    )
+    started = time.monotonic()
+    with pytest.raises(
+        CapacityError, match=r"^evaluate: no node can host an actor needing \{CPU: 2\} after 3 s"
+    ):
+        evaluate(cfg, {"d": d}, {}, attributes=["round"], binary=[True], progress=False)
+    print(f"evaluate: failed after {time.monotonic() - started:.1f} s")
+
+
+@pytest.mark.usefixtures("restore_workers")
+def test_annotate_finishes_on_the_remaining_node_when_a_node_is_lost_for_good(
+    cluster, generated_after_losing_a_node, tiny_model_dir, classifier_dir, tmp_path
+):
+    run_dir = _copy_run(generated_after_losing_a_node[1], tmp_path)
+    cfg = _cfg(tiny_model_dir, str(run_dir), classifier_dir)
+    store = RunStore(str(run_dir))
+    join = _in_thread(annotate, cfg, store, progress=False)
+    _wait_for(lambda: _has_live_actor("ClassifierScorer"), "a live scorer actor")
+    cluster.remove_node(node_hosting_actor(cluster, "ClassifierScorer))"), allow_graceful=False)
+    result = join(timeout=FAIL_WITHIN_S + 120)
+    assert sorted(result.scores.column("seed").to_pylist()) == list(range(N_SAMPLES))
+    assert np.isfinite(result.scores.column("round").to_numpy()).all()
+
+
+def _has_live_actor(class_part: str) -> bool:
+    import ray._private.state
+
+    return any(
+        class_part in a["ActorClassName"] and a["State"] == "ALIVE"
+        for a in ray._private.state.actors().values()
+    )
