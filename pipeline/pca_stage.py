@@ -611,8 +611,8 @@ def _stored_result(
     )
 
 
-#: How long a call lost with its actor's node is tried again while Ray restarts the actor elsewhere
-#: (a replacement node may take a while to join).
+#: How long a group's calls lost with its actor's node are tried again while Ray restarts the actor
+#: elsewhere (a replacement node may take a while to join), counted from the first lost call.
 LOST_CALL_RETRY_S = 300.0
 
 
@@ -676,7 +676,7 @@ def _fit_groups(
     groups = step_groups(cfg.pca_steps, cfg.pca.steps_per_actor)
     watch = CapacityWatch("pca", actor_demand(cfg.pca.num_cpus_per_actor, cfg.pca.num_gpus_per_actor))
     actors = [actor_cls.remote(**worker_kwargs(cfg, store, g, blocks)) for g in groups]
-    deadline = time.monotonic() + LOST_CALL_RETRY_S
+    lost_since: dict[int, float] = {}  # group -> when its current run of lost calls began
     pca = empty_pca(cfg, store)
     digests: dict[int, str] = {}
     try:
@@ -692,14 +692,16 @@ def _fit_groups(
                 try:
                     statuses[i] = ray.get(ready[0])
                 except _lost_errors() as e:
-                    _check_retryable(e, deadline)
-                    print(
-                        f"pca: step group {groups[i]} lost its actor ({type(e).__name__}); retrying",
-                        flush=True,
-                    )
+                    if i not in lost_since:  # one line per loss, not per call tried again
+                        print(
+                            f"pca: step group {groups[i]} lost its actor ({type(e).__name__}); retrying",
+                            flush=True,
+                        )
+                    _check_retryable(e, lost_since.setdefault(i, time.monotonic()) + LOST_CALL_RETRY_S)
                     time.sleep(0.5)
                     pending[actors[i].run.remote()] = i
                     continue
+                lost_since.pop(i, None)
                 # Done: fold the group in now and let its actor go, freeing what it holds.
                 data = _call_with_retries(ray, actors[i], "state_bytes", watch)
                 digests[i] = hashlib.sha256(data).hexdigest()

@@ -3,6 +3,11 @@
 ``init_ray`` joins the configured cluster (``resources.ray_address``, else ``RAY_ADDRESS``) or starts
 a private local one. It is a no-op when Ray is already initialised (a driver that called
 ``ray.init`` itself, or a test fixture), so each stage may call it before its first Ray call.
+
+:class:`CapacityWatch` is how a stage that runs actors notices that the cluster lost the capacity
+to host them (every node big enough for one actor is gone): after :func:`capacity_timeout_s` it
+raises :class:`~pipeline.failure.CapacityError` instead of waiting forever; :func:`iterate_watched`
+applies it to a Ray Data stage's output.
 """
 
 from __future__ import annotations
@@ -212,16 +217,33 @@ def _read_in_thread(rows: Iterable[T], name: str) -> tuple[queue.Queue[tuple[str
     return box, stop
 
 
-def _shut_down(dataset: Any) -> None:
-    """Stop a Ray Data dataset's execution (best effort: Ray Data keeps the running executor on
-    the dataset once it produced its first output)."""
-    executor = getattr(dataset, "_current_executor", None)
-    if executor is None:
-        return
+def _capture_executors(dataset: Any) -> list[Any]:
+    """The executors ``dataset`` creates from now on (Ray Data names its executor on the dataset
+    only once it produced a first output; a pool that never starts an actor produces none)."""
+    created: list[Any] = []
+    create = getattr(dataset, "_create_executor", None)
+    if create is None:
+        return created
+
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        executor = create(*args, **kwargs)
+        created.append(executor)
+        return executor
+
     try:
-        executor.shutdown(force=True)
-    except Exception as e:  # the stage's own error matters more
-        logging.getLogger(__name__).debug("could not shut down the dataset: %s", e)
+        dataset._create_executor = capture
+    except AttributeError:
+        pass
+    return created
+
+
+def _shut_down(executors: list[Any]) -> None:
+    """Stop a Ray Data dataset's execution (best effort), so it stops asking for actors."""
+    for executor in executors:
+        try:
+            executor.shutdown(force=True)
+        except Exception as e:  # the stage's own error matters more
+            logging.getLogger(__name__).debug("could not shut down the dataset: %s", e)
 
 
 def iterate_watched(dataset: Any, rows: Iterable[T], watch: CapacityWatch) -> Iterator[T]:
@@ -231,6 +253,7 @@ def iterate_watched(dataset: Any, rows: Iterable[T], watch: CapacityWatch) -> It
     one was lost). The rows are read in a helper thread; while none arrives, ``watch.check()``
     runs, and when it raises, the dataset's execution is shut down and the error propagates.
     """
+    executors = _capture_executors(dataset)
     box, stop = _read_in_thread(rows, f"hspace-{watch.stage}-rows")
     try:
         while True:
@@ -246,5 +269,6 @@ def iterate_watched(dataset: Any, rows: Iterable[T], watch: CapacityWatch) -> It
             yield value
     except BaseException:
         stop.set()
-        _shut_down(dataset)
+        current = getattr(dataset, "_current_executor", None)
+        _shut_down([*executors, *([current] if current is not None else [])])
         raise

@@ -182,3 +182,32 @@ def test_capacity_timeout_must_be_positive(tiny_model_dir, tmp_path):
     config = _write(tmp_path, _config(tiny_model_dir, tmp_path))
     proc = _run("build_catalog.py", "--config", str(config), "--capacity-timeout", "0")
     assert proc.returncode == 2 and "--capacity-timeout: must be a positive number" in proc.stderr
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_the_error_line_unwraps_rays_task_error_to_the_stages_own_error():
+    import ray
+
+    from pipeline.failure import BuildFailure
+    from pipeline.run_format import CorruptShardError
+
+    @ray.remote(max_retries=0)
+    def read_shard():
+        raise CorruptShardError("run/activations/t=1/part-x-000000.parquet: sha256 0a... does not match")
+
+    @ray.remote(max_retries=0)
+    def write_shard():
+        raise ConnectionError("storage down")
+
+    failures = []
+    for task in (read_shard, write_shard):
+        with pytest.raises(ray.exceptions.RayTaskError) as info:
+            ray.get(task.remote())
+        assert "Traceback" in str(info.value)  # what the terminal would have shown
+        failures.append(BuildFailure("pca", info.value, log_path="/tmp/x.log"))
+    corrupt, down = failures
+    assert corrupt.error_line() == (
+        "pca stage failed: CorruptShardError: run/activations/t=1/part-x-000000.parquet: sha256 0a... does not match"
+    )
+    assert corrupt.exit_code == 2 and corrupt.hint_line().endswith("the full error is in /tmp/x.log")
+    assert down.error_line() == "pca stage failed: ConnectionError: storage down" and down.exit_code == 1
