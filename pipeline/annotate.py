@@ -104,11 +104,16 @@ class ClassifierScorer:
         seeds, scores = [], []
         for raw in batch["block"]:
             rec = BlockRecord.from_dict(json.loads(str(raw)))
-            table = self.store.read_table(rec.samples, columns=["seed", "png"])
-            self.store.check_block_seeds(rec, rec.samples, table.column("seed").to_numpy())
-            images = decode_pngs(table.column("png").to_pylist())
+            try:
+                table = self.store.read_table(rec.samples, columns=["seed", "png"])
+                self.store.check_block_seeds(rec, rec.samples, table.column("seed").to_numpy())
+                images = decode_pngs(table.column("png").to_pylist())
+                block_scores = score_images(self.classifier, images, self.columns, self.batch_size)
+            except Exception as e:  # the build's error line names the block
+                e.add_note(f"seed block {rec.key}")
+                raise
             seeds.append(table.column("seed").to_numpy())
-            scores.append(score_images(self.classifier, images, self.columns, self.batch_size).numpy())
+            scores.append(block_scores.numpy())
         s = np.concatenate(scores) if scores else np.zeros((0, len(self.attributes)), np.float32)
         out = {"seed": np.concatenate(seeds).astype(np.int64) if seeds else np.zeros(0, np.int64)}
         out.update({a: s[:, i] for i, a in enumerate(self.attributes)})

@@ -112,8 +112,12 @@ class BuildFailure(Exception):
         return USER_ERROR_EXIT_CODE if is_user_error(self.cause) else INFRASTRUCTURE_EXIT_CODE
 
     def error_line(self) -> str:
-        """``<stage> stage failed: <ErrorType>: <message naming the block or file>`` on one line."""
+        """``<stage> stage failed: <ErrorType>: <message naming the block or file>`` on one line,
+        with the notes the stage added to the error (which seed block, which step group)."""
         message = str(self.cause) or "(no message)"
+        notes = [str(n) for n in getattr(self.cause, "__notes__", ()) if str(n) not in message]
+        if notes:
+            message += " (" + "; ".join(notes) + ")"
         if isinstance(self.cause, ConfigError | CapacityError):
             return _one_line(f"{self.stage} stage failed: {message}")
         return _one_line(f"{self.stage} stage failed: {type(self.cause).__name__}: {message}")

@@ -190,7 +190,12 @@ class BlockGenerator:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
         records = []
         for index, start, stop in zip(batch["index"], batch["start"], batch["stop"], strict=True):
-            rec = self.generate_block(SeedBlock(int(index), int(start), int(stop)))
+            block = SeedBlock(int(index), int(start), int(stop))
+            try:
+                rec = self.generate_block(block)
+            except Exception as e:  # the build's error line names the block
+                e.add_note(f"seed block {block.key}, seeds {block.start}..{block.stop - 1}")
+                raise
             records.append(json.dumps(rec.to_dict()))
         return {"record": records, "worker": [self.worker] * len(records)}
 

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import BuildConfig
+from pipeline.failure import root_cause
 from pipeline.progress import progress_bar
 from pipeline.ray_runtime import CapacityWatch, actor_demand, init_ray
 from pipeline.storage import CorruptShardError, RunStore, StepBatch
@@ -691,6 +692,9 @@ def _fit_groups(
                 i = pending.pop(ready[0])
                 try:
                     statuses[i] = ray.get(ready[0])
+                except ray.exceptions.RayTaskError as e:  # the group's own error: name the group
+                    root_cause(e).add_note(f"PCA step group {groups[i]}")
+                    raise
                 except _lost_errors() as e:
                     if i not in lost_since:  # one line per loss, not per call tried again
                         print(

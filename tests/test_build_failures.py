@@ -110,7 +110,7 @@ def test_a_corrupt_shard_fails_the_build_with_one_line_naming_stage_and_file_and
     error, hint = _error_and_hint(proc.stderr)
     # the PCA actor read the shard inside a Ray task: the line is the stage's own error, unwrapped
     assert error.startswith("Error: pca stage failed: CorruptShardError: "), error
-    assert shard in error and "sha256" in error, error
+    assert shard in error and "sha256" in error and "(PCA step group [0, 1])" in error, error
     log = _log_named_by(hint)
     chain = log.read_text()
     assert "== build failed in the pca stage" in chain and "RayTaskError" in chain and shard in chain
