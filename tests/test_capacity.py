@@ -209,32 +209,68 @@ def test_evaluate_fails_naming_the_missing_resources_when_no_node_can_host_a_sco
     tiny_model_dir, classifier_dir, tmp_path
 ):
     cfg = _cfg(tiny_model_dir, str(tmp_path / "run"), classifier_dir, cpus=2)
-    g = torch.Generator().manual_seed(1)
-    c, h, w = 32, 4, 4  # the tiny U-Net's h
-    d = Direction(
-        vector=torch.randn(STEPS, c, h, w, generator=g), name="d", kind="custom", sigma=torch.ones(STEPS)
-    )
     started = time.monotonic()
     with pytest.raises(
         CapacityError, match=r"^evaluate: no node can host an actor needing \{CPU: 2\} after 3 s"
     ):
-        evaluate(cfg, {"d": d}, {}, attributes=["round"], binary=[True], progress=False)
+        evaluate(cfg, _directions(1), RANDOM_OF, attributes=["round"], binary=[True], progress=False)
     print(f"evaluate: failed after {time.monotonic() - started:.1f} s")
 
 
 @pytest.mark.usefixtures("restore_workers")
-def test_annotate_finishes_on_the_remaining_node_when_a_node_is_lost_for_good(
-    cluster, generated_after_losing_a_node, tiny_model_dir, classifier_dir, tmp_path
+@pytest.mark.parametrize("replacement", [False, True], ids=["for-good", "replaced"])
+def test_annotate_scores_every_seed_when_a_node_is_lost(
+    cluster, generated_after_losing_a_node, tiny_model_dir, classifier_dir, tmp_path, replacement
 ):
     run_dir = _copy_run(generated_after_losing_a_node[1], tmp_path)
     cfg = _cfg(tiny_model_dir, str(run_dir), classifier_dir)
-    store = RunStore(str(run_dir))
-    join = _in_thread(annotate, cfg, store, progress=False)
-    _wait_for(lambda: _has_live_actor("ClassifierScorer"), "a live scorer actor")
-    cluster.remove_node(node_hosting_actor(cluster, "ClassifierScorer))"), allow_graceful=False)
+    join = _in_thread(annotate, cfg, RunStore(str(run_dir)), progress=False)
+    _lose_a_node_hosting(cluster, "ClassifierScorer))", replacement)
     result = join(timeout=FAIL_WITHIN_S + 120)
     assert sorted(result.scores.column("seed").to_pylist()) == list(range(N_SAMPLES))
     assert np.isfinite(result.scores.column("round").to_numpy()).all()
+
+
+@pytest.mark.usefixtures("restore_workers")
+@pytest.mark.parametrize("replacement", [False, True], ids=["for-good", "replaced"])
+def test_evaluate_scores_every_direction_when_a_node_is_lost(
+    cluster, tiny_model_dir, classifier_dir, tmp_path, replacement
+):
+    cfg = _cfg(tiny_model_dir, str(tmp_path / "run"), classifier_dir)
+    directions = _directions(6)
+    join = _in_thread(
+        evaluate, cfg, directions, RANDOM_OF, attributes=["round"], binary=[True], progress=False
+    )
+    _lose_a_node_hosting(cluster, "EditScorer))", replacement)
+    effects = join(timeout=FAIL_WITHIN_S + 120).effects
+    assert effects["directions"] == list(directions)
+    assert all(v is not None and np.isfinite(v) for row in effects["matrix"]["effect"] for v in row)
+
+
+#: The random baseline of :func:`_directions` and the direction whose norm it matches.
+RANDOM_OF = {"random_0": "d0"}
+
+
+def _directions(n: int) -> dict[str, Direction]:
+    """``n`` custom directions ``d0``.. and the random baseline ``random_0`` matched to ``d0``."""
+    g = torch.Generator().manual_seed(1)
+    shape = (STEPS, 32, 4, 4)  # the tiny U-Net's h per step
+    out = {
+        f"d{i}": Direction(
+            vector=torch.randn(shape, generator=g), name=f"d{i}", kind="custom", sigma=torch.ones(STEPS)
+        )
+        for i in range(n)
+    }
+    out["random_0"] = Direction(vector=torch.randn(shape, generator=g), name="random_0", kind="random")
+    return out
+
+
+def _lose_a_node_hosting(cluster, class_suffix: str, replacement: bool) -> None:
+    """Once an actor of ``class_suffix`` is alive, kill its node; add a fresh one if ``replacement``."""
+    _wait_for(lambda: _has_live_actor(class_suffix), f"a live {class_suffix} actor", timeout=300)
+    cluster.remove_node(node_hosting_actor(cluster, class_suffix), allow_graceful=False)
+    if replacement:
+        add_worker(cluster)
 
 
 def _has_live_actor(class_part: str) -> bool:
