@@ -26,6 +26,7 @@ __all__ = [
     "USER_ERROR_EXIT_CODE",
     "BuildFailure",
     "CapacityError",
+    "describe_resources",
     "is_user_error",
     "root_cause",
     "write_chain",

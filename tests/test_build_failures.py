@@ -212,3 +212,21 @@ def test_the_error_line_unwraps_rays_task_error_to_the_stages_own_error():
     )
     assert corrupt.exit_code == 2 and corrupt.hint_line().endswith("the full error is in /tmp/x.log")
     assert down.error_line() == "pca stage failed: ConnectionError: storage down" and down.exit_code == 1
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "inf", "nan", "soon"])
+def test_a_capacity_timeout_from_the_environment_must_be_a_positive_number(monkeypatch, raw):
+    from pipeline.ray_runtime import CAPACITY_TIMEOUT_ENV, capacity_timeout_s
+
+    monkeypatch.setenv(CAPACITY_TIMEOUT_ENV, raw)
+    with pytest.raises(ValueError, match=CAPACITY_TIMEOUT_ENV):
+        capacity_timeout_s()
+
+
+def test_the_capacity_timeout_defaults_to_120_s_and_follows_the_environment(monkeypatch):
+    from pipeline.ray_runtime import CAPACITY_TIMEOUT_ENV, DEFAULT_CAPACITY_TIMEOUT_S, capacity_timeout_s
+
+    monkeypatch.delenv(CAPACITY_TIMEOUT_ENV, raising=False)
+    assert capacity_timeout_s() == DEFAULT_CAPACITY_TIMEOUT_S == 120.0
+    monkeypatch.setenv(CAPACITY_TIMEOUT_ENV, "7.5")
+    assert capacity_timeout_s() == 7.5
