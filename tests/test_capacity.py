@@ -48,7 +48,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 TIMEOUT_S = 3.0
 #: How long a stage may take to fail once no node can host its actors: Ray marks a killed node
 #: dead after its missed health checks (~30 s by default), then the timeout runs.
-FAIL_WITHIN_S = 180.0
+FAIL_WITHIN_S = 300.0
+#: How long a test waits for a stage to reach the point of the fault, or to finish after it (a
+#: generous bound: a machine shared with other jobs can be many times slower than an idle one).
+WAIT_S = 600.0
 
 
 def _cfg(
@@ -107,11 +110,11 @@ def generated_after_losing_a_node(cluster, tiny_model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("capacity-gen") / "run"
     cfg = _cfg(tiny_model_dir, f"flaky://{run_dir}", slow_s=0.1)
     join = _in_thread(generate, cfg, progress=False)
-    _wait_for(lambda: _listed_blocks(run_dir) >= 1, "the first listed block")
+    _wait_for(lambda: _listed_blocks(run_dir) >= 1, "the first listed block", timeout=WAIT_S)
     assert _listed_blocks(run_dir) < len(seed_blocks(cfg)), "generation finished before the fault"
     cluster.remove_node(worker_nodes(cluster)[0], allow_graceful=False)
     try:
-        return join(), run_dir
+        return join(timeout=WAIT_S), run_dir
     finally:
         add_worker(cluster)
 
@@ -138,9 +141,13 @@ def test_pca_finishes_on_the_remaining_node_when_a_node_is_lost_after_the_first_
     run_dir = _copy_run(generated_after_losing_a_node[1], tmp_path)
     cfg = _cfg(tiny_model_dir, f"flaky://{run_dir}", slow_s=0.1)
     join = _in_thread(pca_stage, cfg, progress=False)
-    _wait_for(lambda: len(list((run_dir / "pca").rglob("*.sha256.json"))) >= 2, "both groups' checkpoints")
+    _wait_for(
+        lambda: len(list((run_dir / "pca").rglob("*.sha256.json"))) >= 2,
+        "both groups' checkpoints",
+        timeout=WAIT_S,
+    )
     cluster.remove_node(node_hosting_actor(cluster, "PCAGroupWorker"), allow_graceful=False)
-    result = join(timeout=FAIL_WITHIN_S + 120)
+    result = join(timeout=WAIT_S)
     assert [g for g in result.groups if g["resumed_from"] is not None], result.groups
     store = RunStore(str(run_dir))
     assert result.n_samples == N_SAMPLES
@@ -155,7 +162,7 @@ def test_pca_fails_naming_the_missing_resources_when_no_node_is_left(
     run_dir = _copy_run(generated_after_losing_a_node[1], tmp_path)
     cfg = _cfg(tiny_model_dir, f"flaky://{run_dir}", slow_s=0.1)
     join = _in_thread(pca_stage, cfg, progress=False)
-    _wait_for(lambda: any((run_dir / "pca").rglob("*.sha256.json")), "a first checkpoint")
+    _wait_for(lambda: any((run_dir / "pca").rglob("*.sha256.json")), "a first checkpoint", timeout=WAIT_S)
     for node in worker_nodes(cluster):
         cluster.remove_node(node, allow_graceful=False)
     removed = time.monotonic()
@@ -172,7 +179,7 @@ def test_generate_fails_naming_the_missing_resources_when_no_node_is_left(cluste
     run_dir = tmp_path / "run"
     cfg = _cfg(tiny_model_dir, f"flaky://{run_dir}", slow_s=0.1)
     join = _in_thread(generate, cfg, progress=False)
-    _wait_for(lambda: _listed_blocks(run_dir) >= 1, "the first listed block")
+    _wait_for(lambda: _listed_blocks(run_dir) >= 1, "the first listed block", timeout=WAIT_S)
     for node in worker_nodes(cluster):
         cluster.remove_node(node, allow_graceful=False)
     removed = time.monotonic()
@@ -226,7 +233,7 @@ def test_annotate_scores_every_seed_when_a_node_is_lost(
     cfg = _cfg(tiny_model_dir, str(run_dir), classifier_dir)
     join = _in_thread(annotate, cfg, RunStore(str(run_dir)), progress=False)
     _lose_a_node_hosting(cluster, "ClassifierScorer))", replacement)
-    result = join(timeout=FAIL_WITHIN_S + 120)
+    result = join(timeout=WAIT_S)
     assert sorted(result.scores.column("seed").to_pylist()) == list(range(N_SAMPLES))
     assert np.isfinite(result.scores.column("round").to_numpy()).all()
 
@@ -242,7 +249,7 @@ def test_evaluate_scores_every_direction_when_a_node_is_lost(
         evaluate, cfg, directions, RANDOM_OF, attributes=["round"], binary=[True], progress=False
     )
     _lose_a_node_hosting(cluster, "EditScorer))", replacement)
-    effects = join(timeout=FAIL_WITHIN_S + 120).effects
+    effects = join(timeout=WAIT_S).effects
     assert effects["directions"] == list(directions)
     assert all(v is not None and np.isfinite(v) for row in effects["matrix"]["effect"] for v in row)
 
@@ -267,7 +274,7 @@ def _directions(n: int) -> dict[str, Direction]:
 
 def _lose_a_node_hosting(cluster, class_suffix: str, replacement: bool) -> None:
     """Once an actor of ``class_suffix`` is alive, kill its node; add a fresh one if ``replacement``."""
-    _wait_for(lambda: _has_live_actor(class_suffix), f"a live {class_suffix} actor", timeout=300)
+    _wait_for(lambda: _has_live_actor(class_suffix), f"a live {class_suffix} actor", timeout=WAIT_S)
     cluster.remove_node(node_hosting_actor(cluster, class_suffix), allow_graceful=False)
     if replacement:
         add_worker(cluster)
