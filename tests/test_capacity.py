@@ -244,7 +244,7 @@ def test_evaluate_scores_every_direction_when_a_node_is_lost(
     cluster, tiny_model_dir, classifier_dir, tmp_path, replacement
 ):
     cfg = _cfg(tiny_model_dir, str(tmp_path / "run"), classifier_dir)
-    directions = _directions(6)
+    directions = _directions(3)
     join = _in_thread(
         evaluate, cfg, directions, RANDOM_OF, attributes=["round"], binary=[True], progress=False
     )
