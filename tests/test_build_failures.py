@@ -118,6 +118,7 @@ def test_a_corrupt_shard_fails_the_build_with_one_line_naming_stage_and_file_and
     assert str(log) in proc.stdout, proc.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_a_run_url_under_a_file_fails_the_build_before_any_work_with_exit_2(tiny_model_dir, tmp_path):
     (tmp_path / "plain-file").write_text("not a directory")
     data = _config(tiny_model_dir, tmp_path)
@@ -140,6 +141,7 @@ def test_an_unknown_storage_protocol_fails_the_rebuild_naming_the_field(tiny_mod
     assert "catalog.url" in proc.stderr and "nosuchprotocol" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow  # the probe waits its 10 s
 def test_storage_that_never_answers_is_an_infrastructure_failure_exit_1(tiny_model_dir, tmp_path):
     import socket
 
