@@ -136,8 +136,8 @@ def _hint(cause: BaseException) -> str:
         return "fix the field named above; --dry-run checks a config without doing any work"
     if isinstance(cause, CorruptShardError):
         return (
-            "the file named above is damaged or was not written by this build: delete it (or the whole "
-            "storage.run_url) and build again; blocks whose files verify are kept"
+            "the file named above is damaged or was not written by this build: delete the run "
+            "(storage.run_url) or give a new storage.run_url, and build again"
         )
     if isinstance(cause, FileNotFoundError):
         return "the file named above is missing: check the config's paths and URLs (--dry-run probes them)"
