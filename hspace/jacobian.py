@@ -76,7 +76,7 @@ def _stage_modules(denoiser: nn.Module, capture: str) -> list[nn.Module]:
     for i in range(len(path)):
         parent = ".".join(path[:i])
         add(parent, denoiser.get_submodule(parent))
-    return out
+    return list(dict.fromkeys(out))  # a module registered under two names is one module
 
 
 def _next_or_run(calls: Iterator[Any], forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
