@@ -509,6 +509,7 @@ def supervised_direction(
     model_fingerprint: str | None = None,
     provenance: Mapping[str, Any] | None = None,
     condition_on: Tensor | Sequence[int] | None = None,
+    capture: str | None = None,
 ) -> Direction:
     """Mean-difference direction (eq. 11) between the top and bottom ``q`` fraction by score.
 
@@ -520,6 +521,9 @@ def supervised_direction(
     present) makes it a *conditional* mean difference: the top and bottom ``q`` are taken within
     each stratum and the per-stratum differences are averaged with equal weight, so a correlated
     attribute that is constant within strata does not leak in (see :func:`conditional_mean_difference`).
+
+    ``capture``: the capture point the latents were recorded at (``model.capture.spec``), stored
+    on the direction so that a model capturing elsewhere refuses it.
     """
     if latents.ndim not in (4, 5):
         raise ValueError(f"latents must be [N,T,C,H,W] or [N,C,H,W], got shape {tuple(latents.shape)}")
@@ -558,6 +562,7 @@ def supervised_direction(
         timesteps=timesteps,
         model_fingerprint=model_fingerprint,
         provenance=prov,
+        capture=capture,
     )
 
 
@@ -594,7 +599,8 @@ def disentangle(v: Direction, others: Direction | Sequence[Direction], name: str
 
     The result is orthogonal, step by step, to every other direction. If any input is per-step
     the result is [T, C, H, W]; a [C, H, W] input is used at every step. sigma is dropped (the
-    projection changes it), timesteps and fingerprint are kept from ``v``.
+    projection changes it), timesteps, fingerprint and capture point are kept from ``v``; directions
+    found at different capture points are refused (their h are not the same space).
     """
     others = [others] if isinstance(others, Direction) else list(others)
     if not others:
@@ -602,6 +608,10 @@ def disentangle(v: Direction, others: Direction | Sequence[Direction], name: str
     for o in others:
         if o.h_shape != v.h_shape:
             raise ValueError(f"direction {o.name!r} has h_shape {o.h_shape}, {v.name!r} has {v.h_shape}")
+        if o.capture is not None and v.capture is not None and o.capture != v.capture:
+            raise ValueError(
+                f"direction {o.name!r} was found at capture point {o.capture!r}, {v.name!r} at {v.capture!r}"
+            )
     flat, n_steps = _per_step_stack([v.vector.detach().cpu()] + [o.vector.detach().cpu() for o in others])
     target, rest = flat[0], flat[1:]
     out = torch.stack(
@@ -628,6 +638,7 @@ def disentangle(v: Direction, others: Direction | Sequence[Direction], name: str
         timesteps=ts,
         model_fingerprint=v.model_fingerprint,
         provenance=prov,
+        capture=v.capture,
     )
 
 
@@ -636,7 +647,7 @@ def random_like(v: Direction, seed: int, name: str | None = None) -> Direction:
     """A Gaussian random direction with the same per-step norm as ``v``, deterministic from ``seed``.
 
     Drawn on the CPU from ``torch.Generator().manual_seed(seed)`` so it is the same on any device;
-    sigma is dropped (it belongs to ``v``'s direction, not to this one).
+    sigma is dropped (it belongs to ``v``'s direction, not to this one); the capture point is ``v``'s.
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in 0..2**63-1, got {seed!r}")
@@ -654,4 +665,5 @@ def random_like(v: Direction, seed: int, name: str | None = None) -> Direction:
         timesteps=v.timesteps,
         model_fingerprint=v.model_fingerprint,
         provenance={"method": "gaussian_matched_norm", "seed": seed, "like": v.name},
+        capture=v.capture,
     )

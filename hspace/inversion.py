@@ -7,6 +7,11 @@ diffusers' DDIMInverseScheduler) and P is the x0 it predicts. h is recorded at e
 sampling order, so an inverted trajectory's ``h`` lines up with a sampled one's. Reconstruction
 samples DDIM eta = 0 from the inverted x_T without x0 clipping (clipping is not invertible);
 edits of real images are the same call with an :class:`~hspace.sampling.Edit`.
+
+Every kind of model inverts the same way: images go through the model's ``encode`` (the VAE of a
+latent model), the inversion runs in the denoiser's space under the caller's conditioning (a
+prompt, class labels; guidance 1 by default, as inversion usually runs) and the reconstruction
+samples under the same conditioning and decodes, so the PSNR is measured in image space.
 """
 
 from __future__ import annotations
@@ -40,10 +45,12 @@ ImageInput = Tensor | Sequence[Any] | str | os.PathLike | Any
 
 @dataclass
 class Inversion:
-    """x_T [B, 3, H, W] float32 of DDIM-inverted ``images`` [B, 3, H, W] in [0, 1].
+    """x_T [B, *latent_shape] float32 of DDIM-inverted ``images`` [B, C, H, W] in [0, 1].
 
     timesteps [T] in sampling order; h [B, T, C, H, W] recorded at step i (timestep t_i) or None;
-    x_t [B, T, 3, H, W] the latent at each step's noise level (``x_t[:, 0]`` is x_T) or None.
+    x_t [B, T, *latent_shape] the latent at each step's noise level (``x_t[:, 0]`` is x_T) or None.
+    prompts, negative_prompts, class_labels and guidance_scale: the conditioning the inversion ran
+    under, one entry per image; :func:`reconstruct` samples under the same.
     """
 
     x_T: Tensor
@@ -52,18 +59,40 @@ class Inversion:
     num_inference_steps: int
     h: Tensor | None = None
     x_t: Tensor | None = None
+    prompts: list[str] | None = None
+    negative_prompts: list[str] | None = None
+    class_labels: list[int] | None = None
+    guidance_scale: float = 1.0
 
     def __len__(self) -> int:
         return int(self.x_T.shape[0])
 
+    @property
+    def conditioning(self) -> dict[str, Any]:
+        """The sampler keyword arguments that reproduce the inversion's conditioning."""
+        return {
+            "prompt": self.prompts,
+            "negative_prompt": self.negative_prompts,
+            "class_labels": self.class_labels,
+            "guidance_scale": self.guidance_scale,
+        }
+
 
 @dataclass
 class ReconstructionReport:
-    """PSNR [B] (dB) of each image against its reconstruction from the inverted x_T."""
+    """PSNR [B] (dB) of each image against its reconstruction from the inverted x_T.
+
+    ``psnr`` compares with the input images. For a latent model the VAE alone loses detail, so
+    ``vae_psnr`` [B] gives the PSNR of the images' VAE round trip (decode(encode(image))), the best
+    any latent inversion can reach, and ``psnr_vs_vae`` [B] that of the reconstruction against it,
+    which isolates the DDIM inversion's own error; both are None for a pixel model.
+    """
 
     psnr: Tensor
     inversion: Inversion
     reconstruction: Trajectory
+    vae_psnr: Tensor | None = None
+    psnr_vs_vae: Tensor | None = None
 
     @property
     def mean_psnr(self) -> float:
@@ -71,7 +100,13 @@ class ReconstructionReport:
 
     def __str__(self) -> str:
         values = ", ".join(f"{v:.2f}" for v in self.psnr.tolist())
-        return f"DDIM reconstruction PSNR (dB): mean {self.mean_psnr:.2f}; per image [{values}]"
+        text = f"DDIM reconstruction PSNR (dB): mean {self.mean_psnr:.2f}; per image [{values}]"
+        if self.vae_psnr is not None and self.psnr_vs_vae is not None:
+            text += (
+                f"; VAE round trip alone {float(self.vae_psnr.mean()):.2f}; reconstruction vs the VAE "
+                f"round trip {float(self.psnr_vs_vae.mean()):.2f}"
+            )
+        return text
 
 
 def load_images(images: ImageInput, image_shape: Sequence[int]) -> Tensor:
@@ -154,38 +189,58 @@ def ddim_invert(
     images: ImageInput,
     num_inference_steps: int = 50,
     *,
+    prompt: str | Sequence[str] | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
+    class_labels: int | Sequence[int] | None = None,
+    guidance_scale: float = 1.0,
+    record_branch: str = "cond",
     record_h: bool = True,
     record_x: bool = False,
     h_dtype: torch.dtype | None = None,
     batch_size: int | None = None,
     progress: bool = False,
 ) -> Inversion:
-    """DDIM-invert images (tensor [B, 3, H, W] in [0, 1], PIL images or paths) to x_T, recording h.
+    """DDIM-invert images (tensor [B, C, H, W] in [0, 1], PIL images or paths) to x_T, recording h.
 
-    The latent is kept in float32 whatever the model dtype; the U-Net sees it in its dtype.
+    The images go through :meth:`HSpaceModel.encode` (the VAE for a latent model) and the
+    inversion runs in the denoiser's space under the conditioning (a prompt for text models, class
+    labels for class-conditional ones), as the sampler takes it. ``guidance_scale`` defaults to 1
+    (no guidance), as DDIM inversion usually runs: guidance makes the inverse ODE step much less
+    accurate; with a scale > 1 the guided eps is used and h is recorded from ``record_branch``.
+    The latent is kept in float32 whatever the model dtype; the denoiser sees it in its dtype.
     """
     x0 = load_images(images, model.image_shape)
     sampler = HSpaceSampler(model, sampler="ddim", num_inference_steps=num_inference_steps, eta=0.0)
+    n = x0.shape[0]
+    request = sampler._request(n, prompt, negative_prompt, class_labels, guidance_scale)
+    if record_branch not in ("cond", "uncond"):
+        raise ValueError(f"record_branch must be 'cond' or 'uncond', got {record_branch!r}")
     scheduler = sampler.make_scheduler()
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"DDIM inversion: unsupported prediction_type {prediction_type!r}")
     timesteps = scheduler.timesteps
-    n, num_steps = x0.shape[0], len(timesteps)
+    num_steps = len(timesteps)
     batch_size = resolve_batch_size(batch_size, n, model.device)
     pin = model.device.type == "cuda"
     h_buf = _buffer((n, num_steps, *model.h_shape), h_dtype or model.dtype, pin) if record_h else None
-    x_buf = _buffer((n, num_steps, *model.image_shape), torch.float32, pin) if record_x else None
-    x_T = torch.empty_like(x0)
+    x_buf = _buffer((n, num_steps, *model.latent_shape), torch.float32, pin) if record_x else None
+    x_T = torch.empty(n, *model.latent_shape)
 
     for start in range(0, n, batch_size):
         rows = slice(start, min(start + batch_size, n))
-        x = (x0[rows] * 2 - 1).to(model.device)  # [0, 1] -> [-1, 1], the model's data range
+        cond = model.conditioner.encode(request.rows(rows), rows.stop - rows.start, model.device, model.dtype)
+        x = model.encode(x0[rows]).float()  # [0, 1] -> the denoiser's x_0 (2x - 1, or the VAE latent)
         with model.hooks(capture_h=record_h) as hook:
             for i in _progress(reversed(range(num_steps)), progress, "DDIM inversion"):
                 t = timesteps[i]
                 alpha_next = scheduler.alphas_cumprod[t]  # the noisier level x moves to
                 alpha_cur = _alpha_prod_prev(scheduler, t)  # the level x is at now
-                eps = model.unet(x.to(model.dtype), t).sample.float()
+                x_in = scheduler.scale_model_input(cond.model_input(x), t).to(model.dtype)
+                out = cond.guide(model.predict(x_in, t, cond)).float()
+                eps = _as_epsilon(out, x, alpha_cur, prediction_type)
                 if h_buf is not None:
-                    h_buf[rows, i].copy_(hook.h, non_blocking=True)
+                    h_buf[rows, i].copy_(hook.h[cond.branch_rows(record_branch)], non_blocking=True)
                 pred_x0 = (x - (1 - alpha_cur) ** 0.5 * eps) / alpha_cur**0.5
                 x = alpha_next**0.5 * pred_x0 + (1 - alpha_next) ** 0.5 * eps
                 if x_buf is not None:
@@ -200,7 +255,20 @@ def ddim_invert(
         num_inference_steps=int(num_inference_steps),
         h=h_buf,
         x_t=x_buf,
+        prompts=request.prompts,
+        negative_prompts=request.negative_prompts,
+        class_labels=request.class_labels,
+        guidance_scale=float(request.guidance_scale),
     )
+
+
+def _as_epsilon(output: Tensor, x: Tensor, alpha: Tensor, prediction_type: str) -> Tensor:
+    """The noise the denoiser's output implies at x of noise level ``alpha`` (alphas_cumprod)."""
+    if prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1 - a) x0
+        return alpha**0.5 * output + (1 - alpha) ** 0.5 * x
+    if prediction_type == "sample":
+        return (x - alpha**0.5 * output) / (1 - alpha) ** 0.5
+    return output
 
 
 def reconstruct(
@@ -209,16 +277,19 @@ def reconstruct(
     *,
     edit: Edit | None = None,
     record_h: bool = True,
+    record_branch: str = "cond",
     batch_size: int | None = None,
     progress: bool = False,
 ) -> Trajectory:
-    """Sample DDIM (eta = 0, no x0 clipping) from the inverted x_T, optionally with an edit."""
+    """Sample DDIM (eta = 0, no x0 clipping) from the inverted x_T under the inversion's
+    conditioning (same prompts / class labels / guidance scale), optionally with an edit."""
     sampler = HSpaceSampler(
         model, sampler="ddim", num_inference_steps=inversion.num_inference_steps, eta=0.0, clip_sample=False
     )
     return sampler.sample(
-        None, x_T=inversion.x_T, edit=edit, record_h=record_h, batch_size=batch_size, progress=progress
-    )
+        None, x_T=inversion.x_T, edit=edit, record_h=record_h, record_branch=record_branch,
+        batch_size=batch_size, progress=progress, **inversion.conditioning,
+    )  # fmt: skip
 
 
 def psnr(a: Tensor, b: Tensor, max_val: float = 1.0) -> Tensor:
@@ -229,17 +300,38 @@ def psnr(a: Tensor, b: Tensor, max_val: float = 1.0) -> Tensor:
     return (10 * torch.log10(max_val**2 / mse)).float()
 
 
+@torch.no_grad()
+def vae_round_trip(model: HSpaceModel, images: Tensor) -> Tensor:
+    """decode(encode(images)) [B, C, H, W] in [0, 1]: what a latent model can represent at all."""
+    return model.decode(model.encode(images)).cpu()
+
+
 def reconstruction_report(
     model: HSpaceModel,
     images: ImageInput,
     num_inference_steps: int = 50,
     *,
+    prompt: str | Sequence[str] | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
+    class_labels: int | Sequence[int] | None = None,
+    guidance_scale: float = 1.0,
     batch_size: int | None = None,
     progress: bool = False,
 ) -> ReconstructionReport:
-    """Invert, reconstruct, and report the PSNR of each image against its reconstruction."""
-    inversion = ddim_invert(model, images, num_inference_steps, batch_size=batch_size, progress=progress)
+    """Invert under the conditioning, reconstruct under the same, and report the PSNR of each
+    image against its reconstruction (in image space; for a latent model also against the
+    images' VAE round trip, see :class:`ReconstructionReport`)."""
+    inversion = ddim_invert(
+        model, images, num_inference_steps, prompt=prompt, negative_prompt=negative_prompt,
+        class_labels=class_labels, guidance_scale=guidance_scale, batch_size=batch_size, progress=progress,
+    )  # fmt: skip
     rec = reconstruct(model, inversion, record_h=False, batch_size=batch_size, progress=progress)
+    vae_psnr = psnr_vs_vae = None
+    if model.is_latent:
+        round_trip = vae_round_trip(model, inversion.images)
+        vae_psnr = psnr(inversion.images, round_trip)
+        psnr_vs_vae = psnr(round_trip, rec.images)
     return ReconstructionReport(
-        psnr=psnr(inversion.images, rec.images), inversion=inversion, reconstruction=rec
-    )
+        psnr=psnr(inversion.images, rec.images), inversion=inversion, reconstruction=rec,
+        vae_psnr=vae_psnr, psnr_vs_vae=psnr_vs_vae,
+    )  # fmt: skip

@@ -4,9 +4,15 @@ At one image x_t and timestep t, J_t = d eps_t / d h_t with x_t and the skip con
 (eq. 6). Its top right singular vectors are the directions in h-space that change the noise
 prediction most. They are found without forming J:
 
-- :func:`split_unet` runs the U-Net encoder once (time embedding, ``conv_in``, down blocks that
-  collect the skip connections, mid block -> h) and returns a ``decode(h)`` that runs only the
-  up blocks and the output head, exactly as ``UNet2DModel.forward`` does;
+- :func:`split_denoiser` runs the model's denoiser forward once (any kind: UNet2DModel,
+  UNet2DConditionModel with its text / SDXL conditioning, DiT), recording the outputs of the
+  modules that finish before the capture module starts (time embedding, ``conv_in``, the down
+  blocks that collect the skip connections; DiT's patch embedding and the blocks before h), and
+  returns a ``decode(h)`` that is the same forward with those modules answering their recorded
+  outputs and h in place of the capture module's output: the decoder half is the model's own
+  modules in diffusers' own order, never a copy of a forward, and only the part after h runs;
+- under classifier-free guidance the differentiated output is the guided noise with h moved in
+  both branches (``branch="guided"``, what an edit changes) or one branch's eps;
 - J V by forward-mode AD (``torch.func.jvp``, eq. 8) vmapped over the k tangents, and J^T U by
   reverse mode through one ``torch.func.vjp`` function kept for all iterations (eq. 7);
 - subspace iteration (Alg. 1: QR, then V <- left singular vectors of J^T J V) or its sequential
@@ -18,7 +24,8 @@ prediction most. They are found without forming J:
   [Q_0, ..., Q_j] (block Lanczos with full reorthogonalisation). Its error falls with the
   Chebyshev polynomial of the spectrum instead of its power, so it needs about half the products
   of Alg. 1 at equal accuracy (docs/benchmarks.md);
-- an optional pixel mask M restricts the output to a region: J_masked = d (eps * M) / d h (eq. 9).
+- an optional mask M over eps's grid restricts the output to a region: J_masked = d (eps * M) / d h
+  (eq. 9).
 
 Images in a batch are independent (the decoder mixes nothing across the batch in eval mode), so
 B images are handled in one call with per-image subspaces.
@@ -27,54 +34,183 @@ B images are handled in one call with per-image subspaces.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from hspace.conditioning import Condition, ConditionRequest, cycle
 from hspace.directions import Direction
-from hspace.model import forward_ad_safe
+from hspace.model import HSpaceHook, HSpaceModel, forward_ad_safe
 
-# ---------------------------------------------------------------------- the U-Net split at h
+# ---------------------------------------------------------------------- the denoiser split at h
+#: Which output a Jacobian differentiates under classifier-free guidance: the guided noise
+#: ``eps_u + g (eps_c - eps_u)`` with h moved by the same vector in both branches (as an
+#: :class:`~hspace.sampling.Edit` with ``branches="both"`` does), or one branch's own output.
+JacobianBranch = Literal["guided", "cond", "uncond"]
+JACOBIAN_BRANCHES = ("guided", "cond", "uncond")
+_MISSING = object()
+
+
+def _stage_modules(denoiser: nn.Module, capture: str) -> list[nn.Module]:
+    """The modules that can run before the capture module: the children of each module on the path
+    from the denoiser to the capture module, except that path (the items of a ModuleList or
+    ModuleDict, which is never called itself, stand for it)."""
+    path = capture.split(".")
+    on_path = {".".join(path[:i]) for i in range(len(path) + 1)}
+    out: list[nn.Module] = []
+
+    def add(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if full in on_path:
+                continue
+            if isinstance(child, nn.ModuleList | nn.ModuleDict):
+                add(full, child)
+            else:
+                out.append(child)
+
+    for i in range(len(path)):
+        parent = ".".join(path[:i])
+        add(parent, denoiser.get_submodule(parent))
+    return list(dict.fromkeys(out))  # a module registered under two names is one module
+
+
+def _next_or_run(calls: Iterator[Any], forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    recorded = next(calls, _MISSING)
+    return forward(*args, **kwargs) if recorded is _MISSING else recorded
+
+
+@contextmanager
+def _forwards(replacements: dict[nn.Module, Callable[..., Any]]) -> Iterator[None]:
+    """Give each module another ``forward`` for the block (its own instance attribute, e.g. a
+    compiled block's, is put back afterwards)."""
+    saved = [(module, module.__dict__.get("forward", _MISSING)) for module in replacements]
+    try:
+        for module, forward in replacements.items():
+            module.forward = forward
+        yield
+    finally:
+        for module, own in saved:
+            if own is _MISSING:
+                del module.forward
+            else:
+                module.forward = own
+
+
+def _branch_kwargs(value: Any, rows: slice, call_rows: int) -> Any:
+    """The call kwargs of one branch: every tensor with ``call_rows`` rows cut to ``rows``."""
+    if torch.is_tensor(value):
+        return value[rows] if value.ndim and value.shape[0] == call_rows else value
+    if isinstance(value, dict):
+        return {k: _branch_kwargs(v, rows, call_rows) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_branch_kwargs(v, rows, call_rows) for v in value)
+    return value
+
+
+def branch_condition(condition: Condition, branch: JacobianBranch, conditioning: str = "none") -> Condition:
+    """The Condition of the call whose output a Jacobian differentiates (see :data:`JacobianBranch`).
+
+    ``"guided"`` is ``condition`` itself (one branch when it is unguided); ``"cond"`` / ``"uncond"``
+    cut a guided condition to that branch's rows. An unguided condition is its own ``"cond"``
+    branch, and its ``"uncond"`` branch only for an unconditional model (``conditioning="none"``).
+    """
+    if branch not in JACOBIAN_BRANCHES:
+        raise ValueError(f"branch must be one of {', '.join(map(repr, JACOBIAN_BRANCHES))}, got {branch!r}")
+    if branch == "guided":
+        return condition
+    if not condition.guided:
+        if branch == "uncond" and conditioning != "none":
+            raise ValueError(
+                f"branch='uncond': this {conditioning}-conditional call has no unconditional branch "
+                "(guidance_scale <= 1, or the model has no null class)"
+            )
+        return condition
+    rows = condition.branch_rows(branch)
+    kwargs = _branch_kwargs(condition.kwargs, rows, 2 * condition.rows)
+    return Condition(kwargs, condition.rows, guidance_scale=condition.guidance_scale)
 
 
 @dataclass
-class UNetSplit:
-    """A UNet2DModel cut at the mid block for one batch of inputs.
+class DenoiserSplit:
+    """The model's denoiser cut at its capture point for one call: ``h`` and ``decode(h)``.
 
-    ``h`` [B, C, H, W] is the mid-block output; ``emb`` the time (+class) embedding and
-    ``res_samples`` the skip connections, both fixed; ``decode(h)`` gives eps [B, 3, H, W].
+    ``decode(h)`` is the denoiser's own forward (:meth:`HSpaceModel.predict`) in which the modules
+    that finished before the capture module started (time embeddings, ``conv_in``, the down
+    blocks that hold the skip connections; DiT's patch embedding and the blocks before h) answer
+    their recorded outputs, and h [B, C, H, W] (map layout; a transformer's tokens through the
+    capture point's grid) takes the place of the capture module's output (its other outputs, such
+    as a down block's skips, stay as recorded) or input. So x_t, the conditioning and the skip
+    connections are fixed (paper eq. 6) and only the part after h is computed.
+
+    Under guidance (``branch="guided"``) h is the conditional branch's; the unconditional branch
+    gets ``h + (h_uncond - h_cond)`` (both move by the same vector, as an edit in both branches)
+    and ``decode`` returns the guided noise. With ``"cond"`` / ``"uncond"`` the call holds that
+    branch only. A learned-variance output's second half (DiT) is dropped, as the sampler does.
     """
 
-    unet: nn.Module
-    h: Tensor
-    emb: Tensor
-    res_samples: tuple[Tensor, ...]
+    model: Any
+    x: Tensor
     timesteps: Tensor
+    condition: Condition
+    branch: str
+    h: Tensor
+    recorded: dict[nn.Module, list[Any]]
+    capture_value: Any
+    other_offset: Tensor | None = None
+
+    def call_h(self, h: Tensor) -> Tensor:
+        """h of the whole call batch: both branches under guidance, in the call's branch layout."""
+        if self.other_offset is None:
+            return h
+        other = h + self.other_offset
+        return torch.cat([other, h]) if self.condition.uncond_first else torch.cat([h, other])
 
     def decode(self, h: Tensor) -> Tensor:
-        """Up blocks and output head of ``UNet2DModel.forward`` (diffusers steps 5-6) from h."""
-        unet = self.unet
-        sample = h
-        res_all = self.res_samples
-        skip_sample = None
-        for up in unet.up_blocks:
-            res = res_all[-len(up.resnets) :]
-            res_all = res_all[: -len(up.resnets)]
-            if hasattr(up, "skip_conv"):
-                sample, skip_sample = up(sample, res, self.emb, skip_sample)
-            else:
-                sample = up(sample, res, self.emb)
-        sample = unet.conv_norm_out(sample)
-        sample = unet.conv_act(sample)
-        sample = unet.conv_out(sample)
-        if skip_sample is not None:
-            sample = sample + skip_sample
-        if unet.config.time_embedding_type == "fourier":
-            sample = sample / self.timesteps.reshape((sample.shape[0], *([1] * (sample.ndim - 1))))
-        return sample
+        """eps (guided for ``branch="guided"``) from h [B, C, H, W], through the denoiser's forward."""
+        model = self.model
+        layout = HSpaceHook(grid=model.token_grid)
+        full = self.call_h(h)
+        forwards: dict[nn.Module, Callable[..., Any]] = {}
+        for module, outputs in self.recorded.items():
+            calls = iter(outputs)
+            forward = module.forward
+
+            def answer(*args: Any, _calls=calls, _forward=forward, **kwargs: Any) -> Any:
+                return _next_or_run(_calls, _forward, args, kwargs)
+
+            forwards[module] = answer
+        capture = model.denoiser.get_submodule(model.capture.module)
+        value = self.capture_value
+        first = value[0] if isinstance(value, tuple) else value
+        new = layout.from_map(full, first)
+        handles = []
+        if model.capture.where == "output":
+            out = (new, *value[1:]) if isinstance(value, tuple) else new
+            forwards[capture] = lambda *args, **kwargs: out
+        else:
+
+            def enter(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+                if args:
+                    return (new, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": new}
+
+            handles.append(capture.register_forward_pre_hook(enter, with_kwargs=True))
+        try:
+            with _forwards(forwards):
+                eps = model.predict(self.x, self.timesteps, self.condition)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self.condition.guide(eps) if self.branch == "guided" else eps
+
+
+#: The name of the split when h was always a UNet2DModel's mid-block output.
+UNetSplit = DenoiserSplit
 
 
 def _timestep_batch(timestep: int | float | Tensor, sample: Tensor) -> Tensor:
@@ -91,55 +227,141 @@ def _timestep_batch(timestep: int | float | Tensor, sample: Tensor) -> Tensor:
     )
 
 
-def _embedding(unet: nn.Module, timesteps: Tensor, class_labels: Tensor | None) -> Tensor:
-    """The time embedding, plus the class embedding of a class-conditional U-Net (diffusers step 1)."""
-    emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype=unet.dtype))
-    if unet.class_embedding is None:
-        if class_labels is not None:
-            raise ValueError("class_labels given but the U-Net has no class embedding")
-        return emb
-    if class_labels is None:
-        raise ValueError("class_labels are required: the U-Net is class conditional")
-    if unet.config.class_embed_type == "timestep":
-        class_labels = unet.time_proj(class_labels)
-    return emb + unet.class_embedding(class_labels).to(dtype=unet.dtype)
+def as_hspace_model(model: Any) -> HSpaceModel:
+    """``model`` itself, or a bare diffusers U-Net wrapped in an :class:`HSpaceModel` (eval, no grad)."""
+    if isinstance(model, HSpaceModel):
+        return model
+    if isinstance(model, nn.Module):
+        return HSpaceModel(model, {})
+    raise TypeError(f"model must be an HSpaceModel or a diffusers denoiser, got {type(model).__name__}")
+
+
+def jacobian_condition(
+    model: HSpaceModel,
+    n: int,
+    *,
+    prompt: str | Sequence[str] | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
+    class_labels: int | Sequence[int] | Tensor | None = None,
+    guidance_scale: float | None = None,
+    branch: JacobianBranch = "guided",
+) -> ConditionRequest:
+    """The conditioning request of a Jacobian for ``n`` images, checked as the sampler checks it.
+
+    The guidance scale defaults to the model's (as the sampler's does); ``branch="uncond"`` on a
+    model with guidance at a scale <= 1 uses the model's default scale, only so that the call has an
+    unconditional branch to cut out (the scale itself does not enter that branch).
+    """
+    if branch not in JACOBIAN_BRANCHES:
+        raise ValueError(f"branch must be one of {', '.join(map(repr, JACOBIAN_BRANCHES))}, got {branch!r}")
+    if torch.is_tensor(class_labels):
+        class_labels = [int(c) for c in class_labels.reshape(-1).tolist()]
+    conditioner = model.conditioner
+    request = ConditionRequest(
+        prompts=cycle(prompt, n, "prompt"),
+        negative_prompts=cycle(negative_prompt, n, "negative_prompt"),
+        class_labels=cycle(class_labels, n, "class_labels"),
+    )
+    conditioner.check(request)
+    g = conditioner.resolve_guidance(guidance_scale)
+    if branch == "uncond" and conditioner.supports_guidance and g <= 1:
+        g = max(conditioner.default_guidance, 2.0)
+    request.guidance_scale = g
+    return request
 
 
 @torch.no_grad()
+def split_denoiser(
+    model: Any,
+    x_t: Tensor,
+    timestep: int | float | Tensor,
+    condition: Condition | None = None,
+    *,
+    branch: JacobianBranch = "guided",
+) -> DenoiserSplit:
+    """Run the denoiser's forward once on x_t [B, *latent_shape] (the denoiser's input) under
+    ``condition`` (a :class:`Condition` for the B images; none for an unconditional model),
+    recording, in call order, the outputs of the modules that finish before the capture module
+    starts, and return the split at h (see :class:`DenoiserSplit`)."""
+    model = as_hspace_model(model)
+    if x_t.ndim != 1 + len(model.latent_shape):
+        raise ValueError(
+            f"x_t must be [B, {', '.join(map(str, model.latent_shape))}], got {tuple(x_t.shape)}"
+        )
+    if condition is None:
+        condition = Condition({}, int(x_t.shape[0]))
+    if condition.rows != x_t.shape[0]:
+        raise ValueError(f"the condition is for {condition.rows} images, x_t has {x_t.shape[0]}")
+    call = branch_condition(condition, branch, model.conditioner.name)
+    sample = x_t.to(device=model.device, dtype=model.dtype).contiguous()
+    timesteps = _timestep_batch(timestep, sample)
+    x, call_timesteps = call.model_input(sample), call.model_input(timesteps)
+
+    denoiser = model.denoiser
+    capture = denoiser.get_submodule(model.capture.module)
+    stages = _stage_modules(denoiser, model.capture.module)
+    recorded: dict[nn.Module, list[Any]] = {m: [] for m in stages}
+    seen: dict[str, Any] = {}
+
+    def record(module: nn.Module, _args: tuple, output: Any) -> None:
+        if "capture" not in seen:
+            recorded[module].append(output)
+
+    def started(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.setdefault("capture", args[0] if args else kwargs["hidden_states"])
+
+    def finished(_m: nn.Module, _args: tuple, output: Any) -> None:
+        seen.setdefault("output", output)
+
+    handles = [m.register_forward_hook(record) for m in stages]
+    handles.append(capture.register_forward_pre_hook(started, with_kwargs=True))
+    handles.append(capture.register_forward_hook(finished))
+    try:
+        with model.hooks() as hook:
+            model.predict(x, call_timesteps, call)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if hook.calls != 1:
+        raise ValueError(
+            f"the capture module {model.capture.spec!r} ran {hook.calls} times in one forward; "
+            "the split needs it to run once"
+        )
+    h_call = hook.h
+    assert h_call is not None
+    value = seen["output"] if model.capture.where == "output" else seen["capture"]
+    offset = None
+    if branch == "guided" and call.guided:
+        h = h_call[call.branch_rows("cond")]
+        offset = (h_call[call.branch_rows("uncond")] - h).contiguous()
+    else:
+        h = h_call
+    return DenoiserSplit(
+        model=model,
+        x=x,
+        timesteps=call_timesteps,
+        condition=call,
+        branch=branch,
+        h=h.contiguous(),
+        recorded={m: outs for m, outs in recorded.items() if outs},
+        capture_value=value,
+        other_offset=offset,
+    )
+
+
 def split_unet(
     unet: nn.Module, x_t: Tensor, timestep: int | float | Tensor, class_labels: Tensor | None = None
-) -> UNetSplit:
-    """Run the encoder half of ``UNet2DModel.forward`` (diffusers steps 0-4) once and return the split.
+) -> DenoiserSplit:
+    """:func:`split_denoiser` for a bare UNet2DModel (``class_labels`` for a class-conditional one).
 
     ``timestep`` is a number or a tensor [] / [B].
     """
-    if getattr(unet, "mid_block", None) is None:
-        raise ValueError("the U-Net has no mid block: h-space is undefined")
-    if x_t.ndim != 4:
-        raise ValueError(f"x_t must be [B, C, H, W], got shape {tuple(x_t.shape)}")
-    sample = x_t.to(device=unet.device, dtype=unet.dtype).contiguous()
-    if unet.config.center_input_sample:
-        sample = 2 * sample - 1.0
-    timesteps = _timestep_batch(timestep, sample)
-    emb = _embedding(unet, timesteps, class_labels)
-
-    skip_sample = sample
-    sample = unet.conv_in(sample)
-    res_samples: tuple[Tensor, ...] = (sample,)
-    for down in unet.down_blocks:
-        if hasattr(down, "skip_conv"):
-            sample, res, skip_sample = down(hidden_states=sample, temb=emb, skip_sample=skip_sample)
-        else:
-            sample, res = down(hidden_states=sample, temb=emb)
-        res_samples += res
-    h = unet.mid_block(sample, emb)
-    return UNetSplit(
-        unet=unet,
-        h=h.contiguous(),
-        emb=emb,
-        res_samples=tuple(r.contiguous() for r in res_samples),
-        timesteps=timesteps,
-    )
+    model = as_hspace_model(unet)
+    condition = None
+    if class_labels is not None or model.conditioner.name != "none":
+        request = jacobian_condition(model, int(x_t.shape[0]), class_labels=class_labels)
+        condition = model.conditioner.encode(request, int(x_t.shape[0]), model.device, model.dtype)
+    return split_denoiser(model, x_t, timestep, condition)
 
 
 def _broadcast_mask(mask: Tensor | None, batch: int, out_hw: tuple[int, int], like: Tensor) -> Tensor | None:
@@ -178,20 +400,31 @@ def explicit_jacobian(
     timestep: int | float | Tensor,
     *,
     mask: Tensor | None = None,
-    class_labels: Tensor | None = None,
+    class_labels: int | Sequence[int] | Tensor | None = None,
+    prompt: str | Sequence[str] | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
+    guidance_scale: float | None = None,
+    branch: JacobianBranch = "guided",
     chunk_size: int | None = 256,
 ) -> Tensor:
-    """The full Jacobian d(eps [* M]) / dh for each image: [B, 3*H*W, C*h*w], by reverse mode
-    (``torch.func.jacrev``) one image at a time. Only for tiny models (tests, checks)."""
-    unet = getattr(model, "unet", model)
+    """The full Jacobian d(eps [* M]) / dh for each image: [B, out, D] (out = the numel of one
+    image's eps, D of its h), by reverse mode (``torch.func.jacrev``) one image at a time, with
+    the conditioning and ``branch`` of :func:`jacobian_directions`. Only for tiny models (tests)."""
+    hmodel = as_hspace_model(model)
     b = x_t.shape[0]
     ts = torch.as_tensor(timestep).reshape(-1)
+    request = jacobian_condition(
+        hmodel, b, prompt=prompt, negative_prompt=negative_prompt, class_labels=class_labels,
+        guidance_scale=guidance_scale, branch=branch,
+    )  # fmt: skip
     out = []
-    with torch.no_grad(), forward_ad_safe(unet):
+    with torch.no_grad(), forward_ad_safe(hmodel.denoiser):
         for i in range(b):
             t_i = ts[i] if ts.shape[0] == b else ts[0]
-            labels = class_labels[i : i + 1] if class_labels is not None else None
-            split = split_unet(unet, x_t[i : i + 1], t_i, labels)
+            condition = hmodel.conditioner.encode(
+                request.rows(slice(i, i + 1)), 1, hmodel.device, hmodel.dtype
+            )
+            split = split_denoiser(hmodel, x_t[i : i + 1], t_i, condition, branch=branch)
             m = _broadcast_mask(mask, b, tuple(x_t.shape[-2:]), split.h)
             f = _masked_decoder(split, m[i : i + 1] if m is not None and m.shape[0] == b else m)
             jac = torch.func.jacrev(f, chunk_size=chunk_size)(split.h)
@@ -233,13 +466,21 @@ class JacobianResult:
         for image ``image``; ``seed``/``step`` say where x_t came from.
 
         Provenance: the search settings (``meta``: method, k, n_iter, tol, oversample, block_size,
-        init_seed, timestep, mask) plus, per vector, index, singular_value, residual, seed, step,
+        init_seed, timestep, mask, capture, branch, guidance_scale; this image's prompt,
+        negative_prompt or class_label where given) plus, per vector, index, singular_value, residual, seed, step,
         iterations and whether this image converged; ``provenance`` adds or overrides keys.
         """
         if not 0 <= image < self.vectors.shape[0]:
             raise ValueError(f"image {image} out of range for a batch of {self.vectors.shape[0]}")
         fp = model_fingerprint if model_fingerprint is not None else self.meta.get("model_fingerprint")
-        shared = {k: v for k, v in self.meta.items() if k != "model_fingerprint"} | {
+        per_image = {
+            "prompts": "prompt",
+            "negative_prompts": "negative_prompt",
+            "class_labels": "class_label",
+        }
+        shared = {k: v for k, v in self.meta.items() if k != "model_fingerprint" and k not in per_image}
+        shared |= {per_image[k]: v[image] for k, v in self.meta.items() if k in per_image}
+        shared |= {
             "seed": seed,
             "step": step,
             "timestep": _timestep_of(self.meta.get("timestep"), image),
@@ -254,6 +495,7 @@ class JacobianResult:
                 kind="jacobian",
                 units="unit",
                 model_fingerprint=fp,
+                capture=self.meta.get("capture"),
                 provenance=shared
                 | {
                     "index": i,
@@ -432,14 +674,20 @@ def jacobian_directions(
     oversample: int = 0,
     init: Tensor | None = None,
     init_seed: int = 0,
-    class_labels: Tensor | None = None,
+    class_labels: int | Sequence[int] | Tensor | None = None,
+    prompt: str | Sequence[str] | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
+    guidance_scale: float | None = None,
+    branch: JacobianBranch = "guided",
     return_left: bool = False,
     chunk_size: int | None = None,
 ) -> JacobianResult:
-    """Top-k right singular vectors and values of J_t = d eps / d h at x_t [B, 3, H, W].
+    """Top-k right singular vectors and values of J_t = d eps / d h at x_t [B, *latent_shape].
 
     Args:
-        model: an HSpaceModel (uses ``.unet`` and ``.fingerprint``) or a UNet2DModel.
+        model: an :class:`HSpaceModel` of any kind (h at its capture point) or a bare
+            UNet2DModel (wrapped in one: h at the mid block).
+        x_t: the denoiser's input (the latent of a latent model).
         timestep: the model timestep t of x_t (number, or tensor [] / [B]).
         k: number of singular vectors.
         method: ``"subspace"`` (Alg. 1, all k at once), ``"sequential"`` (Alg. 2, blocks of
@@ -448,7 +696,8 @@ def jacobian_directions(
             ``oversample`` vectors, Rayleigh-Ritz on all blocks so far; the fewest products at
             equal accuracy, at the cost of keeping the basis and its products: 2 x up to
             max(``KRYLOV_MAX_BLOCKS`` blocks, 2 (k + block)) float64 vectors of h per image).
-        mask: pixel mask M ([H, W], [1, H, W], [B, H, W] or [B, 1, H, W]); uses J of eps * M (eq. 9).
+        mask: mask M over eps's (H, W) ([H, W], [1, H, W], [B, H, W] or [B, 1, H, W]: the latent
+            grid of a latent model); uses J of eps * M (eq. 9).
         n_iter: iteration limit per block (for ``"krylov"``: products of a block, i.e. blocks in
             the basis); tol: stop when every residual
             ||J^T J v - s^2 v|| <= tol * s_1^2 (relative to the largest eigenvalue of J^T J).
@@ -456,17 +705,33 @@ def jacobian_directions(
             convergence when s_k and s_{k+1} are close.
         init: initial guess [k, C, H, W] or [B, k, C, H, W] (Alg. 2's Theta); random otherwise,
             drawn on the CPU from ``init_seed``.
+        class_labels, prompt, negative_prompt, guidance_scale: the conditioning, one value or one
+            per image, as the sampler takes it (guidance default: the model's, e.g. 7.5 for
+            Stable Diffusion; 1 for unconditional models).
+        branch: which output is differentiated under guidance. ``"guided"`` (the default) is
+            the guided noise ``eps_u + g (eps_c - eps_u)`` with the same vector added to h in both
+            branches, i.e. the noise an edit with ``Edit(branches="both")`` (the sampler's
+            default) changes; ``"cond"`` / ``"uncond"``: that branch's own eps from its own h.
+            Without guidance every branch is the one call.
         return_left: also return u = J v / s (one more batched JVP).
         chunk_size: tangents per vmapped JVP / VJP call; bounds the decoder's activation memory
             to ``chunk_size`` copies instead of k (+ oversample) at the cost of more calls.
             The model's dtype (e.g. bfloat16) is the dtype of the JVPs; the iteration is float64.
+
+    The search needs no copy of the model's forward: :func:`split_denoiser` records the modules
+    before h once and replays them, so each product recomputes only the part after h.
     """
-    unet = getattr(model, "unet", model)
+    hmodel = as_hspace_model(model)
     _check_arguments(method, k, n_iter, tol, oversample, chunk_size)
     b = x_t.shape[0]
+    request = jacobian_condition(
+        hmodel, b, prompt=prompt, negative_prompt=negative_prompt, class_labels=class_labels,
+        guidance_scale=guidance_scale, branch=branch,
+    )  # fmt: skip
     # no_grad keeps autograd from recording the weights; the torch.func transforms still work inside.
-    with torch.no_grad(), forward_ad_safe(unet):
-        split = split_unet(unet, x_t, timestep, class_labels)
+    with torch.no_grad(), forward_ad_safe(hmodel.denoiser):
+        condition = hmodel.conditioner.encode(request, b, hmodel.device, hmodel.dtype)
+        split = split_denoiser(hmodel, x_t, timestep, condition, branch=branch)
         d = split.h[0].numel()
         if k > d:
             raise ValueError(f"k={k} exceeds the dimension of h ({d})")
@@ -492,7 +757,7 @@ def jacobian_directions(
         vectors = v.permute(0, 2, 1).reshape(b, k, *split.h.shape[1:])
         left = _left_vectors(ops, v, s).to(split.h.dtype) if return_left else None
 
-    ts = split.timesteps.detach().cpu().tolist()
+    ts = split.timesteps[:b].detach().cpu().tolist()
     meta = {
         "method": _METHOD_NAMES[method],
         "k": k,
@@ -503,6 +768,10 @@ def jacobian_directions(
         "init_seed": None if init is not None else init_seed,
         "timestep": ts if len(set(ts)) > 1 else ts[0],
         "mask": _mask_info(mask),
+        "capture": hmodel.capture.spec,
+        "branch": branch,
+        "guidance_scale": split.condition.guidance_scale if branch == "guided" else None,
+        **_conditioning_info(request),
         "model_fingerprint": getattr(model, "fingerprint", None),
     }
     return JacobianResult(
@@ -515,6 +784,16 @@ def jacobian_directions(
         left_vectors=left,
         meta=meta,
     )
+
+
+def _conditioning_info(request: ConditionRequest) -> dict[str, Any]:
+    """The prompts / class labels of a Jacobian, for its directions' provenance (absent if none)."""
+    info = {
+        "prompts": request.prompts,
+        "negative_prompts": request.negative_prompts,
+        "class_labels": request.class_labels,
+    }
+    return {key: value for key, value in info.items() if value is not None}
 
 
 def _check_arguments(

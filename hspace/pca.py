@@ -454,8 +454,14 @@ class PerTimestepPCA:
                 comps[t] = -comps[t]
         return comps
 
-    def direction(self, j: int, name: str | None = None, anchor: int = 0) -> Direction:
-        """Component j as a unit-norm per-step Direction with sigma = sqrt(explained_variance_[:, j])."""
+    def direction(
+        self, j: int, name: str | None = None, anchor: int = 0, *, capture: str | None = None
+    ) -> Direction:
+        """Component j as a unit-norm per-step Direction with sigma = sqrt(explained_variance_[:, j]).
+
+        ``capture``: the capture point the fitted h came from (``model.capture.spec``); the PCA
+        state does not know it, so the caller names it, and the direction records it.
+        """
         if self.h_shape is None:
             raise ValueError("h_shape is unknown: fit with [B, T, C, H, W] or pass h_shape=")
         comps = self.sign_aligned_components(j, anchor)
@@ -476,14 +482,18 @@ class PerTimestepPCA:
                 "sign_rule": self.SIGN_RULE,
                 "anchor_step": anchor,
             },
+            capture=capture,
         )
 
-    def directions(self, k: int | None = None, anchor: int = 0) -> list[Direction]:
-        """The first k (default all) components as Directions ``pca_0 .. pca_{k-1}``."""
+    def directions(
+        self, k: int | None = None, anchor: int = 0, *, capture: str | None = None
+    ) -> list[Direction]:
+        """The first k (default all) components as Directions ``pca_0 .. pca_{k-1}`` (``capture``
+        as in :meth:`direction`)."""
         k = self.n_components if k is None else k
         if not 1 <= k <= self.n_components:
             raise ValueError(f"k must be in [1, {self.n_components}], got {k}")
-        return [self.direction(j, anchor=anchor) for j in range(k)]
+        return [self.direction(j, anchor=anchor, capture=capture) for j in range(k)]
 
     def sigma_of(self, direction: Direction) -> Tensor:
         """Std of the data's projection on the unit ``direction`` at each step  [T] (float32).

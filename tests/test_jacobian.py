@@ -90,6 +90,31 @@ def test_decode_of_the_encoded_h_reproduces_the_unet_forward(unet, x_t):
     assert (eps - ref).abs().max() <= 1e-5
 
 
+def test_decode_recomputes_only_the_modules_after_h(unet, x_t):
+    # a module inside a block runs only when that block's own forward runs
+    probes = {
+        "down": unet.down_blocks[0].resnets[0],
+        "mid": unet.mid_block.resnets[0],
+        "up": unet.up_blocks[0].resnets[0],
+    }
+    calls = dict.fromkeys(probes, 0)
+    handles = [
+        m.register_forward_pre_hook(lambda *_a, n=n: calls.__setitem__(n, calls[n] + 1))
+        for n, m in probes.items()
+    ]
+    try:
+        with torch.no_grad():
+            split = split_unet(unet, x_t, T)
+            assert calls == {"down": 1, "mid": 1, "up": 1}
+            split.decode(split.h)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == {"down": 1, "mid": 1, "up": 2}, (
+        "the down blocks and the mid block answer what they recorded"
+    )
+
+
 def test_decode_handles_skip_blocks_fourier_time_and_per_image_timesteps():
     from diffusers import UNet2DModel
 
@@ -154,6 +179,7 @@ def test_alg1_directions_carry_provenance(alg1):
     assert abs(float(d.vector.norm()) - 1) <= 1e-5
     assert d.provenance["seed"] == 7 and d.provenance["step"] == 12 and d.provenance["timestep"] == T
     assert d.provenance["mask"] is None and d.model_fingerprint == "fp"
+    assert d.capture == "mid_block" and d.provenance["branch"] == "guided"
     assert d.provenance["singular_value"] == pytest.approx(float(alg1.singular_values[1, 0]))
 
 
