@@ -680,16 +680,28 @@ def invert(
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float32,
     progress: ProgressOpt = None,
+    prompt: PromptOpt = None,
+    negative_prompt: NegativePromptOpt = None,
+    guidance: Annotated[
+        float | None, typer.Option("--guidance", help="guidance scale of the inversion (default 1: none)")
+    ] = None,
+    class_labels: ClassLabelsOpt = None,
+    capture: CaptureOpt = None,
 ) -> None:
-    """DDIM-invert images (eta = 0), reconstruct them from x_T and print the PSNR of each."""
+    """DDIM-invert images (eta = 0), reconstruct them from x_T and print the PSNR of each.
+
+    A latent model encodes the images with its VAE first; a text model inverts under --prompt
+    (one per image, or one for all), a class-conditional one under --class-labels."""
     import torch
 
     from hspace.inversion import reconstruction_report
 
-    hs_model = load_model(model, revision=revision, device=device, dtype=dtype.value)
+    conditioning = conditioning_options(prompt, negative_prompt, guidance, class_labels)
+    hs_model = load_model(model, revision=revision, device=device, dtype=dtype.value, capture=capture)
     report = reconstruction_report(
-        hs_model, [str(p) for p in images], steps, batch_size=batch_size, progress=_progress(progress)
-    )
+        hs_model, [str(p) for p in images], steps, batch_size=batch_size, progress=_progress(progress),
+        **conditioning,
+    )  # fmt: skip
     for path, value in zip(images, report.psnr.tolist(), strict=True):
         typer.echo(f"{path}: PSNR {value:.2f} dB")
     typer.echo(str(report))

@@ -97,3 +97,19 @@ def test_edit_and_swap_with_a_prompt(tiny_pipeline_dirs, tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (tmp_path / "swap.png").is_file() and (tmp_path / "strip.png").is_file()
+
+
+def test_invert_encodes_with_the_vae_and_inverts_under_the_prompt(tiny_pipeline_dirs, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "face.png"
+    Image.fromarray((torch.rand(16, 16, 3) * 255).to(torch.uint8).numpy()).save(image)
+    save = tmp_path / "inv.safetensors"
+    result = invoke(
+        "invert", image, "--model", tiny_pipeline_dirs["text"], "--steps", STEPS, "--prompt", "a photo of a face",
+        "--out", tmp_path / "inv.png", "--save", save,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "PSNR" in result.output and "VAE round trip" in result.output
+    with safe_open(str(save), "pt") as f:
+        assert tuple(f.get_tensor("x_T").shape) == (1, 4, 8, 8)  # a latent, not an image
