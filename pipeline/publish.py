@@ -32,6 +32,7 @@ __all__ = [
     "PublishResult",
     "build_inputs",
     "code_version",
+    "conditioning_record",
     "config_hash",
     "direction_rows",
     "pca_state",
@@ -130,11 +131,43 @@ class PublishResult:
 
 
 def _sampler_settings(cfg: BuildConfig) -> dict[str, Any]:
-    return {
+    from hspace.model import SCHEDULERS
+
+    out = {
         "kind": cfg.sampler.kind,
+        "scheduler": SCHEDULERS[cfg.sampler.kind],
         "num_inference_steps": cfg.sampler.num_inference_steps,
         "eta": cfg.sampler.eta,
     }
+    if len(cfg.capture_steps) < cfg.sampler.num_inference_steps:
+        out["capture_steps"] = cfg.capture_steps  # the steps whose h the directions were built from
+    return out
+
+
+def conditioning_record(cfg: BuildConfig, description: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What the manifest records about the samples' conditioning (empty for an unconditional model):
+    the prompts / class labels (lists, cycled over seeds: seed s got entry s % len), the negative
+    prompt, the guidance scale used (the model's default when the config names none), whose h was
+    stored, and the model's conditioning kind."""
+    m, description = cfg.model, dict(description or {})
+    kind = description.get("conditioning", "none")
+    if kind == "none" and not m.conditioned:
+        return {}
+
+    def as_list(v: Any) -> list | None:
+        return None if v is None else (v if isinstance(v, list) else [v])
+
+    guidance = m.guidance_scale if m.guidance_scale is not None else description.get("default_guidance")
+    out = {
+        "conditioning": kind,
+        "prompts": as_list(m.prompts),
+        "negative_prompt": as_list(m.negative_prompt),
+        "class_labels": as_list(m.class_labels),
+        "guidance_scale": guidance,
+        "record_branch": m.record_branch if guidance is not None and guidance > 1 else None,
+        "cycle": "seed s gets entry s % len of each list",
+    }
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _report_meta(
@@ -156,10 +189,17 @@ def _report_meta(
 
 
 def _version_metadata(
-    cfg: BuildConfig, inputs: dict[str, Any], timesteps: list[int] | None, run_summary: dict[str, Any]
+    cfg: BuildConfig,
+    inputs: dict[str, Any],
+    timesteps: list[int] | None,
+    run_summary: dict[str, Any],
+    description: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The version manifest's metadata (what ``jobs/rebuild.py`` compares lives under ``inputs``)."""
+    """The version manifest's metadata (what ``jobs/rebuild.py`` compares lives under ``inputs``);
+    ``description`` is the model's ``HSpaceModel.describe()`` (kind, capture point, shapes)."""
     return {
+        "model": dict(description or {}),
+        "conditioning": conditioning_record(cfg, description),
         "model_id": cfg.model.source,
         "revision": cfg.model.revision,
         "config_hash": inputs["config_hash"],
@@ -174,6 +214,15 @@ def _version_metadata(
     }
 
 
+def _recorded_description(cfg: BuildConfig) -> dict[str, Any] | None:
+    """``HSpaceModel.describe()`` as the generate stage recorded it in the run manifest (None for a
+    run made before it was recorded)."""
+    from pipeline.storage import RunStore
+
+    stage = RunStore(cfg.storage.run_url, cfg.storage.storage_options).stage("generate") or {}
+    return (stage.get("model") or {}).get("description")
+
+
 def publish(
     cfg: BuildConfig,
     *,
@@ -186,10 +235,18 @@ def publish(
     timesteps: list[int] | None,
     run_summary: dict[str, Any],
     progress: bool = True,
+    model_description: Mapping[str, Any] | None = None,
 ) -> PublishResult:
-    """Write one catalog version (files, manifest last, then the ref) and return where it is."""
+    """Write one catalog version (files, manifest last, then the ref) and return where it is.
+
+    ``model_description`` (``HSpaceModel.describe()``; default: what the generate stage recorded
+    in the run manifest) goes into the manifest's ``model`` and ``conditioning``.
+    """
     from hspace import catalog as hcatalog
     from pipeline.report import render_report
+
+    if model_description is None:
+        model_description = _recorded_description(cfg)
 
     cat_cfg = cfg.catalog
     cat = hcatalog.open(cat_cfg.url, cat_cfg.storage_options)
@@ -210,7 +267,7 @@ def publish(
         pca=pca_state(pca),
         effects=effects,
         extra_files=extra,
-        metadata=_version_metadata(cfg, inputs, timesteps, run_summary),
+        metadata=_version_metadata(cfg, inputs, timesteps, run_summary, model_description),
         ref=cat_cfg.ref,
         version=version,
         grades=(effects or {}).get("grades") or None,
