@@ -142,9 +142,30 @@ def _check_capture(v: str | None) -> str | None:
     return CapturePoint.parse(v).spec
 
 
-def _string_list(v: str | list[str] | None) -> str | list[str] | None:
-    if isinstance(v, list) and not v:
+def _string_list(v: Any) -> Any:
+    """One string or a non-empty list of strings (checked before pydantic's union, whose errors
+    would name each alternative)."""
+    if v is None or isinstance(v, str):
+        return v
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"must be a string or a list of strings, got {v!r}")
+    if not v:
         raise ValueError("must list at least one string (or be left out)")
+    return v
+
+
+def _int_list(v: Any) -> Any:
+    """One class id or a non-empty list of them, every id an int >= 0."""
+    if v is None:
+        return v
+    labels = [v] if not isinstance(v, list) else v
+    if not labels:
+        raise ValueError("must list at least one class id (or be left out)")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
+        raise ValueError(f"must be a class id (int) or a list of them, got {v!r}")
+    bad = [x for x in labels if x < 0]
+    if bad:
+        raise ValueError(f"class ids must be >= 0, got {bad}")
     return v
 
 
@@ -185,18 +206,8 @@ class ModelConfig(_Strict):
 
     _shapes = field_validator("h_shape", "latent_shape", "image_shape")(_positive_dims)
     _capture = field_validator("capture")(_check_capture)
-    _lists = field_validator("prompts", "negative_prompt")(_string_list)
-
-    @field_validator("class_labels")
-    @classmethod
-    def _labels(cls, v: int | list[int] | None) -> int | list[int] | None:
-        labels = [v] if isinstance(v, int) else v
-        if labels is not None and not labels:
-            raise ValueError("must list at least one class id (or be left out)")
-        bad = [x for x in labels or [] if x < 0]
-        if bad:
-            raise ValueError(f"class ids must be >= 0, got {bad}")
-        return v
+    _lists = field_validator("prompts", "negative_prompt", mode="before")(_string_list)
+    _labels = field_validator("class_labels", mode="before")(_int_list)
 
     @property
     def conditioned(self) -> bool:
@@ -834,13 +845,9 @@ def _derived_shapes(
     return h, latent, image, num_classes, point.spec
 
 
-def describe_model(model: ModelConfig) -> ModelInfo:
-    """Resolve ``model.source`` and read its kind and shapes from config files (no weights loaded).
-
-    Raises ConfigError naming ``model.source`` for a missing local directory, and the stated field
-    (``model.kind``, ``model.h_shape``, ``model.latent_shape``, ``model.image_shape``,
-    ``model.num_train_timesteps``) when a stated value contradicts the model's own config.
-    """
+def _model_files(model: ModelConfig) -> tuple[dict[str, dict[str, Any] | None], str, bool]:
+    """``(config files, location, is_local)`` of ``model.source``; ConfigError naming
+    ``model.source`` for a missing directory or one without a denoiser config."""
     source = model.source
     if source == "toy":
         root = _toy_model_dir()
@@ -849,8 +856,8 @@ def describe_model(model: ModelConfig) -> ModelInfo:
             raise ConfigError(
                 [("model.source", f"toy model {root} has no unet/config.json (toy weights not built)")]
             )
-        location, is_local = str(root), True
-    elif _expand(source, "model.source").is_dir():
+        return files, str(root), True
+    if _expand(source, "model.source").is_dir():
         root = _expand(source, "model.source")
         try:
             files = _local_config_files(root)
@@ -866,37 +873,50 @@ def describe_model(model: ModelConfig) -> ModelInfo:
                     )
                 ]
             )
-        location, is_local = str(root), True
-    elif _looks_like_path(source):
+        return files, str(root), True
+    if _looks_like_path(source):
         raise ConfigError([("model.source", f"local model directory {source!r} does not exist")])
-    else:
-        files = _hub_cached_config_files(source, model.revision)
-        location, is_local = source, False
+    return _hub_cached_config_files(source, model.revision), source, False
 
-    errors: list[tuple[str, str]] = []
-    index_class = files["index"].get("_class_name") if isinstance(files["index"], dict) else None
+
+def _files_kind(files: dict[str, dict[str, Any] | None], location: str) -> str | None:
+    """The kind the model's files say (None without files); ConfigError for an unsupported pipeline."""
     from hspace.model import PIPELINE_KINDS
 
+    index_class = files["index"].get("_class_name") if isinstance(files["index"], dict) else None
     if index_class is not None and index_class not in PIPELINE_KINDS:
+        supported = ", ".join(sorted(PIPELINE_KINDS))
         raise ConfigError(
             [
                 (
                     "model.source",
-                    f"{location}: hspace does not support diffusers' {index_class}; supported pipelines: "
-                    f"{', '.join(sorted(PIPELINE_KINDS))}",
+                    f"{location}: hspace does not support diffusers' {index_class}; supported: {supported}",
                 )
             ]
         )
-    kind = _kind_of(files["index"], files["denoiser"]) if files["denoiser"] or files["index"] else None
+    return _kind_of(files["index"], files["denoiser"]) if files["denoiser"] or files["index"] else None
+
+
+def _stated(v: list[int] | None) -> tuple[int, ...] | None:
+    return tuple(v) if v is not None else None
+
+
+def describe_model(model: ModelConfig) -> ModelInfo:
+    """Resolve ``model.source`` and read its kind and shapes from config files (no weights loaded).
+
+    Raises ConfigError naming ``model.source`` for a missing local directory, and the stated field
+    (``model.kind``, ``model.h_shape``, ``model.latent_shape``, ``model.image_shape``,
+    ``model.num_train_timesteps``) when a stated value contradicts the model's own config.
+    """
+    files, location, is_local = _model_files(model)
+    errors: list[tuple[str, str]] = []
+    kind = _files_kind(files, location)
     if kind is not None and model.kind is not None and kind != model.kind:
         errors.append(("model.kind", f"{model.kind!r} contradicts the model's files ({kind!r})"))
     kind = kind or model.kind
-    h_shape = tuple(model.h_shape) if model.h_shape is not None else None
-    latent_shape = tuple(model.latent_shape) if model.latent_shape is not None else None
-    image_shape = tuple(model.image_shape) if model.image_shape is not None else None
-    capture = _check_capture(model.capture)
-    num_classes = None
-    image_size = image_shape[1] if image_shape is not None else None
+    h_shape, latent_shape = _stated(model.h_shape), _stated(model.latent_shape)
+    image_shape = _stated(model.image_shape)
+    capture, num_classes = _check_capture(model.capture), None
     if files["denoiser"] is not None and kind is not None:
         try:
             derived = _derived_shapes(kind, files["denoiser"], files["vae"], model.capture)
@@ -910,11 +930,9 @@ def describe_model(model: ModelConfig) -> ModelInfo:
         ):
             if stated is not None and found is not None and stated != found:
                 errors.append((field, f"{list(stated)} contradicts the model's config ({list(found)})"))
-        h_shape = d_h or h_shape
-        latent_shape, image_shape = d_latent, d_image or image_shape
-        image_size = image_shape[1] if image_shape is not None else None
-    elif capture is None and kind is not None:
-        capture = "mid_block" if kind != "dit" else None
+        h_shape, latent_shape, image_shape = d_h or h_shape, d_latent, d_image or image_shape
+    elif capture is None and kind is not None and kind != "dit":
+        capture = "mid_block"
     n_train = model.num_train_timesteps
     sched_cfg = files["scheduler"]
     if sched_cfg is not None and "num_train_timesteps" in sched_cfg:
@@ -926,6 +944,7 @@ def describe_model(model: ModelConfig) -> ModelInfo:
         n_train = derived_n
     if errors:
         raise ConfigError(errors)
+    image_size = image_shape[1] if image_shape is not None else None
     return ModelInfo(
         location, model.revision, is_local, h_shape, image_size, n_train,  # type: ignore[arg-type]
         kind=kind, capture=capture, latent_shape=latent_shape, image_shape=image_shape,  # type: ignore[arg-type]
@@ -940,44 +959,63 @@ def activation_bytes(cfg: BuildConfig, h_shape: Sequence[int] | None) -> int | N
     return cfg.generate.n_samples * len(cfg.capture_steps) * math.prod(h_shape) * 2
 
 
+def _class_errors(m: ModelConfig, info: ModelInfo) -> Errors:
+    """A class-conditional model (DiT, class U-Net) needs class labels in range, no prompts."""
+    errors: Errors = [
+        (field, f"the model is class-conditional ({info.kind}): give model.class_labels")
+        for field, value in (("model.prompts", m.prompts), ("model.negative_prompt", m.negative_prompt))
+        if value is not None
+    ]
+    if m.class_labels is None:
+        errors.append(("model.class_labels", f"required: the model is class-conditional ({info.kind})"))
+    labels = [m.class_labels] if isinstance(m.class_labels, int) else (m.class_labels or [])
+    too_big = [x for x in labels if info.num_classes is not None and x >= info.num_classes]
+    if too_big:
+        errors.append(
+            ("model.class_labels", f"{too_big} out of range 0..{info.num_classes - 1} for this model")  # type: ignore[operator]
+        )
+    g = m.guidance_scale
+    if info.kind == "class" and g is not None and g > 1:
+        errors.append(
+            ("model.guidance_scale", f"{g}: a class U-Net has no null class to guide against; use 1")
+        )
+    return errors
+
+
+def _unconditional_errors(m: ModelConfig, kind: str) -> Errors:
+    """An unconditional model (pixel, latent) takes no prompt, class or guidance."""
+    errors: Errors = [
+        (field, f"the model ({kind}) is unconditional and takes none")
+        for field, value in (
+            ("model.prompts", m.prompts),
+            ("model.negative_prompt", m.negative_prompt),
+            ("model.class_labels", m.class_labels),
+        )
+        if value is not None
+    ]
+    if m.guidance_scale is not None and m.guidance_scale > 1:
+        errors.append(
+            ("model.guidance_scale", f"{m.guidance_scale}: the model ({kind}) is unconditional; use 1")
+        )
+    return errors
+
+
 def _conditioning_errors(cfg: BuildConfig, info: ModelInfo) -> Errors:
-    """The config's conditioning against what the model's kind takes."""
+    """The config's conditioning against what the model's kind takes (nothing to check when the
+    kind is unknown)."""
     m, kind = cfg.model, info.kind
     if kind is None:
         return []
-    errors: Errors = []
-    g = m.guidance_scale
     if kind in TEXT_KINDS:
+        errors: Errors = []
         if m.class_labels is not None:
             errors.append(
                 ("model.class_labels", f"the model is text-conditional ({kind}): give model.prompts")
             )
     elif kind in CLASS_KINDS:
-        for field, value in (("model.prompts", m.prompts), ("model.negative_prompt", m.negative_prompt)):
-            if value is not None:
-                errors.append((field, f"the model is class-conditional ({kind}): give model.class_labels"))
-        if m.class_labels is None:
-            errors.append(("model.class_labels", f"required: the model is class-conditional ({kind})"))
-        labels = [m.class_labels] if isinstance(m.class_labels, int) else (m.class_labels or [])
-        too_big = [x for x in labels if info.num_classes is not None and x >= info.num_classes]
-        if too_big:
-            errors.append(
-                ("model.class_labels", f"{too_big} out of range 0..{info.num_classes - 1} for this model")
-            )
-        if kind == "class" and g is not None and g > 1:
-            errors.append(
-                ("model.guidance_scale", f"{g}: a class U-Net has no null class to guide against; use 1")
-            )
+        errors = _class_errors(m, info)
     else:
-        for field, value in (
-            ("model.prompts", m.prompts),
-            ("model.negative_prompt", m.negative_prompt),
-            ("model.class_labels", m.class_labels),
-        ):
-            if value is not None:
-                errors.append((field, f"the model ({kind}) is unconditional and takes none"))
-        if g is not None and g > 1:
-            errors.append(("model.guidance_scale", f"{g}: the model ({kind}) is unconditional; use 1"))
+        errors = _unconditional_errors(m, kind)
     if kind != "pixel" and cfg.jacobian:
         errors.append(
             ("jacobian", f"Jacobian directions are built for unconditional pixel models only, not {kind}")
