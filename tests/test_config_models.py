@@ -225,3 +225,22 @@ def test_max_bytes_needs_a_known_h_shape(tmp_path, capsys):
     with pytest.raises(ConfigError) as info:
         validate_config(data)
     assert [f for f, _ in info.value.errors] == ["model.h_shape"]
+
+
+# ------------------------------------------------------------------------------ what publish records
+
+
+def test_publish_records_the_prompts_and_the_default_guidance_it_used(tiny_sd, tmp_path):
+    from pipeline.publish import conditioning_record
+
+    cfg = validate_config(_config(tiny_sd, tmp_path, prompts=["a", "b"], record_branch="cond"))
+    record = conditioning_record(cfg, {"conditioning": "text", "default_guidance": 7.5})
+    assert record["prompts"] == ["a", "b"] and record["guidance_scale"] == 7.5
+    assert record["record_branch"] == "cond" and "class_labels" not in record
+
+
+def test_publish_records_no_conditioning_for_an_unconditional_model(tiny_model_dir, tmp_path):
+    from pipeline.publish import conditioning_record
+
+    cfg = validate_config(_config(tiny_model_dir, tmp_path))
+    assert conditioning_record(cfg, {"conditioning": "none", "default_guidance": 1.0}) == {}
