@@ -171,10 +171,22 @@ def conditioning_record(cfg: BuildConfig, description: Mapping[str, Any] | None)
 
 
 def _report_meta(
-    cfg: BuildConfig, version: str, inputs: dict[str, Any], run_summary: dict[str, Any]
+    cfg: BuildConfig,
+    version: str,
+    inputs: dict[str, Any],
+    run_summary: dict[str, Any],
+    description: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The facts at the top of report.html."""
     cat_cfg, sampler = cfg.catalog, _sampler_settings(cfg)
+    described: dict[str, Any] = {}
+    if description:
+        described["model kind / capture / h"] = (
+            f"{description.get('kind')} / {description.get('capture')} / {description.get('h_shape')}"
+        )
+        conditioning = conditioning_record(cfg, description)
+        if conditioning:
+            described["conditioning"] = json.dumps(conditioning)
     return {
         "version": version,
         "catalog": f"{cat_cfg.url} / {cat_cfg.model_name} (ref {cat_cfg.ref})",
@@ -185,7 +197,7 @@ def _report_meta(
         "activation rows / bytes": f"{run_summary.get('rows')} / {run_summary.get('bytes')}",
         "config hash": inputs.get("config_hash"),
         "code": json.dumps(inputs.get("code")),
-    }
+    } | described
 
 
 def _version_metadata(
@@ -255,7 +267,7 @@ def publish(
     extra: dict[str, bytes] = {preview_path(n): png for n, png in previews.items()}
     extra["report.html"] = render_report(
         title=f"hspace catalog: {cat_cfg.model_name} {version}",
-        meta=_report_meta(cfg, version, inputs, run_summary),
+        meta=_report_meta(cfg, version, inputs, run_summary, model_description),
         directions=direction_rows(directions),
         effects=effects,
         previews=previews,
