@@ -44,6 +44,17 @@ EXECUTION_ONLY = ("storage", "catalog", "resources")
 _ROOT = Path(__file__).resolve().parents[1]
 
 
+#: Fields added with text / class models and stored-step subsets, and their defaults: left out of
+#: the hash when at the default, so configs that do not use them keep the hash they had before.
+_LATER_DEFAULTS = {
+    "model": {
+        "kind": None, "capture": None, "latent_shape": None, "image_shape": None, "prompts": None,
+        "negative_prompt": None, "class_labels": None, "guidance_scale": None, "record_branch": "uncond",
+    },
+    "generate": {"capture_steps": None, "capture_every": None},
+}  # fmt: skip
+
+
 def config_hash(cfg: BuildConfig) -> str:
     """sha256 of the canonical JSON of the result-relevant config.
 
@@ -52,6 +63,10 @@ def config_hash(cfg: BuildConfig) -> str:
     """
     data = cfg.model_dump(mode="json", exclude=set(EXECUTION_ONLY))
     data["generate"].pop("n_samples", None)
+    for section, defaults in _LATER_DEFAULTS.items():
+        for key, default in defaults.items():
+            if data[section].get(key, default) == default:
+                data[section].pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 

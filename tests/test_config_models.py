@@ -244,3 +244,13 @@ def test_publish_records_no_conditioning_for_an_unconditional_model(tiny_model_d
 
     cfg = validate_config(_config(tiny_model_dir, tmp_path))
     assert conditioning_record(cfg, {"conditioning": "none", "default_guidance": 1.0}) == {}
+
+
+def test_config_hash_ignores_new_fields_at_their_defaults_and_sees_conditioning(tiny_sd, tmp_path):
+    from pipeline.publish import config_hash
+
+    plain = validate_config(_config(tiny_sd, tmp_path))
+    defaults = validate_config(_config(tiny_sd, tmp_path, record_branch="uncond", capture=None))
+    prompted = validate_config(_config(tiny_sd, tmp_path, prompts=["a"]))
+    assert config_hash(plain) == config_hash(defaults)
+    assert config_hash(prompted) != config_hash(plain)
