@@ -105,11 +105,16 @@ class ClassifierScorer:
         seeds, scores = [], []
         for raw in batch["block"]:
             rec = BlockRecord.from_dict(json.loads(str(raw)))
-            table = self.store.read_table(rec.samples, columns=["seed", "png"])
-            self.store.check_block_seeds(rec, rec.samples, table.column("seed").to_numpy())
-            images = decode_pngs(table.column("png").to_pylist())
+            try:
+                table = self.store.read_table(rec.samples, columns=["seed", "png"])
+                self.store.check_block_seeds(rec, rec.samples, table.column("seed").to_numpy())
+                images = decode_pngs(table.column("png").to_pylist())
+                block_scores = score_images(self.classifier, images, self.columns, self.batch_size)
+            except Exception as e:  # the build's error line names the block
+                e.add_note(f"seed block {rec.key}")
+                raise
             seeds.append(table.column("seed").to_numpy())
-            scores.append(score_images(self.classifier, images, self.columns, self.batch_size).numpy())
+            scores.append(block_scores.numpy())
         s = np.concatenate(scores) if scores else np.zeros((0, len(self.attributes)), np.float32)
         out = {"seed": np.concatenate(seeds).astype(np.int64) if seeds else np.zeros(0, np.int64)}
         out.update({a: s[:, i] for i, a in enumerate(self.attributes)})
@@ -247,7 +252,7 @@ def _score_blocks(
     """Score the samples shards of ``todo`` blocks with a Ray Data actor pool; one table per block."""
     import ray
 
-    from pipeline.ray_runtime import init_ray
+    from pipeline.ray_runtime import CapacityWatch, actor_demand, init_ray, iterate_watched
 
     init_ray(cfg)
     ann, res = cfg.annotate, cfg.resources
@@ -269,7 +274,9 @@ def _score_blocks(
         num_cpus=res.num_cpus_per_worker,
         num_gpus=res.num_gpus_per_worker or None,
     )
-    return [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    watch = CapacityWatch("annotate", actor_demand(res.num_cpus_per_worker, res.num_gpus_per_worker))
+    tables = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    return [t for t in iterate_watched(ds, tables, watch) if t.num_rows]
 
 
 def _combined_table(parts: list[pa.Table], attributes: list[str], meta: dict[str, Any]) -> pa.Table:

@@ -8,7 +8,14 @@ and the report's location. Stages without a config section are skipped: no ``ann
 
 :func:`main` is the build's command line, shared by ``hspace build`` and ``jobs/build_catalog.py``:
 validate the config (exit 2 naming the field, before any work), warn about relative paths that a
-submitted Ray job would lose, then dry-run (print the plan) or build and print the summary.
+submitted Ray job would lose, probe the storage URLs (as the dry run does), then dry-run (print the
+plan) or build and print the summary.
+
+A build that fails prints one ``Error:`` line naming the stage, the block or file and the cause,
+and one ``Hint:`` line naming the log file that holds the whole error chain (the file the ``ray:``
+line names); it exits 2 for what the user fixes (bad config, corrupt or foreign file, a run store
+that refuses the settings) and 1 for infrastructure failures (lost nodes, missing resources,
+storage failing after its retries); see :mod:`pipeline.failure`.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 import tempfile
 import time
@@ -25,10 +33,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.config import CONFIG_ERROR_EXIT_CODE, BuildConfig, ConfigError, load_config, probe_config
-from pipeline.ray_runtime import init_ray, verbose_default
+from pipeline.failure import INFRASTRUCTURE_EXIT_CODE, BuildFailure, write_chain
+from pipeline.ray_runtime import CAPACITY_TIMEOUT_ENV, DEFAULT_CAPACITY_TIMEOUT_S, init_ray, verbose_default
 from pipeline.storage import RunStore
 
 __all__ = [
+    "BuildFailure",
     "BuildResult",
     "build_catalog",
     "build_parser",
@@ -156,12 +166,20 @@ class BuildResult:
         return "\n".join(lines)
 
 
-def _timed(stage_seconds: dict[str, float], name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    t0 = time.perf_counter()
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        stage_seconds[name] = time.perf_counter() - t0
+@dataclass
+class _StageClock:
+    """Which stage the build is in (named by a failure) and how long each stage took."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    current: str = "setup"
+
+    def run(self, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        self.current = name
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds[name] = time.perf_counter() - t0
 
 
 @contextlib.contextmanager
@@ -198,19 +216,38 @@ def build_catalog(cfg: BuildConfig, progress: bool = True, verbose: bool | None 
     the terminal shows the stages' progress lines and the summary: Ray's Python loggers and the
     workers' deprecation warnings are quieted (``pipeline.ray_runtime.QUIET_ENV``) and, when this
     process starts or joins Ray, the native log lines go to a file named in the first line.
+
+    A stage that fails raises :class:`~pipeline.failure.BuildFailure` (its ``__cause__`` is the
+    error raised) naming the stage, after the whole error chain was appended to the log file
+    (the native log above, or a new ``hspace-build-*.log`` in the temporary directory).
     """
     import ray
 
     verbose = verbose_default() if verbose is None else verbose
+    clock = _StageClock()
     with contextlib.ExitStack() as stack:
         native_log = None
         if not verbose and not ray.is_initialized():
             native_log = stack.enter_context(native_stderr_to_file())
-        return _build(cfg, progress, verbose, native_log)
+        try:
+            return _build(cfg, progress, verbose, native_log, clock)
+        except Exception as error:
+            failure = BuildFailure(clock.current, error)
+            failure.log_path = native_log or _new_log()
+            write_chain(failure, failure.log_path)
+            raise failure from error
 
 
-def _build(cfg: BuildConfig, progress: bool, verbose: bool, native_log: str | None) -> BuildResult:
-    """The stages in order (see :func:`build_catalog`)."""
+def _new_log() -> str:
+    fd, path = tempfile.mkstemp(prefix="hspace-build-", suffix=".log")
+    os.close(fd)
+    return path
+
+
+def _build(
+    cfg: BuildConfig, progress: bool, verbose: bool, native_log: str | None, clock: _StageClock
+) -> BuildResult:
+    """The stages in order (see :func:`build_catalog`); ``clock`` tracks the current stage."""
     from pipeline.aggregate import aggregate
     from pipeline.annotate import annotate
     from pipeline.evaluate import evaluate
@@ -221,21 +258,22 @@ def _build(cfg: BuildConfig, progress: bool, verbose: bool, native_log: str | No
 
     cfg = override_urls(cfg)
     log = print if progress else (lambda *a, **k: None)
+    clock.current = "ray"
     log(init_ray(cfg, verbose=verbose) + (f" (Ray's own log lines: {native_log})" if native_log else ""))
+    clock.current = "storage"
     store = RunStore(cfg.storage.run_url, cfg.storage.storage_options)
-    seconds: dict[str, float] = {}
+    seconds = clock.seconds
 
-    gen = _timed(seconds, "generate", generate, cfg, store, progress=progress)
-    pca = _timed(seconds, "pca", pca_stage, cfg, store, progress=progress)
+    gen = clock.run("generate", generate, cfg, store, progress=progress)
+    pca = clock.run("pca", pca_stage, cfg, store, progress=progress)
     ann = None
     if cfg.annotate is not None:
-        ann = _timed(seconds, "annotate", annotate, cfg, store, progress=progress)
-    agg = _timed(seconds, "aggregate", aggregate, cfg, store, gen, pca, ann, progress=progress)
+        ann = clock.run("annotate", annotate, cfg, store, progress=progress)
+    agg = clock.run("aggregate", aggregate, cfg, store, gen, pca, ann, progress=progress)
 
     effects, previews, preview_scales = None, {}, None
     if cfg.evaluate is not None and ann is not None:
-        ev = _timed(
-            seconds,
+        ev = clock.run(
             "evaluate",
             evaluate,
             cfg,
@@ -248,13 +286,13 @@ def _build(cfg: BuildConfig, progress: bool, verbose: bool, native_log: str | No
         effects, preview_scales = ev.effects, ev.preview_scales
         previews = {name: edit_strip_png(images) for name, images in ev.previews.items()}
 
+    clock.current = "publish"
     run = store.summary()
     clf_fp = ann.classifier_fingerprint if ann is not None else None
     inputs = build_inputs(
         cfg, model_fingerprint=gen.model_fingerprint, classifier_fingerprint=clf_fp, n_samples=run["samples"]
     )
-    pub = _timed(
-        seconds,
+    pub = clock.run(
         "publish",
         publish,
         cfg,
@@ -305,6 +343,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="keep Ray's own log lines and worker warnings (also: HSPACE_VERBOSE=1)",
     )
+    parser.add_argument(
+        "--capacity-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"seconds a stage waits for a node that can host its actors before it fails "
+        f"(default {DEFAULT_CAPACITY_TIMEOUT_S:g}; also: {CAPACITY_TIMEOUT_ENV})",
+    )
     return parser
 
 
@@ -318,25 +364,77 @@ def _config_error(error: Exception) -> int:
     return CONFIG_ERROR_EXIT_CODE
 
 
+#: A probe reason that means the storage did not answer (an outage), not that the URL is wrong.
+_UNREACHABLE = re.compile(r"\b\w*(Timeout|Connection)\w*Error\b|no answer within")
+
+
+def probe_storage(cfg: BuildConfig, source: str) -> int | None:
+    """The dry run's storage probe (:func:`~pipeline.config.probe_config`) before any work.
+
+    Prints its notes; on a failure prints the ``Error:`` / ``Hint:`` lines and returns the exit
+    status: 1 when every failing URL did not answer (timeout, connection refused), else 2 (a URL
+    under a file, a missing bucket, ...). None when every URL answers.
+    """
+    try:
+        notes = probe_config(cfg, source=source)
+    except ConfigError as e:
+        if all(_UNREACHABLE.search(message) for _, message in e.errors):
+            print(f"Error: {e}".replace("\n", " "), file=sys.stderr)
+            print(
+                "Hint: the storage did not answer: check the network, endpoint and credentials "
+                "(storage_options), then run again",
+                file=sys.stderr,
+            )
+            return INFRASTRUCTURE_EXIT_CODE
+        return _config_error(e)
+    print(*notes, sep="\n", file=sys.stderr, end="\n" if notes else "")
+    return None
+
+
+def report_failure(failure: BuildFailure) -> int:
+    """Print a failed build's ``Error:`` and ``Hint:`` lines; returns its exit status."""
+    print(f"Error: {failure.error_line()}", file=sys.stderr)
+    print(f"Hint: {failure.hint_line()}", file=sys.stderr)
+    return failure.exit_code
+
+
+def apply_capacity_timeout(seconds: float | None) -> int | None:
+    """``--capacity-timeout``: set :data:`~pipeline.ray_runtime.CAPACITY_TIMEOUT_ENV` for the stages;
+    exit status 2 (with the error lines) for a value that is not a positive finite number."""
+    if seconds is None:
+        return None
+    if not 0 < seconds < float("inf"):
+        return _config_error(
+            ValueError(f"--capacity-timeout: must be a positive number of seconds, got {seconds}")
+        )
+    os.environ[CAPACITY_TIMEOUT_ENV] = repr(seconds)
+    return None
+
+
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """Validate the config (exit 2 naming the field on error), then dry-run or build; returns the exit status."""
+    """Validate the config (exit 2 naming the field on error), probe the storage, then dry-run or
+    build; returns the exit status (0, 1 for an infrastructure failure, 2 for a user error)."""
     args = build_parser(prog).parse_args(argv)
+    refused = apply_capacity_timeout(args.capacity_timeout)
+    if refused is not None:
+        return refused
     try:
         cfg = load_job_config(args.config, run_url=args.run_url, catalog_url=args.catalog_url)
     except (ConfigError, FileNotFoundError) as e:
         return _config_error(e)
+    refused = probe_storage(cfg, args.config)
+    if refused is not None:
+        return refused
     if args.dry_run:
         from pipeline.plan import plan
 
-        try:
-            notes = probe_config(cfg, source=args.config)
-        except ConfigError as e:
-            return _config_error(e)
-        print(*notes, sep="\n", file=sys.stderr, end="\n" if notes else "")
         print(f"{args.config}: ok ({cfg.name}); dry run, nothing written")
         print(plan(cfg).summary())
         return 0
-    result = build_catalog(cfg, progress=not args.quiet, verbose=args.verbose)
+    try:
+        result = build_catalog(cfg, progress=not args.quiet, verbose=args.verbose)
+    except BuildFailure as failure:
+        return report_failure(failure)
     print(result.summary())
     return 0
 

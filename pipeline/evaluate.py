@@ -35,6 +35,7 @@ import torch
 from hspace.directions import Direction
 from hspace.grade import grade_directions
 from pipeline.progress import progress_bar
+from pipeline.ray_runtime import CapacityWatch, actor_demand, iterate_watched
 
 if TYPE_CHECKING:
     from hspace.model import HSpaceModel
@@ -308,12 +309,13 @@ class EvaluateResult:
     seconds: float
 
 
-def _collect(ds: Any, n: int, progress: bool) -> dict[int, Any]:
-    """Rows of the evaluate dataset by index, with a progress bar over the directions (+ unedited)."""
+def _collect(ds: Any, n: int, progress: bool, watch: CapacityWatch) -> dict[int, Any]:
+    """Rows of the evaluate dataset by index, with a progress bar over the directions (+ unedited);
+    fails with CapacityError when no live node can host a scorer for ``watch``'s timeout."""
 
     rows = {}
     with progress_bar(total=n, desc="evaluate directions", unit="dir", progress=progress) as bar:
-        for r in ds.iter_rows():
+        for r in iterate_watched(ds, ds.iter_rows(), watch):
             rows[int(r["index"])] = r
             bar.update(1)
     return rows
@@ -361,7 +363,8 @@ def evaluate(
         num_cpus=res.num_cpus_per_worker,
         num_gpus=res.num_gpus_per_worker or None,
     )
-    rows = _collect(ds, len(items), progress)
+    watch = CapacityWatch("evaluate", actor_demand(res.num_cpus_per_worker, res.num_gpus_per_worker))
+    rows = _collect(ds, len(items), progress, watch)
     missing = [i for i in [BASE_INDEX, *range(len(names))] if i not in rows]
     if missing:
         raise RuntimeError(f"evaluate: no result for rows {missing}")

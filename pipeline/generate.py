@@ -29,7 +29,7 @@ import numpy as np
 from pipeline.config import BuildConfig, ModelInfo, describe_model
 from pipeline.plan import SeedBlock, seed_blocks
 from pipeline.progress import progress_bar
-from pipeline.ray_runtime import init_ray
+from pipeline.ray_runtime import CapacityWatch, actor_demand, init_ray, iterate_watched
 from pipeline.storage import BlockRecord, RunStore
 
 __all__ = ["BlockGenerator", "GenerateReport", "generate", "run_identity"]
@@ -231,7 +231,12 @@ class BlockGenerator:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
         records = []
         for index, start, stop in zip(batch["index"], batch["start"], batch["stop"], strict=True):
-            rec = self.generate_block(SeedBlock(int(index), int(start), int(stop)))
+            block = SeedBlock(int(index), int(start), int(stop))
+            try:
+                rec = self.generate_block(block)
+            except Exception as e:  # the build's error line names the block
+                e.add_note(f"seed block {block.key}, seeds {block.start}..{block.stop - 1}")
+                raise
             records.append(json.dumps(rec.to_dict()))
         return {"record": records, "worker": [self.worker] * len(records)}
 
@@ -390,9 +395,10 @@ def _run_blocks(
         num_cpus=res.num_cpus_per_worker,
     )
     records: list[BlockRecord] = []
+    watch = CapacityWatch("generate", actor_demand(res.num_cpus_per_worker, res.num_gpus_per_worker))
     bar = progress_bar(total=len(todo), desc="seed blocks", unit="block", progress=progress)
     try:
-        for row in out.iter_rows():
+        for row in iterate_watched(out, out.iter_rows(), watch):
             rec = BlockRecord.from_dict(json.loads(row["record"]))
             _record_model_facts(store, rec)
             store.add_blocks([rec])  # listed as soon as it is done: an interruption keeps it

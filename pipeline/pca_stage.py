@@ -24,7 +24,10 @@ sha256 is recorded in the manifest (``stages.pca.sha256``) and carried by :class
 
 Node loss: a call in flight on an actor whose node dies fails (``ActorUnavailableError``) although
 Ray restarts the actor; the driver calls ``run`` again (until the actor's ``max_restarts`` are used
-up, within :data:`LOST_CALL_RETRY_S`).
+up, within :data:`LOST_CALL_RETRY_S`). A group that is done is folded in and its actor killed at
+once, so the restarted actor can take the resources it held; when no live node can host an actor
+for the capacity timeout (``--capacity-timeout``, :data:`pipeline.ray_runtime.DEFAULT_CAPACITY_TIMEOUT_S`)
+the stage fails with a ``CapacityError`` naming the resources it needs and what the cluster has.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import BuildConfig
+from pipeline.failure import root_cause
 from pipeline.progress import progress_bar
-from pipeline.ray_runtime import init_ray
+from pipeline.ray_runtime import CapacityWatch, actor_demand, init_ray
 from pipeline.storage import CorruptShardError, RunStore, StepBatch
 
 __all__ = [
@@ -608,8 +612,8 @@ def _stored_result(
     )
 
 
-#: How long a call lost with its actor's node is tried again while Ray restarts the actor elsewhere
-#: (a replacement node may take a while to join).
+#: How long a group's calls lost with its actor's node are tried again while Ray restarts the actor
+#: elsewhere (a replacement node may take a while to join), counted from the first lost call.
 LOST_CALL_RETRY_S = 300.0
 
 
@@ -629,7 +633,14 @@ def _check_retryable(error: BaseException, deadline: float) -> None:
         raise error
 
 
-def _call_with_retries(ray: Any, actor: Any, method: str) -> Any:
+def _await(ray: Any, ref: Any, watch: CapacityWatch) -> Any:
+    """``ray.get(ref)``, checking meanwhile that some node can still host the stage's actors."""
+    while not ray.wait([ref], timeout=watch.poll_s)[0]:
+        watch.check()
+    return ray.get(ref)
+
+
+def _call_with_retries(ray: Any, actor: Any, method: str, watch: CapacityWatch) -> Any:
     """``ray.get(actor.<method>.remote())``, called again while the actor is restarting elsewhere.
 
     A call in flight when an actor's node dies fails with ``ActorUnavailableError`` even though Ray
@@ -639,7 +650,7 @@ def _call_with_retries(ray: Any, actor: Any, method: str) -> Any:
     attempt = 0
     while True:
         try:
-            return ray.get(getattr(actor, method).remote())
+            return _await(ray, getattr(actor, method).remote(), watch)
         except _lost_errors() as e:
             _check_retryable(e, deadline)
             attempt += 1
@@ -650,46 +661,61 @@ def _fit_groups(
     cfg: BuildConfig, store: RunStore, blocks: list[str], progress: bool, max_restarts: int = 3
 ) -> tuple[Any, list[dict[str, Any]], list[str]]:
     """One actor per step group continues its fit over ``blocks``; returns the merged PCA, each
-    group's status (in group order) and the group checkpoints' sha256. A call lost with its actor
-    or node is called again while Ray restarts the actor (up to ``max_restarts`` times, within
-    :data:`LOST_CALL_RETRY_S`); the restarted actor resumes from its checkpoint. The actors are
-    killed afterwards, whatever happens."""
+    group's status (in group order) and the group checkpoints' sha256.
+
+    A group's state is folded in and its actor killed as soon as the group is done, so what it
+    holds (a CPU, a GPU) is free for a group whose actor was lost with its node and restarts
+    elsewhere. A call lost with its actor or node is called again while Ray restarts the actor
+    (up to ``max_restarts`` times, within :data:`LOST_CALL_RETRY_S`); the restarted actor resumes
+    from its checkpoint. When no live node can host an actor for the capacity timeout
+    (:class:`~pipeline.ray_runtime.CapacityWatch`), the stage fails with ``CapacityError``. Every
+    actor is killed at the end, whatever happens."""
     import ray
 
     init_ray(cfg)
     actor_cls = remote_worker(cfg, max_restarts)
     groups = step_groups(cfg.pca_steps, cfg.pca.steps_per_actor)
+    watch = CapacityWatch("pca", actor_demand(cfg.pca.num_cpus_per_actor, cfg.pca.num_gpus_per_actor))
     actors = [actor_cls.remote(**worker_kwargs(cfg, store, g, blocks)) for g in groups]
-    deadline = time.monotonic() + LOST_CALL_RETRY_S
+    lost_since: dict[int, float] = {}  # group -> when its current run of lost calls began
+    pca = empty_pca(cfg, store)
+    digests: dict[int, str] = {}
     try:
         pending = {a.run.remote(): i for i, a in enumerate(actors)}
         statuses: dict[int, dict[str, Any]] = {}
         with progress_bar(total=len(actors), desc="pca step groups", unit="group", progress=progress) as bar:
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=watch.poll_s)
+                if not ready:
+                    watch.check()
+                    continue
                 i = pending.pop(ready[0])
                 try:
                     statuses[i] = ray.get(ready[0])
+                except ray.exceptions.RayTaskError as e:  # the group's own error: name the group
+                    root_cause(e).add_note(f"PCA step group {groups[i]}")
+                    raise
                 except _lost_errors() as e:
-                    _check_retryable(e, deadline)
-                    print(
-                        f"pca: step group {groups[i]} lost its actor ({type(e).__name__}); retrying",
-                        flush=True,
-                    )
+                    if i not in lost_since:  # one line per loss, not per call tried again
+                        print(
+                            f"pca: step group {groups[i]} lost its actor ({type(e).__name__}); retrying",
+                            flush=True,
+                        )
+                    _check_retryable(e, lost_since.setdefault(i, time.monotonic()) + LOST_CALL_RETRY_S)
                     time.sleep(0.5)
                     pending[actors[i].run.remote()] = i
                     continue
+                lost_since.pop(i, None)
+                # Done: fold the group in now and let its actor go, freeing what it holds.
+                data = _call_with_retries(ray, actors[i], "state_bytes", watch)
+                digests[i] = hashlib.sha256(data).hexdigest()
+                fold_group_state(data, pca, cfg.pca.backend, cfg.pca.n_components)
+                ray.kill(actors[i], no_restart=True)
                 bar.update(1)
-        pca = empty_pca(cfg, store)
-        digests = []
-        for actor in actors:
-            data = _call_with_retries(ray, actor, "state_bytes")
-            digests.append(hashlib.sha256(data).hexdigest())
-            fold_group_state(data, pca, cfg.pca.backend, cfg.pca.n_components)
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
-    return pca, [statuses[i] for i in range(len(actors))], digests
+    return pca, [statuses[i] for i in range(len(actors))], [digests[i] for i in range(len(actors))]
 
 
 def pca_stage(cfg: BuildConfig, store: RunStore | None = None, *, progress: bool = True) -> PCAStageResult:

@@ -10,8 +10,12 @@ Ray. ``--grow N`` adds N seeds to the run: generate writes only the new seed blo
 continues from its stored state, and a new version is published. The sample count never shrinks:
 a rebuild uses at least as many samples as the published version.
 
-Bad config: exit 2 naming the field, before any work. :func:`main` is the command line of
-``jobs/rebuild.py``; the build itself is :func:`pipeline.build.build_catalog`.
+Before it decides anything it runs the dry run's storage probe (:func:`pipeline.build.probe_storage`),
+so an unreachable run or catalog URL is reported as such instead of being taken for "no published
+version". Bad config: exit 2 naming the field, before any work. A failed build prints the same
+``Error:`` / ``Hint:`` lines and exit status as ``jobs/build_catalog.py`` (2 user error, 1
+infrastructure). :func:`main` is the command line of ``jobs/rebuild.py``; the build itself is
+:func:`pipeline.build.build_catalog`.
 """
 
 from __future__ import annotations
@@ -21,8 +25,16 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.build import build_catalog, load_job_config
+from pipeline.build import (
+    BuildFailure,
+    apply_capacity_timeout,
+    build_catalog,
+    load_job_config,
+    probe_storage,
+    report_failure,
+)
 from pipeline.config import CONFIG_ERROR_EXIT_CODE, BuildConfig, ConfigError, validate_config
+from pipeline.ray_runtime import CAPACITY_TIMEOUT_ENV, DEFAULT_CAPACITY_TIMEOUT_S
 
 __all__ = ["COMPARED", "build_parser", "changed_inputs", "current_inputs", "main", "published_inputs"]
 
@@ -38,6 +50,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--run-url", default=None, help="override storage.run_url (any fsspec URL)")
     parser.add_argument("--catalog-url", default=None, help="override catalog.url (any fsspec URL)")
     parser.add_argument("--quiet", action="store_true", help="no progress output, only the result")
+    parser.add_argument(
+        "--capacity-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"seconds a stage waits for a node that can host its actors before it fails "
+        f"(default {DEFAULT_CAPACITY_TIMEOUT_S:g}; also: {CAPACITY_TIMEOUT_ENV})",
+    )
     return parser
 
 
@@ -86,16 +106,26 @@ def changed_inputs(now: dict[str, Any], before: dict[str, Any] | None) -> list[s
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """Decide, then build or not; returns the exit status (0 also when nothing changed, 2 for a bad config)."""
+    """Probe the storage, decide, then build or not; returns the exit status (0 also when nothing
+    changed, 2 for a bad config or another user error, 1 for an infrastructure failure)."""
     args = build_parser(prog).parse_args(argv)
     if args.grow < 0:
-        print(f"error: --grow must be >= 0, got {args.grow}", file=sys.stderr)
+        print(f"Error: --grow must be >= 0, got {args.grow}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE
+    refused = apply_capacity_timeout(args.capacity_timeout)
+    if refused is not None:
+        return refused
     try:
         cfg = load_job_config(args.config, run_url=args.run_url, catalog_url=args.catalog_url)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"Error: {e}", file=sys.stderr)
+        print(
+            "Hint: --dry-run of jobs/build_catalog.py checks a config without doing any work", file=sys.stderr
+        )
         return CONFIG_ERROR_EXIT_CODE
+    refused = probe_storage(cfg, args.config)
+    if refused is not None:
+        return refused
     before = published_inputs(cfg)
     n_before = int(before.get("n_samples", 0)) if before else 0
     n_samples = max(cfg.generate.n_samples, n_before) + args.grow
@@ -116,9 +146,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     try:  # growing must keep the config valid (e.g. evaluation seeds stay disjoint from generation seeds)
         grown = validate_config(data, source=f"{args.config} grown to {n_samples} samples", check_model=False)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"Error: {e}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE
-    result = build_catalog(grown, progress=not args.quiet)
+    try:
+        result = build_catalog(grown, progress=not args.quiet)
+    except BuildFailure as failure:
+        return report_failure(failure)
     print(result.summary())
     return 0
 

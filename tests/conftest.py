@@ -27,6 +27,17 @@ def build_tiny_unet(sample_size: int = 16, seed: int = 0):
     return UNet2DModel(**{**TINY_UNET_CONFIG, "sample_size": sample_size}).eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op torch thread for the whole suite: the tiny test models gain nothing from more,
+    and on a shared 2-core machine threads waiting for each other made them many times slower
+    (measured: tests/test_denoisers.py 658 s with two threads at load 20, 52 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random tiny DDPM saved in DDPMPipeline layout (unet/ + scheduler/)."""
@@ -37,6 +48,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Every supported kind as a tiny pipeline directory (tests/tiny_pipelines.py): text (Stable
+    Diffusion), text-xl (SDXL), latent (LDM), dit, class (class-conditional U-Net)."""
+    pytest.importorskip("transformers")
+    import tiny_pipelines
+
+    root = tmp_path_factory.mktemp("pipelines")
+    return {kind: tiny_pipelines.save(kind, root / kind) for kind in tiny_pipelines.BUILDERS}
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -4,6 +4,10 @@ Two versions of model ``toy-faces``: the older holds three PCA directions from f
 newer (ref ``latest``) holds PCA directions, supervised glasses and grey-hair directions, the
 glasses direction disentangled from grey hair, and a matched-norm random baseline (no sigma), with
 edit-strip previews and an effect matrix scored by the shipped classifier on the preview renders.
+Every direction of the newer version carries its grade (:mod:`hspace.grade`, against the random
+baseline's band; the baseline is rendered with the glasses direction's sigma, as the pipeline's
+evaluate stage does), with a ``leakage`` entry (the direction's effect on its cross attribute b as
+a share of b's own supervised direction's effect on b) where grade.py does not write one itself.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ def build_explore_catalog(
     from hspace import HSpaceSampler
     from hspace import catalog as hcat
     from hspace.directions import disentangle, projection_sigma, random_like, supervised_direction
+    from hspace.grade import grade_directions
     from hspace.pca import PerTimestepPCA
     from hspace.toy import load_toy_classifier, load_toy_model
-    from pipeline.evaluate import effect_matrix
+    from pipeline.evaluate import effect_matrix, own_attributes
     from pipeline.report import edit_strip_png
 
     model = load_toy_model()
@@ -64,6 +69,12 @@ def build_explore_catalog(
         with torch.no_grad():
             s = clf(images.flatten(0, 1)).view(len(PREVIEW_SEEDS), len(PREVIEW_SCALES), -1)
         edited[d.name] = s[:, [0, 2]][..., [clf.index(a) for a in ATTRIBUTES]].numpy()
+    # the random baseline's band: rendered with the sigma of the direction it is matched to
+    matched = replace(baseline, sigma=supervised["glasses"].sigma)
+    images = sampler.sample_edits(PREVIEW_SEEDS, matched, PREVIEW_SCALES, units="sigma")
+    with torch.no_grad():
+        s = clf(images.flatten(0, 1)).view(len(PREVIEW_SEEDS), len(PREVIEW_SCALES), -1)
+    edited[baseline.name] = s[:, [0, 2]][..., [clf.index(a) for a in ATTRIBUTES]].numpy()
     with torch.no_grad():
         base = clf(sampler.sample(PREVIEW_SEEDS, record_h=False).images)[
             :, [clf.index(a) for a in ATTRIBUTES]
@@ -74,9 +85,14 @@ def build_explore_catalog(
         [-2.0, 2.0],
         list(ATTRIBUTES),
         [True] * len(ATTRIBUTES),
-        {},
-        {d.name: d.kind for d in directions},
+        {baseline.name: "glasses"},
+        {d.name: d.kind for d in [*directions, baseline]},
     ) | {"units": "sigma"}
+    # what each supervised direction was built from (the pipeline records it in its provenance)
+    own = own_attributes({d.name: d for d in [*directions, baseline]})
+    own |= {a: a for a in ATTRIBUTES} | {clean.name: "glasses"}
+    grades = grade_directions(effects, own)
+    add_leakage(grades, effects, {a: supervised[a].name for a in ATTRIBUTES}, skip={baseline.name})
 
     cat = hcat.open(url, storage_options)
     meta = {
@@ -85,5 +101,37 @@ def build_explore_catalog(
         "sampler": {"kind": "ddpm", "num_inference_steps": steps, "eta": 1.0},
     }
     old = cat.publish(MODEL, pca_of(traj.h[: n_samples // 2], 3), metadata=meta, ref="stable")
-    new = cat.publish(MODEL, [*directions, baseline], effects=effects, extra_files=previews, metadata=meta)
-    return {"old": old, "new": new, "directions": [d.name for d in [*directions, baseline]]}
+    new = cat.publish(
+        MODEL, [*directions, baseline], effects=effects, extra_files=previews, metadata=meta, grades=grades
+    )
+    names = [d.name for d in [*directions, baseline]]
+    return {"old": old, "new": new, "directions": names, "grades": grades}
+
+
+def add_leakage(
+    grades: dict[str, dict[str, Any]],
+    effects: Mapping[str, Any],
+    reference: Mapping[str, str],
+    skip: frozenset[str] | set[str] = frozenset(),
+) -> None:
+    """Give each grade without one a ``leakage`` entry for its cross attribute b: the direction's
+    effect on b as a share of what b's own supervised direction (``reference[b]``) does to b.
+    Directions in ``skip`` (the random baseline) get none, so the page meets grades without it."""
+    m = effects["matrix"]
+    row = {n: i for i, n in enumerate(m["rows"])}
+    for name, grade in grades.items():
+        cross = grade.get("cross")
+        if name in skip or "leakage" in grade or not cross or cross["attribute"] not in reference:
+            continue
+        b = cross["attribute"]
+        ref_name = reference[b]
+        ref_effect = m["effect"][row[ref_name]][m["columns"].index(b)]
+        if ref_name == name or not ref_effect:
+            continue
+        grade["leakage"] = {
+            "attribute": b,
+            "share": cross["effect"] / ref_effect,
+            "effect": cross["effect"],
+            "reference": ref_effect,
+            "reference_direction": ref_name,
+        }

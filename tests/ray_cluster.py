@@ -3,10 +3,14 @@
 Started once per session with 2 CPUs, no dashboard and usage stats off; a test module that
 imports the fixture when Ray is already running reuses that cluster. Workers inherit
 ``PYTHONPATH`` with the repository root so they import ``hspace`` and ``pipeline`` from the tree.
+
+:func:`multinode_cluster` is the node-fault tests' private cluster: a head without CPUs and 1-CPU
+worker nodes that a test removes and adds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -50,3 +54,85 @@ def _init_with_retries(ray, attempts: int = 3) -> None:
             if "timed out during startup" not in str(error) or attempt == attempts - 1:
                 raise
             ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# A private multi-node cluster for the node-fault tests
+
+#: Object store of each node of the multi-node cluster (the tiny test runs need a few MB).
+NODE_OBJECT_STORE = 100 * 2**20
+
+
+@contextlib.contextmanager
+def multinode_cluster(workers: int = 2, setup_hook: str | None = "tests.flaky_fs.register"):
+    """A head without CPUs and ``workers`` 1-CPU worker nodes (``ray.cluster_utils.Cluster``),
+    with this process connected as its driver; workers run ``setup_hook`` (``flaky://`` known).
+
+    A session cluster already running in this process is shut down meanwhile and started again
+    afterwards, so the other modules' ``ray_local`` fixture keeps working. Nodes are removed with
+    ``cluster.remove_node(node, allow_graceful=False)`` (raylet and workers killed) and added with
+    :func:`add_worker`.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from tests import flaky_fs
+
+    was_running = ray.is_initialized()
+    if was_running:
+        ray.shutdown()
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
+    paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    flaky_fs.register()
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "object_store_memory": NODE_OBJECT_STORE},
+    )
+    try:
+        for _ in range(workers):
+            add_worker(c)
+        ray.init(
+            address=c.address,
+            runtime_env={"worker_process_setup_hook": setup_hook} if setup_hook else None,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield c
+    finally:
+        ray.shutdown()
+        try:
+            c.shutdown()
+        finally:
+            if was_running:
+                _init_with_retries(ray)
+
+
+def add_worker(c) -> None:
+    """Add a 1-CPU worker node to the multi-node cluster ``c``."""
+    c.add_node(num_cpus=1, object_store_memory=NODE_OBJECT_STORE)
+
+
+def worker_nodes(c) -> list:
+    """The worker nodes (all but the head) of the multi-node cluster ``c``."""
+    return [n for n in c.list_all_nodes() if n is not c.head_node]
+
+
+def node_hosting_actor(c, class_suffix: str):
+    """A worker node of ``c`` that hosts a live actor whose class name ends with ``class_suffix``
+    (looked up in the GCS actor table)."""
+    import ray._private.state
+
+    actors = list(ray._private.state.actors().values())
+    alive = [
+        a["Address"]["NodeID"]
+        for a in actors
+        if a["ActorClassName"].endswith(class_suffix) and a["State"] == "ALIVE"
+    ]
+    nodes = [n for n in worker_nodes(c) if n.node_id in alive]
+    assert nodes, (
+        f"no live {class_suffix} actor on a worker node: {[(a['ActorClassName'], a['State']) for a in actors]}"
+    )
+    return nodes[0]

@@ -28,9 +28,8 @@ PROMPTS = ["a photo of a smiling face", "grey hair glasses"]
 
 
 @pytest.fixture(scope="module")
-def pipeline_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipelines")
-    return {kind: tiny_pipelines.save(kind, root / kind) for kind in tiny_pipelines.BUILDERS}
+def pipeline_dirs(tiny_pipeline_dirs):
+    return tiny_pipeline_dirs
 
 
 @pytest.fixture(scope="module")

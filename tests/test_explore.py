@@ -38,6 +38,7 @@ from hspace.cli import app as cli_app
 from hspace.explore.command import default_model
 from hspace.explore.explorer import direction_rows
 from hspace.explore.render_queue import SUPERSEDED, RenderCancelled, RenderQueue
+from hspace.grade import LETTERS
 from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.explore_catalog import MODEL, build_explore_catalog
 
@@ -195,10 +196,17 @@ def test_page_shows_every_direction_by_kind_with_loaded_previews_effects_and_gra
     assert kinds == ["supervised", "disentangled", "pca", "random"]
     rows = pg.eval_on_selector_all("tr[data-name]", "rs => rs.map(r => r.dataset.name)")
     assert sorted(rows) == sorted(catalog["directions"])
-    headers = pg.eval_on_selector_all(
-        "h2.kind + table tr:first-child th", "ths => ths.map(t => t.textContent)"
+    headers = pg.eval_on_selector_all("h2.kind + table thead th", "ths => ths.map(t => t.textContent)")
+    assert {"direction", "edit", "grade", "glasses", "grey_hair", "preview"} <= set(headers)
+    # units under the name; provenance (and the grade in full) in the row's detail row
+    assert pg.inner_text('tr[data-name="glasses"] td.name .units').startswith("raw · σ")
+    detail = pg.locator('tbody[data-name="glasses"] tr.detail')
+    assert detail.is_hidden()
+    pg.click('tr[data-name="glasses"] button.more')
+    assert (
+        detail.is_visible()
+        and '"sign_rule": "mean(h of top-scored)' in detail.locator("pre.provenance").inner_text()
     )
-    assert {"grade", "glasses", "grey_hair", "preview", "provenance"} <= set(headers)
     # the effect row of the glasses direction: numbers, not dashes
     cells = pg.eval_on_selector_all('tr[data-name="glasses"] td.num', "tds => tds.map(t => t.textContent)")
     assert len(cells) == 2 and all(re.fullmatch(r"[+-][\d.e+-]+", c) for c in cells), cells
@@ -209,6 +217,136 @@ def test_page_shows_every_direction_by_kind_with_loaded_previews_effects_and_gra
     assert pg.locator('input.slider[data-name="glasses_random7"]').is_enabled()
     pg.select_option("#units", "sigma")
     screenshot(pg, "page.png")
+
+
+def _multiple_in(text: str) -> float | None:
+    match = re.search(r"(-?[\d.]+)× band", text)
+    return None if match is None else float(match.group(1))
+
+
+def test_grade_column_shows_letter_flags_band_multiple_and_leakage(page, catalog):
+    pg = page
+    grades = catalog["grades"]
+    cells = pg.eval_on_selector_all(
+        "tr[data-name]",
+        "rs => rs.map(r => [r.dataset.name, r.querySelector('td.grade').innerText, "
+        "r.querySelector('td.grade').title])",
+    )
+    assert sorted(n for n, _, _ in cells) == sorted(grades)
+    for name, text, title in cells:
+        g = grades[name]
+        assert "{" not in text and text.split()[0] == g["letter"], (name, text)
+        for flag in g["flags"]:
+            assert flag in text, (name, flag, text)
+        multiple = g["own"]["multiple"]
+        shown = _multiple_in(text)
+        assert shown is not None, text
+        assert abs(shown - multiple) <= (0.05 if abs(multiple) < 10 else 0.5) + 1e-9, (name, shown, multiple)
+        leak = g.get("leakage")
+        if leak is None:
+            assert "leaks" not in text
+        else:
+            match = re.search(r"leaks (-?\d+)% into (\w+)", text)
+            assert match and match.group(2) == leak["attribute"], (name, text)
+            assert abs(int(match.group(1)) - 100 * leak["share"]) <= 0.5 + 1e-9
+            assert leak["reference_direction"] in title  # the numbers behind it, on hover
+        assert g["own"]["attribute"] in title and f"score {g['score']:g}" in title
+    random_text = dict((n, t) for n, t, _ in cells)["glasses_random7"]
+    assert random_text.startswith("F") and "within_random" in random_text  # the baseline's own band
+
+
+def test_grade_header_sorts_rows_by_letter_then_score_and_back(page, catalog):
+    pg = page
+    grades = catalog["grades"]
+
+    def order() -> dict[str, list[str]]:
+        tables = pg.eval_on_selector_all(
+            "table.directions", "ts => ts.map(t => [...t.tBodies].map(b => b.dataset.name))"
+        )
+        return {names[0]: names for names in tables}
+
+    def expected(names: list[str], worst_first: bool) -> list[str]:
+        key = [(LETTERS.index(grades[n]["letter"]), -grades[n]["score"], i) for i, n in enumerate(names)]
+        ranked = [n for _, n in sorted(zip(key, names, strict=True))]
+        return ranked[::-1] if worst_first else ranked
+
+    published = order()
+    header = pg.locator("table.directions th.sortable").first
+    header.click()
+    assert pg.get_attribute("table.directions th.sortable", "aria-sort") == "ascending"
+    best = order()
+    for names in published.values():
+        assert next(v for v in best.values() if set(v) == set(names)) == expected(names, False)
+    header.click()
+    worst = order()
+    for names in published.values():
+        assert next(v for v in worst.values() if set(v) == set(names)) == expected(names, True)
+    # mixed letters, flags and grades without leakage or without a letter, in one table
+    mixed = {
+        "pca_0": {"letter": "C", "score": 0.3, "flags": ["entangled"], "own": {"multiple": 2.44}},
+        "pca_1": {"letter": "F", "score": 0.0, "flags": ["wrong_sign"], "own": {"multiple": -1.3}},
+        "pca_2": {
+            "letter": "C",
+            "score": 0.5,
+            "flags": [],
+            "own": {"multiple": 12.0},
+            "leakage": {"attribute": "glasses", "share": 0.95, "effect": 1.0, "reference": 1.05},
+        },
+        "glasses": {"score": "A", "by": "an older format"},
+    }
+    pg.evaluate(
+        """mixed => { const info = structuredClone(state.info);
+           for (const d of info.directions) { d.kind = "pca"; d.grade = mixed[d.name] ?? null; }
+           buildDirections(info); state.info = info; sortByGrade("ascending"); }""",
+        mixed,
+    )
+    (names,) = order().values()
+    assert names[:3] == ["pca_2", "pca_0", "pca_1"]  # C 0.5, C 0.3, F; then the ungraded
+    assert names[3:] == [n for n in catalog["directions"] if n not in ("pca_0", "pca_1", "pca_2")]
+    text = lambda n: pg.inner_text(f'tr[data-name="{n}"] td.grade')  # noqa: E731
+    assert text("pca_1").split() == ["F", "-1.3×", "band", "wrong_sign"]
+    assert "entangled" in text("pca_0") and "2.4× band" in text("pca_0")
+    assert "12× band" in text("pca_2") and "leaks 95% into glasses" in text("pca_2")
+    assert text("glasses").strip() == "?" and text("grey_hair").strip() == "–"
+
+
+def test_directions_table_fits_a_1400_px_window(page):
+    """No horizontal overflow at 1400 px: the last column (the previews) is inside the viewport and
+    no effect number or grade is cut off, with the test catalog's 2 effect columns and with 6."""
+    pg = page
+    assert pg.evaluate("innerWidth") == 1400
+
+    def check() -> None:
+        fit = pg.evaluate(
+            """() => ({scroll: document.documentElement.scrollWidth, width: innerWidth,
+                 inner: [...document.querySelectorAll('#directions')].map(s => s.scrollWidth - s.clientWidth),
+                 last: [...document.querySelectorAll('table.directions tr')]
+                    .filter(r => !r.hidden && r.lastElementChild)
+                    .map(r => r.lastElementChild.getBoundingClientRect().right),
+                 strips: [...document.querySelectorAll('img.strip')].map(i => i.getBoundingClientRect().right),
+                 clipped: [...document.querySelectorAll('td.num, td.grade')]
+                    .filter(c => c.scrollWidth > c.clientWidth).map(c => c.textContent)})"""
+        )
+        assert fit["scroll"] <= fit["width"], fit
+        assert all(x <= 0 for x in fit["inner"]), fit  # nothing hidden behind a scroll bar
+        assert fit["last"] and max(fit["last"]) <= fit["width"], fit
+        assert all(0 < right <= fit["width"] for right in fit["strips"]), fit
+        assert not fit["clipped"], fit["clipped"]  # every effect number and grade readable in full
+
+    pg.wait_for_function("[...document.images].every(i => i.complete)")
+    check()
+    screenshot(pg, "directions-1400.png")
+    pg.evaluate(
+        """() => { const info = structuredClone(state.info);
+           const cols = ["glasses", "grey_hair", "smiling", "eyes_open", "wearing_hat", "pose"];
+           info.effects.columns = cols;
+           for (const d of info.directions) if (d.effect) { d.effect = cols.map((_, i) => 0.123 * i - 0.3);
+             d.z = cols.map(() => 1.5); }
+           buildDirections(info); }"""
+    )
+    pg.wait_for_function("[...document.images].every(i => i.complete)")
+    check()
+    screenshot(pg, "directions-1400-six-columns.png")
 
 
 def test_slider_drag_changes_the_rendered_image_and_sliders_add_up(page):
@@ -366,6 +504,7 @@ def test_bad_render_requests_get_one_clear_error(server):
         ({**base, "seeds": list(range(40))}, "at most"),
         ({**base, "units": "parsecs"}, "units"),
         ({**base, "image": "unknown"}, "upload it again"),
+        ({**base, "directions": {"glasses": 2.0}}, "unknown field 'directions'; accepted: client, seq"),
     ]:
         with pytest.raises(urllib.error.HTTPError) as err:
             post_json(url, body)

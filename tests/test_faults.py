@@ -31,8 +31,7 @@ from pipeline.generate import generate
 from pipeline.pca_stage import fit_in_process, load_stage_pca, pca_stage
 from pipeline.plan import seed_blocks
 from pipeline.storage import RunStore
-from tests import flaky_fs
-from tests.ray_cluster import REPO_ROOT, _init_with_retries
+from tests.ray_cluster import REPO_ROOT, add_worker, multinode_cluster, node_hosting_actor, worker_nodes
 
 pytestmark = pytest.mark.ray
 
@@ -59,62 +58,18 @@ def _cfg(model_dir: Path, run_url: str, workers: int = 2, **storage_options):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head without CPUs and two 1-CPU worker nodes; workers know ``flaky://``.
-
-    A session cluster already running in this process is shut down for the module and started
-    again afterwards, so the other modules' fixture keeps working."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    was_running = ray.is_initialized()
-    if was_running:
-        ray.shutdown()
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
-    paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    flaky_fs.register()
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 0, "include_dashboard": False, "object_store_memory": 100 * 2**20},
-    )
-    try:
-        for _ in range(2):
-            c.add_node(num_cpus=1, object_store_memory=100 * 2**20)
-        ray.init(
-            address=c.address,
-            runtime_env={"worker_process_setup_hook": "tests.flaky_fs.register"},
-            log_to_driver=False,
-            configure_logging=False,
-        )
-        ray.data.DataContext.get_current().enable_progress_bars = False
+    """A head without CPUs and two 1-CPU worker nodes; workers know ``flaky://``."""
+    with multinode_cluster() as c:
         yield c
-    finally:
-        ray.shutdown()
-        try:
-            c.shutdown()
-        finally:
-            if was_running:
-                _init_with_retries(ray)
 
 
 def _worker_nodes(c):
-    return [n for n in c.list_all_nodes() if n is not c.head_node]
+    return worker_nodes(c)
 
 
 def _node_of_a_pca_actor(c):
     """The cluster node that hosts a live PCA group actor (looked up in the GCS actor table)."""
-    import ray._private.state
-
-    actors = list(ray._private.state.actors().values())
-    alive = [
-        a["Address"]["NodeID"]
-        for a in actors
-        if a["ActorClassName"].endswith("PCAGroupWorker") and a["State"] == "ALIVE"
-    ]
-    nodes = [n for n in _worker_nodes(c) if n.node_id in alive]
-    assert nodes, f"no live PCA actor on a worker node: {[(a['ActorClassName'], a['State']) for a in actors]}"
-    return nodes[0]
+    return node_hosting_actor(c, "PCAGroupWorker")
 
 
 def _wait_for(predicate, what: str, timeout: float = 120.0) -> None:
@@ -229,7 +184,7 @@ def node_killed_generation(cluster, tiny_model_dir, tmp_path_factory):
     _wait_for(lambda: _listed_blocks(run_dir) >= 1, "the first listed block")
     assert _listed_blocks(run_dir) < len(seed_blocks(cfg)), "generation finished before the fault"
     cluster.remove_node(victim, allow_graceful=False)
-    cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+    add_worker(cluster)
     return join(), run_dir
 
 
@@ -248,7 +203,7 @@ def test_worker_node_killed_during_pca(cluster, node_killed_generation, tiny_mod
     # Two step groups, one actor on each worker node; slow checkpoint writes keep them busy.
     cfg = _cfg(tiny_model_dir, f"flaky://{run_dir}", slow_s=0.1)
     cfg = cfg.model_copy(update={"pca": cfg.pca.model_copy(update={"steps_per_actor": STEPS // 2})})
-    cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)  # where the lost actor restarts
+    add_worker(cluster)  # where the lost actor restarts
     join = _in_thread(pca_stage, cfg, progress=False)
     # Both groups have checkpointed (and neither is done: 8 slow batches each), then a node dies.
     _wait_for(lambda: len(list((run_dir / "pca").rglob("*.sha256.json"))) >= 2, "both groups' checkpoints")

@@ -12,7 +12,9 @@ never imports this package.
 
 Modules: :mod:`~hspace.explore.render_queue` (coalescing, latest-wins render worker),
 :mod:`~hspace.explore.explorer` (catalog reads and model work), :mod:`~hspace.explore.app`
-(the web app), :mod:`~hspace.explore.command` (what the ``hspace explore`` command runs).
+(the web app), :mod:`~hspace.explore.guard` (which Host names, origins and tokens are answered:
+the explorer reads catalogs with its user's credentials), :mod:`~hspace.explore.command` (what the
+``hspace explore`` command runs).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """The explorer's web app: one static page and its JSON endpoints (Starlette), served by uvicorn.
 
-Endpoints (all JSON unless noted; errors are ``{"error": message}`` with status 400 or 404):
+Endpoints (all JSON unless noted; errors are ``{"error": message}`` with status 400 for a bad
+field or an unknown one (the message names it and the accepted fields), 404 for a missing thing,
+409 for a damaged catalog, 413 for an upload over the limit, 415 for a body of the wrong type):
 
 - ``GET /``: the page (``static/index.html``, plain HTML + JS, no build step)
 - ``GET /api/catalog``: catalog URL, loaded model, models with versions and refs
@@ -17,6 +19,11 @@ Endpoints (all JSON unless noted; errors are ``{"error": message}`` with status 
   reconstruction}``
 - ``POST /api/swap``: ``{model, version, seeds_a, seeds_b, sampler, steps}`` -> ``{a, b, swapped}``
 - ``GET /api/stats``: render queue counters (requests rendered, dropped, batches)
+
+POST bodies of the JSON endpoints must be ``Content-Type: application/json``; uploads
+``application/octet-stream`` or ``image/*``, read in chunks and refused (413) as soon as they pass
+:data:`~hspace.explore.explorer.MAX_UPLOAD_BYTES`, with or without a Content-Length. Who may ask at
+all (Host names, origins, the access token) is :mod:`hspace.explore.guard`'s job.
 
 Model work runs on the :class:`~hspace.explore.render_queue.RenderQueue` worker; catalog reads
 run in Starlette's thread pool, so a slow storage backend never blocks the event loop.
@@ -36,11 +43,13 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from hspace.explore.explorer import MAX_UPLOAD_BYTES, Explorer
+from hspace.explore.explorer import MAX_UPLOAD_BYTES, PREEMPT_FIELDS, SWAP_FIELDS, Explorer, check_fields
+from hspace.explore.guard import AccessPolicy, RequestGuard
 from hspace.explore.render_queue import SUPERSEDED, RenderQueue
 
 if TYPE_CHECKING:
@@ -48,11 +57,26 @@ if TYPE_CHECKING:
 
 STATIC_DIR = Path(__file__).parent / "static"
 
-__all__ = ["create_app", "bind_socket", "serve"]
+__all__ = ["PayloadTooLarge", "UnsupportedMediaType", "create_app", "bind_socket", "serve"]
+
+#: Content types the upload endpoint takes (the page sends application/octet-stream).
+UPLOAD_TYPES = ("application/octet-stream", "image/")
+
+
+class UnsupportedMediaType(ValueError):
+    """A request body of a type the endpoint does not take (415)."""
+
+
+class PayloadTooLarge(ValueError):
+    """A request body over the endpoint's limit (413)."""
 
 
 def _error_status(error: BaseException) -> int | None:
     """HTTP status for an expected error (bad request, missing thing, damaged catalog), None for a bug."""
+    if isinstance(error, UnsupportedMediaType):
+        return 415
+    if isinstance(error, PayloadTooLarge):
+        return 413
     catalog = sys.modules.get("hspace.catalog")
     if catalog is not None and isinstance(error, catalog.CatalogError):
         return 409
@@ -85,7 +109,17 @@ def _param(request: Request, name: str) -> str:
     return value
 
 
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
 async def _json_body(request: Request) -> dict[str, Any]:
+    """The JSON object of a POST body sent as ``application/json`` (415 otherwise: a browser sends
+    other types, such as text/plain, from any site without asking the server first)."""
+    if _media_type(request) != "application/json":
+        raise UnsupportedMediaType(
+            f"the request body must be Content-Type: application/json, got {_media_type(request) or 'none'}"
+        )
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -153,21 +187,41 @@ async def render(request: Request) -> Response:
 
 
 async def preempt(request: Request) -> Response:
-    client, seq = _client_seq(await _json_body(request))
+    body = check_fields(await _json_body(request), PREEMPT_FIELDS, "preempt request")
+    client, seq = _client_seq(body)
     return JSONResponse({"cancelled": _queue(request).preempt(client, seq)})
+
+
+async def read_upload(request: Request, limit: int) -> bytes:
+    """The request body, read chunk by chunk; PayloadTooLarge as soon as it passes ``limit`` bytes
+    (at once when Content-Length says so), so a chunked upload without a length is never held
+    whole in memory."""
+    media = _media_type(request)
+    if not media.startswith(UPLOAD_TYPES):
+        raise UnsupportedMediaType(
+            f"upload: Content-Type must be application/octet-stream or image/*, got {media or 'none'}"
+        )
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"upload: {length} bytes is more than the {limit} allowed")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLarge(f"upload: more than the {limit} bytes allowed")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def invert(request: Request) -> Response:
     model, ref = _param(request, "model"), _param(request, "ref")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_UPLOAD_BYTES:
-        raise ValueError(f"upload: {length} bytes is more than the {MAX_UPLOAD_BYTES} allowed")
-    data = await request.body()
+    data = await read_upload(request, request.app.state.max_upload_bytes)
     return JSONResponse(await _on_worker(request, _explorer(request).invert, model, ref, data))
 
 
 async def swap(request: Request) -> Response:
-    return JSONResponse(await _on_worker(request, _explorer(request).swap, await _json_body(request)))
+    body = check_fields(await _json_body(request), SWAP_FIELDS, "swap request")  # before the queue
+    return JSONResponse(await _on_worker(request, _explorer(request).swap, body))
 
 
 async def stats(request: Request) -> Response:
@@ -188,17 +242,27 @@ ROUTES = [
 ]
 
 
-def create_app(explorer: Explorer, queue: RenderQueue | None = None) -> Starlette:
-    """The Starlette app over an :class:`Explorer`; makes (and on shutdown closes) its render queue."""
+def create_app(
+    explorer: Explorer,
+    queue: RenderQueue | None = None,
+    *,
+    policy: AccessPolicy | None = None,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+) -> Starlette:
+    """The Starlette app over an :class:`Explorer` behind a :class:`~hspace.explore.guard.RequestGuard`
+    (default policy: loopback names on any port, no token); makes (and on shutdown closes) its
+    render queue."""
     queue = queue or RenderQueue(explorer.render_batch)
+    policy = policy or AccessPolicy()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         queue.close()
 
-    app = Starlette(routes=ROUTES, lifespan=lifespan)
-    app.state.explorer, app.state.queue = explorer, queue
+    app = Starlette(routes=ROUTES, lifespan=lifespan, middleware=[Middleware(RequestGuard, policy=policy)])
+    app.state.explorer, app.state.queue, app.state.policy = explorer, queue, policy
+    app.state.max_upload_bytes = int(max_upload_bytes)
     return app
 
 
@@ -219,5 +283,8 @@ def bind_socket(host: str = "127.0.0.1", port: int = 8765) -> socket.socket:
 
 def serve(app: Starlette, sock: socket.socket, *, log_level: str = "warning") -> None:
     """Serve ``app`` on an already bound socket with uvicorn until interrupted."""
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2)
+    # proxy_headers off: nothing in front of the explorer is trusted to rewrite the client or scheme
+    config = uvicorn.Config(
+        app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2, proxy_headers=False
+    )
     uvicorn.Server(config).run(sockets=[sock])

@@ -37,7 +37,16 @@ if TYPE_CHECKING:
     from hspace.model import HSpaceModel
     from hspace.sampling import HSpaceSampler
 
-__all__ = ["Explorer", "RenderJob", "direction_rows", "png_data_url"]
+__all__ = [
+    "PREEMPT_FIELDS",
+    "RENDER_FIELDS",
+    "SWAP_FIELDS",
+    "Explorer",
+    "RenderJob",
+    "check_fields",
+    "direction_rows",
+    "png_data_url",
+]
 
 #: Most seeds one render or swap request may hold (a typo like 0-10000 fails fast instead).
 MAX_SEEDS = 16
@@ -47,6 +56,58 @@ MAX_UPLOAD_BYTES = 8 * 1024 * 1024
 SIGMA_RANGE = 3.0
 #: Default slider half-range in raw units for directions stored in raw h units (mean differences).
 RAW_RANGE = 2.0
+
+#: The fields each request body may hold; any other key is refused, naming it (a misspelt
+#: ``edits`` would otherwise render an unedited image without a word).
+RENDER_FIELDS = (
+    "client",
+    "seq",
+    "preempt",
+    "model",
+    "version",
+    "seeds",
+    "image",
+    "edits",
+    "units",
+    "mode",
+    "steps",
+    "sampler",
+    "prompt",
+    "negative_prompt",
+    "guidance",
+    "class_label",
+)
+PREEMPT_FIELDS = ("client", "seq")
+SWAP_FIELDS = (
+    "model",
+    "version",
+    "seeds_a",
+    "seeds_b",
+    "sampler",
+    "steps",
+    "prompt",
+    "negative_prompt",
+    "guidance",
+    "class_label",
+)
+#: The samplers a request may name (``image`` is the explorer's own reconstruction sampler).
+SAMPLERS = ("ddim", "ddpm", "dpm", "euler", "euler_a")
+#: Longest prompt a request may carry (a text encoder reads far fewer tokens than this).
+MAX_PROMPT_CHARS = 1000
+#: Largest guidance scale a request may ask for.
+MAX_GUIDANCE = 50.0
+
+
+def check_fields(body: Mapping[str, Any], accepted: Sequence[str], what: str) -> Mapping[str, Any]:
+    """``body`` itself if every key is one of ``accepted``; else a ValueError naming the unknown
+    keys and the accepted ones."""
+    unknown = sorted(set(body) - set(accepted), key=str)
+    if unknown:
+        names = ", ".join(repr(k) for k in unknown)
+        raise ValueError(
+            f"{what}: unknown field{'s' if len(unknown) > 1 else ''} {names}; accepted: {', '.join(accepted)}"
+        )
+    return body
 
 
 def png_data_url(image: Tensor, min_size: int = 256) -> str:
@@ -157,6 +218,9 @@ class Explorer:
                 "label": self.model_label,
                 "fingerprint": self.model.fingerprint,
                 "image_shape": list(self.model.image_shape),
+                "kind": self.model.kind.name,
+                "capture": self.model.capture.spec,
+                "conditioning": self.model.conditioner.describe(),
             },
             "models": models,
         }
@@ -270,16 +334,18 @@ class Explorer:
 
         body: ``model``, ``version``, ``seeds`` (list) or ``image`` (an id from :meth:`invert`),
         ``edits`` {direction: scale}, ``units`` raw|sigma, ``mode`` both|asyrp, ``steps`` [lo, hi]
-        (edited step range, inclusive, 0 = noisiest), ``sampler`` ddpm|ddim.
+        (edited step range, inclusive, 0 = noisiest), ``sampler`` ddpm|ddim; and the web app's
+        ``client``, ``seq``, ``preempt``. Any other key is a ValueError (:data:`RENDER_FIELDS`).
         """
         from hspace.sampling import check_direction
 
+        check_fields(body, RENDER_FIELDS, "render request")
         model, ref = _text(body, "model"), _text(body, "version")
         version, directions = self.version(model, ref)
         n_steps = self.steps_of(version, directions)
         units = _choice(body, "units", ("raw", "sigma"), "sigma")
         mode = _choice(body, "mode", ("both", "asyrp"), "both")
-        kind = _choice(body, "sampler", ("ddpm", "ddim"), "ddim")
+        kind = _choice(body, "sampler", SAMPLERS, "ddim")
         lo, hi = _step_range(body.get("steps"), n_steps)
         edits = body.get("edits") or {}
         if not isinstance(edits, Mapping):
@@ -306,7 +372,8 @@ class Explorer:
         sampler = self.sampler(kind, n_steps)
         for d in job.directions:
             check_direction(d, self.model, sampler.timesteps)
-        return (kind, n_steps, mode, units, lo, hi), job
+        conditioning = self.conditioning(body)
+        return (kind, n_steps, mode, units, lo, hi, tuple(sorted(conditioning.items()))), job
 
     # ------------------------------------------------------------------ model work (worker thread)
     def render_batch(
@@ -322,7 +389,8 @@ class Explorer:
             if cancel is not None and cancel.is_set():
                 raise RenderCancelled
 
-        kind, n_steps, mode, units, lo, hi = key  # type: ignore[misc]
+        kind, n_steps, mode, units, lo, hi, conditioning_items = key  # type: ignore[misc]
+        conditioning = dict(conditioning_items)
         start = time.perf_counter()
         names: dict[str, Direction] = {}
         for job in jobs:
@@ -344,10 +412,10 @@ class Explorer:
         try:
             if kind == "image":
                 x_T = torch.cat([job.x_T for job in jobs])  # type: ignore[misc]
-                images = sampler.sample(None, x_T=x_T, edit=edit, record_h=False).images
+                images = sampler.sample(None, x_T=x_T, edit=edit, record_h=False, **conditioning).images
             else:
                 seeds = [s for job in jobs for s in job.seeds]
-                images = sampler.sample(seeds, edit=edit, record_h=False).images
+                images = sampler.sample(seeds, edit=edit, record_h=False, **conditioning).images
         finally:
             handle.remove()
         ms = (time.perf_counter() - start) * 1000
@@ -395,17 +463,19 @@ class Explorer:
 
     def swap(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """h-swap (paper Fig. 2a): seeds a rendered with the h of seeds b, next to a and b."""
+        check_fields(body, SWAP_FIELDS, "swap request")
         model, ref = _text(body, "model"), _text(body, "version")
         version, directions = self.version(model, ref)
         n_steps = self.steps_of(version, directions)
-        kind = _choice(body, "sampler", ("ddpm", "ddim"), "ddim")
+        kind = _choice(body, "sampler", SAMPLERS, "ddim")
         seeds_a, seeds_b = _seeds(body.get("seeds_a"), "seeds_a"), _seeds(body.get("seeds_b"), "seeds_b")
         if len(seeds_a) != len(seeds_b):
             raise ValueError(f"seeds_a has {len(seeds_a)} seeds but seeds_b has {len(seeds_b)}")
         lo, hi = _step_range(body.get("steps"), n_steps)
+        conditioning = self.conditioning(body)
         sampler = self.sampler(kind, n_steps)
-        plain = sampler.sample(list(seeds_a) + list(seeds_b), record_h=False).images
-        swapped = sampler.h_swap(list(seeds_a), list(seeds_b), steps=range(lo, hi + 1)).images
+        plain = sampler.sample(list(seeds_a) + list(seeds_b), record_h=False, **conditioning).images
+        swapped = sampler.h_swap(list(seeds_a), list(seeds_b), steps=range(lo, hi + 1), **conditioning).images
         n, size = len(seeds_a), self.image_size
         return {
             "a": [png_data_url(plain[i], size) for i in range(n)],
@@ -414,6 +484,55 @@ class Explorer:
         }
 
     # ------------------------------------------------------------------ helpers
+    def conditioning(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The sampler's conditioning keywords from a request's ``prompt``, ``negative_prompt``,
+        ``guidance`` and ``class_label``, checked against what the loaded model takes (a
+        class-conditional model without a label gets class 0)."""
+        conditioner = self.model.conditioner
+        out: dict[str, Any] = {}
+        for field, key in (("prompt", "prompt"), ("negative_prompt", "negative_prompt")):
+            value = body.get(field)
+            if value is None or value == "":
+                continue
+            if not isinstance(value, str) or len(value) > MAX_PROMPT_CHARS:
+                raise ValueError(f"{field} must be a string of at most {MAX_PROMPT_CHARS} characters")
+            if conditioner.name not in ("text", "text-xl"):
+                raise ValueError(f"{field}: the loaded model ({self.model.kind.name}) takes no prompt")
+            out[key] = value
+        label = body.get("class_label")
+        if label is not None or conditioner.name == "class":
+            label = 0 if label is None else label
+            if conditioner.name != "class":
+                raise ValueError(
+                    f"class_label: the loaded model ({self.model.kind.name}) takes no class label"
+                )
+            if isinstance(label, bool) or not isinstance(label, int):
+                raise ValueError(f"class_label must be an integer, got {label!r}")
+            out["class_labels"] = label
+        guidance = body.get("guidance")
+        if guidance is not None:
+            value = _number(guidance, "guidance")
+            if not 0 <= value <= MAX_GUIDANCE:
+                raise ValueError(f"guidance must be in 0..{MAX_GUIDANCE:g}, got {value:g}")
+            out["guidance_scale"] = value
+        return self._conditioning_check(out)
+
+    def _conditioning_check(self, conditioning: dict[str, Any]) -> dict[str, Any]:
+        """ValueError (naming the field) for conditioning the model cannot take, before any rendering."""
+        from hspace.conditioning import ConditionRequest, cycle
+
+        conditioner = self.model.conditioner
+        request = ConditionRequest(
+            prompts=cycle(conditioning.get("prompt"), 1, "prompt"),
+            negative_prompts=cycle(conditioning.get("negative_prompt"), 1, "negative_prompt"),
+            class_labels=cycle(conditioning.get("class_labels"), 1, "class_label"),
+        )
+        if request.prompts is None and conditioner.name in ("text", "text-xl"):
+            request.prompts = [""]
+        conditioner.check(request)
+        conditioner.resolve_guidance(conditioning.get("guidance_scale"))
+        return conditioning
+
     def sampler(self, kind: str, n_steps: int) -> HSpaceSampler:
         """A cached sampler: ddpm, ddim (eta 0), or ``image`` (DDIM eta 0 without x0 clipping, the
         sampler that reconstructs inverted images)."""
@@ -438,7 +557,7 @@ class Explorer:
         with self._lock:
             value = self._h_norm.get(n_steps)
         if value is None:
-            traj = self.sampler("ddim", n_steps).sample([0])
+            traj = self.sampler("ddim", n_steps).sample([0], **self.conditioning({}))
             assert traj.h is not None
             value = float(traj.h[0].float().flatten(1).norm(dim=1).mean())
             with self._lock:
