@@ -411,11 +411,33 @@ def parse_manifest(raw: bytes, *, path: str, model: str, version: str) -> dict[s
     for key in ("files", "directions"):
         if not isinstance(manifest.get(key), list):
             raise ManifestError(f"{path}: field {key!r} must be a list")
+    _check_manifest_model(info, manifest.get("conditioning"), path)
     files = _check_manifest_files(manifest["files"], path)
     _check_manifest_directions(manifest["directions"], path)
     if manifest["directions"] and DIRECTIONS_FILE not in files:
         raise ManifestError(f"{path}: lists directions but no {DIRECTIONS_FILE} in 'files'")
     return manifest
+
+
+#: What a manifest's ``model`` object may record about the model beyond its name and id (all
+#: optional: manifests written before these fields existed read the same). From
+#: ``HSpaceModel.describe()``.
+MODEL_DESCRIPTION_FIELDS = ("kind", "pipeline_class", "capture", "h_shape", "latent_shape", "image_shape")
+
+
+def _check_manifest_model(info: dict[str, Any], conditioning: Any, path: str) -> None:
+    """The optional model description fields and ``conditioning`` have the right types."""
+    for key in ("kind", "pipeline_class", "capture"):
+        if key in info and not isinstance(info[key], (str, type(None))):
+            raise ManifestError(f"{path}: field 'model.{key}' must be a string, got {info[key]!r}")
+    for key in ("h_shape", "latent_shape", "image_shape"):
+        shape = info.get(key)
+        if shape is not None and (
+            not isinstance(shape, list) or len(shape) != 3 or not all(_is_int(n) and n > 0 for n in shape)
+        ):
+            raise ManifestError(f"{path}: field 'model.{key}' must be 3 positive integers, got {shape!r}")
+    if conditioning is not None and not isinstance(conditioning, dict):
+        raise ManifestError(f"{path}: field 'conditioning' must be an object, got {conditioning!r}")
 
 
 def _check_manifest_files(entries: list[Any], path: str) -> set[str]:
@@ -487,6 +509,24 @@ class CatalogVersion:
     @property
     def path(self) -> str:
         return self.catalog._version_dir(self.model, self.version)
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """What the manifest records about the model: ``name``, ``id``, ``revision``,
+        ``fingerprint`` and, for versions built with them, ``kind`` (``pixel``, ``text``,
+        ``dit``, ...), ``capture`` (the capture point), ``h_shape``, ``latent_shape``,
+        ``image_shape`` (absent keys read as None)."""
+        info = dict(self.manifest["model"])
+        for key in MODEL_DESCRIPTION_FIELDS:
+            info.setdefault(key, None)
+        return info
+
+    @property
+    def conditioning(self) -> dict[str, Any]:
+        """What the build conditioned its samples on (``prompts``, ``negative_prompt``,
+        ``class_labels``, ``guidance_scale``, ``record_branch``, the model's ``conditioning`` kind);
+        empty for versions of unconditional models or built before it was recorded."""
+        return dict(self.manifest.get("conditioning") or {})
 
     def files(self) -> list[str]:
         """Relative paths of every file the manifest lists (manifest.json itself excluded)."""
@@ -807,7 +847,9 @@ class Catalog:
         ``grades`` (direction -> :mod:`hspace.grade` dict) become each manifest entry's ``grade``.
 
         ``metadata`` (JSON-able) may hold ``model_id``, ``revision``, ``config_hash``,
-        ``model_fingerprint``, ``sampler``, ``timesteps``, ``inputs`` (the run manifest summary);
+        ``model_fingerprint``, ``sampler``, ``timesteps``, ``inputs`` (the run manifest summary),
+        ``model`` (``HSpaceModel.describe()``: kind, capture point, shapes, recorded in the
+        manifest's ``model``) and ``conditioning`` (prompts, class labels, guidance, ...);
         other keys are kept under the manifest's ``extra``. Every input is validated before anything
         is written; the id is claimed (``~claim``), every file is created exclusively,
         ``manifest.json`` last, then the ref moves.
@@ -949,7 +991,13 @@ class Catalog:
         entries: list[dict[str, Any]],
         files: Mapping[str, bytes],
     ) -> dict[str, Any]:
-        known = {"model_id", "revision", "config_hash", "model_fingerprint", "sampler", "timesteps", "inputs"}
+        known = {
+            "model_id", "revision", "config_hash", "model_fingerprint", "sampler", "timesteps", "inputs",
+            "model", "conditioning",
+        }  # fmt: skip
+        described = metadata.get("model") or {}
+        if not isinstance(described, Mapping):
+            raise ValueError(f"metadata['model'] must be a dict (HSpaceModel.describe()), got {described!r}")
         timesteps = metadata.get("timesteps")
         if timesteps is None:
             timesteps = next((d.timesteps.tolist() for d in directions if d.timesteps is not None), None)
@@ -964,8 +1012,10 @@ class Catalog:
                 "fingerprint": metadata.get(
                     "model_fingerprint", fingerprints[0] if len(fingerprints) == 1 else None
                 ),
+                **{k: described[k] for k in MODEL_DESCRIPTION_FIELDS if k in described},
             },
             "version": version,
+            **({"conditioning": dict(metadata["conditioning"])} if metadata.get("conditioning") else {}),
             "sampler": metadata.get("sampler"),
             "timesteps": timesteps,
             "code_version": _code_version(),

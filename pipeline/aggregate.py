@@ -305,32 +305,35 @@ def projection_sigma_streaming(
     *,
     batch_size: int = 256,
     use_ray: bool = True,
+    steps: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """sigma[t] (unbiased std of <h_t, v_t/||v_t||> over every stored sample) for each direction.
 
-    One Ray task per step reads that step's shards once and projects on every direction at once.
+    One Ray task per stored step (``steps``; default every step) reads that step's shards once and
+    projects on every direction at once; sigma is 0 at the steps not stored.
     """
     if not directions:
         return {}
-    units = [_unit_rows(directions, t) for t in range(n_steps)]
+    stored = list(range(n_steps)) if steps is None else list(steps)
+    units = {t: _unit_rows(directions, t) for t in stored}
     if use_ray:
         import ray
 
         task = ray.remote(num_cpus=1)(_projection_moments)
         moments = ray.get(
-            [task.remote(store.url, store.storage_options, t, units[t], batch_size) for t in range(n_steps)]
+            [task.remote(store.url, store.storage_options, t, units[t], batch_size) for t in stored]
         )
     else:
         moments = [
-            _projection_moments(store.url, store.storage_options, t, units[t], batch_size)
-            for t in range(n_steps)
+            _projection_moments(store.url, store.storage_options, t, units[t], batch_size) for t in stored
         ]
-    m = np.stack(moments)  # [T, 3, n_dirs]
+    m = np.stack(moments)  # [T stored, 3, n_dirs]
     n, s, ss = m[:, 0], m[:, 1], m[:, 2]
     if (n < 2).any():
         raise ValueError(f"sigma needs at least 2 stored samples per step in {store.url}")
     var = np.clip((ss - s**2 / n) / (n - 1), 0.0, None)
-    sigma = np.sqrt(var)  # [T, n_dirs]
+    sigma = np.zeros((n_steps, len(directions)))
+    sigma[stored] = np.sqrt(var)  # [T, n_dirs]
     return {d.name: torch.from_numpy(sigma[:, i]).float() for i, d in enumerate(directions)}
 
 
@@ -338,12 +341,24 @@ def projection_sigma_streaming(
 # Ray task bodies
 
 
-def _step_chunks(store: RunStore, seeds: np.ndarray, n_steps: int) -> list[list[int]]:
-    """Consecutive step ranges whose float32 h of ``seeds`` fits in :data:`H_CHUNK_BYTES`."""
-    probe = store.read_h(seeds[:1], steps=[0])
+def _step_chunks(store: RunStore, seeds: np.ndarray, steps: Sequence[int]) -> list[list[int]]:
+    """Consecutive runs of the stored ``steps`` whose float32 h of ``seeds`` fits in :data:`H_CHUNK_BYTES`."""
+    steps = list(steps)
+    probe = store.read_h(seeds[:1], steps=steps[:1])
     per_step = len(seeds) * int(np.prod(probe.shape[2:])) * 4
-    chunk = max(1, min(n_steps, H_CHUNK_BYTES // max(per_step, 1)))
-    return [list(range(start, min(n_steps, start + chunk))) for start in range(0, n_steps, chunk)]
+    chunk = max(1, min(len(steps), H_CHUNK_BYTES // max(per_step, 1)))
+    return [steps[start : start + chunk] for start in range(0, len(steps), chunk)]
+
+
+def _all_steps(parts: Sequence[torch.Tensor], steps: Sequence[int], n_steps: int) -> torch.Tensor:
+    """[n_steps, C, H, W] from the stored steps' values (concatenated ``parts``); zero at the
+    steps the build does not store (``generate.capture_steps``), so an edit leaves them alone."""
+    stored = torch.cat(list(parts))
+    if len(steps) == n_steps:
+        return stored
+    out = torch.zeros(n_steps, *stored.shape[1:], dtype=stored.dtype)
+    out[list(steps)] = stored
+    return out
 
 
 def _attribute_task(
@@ -357,6 +372,7 @@ def _attribute_task(
     timesteps: list[int] | None,
     model_fingerprint: str | None,
     provenance: dict,
+    stored_steps: list[int] | None = None,
 ) -> tuple[dict, dict, dict]:
     """Read back h of the top/bottom seeds only, steps in memory-bounded chunks; build both directions."""
     store = RunStore(run_url, storage_options)
@@ -364,7 +380,8 @@ def _attribute_task(
     pos, neg = (i.numpy() for i in select_quantiles(torch.from_numpy(scores), q))
     seeds = np.asarray(seeds)
     md_parts, b_parts, accs = [], [], []
-    for steps in _step_chunks(store, seeds[np.concatenate([pos, neg])], n_steps):
+    stored = list(range(n_steps)) if stored_steps is None else list(stored_steps)
+    for steps in _step_chunks(store, seeds[np.concatenate([pos, neg])], stored):
         h = torch.from_numpy(
             store.read_h(seeds[np.concatenate([pos, neg])], steps=steps)
         )  # one read for both groups
@@ -375,8 +392,8 @@ def _attribute_task(
     ts = torch.tensor(timesteps) if timesteps is not None else None
     md_dir, b_dir, stats = _supervised_pair(
         name,
-        torch.cat(md_parts),
-        torch.cat(b_parts),
+        _all_steps(md_parts, stored, n_steps),
+        _all_steps(b_parts, stored, n_steps),
         accs,
         scores[pos],
         scores[neg],
@@ -400,6 +417,7 @@ def _conditional_task(
     timesteps: list[int] | None,
     model_fingerprint: str | None,
     provenance: dict,
+    stored_steps: list[int] | None = None,
 ) -> dict:
     """The conditional mean difference ``name``: within-stratum quantiles, h of those seeds only."""
     store = RunStore(run_url, storage_options)
@@ -407,7 +425,8 @@ def _conditional_task(
     selections = conditional_quantiles(torch.from_numpy(scores), torch.from_numpy(strata), q)
     rows = np.concatenate([np.concatenate([p.numpy(), n.numpy()]) for _, p, n in selections])
     parts = []
-    for steps in _step_chunks(store, seeds[rows], n_steps):
+    stored = list(range(n_steps)) if stored_steps is None else list(stored_steps)
+    for steps in _step_chunks(store, seeds[rows], stored):
         h = torch.from_numpy(store.read_h(seeds[rows], steps=steps))  # one read for every stratum's groups
         diffs, at = [], 0
         for _, pos, neg in selections:
@@ -424,7 +443,7 @@ def _conditional_task(
         },
     }
     d = Direction(
-        vector=torch.cat(parts),
+        vector=_all_steps(parts, stored, n_steps),
         name=name,
         kind="supervised",
         units="raw",
@@ -523,6 +542,7 @@ class _RunFacts:
     n_steps: int
     timesteps: list[int] | None
     model_fingerprint: str | None
+    stored_steps: list[int] | None = None
 
 
 def _check_named_attributes(agg: AggregateConfig, attributes: Sequence[str], binary: Sequence[bool]) -> None:
@@ -560,14 +580,17 @@ def _submit_supervised(cfg: BuildConfig, facts: _RunFacts, annotated: AnnotateRe
 
     tail = (facts.n_steps, facts.timesteps, facts.model_fingerprint)
     task = ray.remote(num_cpus=1)(_attribute_task)
-    refs = [task.remote(*common, column(a), facts.quantile, a, *tail, provenance(a)) for a in attributes]
+    stored = facts.stored_steps
+    refs = [
+        task.remote(*common, column(a), facts.quantile, a, *tail, provenance(a), stored) for a in attributes
+    ]
     ctask = ray.remote(num_cpus=1)(_conditional_task)
     cond_refs = []
     for attr, other in cfg.aggregate.condition.items():
         strata = (scores.column(other).to_numpy() > 0).astype(np.int64)
         prov = provenance(attr) | {"attribute": attr, "conditioned_on": other}
         args = (column(attr), strata, facts.quantile, f"{attr}_conditional", *tail, prov)
-        cond_refs.append(ctask.remote(*common, *args))
+        cond_refs.append(ctask.remote(*common, *args, stored))
     return refs, cond_refs
 
 
@@ -624,16 +647,21 @@ def _with_sigmas(
     n_steps: int,
     timesteps: torch.Tensor | None,
     batch_size: int,
+    stored_steps: Sequence[int] | None = None,
+    capture: str | None = None,
 ) -> dict[str, Direction]:
     """Exact sigma over all stored samples (one streaming pass) of every direction not named in
-    ``keep`` (the PCA directions, whose sigma is the explained variance's square root)."""
+    ``keep`` (the PCA directions, whose sigma is the explained variance's square root); every
+    direction records the ``capture`` point its h came from."""
     need = [d for d in directions if d.name not in keep]
-    sigmas = projection_sigma_streaming(store, need, n_steps, batch_size=batch_size)
+    sigmas = projection_sigma_streaming(store, need, n_steps, batch_size=batch_size, steps=stored_steps)
     ts = timesteps.to(torch.int64) if timesteps is not None else None
     out = {}
     for d in directions:
         if d.name not in keep:
             d = replace(d, sigma=sigmas[d.name], timesteps=ts if d.per_step else None)
+        if capture is not None:
+            d = replace(d, capture=capture)
         if d.sigma is not None and not bool(torch.isfinite(d.sigma).all()):
             raise ValueError(f"aggregate: direction {d.name!r} got a non-finite sigma")
         out[d.name] = d
@@ -660,6 +688,7 @@ def aggregate(
     t0 = time.perf_counter()
     agg = cfg.aggregate if annotated is not None else None
     n_steps = cfg.sampler.num_inference_steps
+    stored = cfg.capture_steps
     timesteps = torch.tensor(generated.timesteps) if generated.timesteps is not None else None
     refs, cond_refs, attributes = [], [], []
     if agg is not None:
@@ -675,6 +704,7 @@ def aggregate(
             n_steps,
             ts_list,
             generated.model_fingerprint,
+            stored if len(stored) < n_steps else None,
         )
         refs, cond_refs = _submit_supervised(cfg, facts, annotated)
     jac_refs = _submit_jacobians(cfg, generated.model_fingerprint)  # in parallel with the above
@@ -694,7 +724,10 @@ def aggregate(
         supervised, boundaries, [*disentangled, *conditional], from_pca, jacobians, randoms
     )
     keep = {d.name for d in from_pca}
-    directions = _with_sigmas(store, ordered, keep, n_steps, timesteps, cfg.pca.batch_size)
+    capture = (generated.model_description or {}).get("capture") or cfg.model.capture
+    directions = _with_sigmas(
+        store, ordered, keep, n_steps, timesteps, cfg.pca.batch_size, stored, capture=capture
+    )
     if not directions:
         raise ValueError(
             "aggregate: no directions (no PCA state, no annotate/aggregate sections, no jacobian specs)"

@@ -118,28 +118,134 @@ def _check_protocol(url: str) -> str:
     return url
 
 
+#: The kinds of model a config may state (``hspace.model.KIND_NAMES``).
+ModelKindName = Literal["pixel", "class", "latent", "text", "text-xl", "dit"]
+#: The samplers (``hspace.model.SCHEDULERS``): each builds its diffusers scheduler from the model's config.
+SamplerName = Literal["ddpm", "ddim", "dpm", "euler", "euler_a"]
+#: Model kinds conditioned on text, and on class labels.
+TEXT_KINDS = ("text", "text-xl")
+CLASS_KINDS = ("class", "dit")
+
+
+def _positive_dims(v: list[int] | None) -> list[int] | None:
+    if v is not None and any(d <= 0 for d in v):
+        raise ValueError(f"every dimension must be positive, got {v}")
+    return v
+
+
+def _check_capture(v: str | None) -> str | None:
+    """A capture point spec (``mid_block``, ``mid_block:input``, ``transformer_blocks.14``), normalised."""
+    if v is None:
+        return None
+    from hspace.model import CapturePoint
+
+    return CapturePoint.parse(v).spec
+
+
+def _string_list(v: Any) -> Any:
+    """One string or a non-empty list of strings (checked before pydantic's union, whose errors
+    would name each alternative)."""
+    if v is None or isinstance(v, str):
+        return v
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"must be a string or a list of strings, got {v!r}")
+    if not v:
+        raise ValueError("must list at least one string (or be left out)")
+    return v
+
+
+def _int_list(v: Any) -> Any:
+    """One class id or a non-empty list of them, every id an int >= 0."""
+    if v is None:
+        return v
+    labels = [v] if not isinstance(v, list) else v
+    if not labels:
+        raise ValueError("must list at least one class id (or be left out)")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
+        raise ValueError(f"must be a class id (int) or a list of them, got {v!r}")
+    bad = [x for x in labels if x < 0]
+    if bad:
+        raise ValueError(f"class ids must be >= 0, got {bad}")
+    return v
+
+
 class ModelConfig(_Strict):
-    """Which diffusion model: ``toy`` (the shipped toy model), a local directory or a hub id."""
+    """Which diffusion model: ``toy`` (the shipped toy model), a local directory or a hub id, and
+    what it is conditioned on.
+
+    Conditioning (``prompts``, ``negative_prompt``, ``class_labels``) is one value or a list:
+    generation seed ``s`` gets entry ``s % len(list)``, in every stage (generate, evaluate), so a
+    seed's conditioning does not depend on the block or the worker that renders it.
+    """
 
     source: str = Field(min_length=1)
     revision: str | None = None
-    #: h-space shape [C, H, W]; needed only for dry runs of hub models not present locally.
+    #: ``pixel | class | latent | text | text-xl | dit``; read from ``model_index.json`` when the
+    #: model is present locally; stated for dry runs of hub models not downloaded.
+    kind: ModelKindName | None = None
+    #: Where h is captured: a module path of the denoiser, ``:input`` for its input. Default: the
+    #: U-Net's ``mid_block`` (the paper's h-space), a transformer's middle block.
+    capture: str | None = None
+    #: h-space shape [C, H, W] at the capture point; needed only for dry runs of hub models not
+    #: present locally, or for capture points the config files do not determine.
     h_shape: list[int] | None = Field(default=None, min_length=3, max_length=3)
+    #: [C, H, W] of what the denoiser denoises and of the images; stated like ``h_shape``.
+    latent_shape: list[int] | None = Field(default=None, min_length=3, max_length=3)
+    image_shape: list[int] | None = Field(default=None, min_length=3, max_length=3)
     #: Training steps of the model; read from the scheduler config when it is present.
     num_train_timesteps: int | None = Field(default=None, gt=0)
+    #: Text models: the prompt(s), cycled over the seeds, and the negative prompt(s).
+    prompts: str | list[str] | None = None
+    negative_prompt: str | list[str] | None = None
+    #: Class-conditional models (DiT, class U-Nets): the class id(s), cycled over the seeds.
+    class_labels: int | list[int] | None = None
+    #: Classifier-free guidance; None = the model's default (7.5 SD, 5 SDXL, 4 DiT, 1 = none otherwise).
+    guidance_scale: float | None = Field(default=None, ge=0.0)
+    #: Under guidance, whose h is stored: the unconditional branch (the paper's code) or the conditional one.
+    record_branch: Literal["uncond", "cond"] = "uncond"
 
-    @field_validator("h_shape")
-    @classmethod
-    def _positive_shape(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and any(d <= 0 for d in v):
-            raise ValueError(f"every dimension must be positive, got {v}")
-        return v
+    _shapes = field_validator("h_shape", "latent_shape", "image_shape")(_positive_dims)
+    _capture = field_validator("capture")(_check_capture)
+    _lists = field_validator("prompts", "negative_prompt", mode="before")(_string_list)
+    _labels = field_validator("class_labels", mode="before")(_int_list)
+
+    @property
+    def conditioned(self) -> bool:
+        """Whether the config names any conditioning (prompts, class labels or a guidance scale)."""
+        return any(
+            x is not None
+            for x in (self.prompts, self.negative_prompt, self.class_labels, self.guidance_scale)
+        )
+
+    def conditioning_for(self, seeds: Sequence[int]) -> dict[str, Any]:
+        """``HSpaceSampler.sample`` keyword arguments for ``seeds``: seed ``s`` gets entry
+        ``s % len`` of every list (prompts, negative prompts, class labels)."""
+
+        def per_seed(values: Any) -> list | None:
+            if values is None:
+                return None
+            items = values if isinstance(values, list) else [values]
+            return [items[int(s) % len(items)] for s in seeds]
+
+        out: dict[str, Any] = {}
+        for key, values in (
+            ("prompt", self.prompts),
+            ("negative_prompt", self.negative_prompt),
+            ("class_labels", self.class_labels),
+        ):
+            if values is not None:
+                out[key] = per_seed(values)
+        if self.guidance_scale is not None:
+            out["guidance_scale"] = self.guidance_scale
+        out["record_branch"] = self.record_branch
+        return out
 
 
 class SamplerConfig(_Strict):
-    """The seeded sampler: DDPM (eta 1, the paper's default) or DDIM (eta 0), any eta."""
+    """The seeded sampler: DDPM (eta 1, the paper's default), DDIM (eta 0, any eta), or the
+    samplers Stable Diffusion users run: ``dpm`` (DPM-Solver++), ``euler``, ``euler_a``."""
 
-    kind: Literal["ddpm", "ddim"] = "ddpm"
+    kind: SamplerName = "ddpm"
     num_inference_steps: int = Field(default=50, gt=0)
     eta: float | None = Field(default=None, ge=0.0, le=1.0)
 
@@ -151,6 +257,10 @@ class GenerateConfig(_Strict):
     seed_start: int = 0
     batch_size: int = Field(default=32, gt=0)
     seeds_per_block: int = Field(default=256, gt=0)
+    #: Sampler steps whose h is stored (0 = noisiest); None = every step. ``capture_every: k``
+    #: stores steps 0, k, 2k, ... instead. Directions are zero at the steps not stored.
+    capture_steps: list[int] | None = None
+    capture_every: int | None = Field(default=None, gt=0)
 
     _seed = field_validator("seed_start")(_check_seed)
 
@@ -175,6 +285,9 @@ class StorageConfig(_Strict):
 
     run_url: str = Field(min_length=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    #: Most activation bytes (float16 h, before compression) the build may write; the dry run and
+    #: the build refuse a config beyond it before any work.
+    max_bytes: int | None = Field(default=None, gt=0)
 
     _protocol = field_validator("run_url")(_check_protocol)
 
@@ -335,10 +448,19 @@ class BuildConfig(_Strict):
         return getattr(torch, self.dtype)
 
     @property
+    def capture_steps(self) -> list[int]:
+        """Sampler steps whose h the build stores (``generate.capture_steps`` / ``capture_every``;
+        every step by default)."""
+        steps, g = self.sampler.num_inference_steps, self.generate
+        if g.capture_steps is not None:
+            return sorted(set(g.capture_steps))
+        return list(range(0, steps, g.capture_every or 1))
+
+    @property
     def pca_steps(self) -> list[int]:
-        """Sampler steps the PCA covers (every step when ``pca.steps`` is None)."""
+        """Sampler steps the PCA covers (every stored step when ``pca.steps`` is None)."""
         if self.pca.steps is None:
-            return list(range(self.sampler.num_inference_steps))
+            return self.capture_steps
         return sorted(self.pca.steps)
 
     @property
@@ -353,7 +475,45 @@ Errors = list[tuple[str, str]]
 def _sampler_errors(cfg: BuildConfig) -> Errors:
     if cfg.sampler.kind == "ddpm" and cfg.sampler.eta not in (None, 1.0):
         return [("sampler.eta", f"ddpm sampling has eta=1; for eta={cfg.sampler.eta} set sampler.kind: ddim")]
+    if cfg.sampler.kind not in ("ddpm", "ddim") and cfg.sampler.eta is not None:
+        return [("sampler.eta", f"eta applies to ddim only; sampler.kind {cfg.sampler.kind!r} takes none")]
     return []
+
+
+def _capture_steps_errors(cfg: BuildConfig) -> Errors:
+    g, steps = cfg.generate, cfg.sampler.num_inference_steps
+    if g.capture_steps is None:
+        return []
+    errors: Errors = []
+    if g.capture_every is not None:
+        errors.append(("generate.capture_every", "give generate.capture_steps or capture_every, not both"))
+    if not g.capture_steps:
+        errors.append(
+            ("generate.capture_steps", "must list at least one step (or be left out for all steps)")
+        )
+    bad = [s for s in g.capture_steps if not 0 <= s < steps]
+    if bad:
+        errors.append(
+            (
+                "generate.capture_steps",
+                f"steps {bad} outside 0..{steps - 1} (sampler.num_inference_steps={steps})",
+            )
+        )
+    if len(set(g.capture_steps)) != len(g.capture_steps):
+        errors.append(("generate.capture_steps", f"duplicate steps in {g.capture_steps}"))
+    return errors
+
+
+def _conditioning_shape_errors(cfg: BuildConfig) -> Errors:
+    """Conditioning that no kind of model takes together; the checks against the model's kind are
+    in :func:`_model_errors`."""
+    m = cfg.model
+    errors: Errors = []
+    if m.class_labels is not None and (m.prompts is not None or m.negative_prompt is not None):
+        errors.append(("model.class_labels", "a model takes prompts or class labels, not both"))
+    if m.negative_prompt is not None and m.prompts is None:
+        errors.append(("model.negative_prompt", "needs model.prompts"))
+    return errors
 
 
 def _pca_steps_errors(cfg: BuildConfig) -> Errors:
@@ -367,6 +527,12 @@ def _pca_steps_errors(cfg: BuildConfig) -> Errors:
     if bad:
         errors.append(
             ("pca.steps", f"steps {bad} outside 0..{steps - 1} (sampler.num_inference_steps={steps})")
+        )
+    stored = set(cfg.capture_steps)
+    unstored = [s for s in pca_steps if 0 <= s < steps and s not in stored]
+    if unstored and not bad:
+        errors.append(
+            ("pca.steps", f"steps {unstored} are not stored (generate.capture_steps / capture_every)")
         )
     if len(set(pca_steps)) != len(pca_steps):
         errors.append(("pca.steps", f"duplicate steps in {pca_steps}"))
@@ -500,6 +666,8 @@ def _jacobian_errors(cfg: BuildConfig) -> Errors:
 #: Checks between fields of one config (no model, no I/O), one per section, in reporting order.
 _CROSS_FIELD_CHECKS = (
     _sampler_errors,
+    _capture_steps_errors,
+    _conditioning_shape_errors,
     _seed_range_errors,
     _pca_steps_errors,
     _pca_size_errors,
@@ -520,8 +688,10 @@ _CROSS_FIELD_CHECKS = (
 class ModelInfo:
     """What the pipeline needs to know about a model before loading it.
 
-    ``location`` is a local directory or a hub id; ``h_shape`` / ``image_size`` /
-    ``num_train_timesteps`` are None when neither the model files nor the config give them.
+    ``location`` is a local directory or a hub id; ``kind`` (``hspace.model.KIND_NAMES``),
+    ``capture`` (the capture point spec), the shapes and ``num_train_timesteps`` are None when
+    neither the model files nor the config give them. ``num_classes``: a class-conditional
+    model's class count.
     """
 
     location: str
@@ -530,6 +700,11 @@ class ModelInfo:
     h_shape: tuple[int, int, int] | None
     image_size: int | None
     num_train_timesteps: int | None
+    kind: str | None = None
+    capture: str | None = None
+    latent_shape: tuple[int, int, int] | None = None
+    image_shape: tuple[int, int, int] | None = None
+    num_classes: int | None = None
 
 
 def _toy_model_dir() -> Path:
@@ -551,7 +726,7 @@ def _looks_like_path(source: str) -> bool:
 
 
 def unet_h_shape(unet_config: dict[str, Any]) -> tuple[tuple[int, int, int], int]:
-    """``(h_shape, image_size)`` of a diffusers ``UNet2DModel`` config.
+    """``(h_shape, image_size)`` of a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` config.
 
     The mid-block sees ``block_out_channels[-1]`` channels at the input size divided by two for
     every down block except the last (diffusers adds no downsampler to the final block).
@@ -564,71 +739,202 @@ def unet_h_shape(unet_config: dict[str, Any]) -> tuple[tuple[int, int, int], int
     return (channels, side, side), size
 
 
-def _local_config_files(root: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+def transformer_h_shape(config: dict[str, Any]) -> tuple[int, int, int]:
+    """h [D, gh, gw] of a ``DiTTransformer2DModel`` block: its tokens (one per patch, width
+    heads x head dim) seen as a map over the patch grid."""
+    size = config["sample_size"]
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    patch = int(config["patch_size"])
+    inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    return (inner, height // patch, width // patch)
+
+
+#: Component folders of each kind: (denoiser, vae).
+_COMPONENTS = {
+    "pixel": ("unet", None),
+    "class": ("unet", None),
+    "latent": ("unet", "vqvae"),
+    "text": ("unet", "vae"),
+    "text-xl": ("unet", "vae"),
+    "dit": ("transformer", "vae"),
+}
+
+
+def _kind_of(index: dict[str, Any] | None, denoiser: dict[str, Any] | None) -> str | None:
+    """The kind from ``model_index.json``'s pipeline class (a bare U-Net: pixel, or class with a
+    class embedding); None when unknown."""
+    from hspace.model import PIPELINE_KINDS
+
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    kind = PIPELINE_KINDS[name].name if name in PIPELINE_KINDS else None
+    if kind in (None, "pixel") and denoiser is not None:
+        has_classes = denoiser.get("num_class_embeds") or denoiser.get("class_embed_type")
+        return "class" if has_classes else "pixel"
+    return kind
+
+
+def _local_config_files(root: Path) -> dict[str, dict[str, Any] | None]:
+    """``index`` (model_index.json), ``denoiser``, ``vae`` and ``scheduler`` configs of a local model."""
     from hspace.io import read_json
 
-    unet = read_json(root / "unet" / "config.json", missing_ok=True) or read_json(
-        root / "config.json", missing_ok=True
-    )
+    index = read_json(root / "model_index.json", missing_ok=True)
+    kind = _kind_of(index, None)
+    folder, vae_folder = _COMPONENTS.get(kind or "pixel", ("unet", None))
+    denoiser = read_json(root / folder / "config.json", missing_ok=True)
+    if denoiser is None and index is None:
+        denoiser = read_json(root / "config.json", missing_ok=True)  # a bare UNet directory
+    vae = read_json(root / vae_folder / "config.json", missing_ok=True) if vae_folder else None
     sched = read_json(root / "scheduler" / "scheduler_config.json", missing_ok=True)
-    return unet, sched
+    return {"index": index, "denoiser": denoiser, "vae": vae, "scheduler": sched}
 
 
-def _hub_cached_config_files(repo_id: str, revision: str | None) -> tuple[dict | None, dict | None]:
+def _hub_cached_config_files(repo_id: str, revision: str | None) -> dict[str, dict[str, Any] | None]:
     """Configs of a hub model from the local Hugging Face cache only (never the network)."""
     from hspace.io import read_json
 
+    out: dict[str, dict[str, Any] | None] = {"index": None, "denoiser": None, "vae": None, "scheduler": None}
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
-        return None, None
-    out: list[dict | None] = []
-    for name in ("unet/config.json", "scheduler/scheduler_config.json"):
+        return out
+
+    def cached(name: str) -> dict[str, Any] | None:
         hit = try_to_load_from_cache(repo_id, name, revision=revision)
-        out.append(read_json(hit, missing_ok=True) if isinstance(hit, str) else None)
-    return out[0], out[1]
+        return read_json(hit, missing_ok=True) if isinstance(hit, str) else None
+
+    out["index"] = cached("model_index.json")
+    folder, vae_folder = _COMPONENTS.get(_kind_of(out["index"], None) or "pixel", ("unet", None))
+    out["denoiser"] = cached(f"{folder}/config.json")
+    out["vae"] = cached(f"{vae_folder}/config.json") if vae_folder else None
+    out["scheduler"] = cached("scheduler/scheduler_config.json")
+    return out
 
 
-def describe_model(model: ModelConfig) -> ModelInfo:
-    """Resolve ``model.source`` and read its shapes from config files (no weights loaded).
+def _derived_shapes(
+    kind: str, denoiser: dict[str, Any], vae: dict[str, Any] | None, capture: str | None
+) -> tuple[tuple | None, tuple, tuple | None, int | None, str]:
+    """``(h_shape, latent_shape, image_shape, num_classes, capture)`` from the config files; h is
+    None for a capture point other than the default module (its shape needs a forward pass)."""
+    from hspace.model import CapturePoint
 
-    Raises ConfigError naming ``model.source`` for a missing local directory and ``model.h_shape``
-    / ``model.num_train_timesteps`` when an explicit value contradicts the model's own config.
-    """
+    size = denoiser["sample_size"]
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    latent = (int(denoiser["in_channels"]), int(height), int(width))
+    if kind == "dit":
+        default = f"transformer_blocks.{int(denoiser['num_layers']) // 2}"
+        point = CapturePoint.parse(capture or default)
+        blocks = point.module.split(".")
+        known = (
+            len(blocks) == 2
+            and blocks[0] == "transformer_blocks"
+            and blocks[1].isdigit()
+            and int(blocks[1]) < int(denoiser["num_layers"])
+        )
+        h = transformer_h_shape(denoiser) if known else None
+        num_classes = int(denoiser.get("num_embeds_ada_norm") or 0) or None
+    else:
+        point = CapturePoint.parse(capture or "mid_block")
+        h = unet_h_shape(denoiser)[0] if point.module == "mid_block" else None
+        num_classes = denoiser.get("num_class_embeds")
+    image = latent
+    if vae is not None:
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        image = (int(vae.get("out_channels", 3)), height * factor, width * factor)
+    elif _COMPONENTS[kind][1] is not None:
+        image = None  # a latent model whose VAE config is not at hand
+    return h, latent, image, num_classes, point.spec
+
+
+def _model_files(model: ModelConfig) -> tuple[dict[str, dict[str, Any] | None], str, bool]:
+    """``(config files, location, is_local)`` of ``model.source``; ConfigError naming
+    ``model.source`` for a missing directory or one without a denoiser config."""
     source = model.source
     if source == "toy":
         root = _toy_model_dir()
-        unet_cfg, sched_cfg = _local_config_files(root)
-        if unet_cfg is None:
+        files = _local_config_files(root)
+        if files["denoiser"] is None:
             raise ConfigError(
                 [("model.source", f"toy model {root} has no unet/config.json (toy weights not built)")]
             )
-        location, is_local = str(root), True
-    elif _expand(source, "model.source").is_dir():
+        return files, str(root), True
+    if _expand(source, "model.source").is_dir():
         root = _expand(source, "model.source")
-        unet_cfg, sched_cfg = _local_config_files(root)
-        if unet_cfg is None:
+        try:
+            files = _local_config_files(root)
+        except ValueError as e:
+            raise ConfigError([("model.source", str(e))]) from None
+        if files["denoiser"] is None:
             raise ConfigError(
-                [("model.source", f"{root} has no unet/config.json (expected DDPMPipeline layout)")]
+                [
+                    (
+                        "model.source",
+                        f"{root} has no denoiser config (unet/config.json or transformer/config.json "
+                        "of a diffusers pipeline directory, or a bare UNet's config.json)",
+                    )
+                ]
             )
-        location, is_local = str(root), True
-    elif _looks_like_path(source):
+        return files, str(root), True
+    if _looks_like_path(source):
         raise ConfigError([("model.source", f"local model directory {source!r} does not exist")])
-    else:
-        unet_cfg, sched_cfg = _hub_cached_config_files(source, model.revision)
-        location, is_local = source, False
+    return _hub_cached_config_files(source, model.revision), source, False
 
+
+def _files_kind(files: dict[str, dict[str, Any] | None], location: str) -> str | None:
+    """The kind the model's files say (None without files); ConfigError for an unsupported pipeline."""
+    from hspace.model import PIPELINE_KINDS
+
+    index_class = files["index"].get("_class_name") if isinstance(files["index"], dict) else None
+    if index_class is not None and index_class not in PIPELINE_KINDS:
+        supported = ", ".join(sorted(PIPELINE_KINDS))
+        raise ConfigError(
+            [
+                (
+                    "model.source",
+                    f"{location}: hspace does not support diffusers' {index_class}; supported: {supported}",
+                )
+            ]
+        )
+    return _kind_of(files["index"], files["denoiser"]) if files["denoiser"] or files["index"] else None
+
+
+def _stated(v: list[int] | None) -> tuple[int, ...] | None:
+    return tuple(v) if v is not None else None
+
+
+def describe_model(model: ModelConfig) -> ModelInfo:
+    """Resolve ``model.source`` and read its kind and shapes from config files (no weights loaded).
+
+    Raises ConfigError naming ``model.source`` for a missing local directory, and the stated field
+    (``model.kind``, ``model.h_shape``, ``model.latent_shape``, ``model.image_shape``,
+    ``model.num_train_timesteps``) when a stated value contradicts the model's own config.
+    """
+    files, location, is_local = _model_files(model)
     errors: list[tuple[str, str]] = []
-    h_shape = tuple(model.h_shape) if model.h_shape is not None else None
-    image_size = None
-    if unet_cfg is not None:
-        derived, image_size = unet_h_shape(unet_cfg)
-        if h_shape is not None and h_shape != derived:
-            errors.append(
-                ("model.h_shape", f"{list(h_shape)} contradicts the model's unet config ({list(derived)})")
-            )
-        h_shape = derived
+    kind = _files_kind(files, location)
+    if kind is not None and model.kind is not None and kind != model.kind:
+        errors.append(("model.kind", f"{model.kind!r} contradicts the model's files ({kind!r})"))
+    kind = kind or model.kind
+    h_shape, latent_shape = _stated(model.h_shape), _stated(model.latent_shape)
+    image_shape = _stated(model.image_shape)
+    capture, num_classes = _check_capture(model.capture), None
+    if files["denoiser"] is not None and kind is not None:
+        try:
+            derived = _derived_shapes(kind, files["denoiser"], files["vae"], model.capture)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError([("model.source", f"{location}: unreadable denoiser config ({e})")]) from None
+        d_h, d_latent, d_image, num_classes, capture = derived
+        for field, stated, found in (
+            ("model.h_shape", h_shape, d_h),
+            ("model.latent_shape", latent_shape, d_latent),
+            ("model.image_shape", image_shape, d_image),
+        ):
+            if stated is not None and found is not None and stated != found:
+                errors.append((field, f"{list(stated)} contradicts the model's config ({list(found)})"))
+        h_shape, latent_shape, image_shape = d_h or h_shape, d_latent, d_image or image_shape
+    elif capture is None and kind is not None and kind != "dit":
+        capture = "mid_block"
     n_train = model.num_train_timesteps
+    sched_cfg = files["scheduler"]
     if sched_cfg is not None and "num_train_timesteps" in sched_cfg:
         derived_n = int(sched_cfg["num_train_timesteps"])
         if n_train is not None and n_train != derived_n:
@@ -638,11 +944,87 @@ def describe_model(model: ModelConfig) -> ModelInfo:
         n_train = derived_n
     if errors:
         raise ConfigError(errors)
-    return ModelInfo(location, model.revision, is_local, h_shape, image_size, n_train)  # type: ignore[arg-type]
+    image_size = image_shape[1] if image_shape is not None else None
+    return ModelInfo(
+        location, model.revision, is_local, h_shape, image_size, n_train,  # type: ignore[arg-type]
+        kind=kind, capture=capture, latent_shape=latent_shape, image_shape=image_shape,  # type: ignore[arg-type]
+        num_classes=num_classes,
+    )  # fmt: skip
+
+
+def activation_bytes(cfg: BuildConfig, h_shape: Sequence[int] | None) -> int | None:
+    """float16 h bytes the build stores: samples x stored steps x prod(h_shape) x 2 (None if h is unknown)."""
+    if h_shape is None:
+        return None
+    return cfg.generate.n_samples * len(cfg.capture_steps) * math.prod(h_shape) * 2
+
+
+def _class_errors(m: ModelConfig, info: ModelInfo) -> Errors:
+    """A class-conditional model (DiT, class U-Net) needs class labels in range, no prompts."""
+    errors: Errors = [
+        (field, f"the model is class-conditional ({info.kind}): give model.class_labels")
+        for field, value in (("model.prompts", m.prompts), ("model.negative_prompt", m.negative_prompt))
+        if value is not None
+    ]
+    if m.class_labels is None:
+        errors.append(("model.class_labels", f"required: the model is class-conditional ({info.kind})"))
+    labels = [m.class_labels] if isinstance(m.class_labels, int) else (m.class_labels or [])
+    too_big = [x for x in labels if info.num_classes is not None and x >= info.num_classes]
+    if too_big:
+        errors.append(
+            ("model.class_labels", f"{too_big} out of range 0..{info.num_classes - 1} for this model")  # type: ignore[operator]
+        )
+    g = m.guidance_scale
+    if info.kind == "class" and g is not None and g > 1:
+        errors.append(
+            ("model.guidance_scale", f"{g}: a class U-Net has no null class to guide against; use 1")
+        )
+    return errors
+
+
+def _unconditional_errors(m: ModelConfig, kind: str) -> Errors:
+    """An unconditional model (pixel, latent) takes no prompt, class or guidance."""
+    errors: Errors = [
+        (field, f"the model ({kind}) is unconditional and takes none")
+        for field, value in (
+            ("model.prompts", m.prompts),
+            ("model.negative_prompt", m.negative_prompt),
+            ("model.class_labels", m.class_labels),
+        )
+        if value is not None
+    ]
+    if m.guidance_scale is not None and m.guidance_scale > 1:
+        errors.append(
+            ("model.guidance_scale", f"{m.guidance_scale}: the model ({kind}) is unconditional; use 1")
+        )
+    return errors
+
+
+def _conditioning_errors(cfg: BuildConfig, info: ModelInfo) -> Errors:
+    """The config's conditioning against what the model's kind takes (nothing to check when the
+    kind is unknown)."""
+    m, kind = cfg.model, info.kind
+    if kind is None:
+        return []
+    if kind in TEXT_KINDS:
+        errors: Errors = []
+        if m.class_labels is not None:
+            errors.append(
+                ("model.class_labels", f"the model is text-conditional ({kind}): give model.prompts")
+            )
+    elif kind in CLASS_KINDS:
+        errors = _class_errors(m, info)
+    else:
+        errors = _unconditional_errors(m, kind)
+    if kind != "pixel" and cfg.jacobian:
+        errors.append(
+            ("jacobian", f"Jacobian directions are built for unconditional pixel models only, not {kind}")
+        )
+    return errors
 
 
 def _model_errors(cfg: BuildConfig, info: ModelInfo) -> list[tuple[str, str]]:
-    errors: list[tuple[str, str]] = []
+    errors: list[tuple[str, str]] = _conditioning_errors(cfg, info)
     steps = cfg.sampler.num_inference_steps
     if info.num_train_timesteps is not None and steps > info.num_train_timesteps:
         errors.append(
@@ -651,6 +1033,20 @@ def _model_errors(cfg: BuildConfig, info: ModelInfo) -> list[tuple[str, str]]:
                 f"{steps} exceeds the model's num_train_timesteps={info.num_train_timesteps}",
             )
         )
+    max_bytes = cfg.storage.max_bytes
+    if max_bytes is not None:
+        need = activation_bytes(cfg, info.h_shape)
+        if need is None:
+            errors.append(("model.h_shape", "unknown: state it so that storage.max_bytes can be checked"))
+        elif need > max_bytes:
+            errors.append(
+                (
+                    "storage.max_bytes",
+                    f"the build would write {need} bytes of float16 h ({cfg.generate.n_samples} samples x "
+                    f"{len(cfg.capture_steps)} stored steps x h {list(info.h_shape or [])}), more than "
+                    f"{max_bytes}; store fewer steps (generate.capture_steps / capture_every) or samples",
+                )
+            )
     if info.h_shape is not None:
         dim = math.prod(info.h_shape)
         if cfg.pca.n_components > dim:

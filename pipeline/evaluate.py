@@ -68,7 +68,9 @@ def load_model(cfg: BuildConfig, device: str | None = None) -> HSpaceModel:
         cfg.torch_dtype if device != "cpu" else torch.float32
     )  # half precision convs are slow/partial on CPU
     source = resolve_model_source(cfg.model.source)
-    return HSpaceModel.from_pretrained(source, revision=cfg.model.revision, device=device, dtype=dtype)
+    return HSpaceModel.from_pretrained(
+        source, revision=cfg.model.revision, device=device, dtype=dtype, capture=cfg.model.capture
+    )
 
 
 def edit_vectors(
@@ -250,6 +252,9 @@ class EditScorer:
         ]
         self.seeds, self.n_preview = list(seeds), n_preview
         self.scales = [float(s) for s in cfg.evaluate.scales]
+        # the held-out seeds are rendered with the conditioning generate gives a seed
+        self.conditioning = cfg.model.conditioning_for(self.seeds)
+        self.conditioning.pop("record_branch")
 
     def _score(self, images: torch.Tensor) -> np.ndarray:
         """Classifier outputs for images [N, 3, H, W] (resized to the classifier's input if needed)."""
@@ -262,11 +267,14 @@ class EditScorer:
         bs = self.cfg.evaluate.batch_size
         for index in batch["index"]:
             if int(index) == BASE_INDEX:
-                images = self.sampler.sample(self.seeds, record_h=False, batch_size=bs).images[:, None]
+                images = self.sampler.sample(
+                    self.seeds, record_h=False, batch_size=bs, **self.conditioning
+                ).images[:, None]
             else:
                 images = self.sampler.sample_edits(
-                    self.seeds, self.edits[int(index)], self.scales, units="raw", mode="both", batch_size=bs
-                )
+                    self.seeds, self.edits[int(index)], self.scales, units="raw", mode="both", batch_size=bs,
+                    **self.conditioning,
+                )  # fmt: skip
             b, s = images.shape[:2]
             scores.append(self._score(images.reshape(b * s, *images.shape[2:])).reshape(b, s, -1))
             previews.append((images[: self.n_preview] * 255).round().to(torch.uint8).numpy())

@@ -53,6 +53,8 @@ class GenerateReport:
     seconds: float
     model_fingerprint: str | None = None
     timesteps: tuple[int, ...] | None = None
+    #: ``HSpaceModel.describe()`` of the run's model (kind, capture point, shapes, conditioning).
+    model_description: dict[str, Any] | None = None
 
     @property
     def rows_per_s(self) -> float:
@@ -72,7 +74,7 @@ class GenerateReport:
     def to_dict(self) -> dict[str, Any]:
         """The counters and speeds (the model facts are recorded once, under ``stages.generate.model``)."""
         out = asdict(self)
-        for key in ("model_fingerprint", "timesteps"):
+        for key in ("model_fingerprint", "timesteps", "model_description"):
             out.pop(key)
         return {**out, "rows_per_s": self.rows_per_s, "samples_per_s": self.samples_per_s}
 
@@ -90,11 +92,31 @@ def run_identity(cfg: BuildConfig) -> dict[str, Any]:
         "h_shape": list(info.h_shape) if info.h_shape is not None else None,
         "batch_size": cfg.generate.batch_size,
         "weights_sha256": local_weights_digest(info),
+        **_conditioning_identity(cfg),
     }
 
 
+def _conditioning_identity(cfg: BuildConfig) -> dict[str, Any]:
+    """The identity keys of the capture point, stored steps and conditioning, present only when set,
+    so that runs of unconditional models made before these settings existed keep their identity."""
+    m, out = cfg.model, {}
+    if m.capture is not None:
+        out["capture"] = m.capture
+    if cfg.generate.capture_steps is not None or cfg.generate.capture_every is not None:
+        out["capture_steps"] = cfg.capture_steps
+    if m.conditioned:
+        out["conditioning"] = {
+            "prompts": m.prompts,
+            "negative_prompt": m.negative_prompt,
+            "class_labels": m.class_labels,
+            "guidance_scale": m.guidance_scale,
+            "record_branch": m.record_branch,
+        }
+    return out
+
+
 def local_weights_digest(info: ModelInfo) -> str | None:
-    """sha256 over a local model's U-Net weight files (None for a hub id, which its revision pins).
+    """sha256 over a local model's denoiser weight files (None for a hub id, which its revision pins).
 
     Part of the run identity: retrained weights in the same directory (the toy model after an
     upgrade) must not resume a run whose stored h came from the old ones.
@@ -102,8 +124,11 @@ def local_weights_digest(info: ModelInfo) -> str | None:
     if not info.is_local:
         return None
     digest = hashlib.sha256()
-    files = sorted((Path(info.location) / "unet").glob("*.safetensors")) or sorted(
-        Path(info.location).glob("*.safetensors")
+    root = Path(info.location)
+    files = (
+        sorted((root / "unet").glob("*.safetensors"))
+        or sorted((root / "transformer").glob("*.safetensors"))
+        or sorted(root.glob("*.safetensors"))
     )
     for path in files:
         digest.update(path.name.encode())
@@ -139,17 +164,24 @@ class BlockGenerator:
         num_inference_steps: int,
         eta: float | None,
         batch_size: int,
+        capture: str | None = None,
+        conditioning: dict[str, Any] | None = None,
+        capture_steps: list[int] | None = None,
     ) -> None:
         started = time.perf_counter()
         import torch
 
         from hspace.model import HSpaceModel
         from hspace.sampling import HSpaceSampler
+        from pipeline.config import ModelConfig
 
         self.store = RunStore(run_url, storage_options)
         self.model = HSpaceModel.from_pretrained(
-            model_location, revision=revision, device=device, dtype=getattr(torch, dtype)
+            model_location, revision=revision, device=device, dtype=getattr(torch, dtype), capture=capture
         )
+        #: the config's model section (conditioning per seed: ModelConfig.conditioning_for)
+        self.conditioning = ModelConfig.model_validate(conditioning or {"source": model_location})
+        self.capture_steps = capture_steps
         self.sampler = HSpaceSampler(
             self.model, sampler=sampler, num_inference_steps=num_inference_steps, eta=eta
         )
@@ -164,16 +196,23 @@ class BlockGenerator:
         t0 = time.perf_counter()
         started_unix = time.time()
         seeds = list(block.seeds)
-        traj = self.sampler.sample(seeds, record_h=True, h_dtype=torch.float16, batch_size=self.batch_size)
+        traj = self.sampler.sample(
+            seeds,
+            record_h=True,
+            h_dtype=torch.float16,
+            batch_size=self.batch_size,
+            **self.conditioning.conditioning_for(seeds),
+        )
         h = traj.h.cpu().numpy()  # [B, T, C, H, W] float16
         sampled = time.perf_counter()
         timesteps = [int(t) for t in traj.timesteps]
+        stored = self.capture_steps if self.capture_steps is not None else range(h.shape[1])
         shards = tuple(
             self.store.write_activations(step, timesteps[step], seeds, h[:, step], self.worker, block.index)
-            for step in range(h.shape[1])
+            for step in stored
         )
         samples = self.store.write_samples(
-            seeds, [_png(im) for im in traj.to_pil()], self.worker, block.index
+            seeds, [_png(im) for im in traj.to_pil()], self.worker, block.index, _conditions(traj)
         )
         extra = {
             "worker": self.worker,
@@ -184,6 +223,8 @@ class BlockGenerator:
             "model_fingerprint": self.model.fingerprint,
             "timesteps": timesteps,
             "h_shape": list(self.model.h_shape),
+            "capture": self.model.capture.spec,
+            "description": self.model.describe(),
         }
         return BlockRecord(block.key, block.start, block.stop, shards, samples, extra)
 
@@ -200,20 +241,35 @@ class BlockGenerator:
         return {"record": records, "worker": [self.worker] * len(records)}
 
 
-_MODEL_FACTS = ("model_fingerprint", "timesteps", "h_shape")
+def _conditions(traj: Any) -> dict[str, list[Any]]:
+    """The samples shard's conditioning columns of a trajectory (none for an unconditional model)."""
+    out: dict[str, list[Any]] = {}
+    n = len(traj)
+    if traj.prompts is not None:
+        out["prompt"] = list(traj.prompts)
+        out["negative_prompt"] = list(traj.negative_prompts) if traj.negative_prompts else [None] * n
+    if traj.class_labels is not None:
+        out["class_label"] = [int(c) for c in traj.class_labels]
+    if out:
+        out["guidance_scale"] = [float(traj.guidance_scale)] * n
+    return out
+
+
+_MODEL_FACTS = ("model_fingerprint", "timesteps", "h_shape", "capture", "description")
 
 
 def _record_model_facts(store: RunStore, rec: BlockRecord) -> None:
-    """Every block of a run must come from the same weights and timesteps; the first block sets them.
+    """Every block of a run must come from the same weights, timesteps and capture point; the first
+    block sets them (facts a run made before a fact existed lacks are not compared).
 
     They are kept in the manifest under ``stages.generate.model`` for the later stages.
     """
-    facts = {k: rec.extra[k] for k in _MODEL_FACTS}
+    facts = {k: rec.extra[k] for k in _MODEL_FACTS if k in rec.extra}
     known = store.stage("generate")
     if known is None or "model" not in known:
         store.update_manifest(lambda m: m["stages"].setdefault("generate", {}).__setitem__("model", facts))
         return
-    diff = [k for k in facts if known["model"].get(k) != facts[k]]
+    diff = [k for k in facts if k in known["model"] and known["model"][k] != facts[k]]
     if diff:
         raise ValueError(
             f"block {rec.key} was generated with a different {', '.join(diff)} than the rest of run {store.url} "
@@ -258,6 +314,7 @@ def generate(
         seconds=seconds,
         model_fingerprint=facts.get("model_fingerprint"),
         timesteps=tuple(int(t) for t in timesteps) if timesteps is not None else None,
+        model_description=facts.get("description"),
     )
 
     def record(m: dict[str, Any]) -> None:
@@ -324,6 +381,11 @@ def _run_blocks(
             "num_inference_steps": cfg.sampler.num_inference_steps,
             "eta": cfg.sampler.eta,
             "batch_size": cfg.generate.batch_size,
+            "capture": cfg.model.capture,
+            "conditioning": cfg.model.model_dump(mode="json"),
+            "capture_steps": cfg.capture_steps
+            if len(cfg.capture_steps) < cfg.sampler.num_inference_steps
+            else None,
         },
         batch_size=1,
         # No idle actors loading a model for nothing; one block in flight per actor so the

@@ -18,6 +18,7 @@ from pipeline.config import (
     BuildConfig,
     ConfigError,
     ModelInfo,
+    activation_bytes,
     describe_model,
     load_config_or_exit,
     probe_config,
@@ -95,6 +96,7 @@ class Plan:
 
     n_samples: int
     n_steps: int
+    capture_steps: list[int]
     n_blocks: int
     n_activation_shards: int
     n_sample_shards: int
@@ -106,6 +108,13 @@ class Plan:
     pca_actors: int
     workers: int
     device: str
+    kind: str | None = None
+    capture: str | None = None
+    latent_shape: tuple[int, int, int] | None = None
+    image_shape: tuple[int, int, int] | None = None
+    sampler: str = "ddpm"
+    conditioning: str = "none"
+    max_bytes: int | None = None
 
     def summary(self) -> str:
         """Human-readable lines for ``--dry-run``."""
@@ -114,14 +123,27 @@ class Plan:
             if self.estimated_bytes is None
             else _human_bytes(self.estimated_bytes)
         )
+        stored = (
+            "all"
+            if len(self.capture_steps) == self.n_steps
+            else f"{len(self.capture_steps)} ({_step_list(self.capture_steps)})"
+        )
+        limit = "" if self.max_bytes is None else f" (storage.max_bytes {_human_bytes(self.max_bytes)})"
+
+        def shape(s: Sequence[int] | None) -> str:
+            return str(list(s)) if s else "unknown"
+
         return "\n".join(
             [
+                f"model:              {self.kind or 'unknown kind'}, capture {self.capture or 'default'}, "
+                f"latent {shape(self.latent_shape)}, image {shape(self.image_shape)}",
+                f"conditioning:       {self.conditioning}",
                 f"samples:            {self.n_samples} in {self.n_blocks} seed blocks",
-                f"sampler steps:      {self.n_steps}",
+                f"sampler steps:      {self.n_steps} ({self.sampler}); h stored at {stored}",
                 f"activation shards:  {self.n_activation_shards} (+{self.n_sample_shards} sample shards)",
                 f"activation rows:    {self.rows}",
                 f"h shape:            {list(self.h_shape) if self.h_shape else 'unknown'}",
-                f"activation bytes:   {size} (float16, before compression)",
+                f"activation bytes:   {size} (float16, before compression){limit}",
                 f"pca:                {self.pca_steps} steps over {self.pca_actors} actors",
                 f"workers:            {self.workers} on {self.device}",
             ]
@@ -139,32 +161,64 @@ def _human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _step_list(steps: Sequence[int]) -> str:
+    shown = ", ".join(str(s) for s in steps[:8])
+    return f"steps {shown}{', ...' if len(steps) > 8 else ''}"
+
+
+def _conditioning_text(cfg: BuildConfig) -> str:
+    m = cfg.model
+    parts = []
+    if m.prompts is not None:
+        prompts = m.prompts if isinstance(m.prompts, list) else [m.prompts]
+        parts.append(f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''} cycled over seeds")
+    if m.negative_prompt is not None:
+        parts.append("negative prompt")
+    if m.class_labels is not None:
+        labels = m.class_labels if isinstance(m.class_labels, list) else [m.class_labels]
+        parts.append(f"class labels {labels[:8]}{'...' if len(labels) > 8 else ''}")
+    if m.guidance_scale is not None:
+        parts.append(f"guidance {m.guidance_scale:g}")
+    if parts:
+        parts.append(f"h of the {m.record_branch} branch")
+    return ", ".join(parts) or "none"
+
+
 def plan(cfg: BuildConfig, info: ModelInfo | None = None) -> Plan:
-    """Dry run: blocks, shards (one per step per block), rows (seed x step) and float16 h bytes.
+    """Dry run: blocks, shards (one per stored step per block), rows (seed x stored step) and float16 h bytes.
 
     Every number is arithmetic on the config: planning takes the same time for any run size.
     """
     if info is None:
         info = describe_model(cfg.model)
     steps = cfg.sampler.num_inference_steps
+    stored = cfg.capture_steps
     n_blocks = len(seed_blocks(cfg))
-    rows = cfg.generate.n_samples * steps
+    rows = cfg.generate.n_samples * len(stored)
     per_row = 2 * math.prod(info.h_shape) if info.h_shape is not None else None
-    n_pca = steps if cfg.pca.steps is None else len(set(cfg.pca.steps))
+    n_pca = len(cfg.pca_steps)
     return Plan(
         n_samples=cfg.generate.n_samples,
         n_steps=steps,
+        capture_steps=stored,
         n_blocks=n_blocks,
-        n_activation_shards=n_blocks * steps,
+        n_activation_shards=n_blocks * len(stored),
         n_sample_shards=n_blocks,
         rows=rows,
         h_shape=info.h_shape,
         bytes_per_row=per_row,
-        estimated_bytes=rows * per_row if per_row is not None else None,
+        estimated_bytes=activation_bytes(cfg, info.h_shape),
         pca_steps=n_pca,
         pca_actors=math.ceil(n_pca / cfg.pca.steps_per_actor),
         workers=cfg.resources.workers,
         device=cfg.resources.device,
+        kind=info.kind,
+        capture=info.capture or cfg.model.capture,
+        latent_shape=info.latent_shape,
+        image_shape=info.image_shape,
+        sampler=cfg.sampler.kind,
+        conditioning=_conditioning_text(cfg),
+        max_bytes=cfg.storage.max_bytes,
     )
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "PublishResult",
     "build_inputs",
     "code_version",
+    "conditioning_record",
     "config_hash",
     "direction_rows",
     "pca_state",
@@ -43,6 +44,17 @@ EXECUTION_ONLY = ("storage", "catalog", "resources")
 _ROOT = Path(__file__).resolve().parents[1]
 
 
+#: Fields added with text / class models and stored-step subsets, and their defaults: left out of
+#: the hash when at the default, so configs that do not use them keep the hash they had before.
+_LATER_DEFAULTS = {
+    "model": {
+        "kind": None, "capture": None, "latent_shape": None, "image_shape": None, "prompts": None,
+        "negative_prompt": None, "class_labels": None, "guidance_scale": None, "record_branch": "uncond",
+    },
+    "generate": {"capture_steps": None, "capture_every": None},
+}  # fmt: skip
+
+
 def config_hash(cfg: BuildConfig) -> str:
     """sha256 of the canonical JSON of the result-relevant config.
 
@@ -51,6 +63,10 @@ def config_hash(cfg: BuildConfig) -> str:
     """
     data = cfg.model_dump(mode="json", exclude=set(EXECUTION_ONLY))
     data["generate"].pop("n_samples", None)
+    for section, defaults in _LATER_DEFAULTS.items():
+        for key, default in defaults.items():
+            if data[section].get(key, default) == default:
+                data[section].pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
@@ -130,18 +146,62 @@ class PublishResult:
 
 
 def _sampler_settings(cfg: BuildConfig) -> dict[str, Any]:
-    return {
+    from hspace.model import SCHEDULERS
+
+    out = {
         "kind": cfg.sampler.kind,
+        "scheduler": SCHEDULERS[cfg.sampler.kind],
         "num_inference_steps": cfg.sampler.num_inference_steps,
         "eta": cfg.sampler.eta,
     }
+    if len(cfg.capture_steps) < cfg.sampler.num_inference_steps:
+        out["capture_steps"] = cfg.capture_steps  # the steps whose h the directions were built from
+    return out
+
+
+def conditioning_record(cfg: BuildConfig, description: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What the manifest records about the samples' conditioning (empty for an unconditional model):
+    the prompts / class labels (lists, cycled over seeds: seed s got entry s % len), the negative
+    prompt, the guidance scale used (the model's default when the config names none), whose h was
+    stored, and the model's conditioning kind."""
+    m, description = cfg.model, dict(description or {})
+    kind = description.get("conditioning", "none")
+    if kind == "none" and not m.conditioned:
+        return {}
+
+    def as_list(v: Any) -> list | None:
+        return None if v is None else (v if isinstance(v, list) else [v])
+
+    guidance = m.guidance_scale if m.guidance_scale is not None else description.get("default_guidance")
+    out = {
+        "conditioning": kind,
+        "prompts": as_list(m.prompts),
+        "negative_prompt": as_list(m.negative_prompt),
+        "class_labels": as_list(m.class_labels),
+        "guidance_scale": guidance,
+        "record_branch": m.record_branch if guidance is not None and guidance > 1 else None,
+        "cycle": "seed s gets entry s % len of each list",
+    }
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _report_meta(
-    cfg: BuildConfig, version: str, inputs: dict[str, Any], run_summary: dict[str, Any]
+    cfg: BuildConfig,
+    version: str,
+    inputs: dict[str, Any],
+    run_summary: dict[str, Any],
+    description: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The facts at the top of report.html."""
     cat_cfg, sampler = cfg.catalog, _sampler_settings(cfg)
+    described: dict[str, Any] = {}
+    if description:
+        described["model kind / capture / h"] = (
+            f"{description.get('kind')} / {description.get('capture')} / {description.get('h_shape')}"
+        )
+        conditioning = conditioning_record(cfg, description)
+        if conditioning:
+            described["conditioning"] = json.dumps(conditioning)
     return {
         "version": version,
         "catalog": f"{cat_cfg.url} / {cat_cfg.model_name} (ref {cat_cfg.ref})",
@@ -152,14 +212,21 @@ def _report_meta(
         "activation rows / bytes": f"{run_summary.get('rows')} / {run_summary.get('bytes')}",
         "config hash": inputs.get("config_hash"),
         "code": json.dumps(inputs.get("code")),
-    }
+    } | described
 
 
 def _version_metadata(
-    cfg: BuildConfig, inputs: dict[str, Any], timesteps: list[int] | None, run_summary: dict[str, Any]
+    cfg: BuildConfig,
+    inputs: dict[str, Any],
+    timesteps: list[int] | None,
+    run_summary: dict[str, Any],
+    description: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The version manifest's metadata (what ``jobs/rebuild.py`` compares lives under ``inputs``)."""
+    """The version manifest's metadata (what ``jobs/rebuild.py`` compares lives under ``inputs``);
+    ``description`` is the model's ``HSpaceModel.describe()`` (kind, capture point, shapes)."""
     return {
+        "model": dict(description or {}),
+        "conditioning": conditioning_record(cfg, description),
         "model_id": cfg.model.source,
         "revision": cfg.model.revision,
         "config_hash": inputs["config_hash"],
@@ -174,6 +241,15 @@ def _version_metadata(
     }
 
 
+def _recorded_description(cfg: BuildConfig) -> dict[str, Any] | None:
+    """``HSpaceModel.describe()`` as the generate stage recorded it in the run manifest (None for a
+    run made before it was recorded)."""
+    from pipeline.storage import RunStore
+
+    stage = RunStore(cfg.storage.run_url, cfg.storage.storage_options).stage("generate") or {}
+    return (stage.get("model") or {}).get("description")
+
+
 def publish(
     cfg: BuildConfig,
     *,
@@ -186,10 +262,18 @@ def publish(
     timesteps: list[int] | None,
     run_summary: dict[str, Any],
     progress: bool = True,
+    model_description: Mapping[str, Any] | None = None,
 ) -> PublishResult:
-    """Write one catalog version (files, manifest last, then the ref) and return where it is."""
+    """Write one catalog version (files, manifest last, then the ref) and return where it is.
+
+    ``model_description`` (``HSpaceModel.describe()``; default: what the generate stage recorded
+    in the run manifest) goes into the manifest's ``model`` and ``conditioning``.
+    """
     from hspace import catalog as hcatalog
     from pipeline.report import render_report
+
+    if model_description is None:
+        model_description = _recorded_description(cfg)
 
     cat_cfg = cfg.catalog
     cat = hcatalog.open(cat_cfg.url, cat_cfg.storage_options)
@@ -198,7 +282,7 @@ def publish(
     extra: dict[str, bytes] = {preview_path(n): png for n, png in previews.items()}
     extra["report.html"] = render_report(
         title=f"hspace catalog: {cat_cfg.model_name} {version}",
-        meta=_report_meta(cfg, version, inputs, run_summary),
+        meta=_report_meta(cfg, version, inputs, run_summary, model_description),
         directions=direction_rows(directions),
         effects=effects,
         previews=previews,
@@ -210,7 +294,7 @@ def publish(
         pca=pca_state(pca),
         effects=effects,
         extra_files=extra,
-        metadata=_version_metadata(cfg, inputs, timesteps, run_summary),
+        metadata=_version_metadata(cfg, inputs, timesteps, run_summary, model_description),
         ref=cat_cfg.ref,
         version=version,
         grades=(effects or {}).get("grades") or None,

@@ -4,7 +4,9 @@ Layout under the run URL::
 
     _manifest.json                                   completed seed blocks and their shards
     activations/t=<step>/part-<worker>-<n>.parquet   seed int64, h fixed_size_binary(C*H*W*2)
-    samples/part-<worker>-<n>.parquet                seed int64, png binary (final image)
+    samples/part-<worker>-<n>.parquet                seed int64, png binary (final image); for a
+                                                     conditioned model also prompt, negative_prompt
+                                                     (string), class_label (int64), guidance_scale
 
 An activation shard (run format 2) stores each row's h as one binary value: the float16 array
 [C, H, W] in C order, little-endian. Every row is its own row group (zstd, no dictionary), so a
@@ -258,13 +260,32 @@ def activation_table(seeds: Sequence[int] | np.ndarray, step: int, timestep: int
     return pa.table([pa.array(seeds, pa.int64()), blob], schema=schema)
 
 
-def samples_table(seeds: Sequence[int] | np.ndarray, pngs: Sequence[bytes]) -> pa.Table:
-    """Final images of seeds as PNG bytes."""
+#: Optional columns of a samples shard: what each seed was conditioned on (text and class models).
+CONDITION_COLUMNS = {
+    "prompt": pa.string(),
+    "negative_prompt": pa.string(),
+    "class_label": pa.int64(),
+    "guidance_scale": pa.float32(),
+}
+
+
+def samples_table(
+    seeds: Sequence[int] | np.ndarray,
+    pngs: Sequence[bytes],
+    conditions: dict[str, Sequence[Any]] | None = None,
+) -> pa.Table:
+    """Final images of seeds as PNG bytes, plus one column per :data:`CONDITION_COLUMNS` entry
+    given in ``conditions`` (one value per seed)."""
     if len(seeds) != len(pngs):
         raise ValueError(f"{len(seeds)} seeds but {len(pngs)} images")
-    return pa.table(
-        {"seed": pa.array(np.asarray(seeds, np.int64), pa.int64()), "png": pa.array(pngs, pa.binary())}
-    )
+    columns = {"seed": pa.array(np.asarray(seeds, np.int64), pa.int64()), "png": pa.array(pngs, pa.binary())}
+    for name, values in (conditions or {}).items():
+        if name not in CONDITION_COLUMNS:
+            raise ValueError(f"unknown samples column {name!r}; known: {sorted(CONDITION_COLUMNS)}")
+        if len(values) != len(seeds):
+            raise ValueError(f"{len(seeds)} seeds but {len(values)} values of {name!r}")
+        columns[name] = pa.array(list(values), CONDITION_COLUMNS[name])
+    return pa.table(columns)
 
 
 def is_activation_table(table: pa.Table) -> bool:

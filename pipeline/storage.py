@@ -168,10 +168,17 @@ class RunStore:
         return self.write_table(rel, activation_table(seeds, step, timestep, h), step=step)
 
     def write_samples(
-        self, seeds: Sequence[int] | np.ndarray, pngs: Sequence[bytes], worker: str, n: int
+        self,
+        seeds: Sequence[int] | np.ndarray,
+        pngs: Sequence[bytes],
+        worker: str,
+        n: int,
+        conditions: dict[str, Sequence[Any]] | None = None,
     ) -> ShardInfo:
-        """``samples/part-<worker>-<n>.parquet`` with the final images as PNG bytes."""
-        return self.write_table(f"samples/part-{worker}-{n:06d}.parquet", samples_table(seeds, pngs))
+        """``samples/part-<worker>-<n>.parquet`` with the final images as PNG bytes (and what each
+        seed was conditioned on, see ``run_format.CONDITION_COLUMNS``)."""
+        table = samples_table(seeds, pngs, conditions)
+        return self.write_table(f"samples/part-{worker}-{n:06d}.parquet", table)
 
     # -- verified reads -------------------------------------------------------------------------
 
@@ -577,9 +584,12 @@ class RunStore:
             )
         return by_block
 
-    def read_samples(self, blocks: Iterable[str] | None = None) -> pa.Table:
-        """Final images: a table (seed int64, png binary) sorted by seed."""
-        tables = [self._block_table(r, r.samples, ["seed", "png"]) for r in self._select(blocks)]
+    def read_samples(
+        self, blocks: Iterable[str] | None = None, columns: Sequence[str] = ("seed", "png")
+    ) -> pa.Table:
+        """Final images: a table (seed int64, png binary, or the named ``columns``) sorted by seed."""
+        cols = list(dict.fromkeys(["seed", *columns]))
+        tables = [self._block_table(r, r.samples, cols) for r in self._select(blocks)]
         if not tables:
             return samples_table([], [])
         return pa.concat_tables(tables).sort_by("seed")

@@ -109,7 +109,12 @@ BAD = [
     ),
     ("zero samples", "generate.n_samples", 0, "generate.n_samples: Input should be greater than 0"),
     ("negative batch", "generate.batch_size", -4, "generate.batch_size: Input should be greater than 0"),
-    ("sampler kind", "sampler.kind", "euler", "sampler.kind: Input should be 'ddpm' or 'ddim'"),
+    (
+        "sampler kind",
+        "sampler.kind",
+        "heun",
+        "sampler.kind: Input should be 'ddpm', 'ddim', 'dpm', 'euler' or 'euler_a'",
+    ),
     (
         "steps above training",
         "sampler.num_inference_steps",
@@ -196,7 +201,7 @@ def test_missing_required_section_is_named(base):
 
 
 def test_all_errors_are_reported_at_once(base):
-    bad = with_field(with_field(base, "generate.n_samples", 0), "sampler.kind", "euler")
+    bad = with_field(with_field(base, "generate.n_samples", 0), "sampler.kind", "heun")
     with pytest.raises(ConfigError) as info:
         validate_config(bad)
     fields = {f for f, _ in info.value.errors}
