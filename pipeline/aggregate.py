@@ -504,8 +504,10 @@ def _jacobian_task(cfg_json: dict, spec: dict, model_fingerprint: str | None) ->
         num_inference_steps=cfg.sampler.num_inference_steps,
         eta=cfg.sampler.eta,
     )
-    traj = sampler.sample([spec["seed"]], record_h=False, record_x=True)
+    conditioning = cfg.model.conditioning_for([spec["seed"]])
+    traj = sampler.sample([spec["seed"]], record_h=False, record_x=True, **conditioning)
     step = spec["step"]
+    conditioning.pop("record_branch", None)  # the Jacobian is on the guided output (both branches)
     result = jacobian_directions(
         model,
         traj.x_t[:, step].to(model.device, model.dtype),
@@ -516,6 +518,7 @@ def _jacobian_task(cfg_json: dict, spec: dict, model_fingerprint: str | None) ->
         oversample=spec["oversample"],
         n_iter=spec["n_iter"],
         tol=spec["tol"],
+        **conditioning,
     )
     label = spec["name"] or f"s{spec['seed']}t{step}"
     directions = result.to_directions(

@@ -1016,10 +1016,6 @@ def _conditioning_errors(cfg: BuildConfig, info: ModelInfo) -> Errors:
         errors = _class_errors(m, info)
     else:
         errors = _unconditional_errors(m, kind)
-    if kind != "pixel" and cfg.jacobian:
-        errors.append(
-            ("jacobian", f"Jacobian directions are built for unconditional pixel models only, not {kind}")
-        )
     return errors
 
 

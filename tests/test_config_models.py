@@ -175,7 +175,6 @@ HOSTILE_SD = [
     ("pca on an unstored step", {"generate.capture_steps": [0, 2], "pca.steps": [1]}, "pca.steps"),
     ("max bytes below the run", {"storage.max_bytes": 1000}, "storage.max_bytes"),
     ("max bytes zero", {"storage.max_bytes": 0}, "storage.max_bytes"),
-    ("jacobian on a text model", {"jacobian": [{"seed": 0, "step": 1}]}, "jacobian"),
 ]
 
 

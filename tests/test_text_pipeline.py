@@ -53,6 +53,7 @@ def built(tiny_sd_dir, tmp_path_factory, ray_local):  # noqa: F811
         "annotate": {"classifier": "toy", "attributes": ["glasses", "hat"]},
         "aggregate": {"quantile": 0.25, "random_baselines": 1},
         "evaluate": {"seed_start": 1000, "n_seeds": 2, "scales": [-1.0, 1.0]},
+        "jacobian": [{"name": "jac", "seed": 0, "step": 1, "k": 2}],
     }
     path = root / "tiny-sd.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -106,6 +107,9 @@ def test_directions_record_the_capture_point_and_are_zero_at_unstored_steps(buil
     _, url, _, _ = built
     directions = catalog.open(url).version("tiny-sd").directions()
     assert {"glasses", "hat", "pca_0"} <= set(directions)
+    jacobian = [d for d in directions.values() if d.kind == "jacobian"]
+    assert len(jacobian) == 2, "the Jacobian at seed 0, step 1 under seed 0's prompt and guidance"
+    assert all(d.provenance.get("prompts") == [PROMPTS[0]] for d in jacobian), jacobian[0].provenance
     for d in directions.values():
         assert d.capture == "mid_block"
     glasses = directions["glasses"]
