@@ -10,7 +10,15 @@ import torch
 
 from hspace import catalog as catalog_mod
 from hspace.directions import Direction
-from hspace.grade import LETTERS, grade_at_least, grade_directions
+from hspace.grade import (
+    LEAKAGE_THRESHOLD,
+    LETTERS,
+    grade_at_least,
+    grade_directions,
+    grade_one,
+    leakage_references,
+    leakage_text,
+)
 from pipeline.evaluate import effect_matrix, own_attributes
 from pipeline.report import grade_table_text, render_report, sorted_by_grade
 
@@ -82,8 +90,6 @@ def test_no_random_rows_means_no_grades():
 
 
 def test_entangled_direction_is_lowered_one_letter():
-    from hspace.grade import grade_one
-
     band = np.array([0.1, 0.1])
     up, down = np.array([1.0, 0.5]), np.array([0.0, 0.5])
     clean = grade_one(np.array([0.5, 0.0]), (up, down), band, ATTRS, "eyes_open")
@@ -137,6 +143,14 @@ def test_catalog_filters_directions_by_grade(tmp_path, effects):
     names = ["eyes_open", "eyes_open_boundary", "smile", "ungraded"]
     dirs = [Direction(torch.ones(shape) * (i + 1), n) for i, n in enumerate(names)]
     grades = {n: effects["grades"][n] for n in names[:3]}
+    leak = {
+        "attribute": "eyes_open",
+        "share": 0.25,
+        "effect": 0.2,
+        "reference": 0.8,
+        "reference_direction": "b",
+    }
+    grades["smile"] = {**grades["smile"], "leakage": leak}
     v = cat.publish("m", dirs, metadata={}, grades=grades)
     version = cat.version("m", v)
     entries = {d["name"]: d for d in version.manifest["directions"]}
@@ -154,9 +168,10 @@ def test_catalog_filters_directions_by_grade(tmp_path, effects):
         for line in res.output.splitlines()
         if line.split()[:1] and line.split()[0] in names
     }
-    assert (
-        res.exit_code == 0 and rows["eyes_open"].endswith("F (wrong_sign)") and rows["ungraded"].endswith("-")
-    )
+    assert res.exit_code == 0, res.output
+    assert rows["eyes_open"].split()[-3:] == ["F", "(wrong_sign)", "-"]  # grade, then leakage: none
+    assert rows["smile"].split()[-2:] == ["eyes_open", "25%"]
+    assert rows["ungraded"].split()[-2:] == ["-", "-"]
     with pytest.raises(ValueError, match="not published"):
         cat.publish("m", dirs[:1], metadata={}, grades={"nope": grades["smile"]})
 
@@ -169,3 +184,123 @@ def test_own_attribute_comes_from_provenance_of_supervised_directions():
         "d": Direction(v, "d", kind="disentangled", provenance={"source_provenance": {"attribute": "hat"}}),
     }
     assert own_attributes(dirs) == {"a": "smile", "p": None, "d": "hat"}
+
+
+# --------------------------------------------------------------------------------------------- leakage
+
+LEAK_ATTRS = ["glasses", "grey_hair", "hat"]
+
+
+def _leak_effects(rows: dict[str, tuple[float, float, float]], own: dict[str, str]) -> dict:
+    """effects with exact per-seed effects ``rows`` (no noise) plus four small random rows."""
+    n = 8
+    edited = {name: np.stack([-np.tile(e, (n, 1)), np.tile(e, (n, 1))], 1) for name, e in rows.items()}
+    random_of = {}
+    for i, e in enumerate([(0.2, -0.1, 0.05), (-0.1, 0.2, -0.05), (0.1, 0.1, 0.1), (-0.2, -0.2, 0.0)]):
+        edited[f"random_{i}"] = np.stack([-np.tile(e, (n, 1)), np.tile(e, (n, 1))], 1)
+        random_of[f"random_{i}"] = "glasses"
+    kinds = {k: "random" if k in random_of else "supervised" for k in edited}
+    eff = effect_matrix(np.zeros((n, 3)), edited, [-2.0, 2.0], LEAK_ATTRS, [True] * 3, random_of, kinds)
+    eff["grades"] = grade_directions(eff, own)
+    return eff
+
+
+def test_leakage_is_the_cross_effect_as_a_share_of_the_attributes_best_own_direction():
+    """grey_hair moves glasses by 9.14 where the best glasses direction moves them by 9.59: 95%."""
+    rows = {
+        "glasses": (9.59, 6.0, 0.0),
+        "glasses_boundary": (7.0, 1.0, 0.0),
+        "grey_hair": (9.14, 12.0, 0.5),
+        "hat": (0.3, 0.0, 5.0),
+    }
+    own = {"glasses": "glasses", "glasses_boundary": "glasses", "grey_hair": "grey_hair", "hat": "hat"}
+    g = _leak_effects(rows, own)["grades"]
+    leak = g["grey_hair"]["leakage"]
+    assert set(leak) == {"attribute", "share", "effect", "reference", "reference_direction"}
+    assert leak["attribute"] == "glasses" and leak["reference_direction"] == "glasses"
+    assert leak["effect"] == pytest.approx(9.14) and leak["reference"] == pytest.approx(9.59)
+    assert leak["share"] == pytest.approx(9.14 / 9.59)  # exact: the test rows have no noise
+    # glasses' largest leakage is on grey hair: 6.0 of the 12.0 grey_hair itself does
+    assert g["glasses"]["leakage"]["attribute"] == "grey_hair"
+    assert g["glasses"]["leakage"]["share"] == pytest.approx(0.5)
+    assert g["hat"]["leakage"]["share"] == pytest.approx(0.3 / 9.59)
+    json.dumps(g, allow_nan=False)
+
+
+def test_leakage_above_the_threshold_flags_entangled_and_lowers_the_letter():
+    rows = {"glasses": (9.59, 6.0, 0.0), "grey_hair": (9.14, 12.0, 0.5), "hat": (0.3, 0.0, 5.0)}
+    own = {n: n for n in rows}
+    g = _leak_effects(rows, own)["grades"]
+    assert LEAKAGE_THRESHOLD == 0.5
+    # grey_hair: 50x its band on its own attribute, so the band-relative cross check alone passes it
+    assert g["grey_hair"]["cross"]["multiple"] < g["grey_hair"]["own"]["multiple"]
+    assert g["grey_hair"]["flags"] == ["entangled"] and g["grey_hair"]["letter"] == "B"
+    # glasses: a share of exactly 0.5 does not pass the threshold
+    assert g["glasses"]["flags"] == [] and g["glasses"]["letter"] == "A"
+    assert g["hat"]["flags"] == [] and g["hat"]["letter"] == "A"
+
+
+def test_leakage_references_skip_attributes_whose_best_direction_is_within_the_band():
+    effect = np.array([[5.0, 0.1], [4.0, 0.05], [0.2, 0.02]])
+    band = np.array([0.5, 0.2])
+    own = {"a": "glasses", "b": "grey_hair", "c": None}
+    refs = leakage_references(effect, band, ["a", "b", "c"], ["glasses", "grey_hair"], own)
+    assert refs == {"glasses": ("a", 5.0)}  # grey_hair's direction moves it by 0.05 < its band 0.2
+    g = grade_one(effect[1], (np.ones(2), np.zeros(2)), band, ["glasses", "grey_hair"], "grey_hair", refs)
+    assert g["leakage"]["share"] == pytest.approx(0.8) and g["leakage"]["reference_direction"] == "a"
+
+
+def test_leakage_of_a_cross_effect_inside_its_band_does_not_flag():
+    """A share above the threshold from an effect the random edits also reach is noise, not leakage."""
+    band = np.array([1.0, 1.0])
+    refs = {"grey_hair": ("grey_hair", 1.5)}
+    g = grade_one(
+        np.array([8.0, 0.9]), (np.ones(2), np.zeros(2)), band, ["glasses", "grey_hair"], "glasses", refs
+    )
+    assert g["leakage"]["share"] == pytest.approx(0.6) and g["flags"] == [] and g["letter"] == "A"
+
+
+def test_grades_without_leakage_still_read_and_display():
+    """A grade written before leakage was measured (no ``leakage`` key) keeps working everywhere."""
+    old = {
+        "schema": "hspace.grade/1",
+        "letter": "B",
+        "score": 0.6,
+        "pass": True,
+        "flags": [],
+        "own": {
+            "attribute": "smile",
+            "from": "provenance",
+            "effect": 0.5,
+            "band": 0.1,
+            "multiple": 5.0,
+            "share": 0.8,
+        },
+        "cross": {"attribute": "hat", "effect": 0.1, "multiple": 0.5},
+    }
+    assert leakage_text(old) == "-" and leakage_text(None) == "-" and grade_at_least(old, "B")
+    assert "smile" in grade_table_text({"old": old})
+    html = render_report(title="t", meta={}, directions=[], effects=_old_effects(old), previews={})
+    assert "<td class=name>old</td>" in html and "<td class=name>-</td>" in html
+
+
+def _old_effects(grade: dict) -> dict:
+    return {
+        "matrix": {"rows": ["old"], "columns": ["smile"], "effect": [[0.5]], "z": [[1.0]]},
+        "kinds": {"old": "supervised"},
+        "grades": {"old": grade},
+    }
+
+
+def test_leakage_text_names_share_effect_and_reference():
+    grade = {
+        "leakage": {
+            "attribute": "glasses",
+            "share": 0.953,
+            "effect": 9.14,
+            "reference": 9.59,
+            "reference_direction": "glasses",
+        }
+    }
+    assert leakage_text(grade) == "glasses 95% (+9.14 of +9.59 by glasses)"
+    assert leakage_text(grade, short=True) == "glasses 95%"
