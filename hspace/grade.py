@@ -19,7 +19,9 @@ measured against it:
 - ``leakage``: the largest cross effect measured against what that attribute's own direction does.
   The *reference* of an attribute b is the largest effect on b of any supervised direction built
   for b (mean difference, boundary, conditional, disentangled: whichever moves b most), counted
-  only when it lies outside b's random band. For every other attribute b with a reference,
+  only when it is at least :data:`REFERENCE_MULTIPLE` = 3 times b's random band (an attribute
+  whose own directions barely move it has no reference: a weak reference would make every
+  direction's share on it large). For every other attribute b with a reference,
   ``share = |effect on b| / reference(b)``; the largest is recorded as ``{"attribute", "share",
   "effect", "reference", "reference_direction"}`` (None when no other attribute has a reference).
   A direction that moves glasses by +9.1 logits while the glasses direction itself moves them by
@@ -56,6 +58,7 @@ __all__ = [
     "GRADE_SCHEMA",
     "LEAKAGE_THRESHOLD",
     "LETTERS",
+    "REFERENCE_MULTIPLE",
     "grade_at_least",
     "grade_directions",
     "leakage_references",
@@ -73,6 +76,11 @@ _THRESHOLDS = (("A", 3.0, 0.9), ("B", 2.0, 0.75), ("C", 1.0, 0.6))
 #: A leakage share above this flags ``entangled``: the direction does more than half of what
 #: another attribute's best own direction does to that attribute.
 LEAKAGE_THRESHOLD = 0.5
+
+#: A reference (an attribute's best own effect) counts only at this multiple of its random band or
+#: more (an A-grade strength): a direction that barely moves its attribute says nothing about how
+#: much other directions should.
+REFERENCE_MULTIPLE = 3.0
 
 #: attribute -> (name of its best supervised direction, that direction's effect on it)
 References = dict[str, tuple[str, float]]
@@ -100,7 +108,8 @@ def leakage_references(
     own_attribute: Mapping[str, str | None],
 ) -> References:
     """Per attribute b, the supervised direction built for b that moves b most, and that effect
-    (effect [D, A] rows in ``names`` order); attributes whose best effect is within the band are left out."""
+    (effect [D, A] rows in ``names`` order); attributes whose best effect is under
+    :data:`REFERENCE_MULTIPLE` times their band are left out."""
     out: References = {}
     for r, name in enumerate(names):
         b = own_attribute.get(name)
@@ -108,7 +117,7 @@ def leakage_references(
             continue
         k = attributes.index(b)
         x = float(effect[r, k])
-        if math.isfinite(x) and x > band[k] and (b not in out or x > out[b][1]):
+        if math.isfinite(x) and x >= REFERENCE_MULTIPLE * band[k] and (b not in out or x > out[b][1]):
             out[b] = (name, x)
     return out
 

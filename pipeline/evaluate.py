@@ -1,9 +1,9 @@
 """Evaluate stage: the effect matrix of every direction on held-out seeds (the paper's Table I, by machine).
 
 For each direction d and each configured scale gamma, every held-out seed is rendered with
-h_t + gamma * e_{d,t} at every step (mode "both", one batch of B*S rows via
-``HSpaceSampler.sample_edits``) and once unedited; the classifier scores all images. Effects are
-read in the classifier's own units (logit for a binary attribute, value for a continuous one):
+h_t + gamma * e_{d,t} at every step (mode "both") and once unedited; the classifier scores all
+images. Effects are read in the classifier's own units (logit for a binary attribute, value for a
+continuous one):
 
     delta[d, a, gamma] = mean over seeds of (score_a(edited by +gamma) - score_a(unedited))
 
@@ -17,8 +17,17 @@ it is matched to, so its edit has exactly that direction's norm at every step (a
 control: any effect it shows is what an edit of that size does by itself). With ``units: raw``,
 e = v as stored (random baselines already have matched norms).
 
-Work is spread with Ray Data: one row per direction, a callable class holding model, sampler and
-classifier in each actor of the pool.
+Sampler: ``evaluate.sampler`` (default: the build's ``sampler``). Directions live on the build's
+step grid; each evaluation step applies the vector of the nearest build timestep
+(:func:`step_map`), so a coarser grid of the same schedule measures the same edit in fewer U-Net
+passes (the integrated edit of a step grows with its length). ``effects["sampler"]`` records it.
+
+Work: Ray Data, one row per held-out seed, a callable class (:class:`EditScorer`) holding model,
+sampler and classifier in each actor of the pool. A row renders its seed unedited and edited by
+every direction at every scale (1 + D*S images, :func:`seed_rows`) in one sampler call and scores
+them in one classifier pass (:class:`SeedRenderer`); the unedited image is rendered once per seed
+and shared by all directions. Every image's noise comes from its seed's own generator, so the
+effects do not depend on the batch size or on how seeds are spread over actors.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from hspace.directions import Direction
 from hspace.grade import (
     LEAKAGE_THRESHOLD,
     LETTERS,
+    REFERENCE_MULTIPLE,
     grade_at_least,
     grade_directions,
     grade_one,
@@ -240,12 +241,13 @@ def test_leakage_above_the_threshold_flags_entangled_and_lowers_the_letter():
     assert g["hat"]["flags"] == [] and g["hat"]["letter"] == "A"
 
 
-def test_leakage_references_skip_attributes_whose_best_direction_is_within_the_band():
-    effect = np.array([[5.0, 0.1], [4.0, 0.05], [0.2, 0.02]])
+def test_leakage_references_skip_attributes_whose_best_direction_is_under_three_bands():
+    effect = np.array([[5.0, 0.1], [4.0, 0.5], [0.2, 0.02]])
     band = np.array([0.5, 0.2])
     own = {"a": "glasses", "b": "grey_hair", "c": None}
     refs = leakage_references(effect, band, ["a", "b", "c"], ["glasses", "grey_hair"], own)
-    assert refs == {"glasses": ("a", 5.0)}  # grey_hair's direction moves it by 0.05 < its band 0.2
+    assert REFERENCE_MULTIPLE == 3.0
+    assert refs == {"glasses": ("a", 5.0)}  # grey_hair's direction moves it by 0.5 = 2.5x its band
     g = grade_one(effect[1], (np.ones(2), np.zeros(2)), band, ["glasses", "grey_hair"], "grey_hair", refs)
     assert g["leakage"]["share"] == pytest.approx(0.8) and g["leakage"]["reference_direction"] == "a"
 
