@@ -315,8 +315,8 @@ def test_leakage_text_names_share_effect_and_reference():
 def test_toy_glasses_and_grey_hair_mean_differences_leak_and_their_fixes_leak_less():
     """The toy world makes glasses 4x more likely on grey hair: each raw mean difference moves the
     other attribute and is flagged ``entangled``; the disentangled (eq. 12) and conditional versions
-    leak less. Directions from 192 DDPM samples at 10 steps, evaluated as the quick start does
-    (sigma units, gamma +-2, the quick start's evaluation sampler) on 16 held-out seeds."""
+    leak less. Directions from 192 DDPM samples at 10 steps, evaluated as the evaluate stage does
+    (sigma units, gamma +-2, matched-norm random baselines, the same sampler) on 16 held-out seeds."""
     from dataclasses import replace
 
     from hspace.classifier import score_images
@@ -324,8 +324,7 @@ def test_toy_glasses_and_grey_hair_mean_differences_leak_and_their_fixes_leak_le
     from hspace.sampling import HSpaceSampler
     from hspace.toy import load_toy_classifier, load_toy_model
     from pipeline.aggregate import random_baselines
-    from pipeline.config import load_config
-    from pipeline.evaluate import SeedRenderer, edit_vectors, evaluation_sampler, split_scores
+    from pipeline.evaluate import SeedRenderer, edit_vectors, split_scores
 
     torch.manual_seed(0)
     model, clf = load_toy_model(), load_toy_classifier()
@@ -355,12 +354,8 @@ def test_toy_glasses_and_grey_hair_mean_differences_leak_and_their_fixes_leak_le
     names = list(dirs)
     vectors = edit_vectors(dirs, random_of, "sigma", 10)
     attributes = ["glasses", "grey_hair", "hat"]
-    spec = evaluation_sampler(load_config("configs/quickstart.yaml", check_model=False))
-    sampler = HSpaceSampler(
-        model, sampler=spec.kind, num_inference_steps=spec.num_inference_steps, eta=spec.eta
-    )
     renderer = SeedRenderer(
-        sampler,
+        build,
         clf,
         [clf.index(x) for x in attributes],
         np.stack([vectors[n].numpy() for n in names]),
