@@ -370,7 +370,7 @@ def test_toy_glasses_and_grey_hair_mean_differences_leak_and_their_fixes_leak_le
     leak = {n: grades[n]["leakage"] for n in names if not n.startswith("random_")}
     print({n: (grades[n]["letter"], grades[n]["flags"], leak[n]) for n in leak})
     # measured 2026-12-01: raw glasses 0.81 of grey hair's effect, raw grey hair 0.66 of glasses';
-    # conditional 0.07 / 0.57, disentangled 0.32 / 0.35 (about 10 min at load 8-20, ~1.5 min idle)
+    # conditional 0.07 / 0.57, disentangled 0.32 / 0.35 (the test took 10 min at load 8-20 on 2 cores)
     for raw, other in (("glasses", "grey_hair"), ("grey_hair", "glasses")):
         assert leak[raw]["attribute"] == other and leak[raw]["share"] > LEAKAGE_THRESHOLD, leak
         assert "entangled" in grades[raw]["flags"], grades[raw]
