@@ -16,10 +16,22 @@ measured against it:
 - ``multiple``: own effect / band (signed; a positive multiple above 1 lies outside the random band).
 - ``share``: fraction of held-out seeds whose own score moved the intended way.
 - ``cross``: the largest effect on any other attribute (attribute, effect, multiple of its band).
+- ``leakage``: the largest cross effect measured against what that attribute's own direction does.
+  The *reference* of an attribute b is the largest effect on b of any supervised direction built
+  for b (mean difference, boundary, conditional, disentangled: whichever moves b most), counted
+  only when it is at least :data:`REFERENCE_MULTIPLE` = 3 times b's random band (an attribute
+  whose own directions barely move it has no reference: a weak reference would make every
+  direction's share on it large). For every other attribute b with a reference,
+  ``share = |effect on b| / reference(b)``; the largest is recorded as ``{"attribute", "share",
+  "effect", "reference", "reference_direction"}`` (None when no other attribute has a reference).
+  A direction that moves glasses by +9.1 logits while the glasses direction itself moves them by
+  +9.6 has a leakage share of 0.95, however strong its own effect is.
 
 Flags: ``wrong_sign`` (a supervised direction whose own effect is negative), ``within_random``
-(|own| <= band), ``entangled`` (a cross-effect is larger, relative to its band, than the own
-effect). Letters, best first:
+(|own| <= band), ``entangled``: a cross-effect is larger, relative to its band, than the own
+effect, or the leakage share exceeds :data:`LEAKAGE_THRESHOLD` = 0.5 with that cross effect
+outside its attribute's random band (the direction does more than half of what another
+attribute's own direction does to it). Letters, best first:
 
 - ``A``: multiple >= 3 and share >= 0.9; ``B``: multiple >= 2 and share >= 0.75;
   ``C``: multiple > 1 and share >= 0.6; ``D``: outside the band but weaker than that;
@@ -29,6 +41,9 @@ effect). Letters, best first:
 ``pass`` is true for A, B and C. ``score`` in [0, 1] orders directions within and across letters:
 0 for F, else ``min(multiple, 4) / 4 * share`` (halved when entangled). Without random baselines
 (``aggregate.random_baselines: 0``) there is no band and no grade.
+
+Grade objects written before ``leakage`` existed (``hspace.grade/1`` without the key) stay valid:
+readers treat a missing ``leakage`` as not measured.
 """
 
 from __future__ import annotations
@@ -39,7 +54,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["GRADE_SCHEMA", "LETTERS", "grade_at_least", "grade_directions", "random_band"]
+__all__ = [
+    "GRADE_SCHEMA",
+    "LEAKAGE_THRESHOLD",
+    "LETTERS",
+    "REFERENCE_MULTIPLE",
+    "grade_at_least",
+    "grade_directions",
+    "leakage_references",
+    "leakage_text",
+    "random_band",
+]
 
 GRADE_SCHEMA = "hspace.grade/1"
 #: Grade letters, best first.
@@ -48,6 +73,17 @@ PASSING = frozenset("ABC")
 BAND_PERCENTILE = 95.0
 #: (letter, minimum multiple, minimum share), checked in order; a multiple <= 1 is ``within_random``.
 _THRESHOLDS = (("A", 3.0, 0.9), ("B", 2.0, 0.75), ("C", 1.0, 0.6))
+#: A leakage share above this flags ``entangled``: the direction does more than half of what
+#: another attribute's best own direction does to that attribute.
+LEAKAGE_THRESHOLD = 0.5
+
+#: A reference (an attribute's best own effect) counts only at this multiple of its random band or
+#: more (an A-grade strength): a direction that barely moves its attribute says nothing about how
+#: much other directions should.
+REFERENCE_MULTIPLE = 3.0
+
+#: attribute -> (name of its best supervised direction, that direction's effect on it)
+References = dict[str, tuple[str, float]]
 
 
 def grade_at_least(grade: Mapping[str, Any] | None, min_grade: str) -> bool:
@@ -62,6 +98,64 @@ def grade_at_least(grade: Mapping[str, Any] | None, min_grade: str) -> bool:
 def random_band(random_effects: np.ndarray) -> np.ndarray:
     """Per attribute, the 95th percentile of |effect| over the random rows [R, A] -> [A]."""
     return np.percentile(np.abs(np.asarray(random_effects, np.float64)), BAND_PERCENTILE, axis=0)
+
+
+def leakage_references(
+    effect: np.ndarray,
+    band: np.ndarray,
+    names: list[str],
+    attributes: list[str],
+    own_attribute: Mapping[str, str | None],
+) -> References:
+    """Per attribute b, the supervised direction built for b that moves b most, and that effect
+    (effect [D, A] rows in ``names`` order); attributes whose best effect is under
+    :data:`REFERENCE_MULTIPLE` times their band are left out."""
+    out: References = {}
+    for r, name in enumerate(names):
+        b = own_attribute.get(name)
+        if b not in attributes:
+            continue
+        k = attributes.index(b)
+        x = float(effect[r, k])
+        if math.isfinite(x) and x >= REFERENCE_MULTIPLE * band[k] and (b not in out or x > out[b][1]):
+            out[b] = (name, x)
+    return out
+
+
+def _leakage(effect: np.ndarray, attributes: list[str], k: int, references: References) -> dict | None:
+    """The largest |effect on b| / reference(b) over the attributes b != attributes[k] with a reference."""
+    best = None
+    for j, b in enumerate(attributes):
+        if j == k or b not in references or not math.isfinite(effect[j]):
+            continue
+        direction, reference = references[b]
+        share = abs(float(effect[j])) / reference
+        if best is None or share > best["share"]:
+            best = {
+                "attribute": b,
+                "share": share,
+                "effect": float(effect[j]),
+                "reference": reference,
+                "reference_direction": direction,
+            }
+    return best
+
+
+def leakage_text(grade: Mapping[str, Any] | None, *, short: bool = False) -> str:
+    """'glasses 95% (+9.14 of +9.59 by glasses)' (``short``: 'glasses 95%'), or '-' for a grade
+    without leakage (written before leakage was measured, or no other attribute has a reference)."""
+    leak = grade.get("leakage") if isinstance(grade, Mapping) else None
+    if not isinstance(leak, Mapping) or not isinstance(leak.get("share"), (int, float)):
+        return "-"
+    head = f"{leak.get('attribute')} {float(leak['share']):.0%}"
+    if short:
+        return head
+
+    def signed(x: Any) -> str:
+        return f"{x:+.3g}" if isinstance(x, (int, float)) and math.isfinite(x) else "?"
+
+    effect, reference = signed(leak.get("effect")), signed(leak.get("reference"))
+    return f"{head} ({effect} of {reference} by {leak.get('reference_direction')})"
 
 
 def _letter(multiple: float, share: float, flags: list[str]) -> str:
@@ -83,9 +177,11 @@ def grade_one(
     band: np.ndarray,
     attributes: list[str],
     own: str | None,
+    references: References | None = None,
 ) -> dict[str, Any]:
     """The grade of one direction from its effect row [A], the shares of seeds moved up and down
-    ([A] each) and the band [A]."""
+    ([A] each), the band [A] and the attributes' leakage references (:func:`leakage_references`;
+    None: no leakage measured)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         multiples = np.where(band > 0, effect / band, np.where(effect == 0, 0.0, np.inf * np.sign(effect)))
     supervised = own is not None and own in attributes
@@ -102,6 +198,11 @@ def grade_one(
         j = max(others, key=lambda i: abs(multiples[i]) if math.isfinite(multiples[i]) else math.inf)
         cross = {"attribute": attributes[j], "effect": float(effect[j]), "multiple": _finite(multiples[j])}
         if abs(multiples[j]) > abs(multiple) and abs(multiples[j]) > 1.0 and not flags:
+            flags.append("entangled")
+    leakage = _leakage(effect, attributes, k, references or {})
+    if leakage is not None and leakage["share"] > LEAKAGE_THRESHOLD and not flags:
+        j = attributes.index(leakage["attribute"])
+        if abs(leakage["effect"]) > band[j]:
             flags.append("entangled")
     letter = _letter(multiple, share, flags)
     score = 0.0 if letter == "F" else min(max(multiple, 0.0), 4.0) / 4.0 * share
@@ -122,6 +223,7 @@ def grade_one(
             "share": share,
         },
         "cross": cross,
+        "leakage": leakage,
     }
 
 
@@ -139,7 +241,8 @@ def grade_directions(effects: Mapping[str, Any], own_attribute: Mapping[str, str
     if not randoms or not attributes:
         return {}
     band = random_band(effect[randoms])
+    references = leakage_references(effect, band, names, attributes, own_attribute)
     return {
-        name: grade_one(effect[r], (up[r], down[r]), band, attributes, own_attribute.get(name))
+        name: grade_one(effect[r], (up[r], down[r]), band, attributes, own_attribute.get(name), references)
         for r, name in enumerate(names)
     }

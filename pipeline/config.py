@@ -361,6 +361,10 @@ class EvaluateConfig(_Strict):
     scales: list[float] = Field(default_factory=lambda: [-2.0, 2.0], min_length=1)
     units: Literal["sigma", "raw"] = "sigma"
     batch_size: int = Field(default=16, gt=0)
+    #: The sampler the edits are rendered with (None: the build's ``sampler``). A direction is
+    #: applied at the build step nearest to each evaluation timestep, so a coarser grid of the same
+    #: schedule (e.g. DDIM with 5 of the build's 20 DDPM steps) measures the same edit for less.
+    sampler: SamplerConfig | None = None
 
     _seed = field_validator("seed_start")(_check_seed)
 
@@ -473,11 +477,20 @@ Errors = list[tuple[str, str]]
 
 
 def _sampler_errors(cfg: BuildConfig) -> Errors:
-    if cfg.sampler.kind == "ddpm" and cfg.sampler.eta not in (None, 1.0):
-        return [("sampler.eta", f"ddpm sampling has eta=1; for eta={cfg.sampler.eta} set sampler.kind: ddim")]
-    if cfg.sampler.kind not in ("ddpm", "ddim") and cfg.sampler.eta is not None:
-        return [("sampler.eta", f"eta applies to ddim only; sampler.kind {cfg.sampler.kind!r} takes none")]
-    return []
+    samplers = [("sampler", cfg.sampler)]
+    if cfg.evaluate is not None and cfg.evaluate.sampler is not None:
+        samplers.append(("evaluate.sampler", cfg.evaluate.sampler))
+    errors: Errors = []
+    for where, spec in samplers:
+        if spec.kind == "ddpm" and spec.eta not in (None, 1.0):
+            errors.append(
+                (f"{where}.eta", f"ddpm sampling has eta=1; for eta={spec.eta} set {where}.kind: ddim")
+            )
+        elif spec.kind not in ("ddpm", "ddim") and spec.eta is not None:
+            errors.append(
+                (f"{where}.eta", f"eta applies to ddim only; {where}.kind {spec.kind!r} takes none")
+            )
+    return errors
 
 
 def _capture_steps_errors(cfg: BuildConfig) -> Errors:
@@ -1021,14 +1034,18 @@ def _conditioning_errors(cfg: BuildConfig, info: ModelInfo) -> Errors:
 
 def _model_errors(cfg: BuildConfig, info: ModelInfo) -> list[tuple[str, str]]:
     errors: list[tuple[str, str]] = _conditioning_errors(cfg, info)
-    steps = cfg.sampler.num_inference_steps
-    if info.num_train_timesteps is not None and steps > info.num_train_timesteps:
-        errors.append(
-            (
-                "sampler.num_inference_steps",
-                f"{steps} exceeds the model's num_train_timesteps={info.num_train_timesteps}",
+    samplers = [("sampler", cfg.sampler)]
+    if cfg.evaluate is not None and cfg.evaluate.sampler is not None:
+        samplers.append(("evaluate.sampler", cfg.evaluate.sampler))
+    for where, spec in samplers:
+        steps = spec.num_inference_steps
+        if info.num_train_timesteps is not None and steps > info.num_train_timesteps:
+            errors.append(
+                (
+                    f"{where}.num_inference_steps",
+                    f"{steps} exceeds the model's num_train_timesteps={info.num_train_timesteps}",
+                )
             )
-        )
     max_bytes = cfg.storage.max_bytes
     if max_bytes is not None:
         need = activation_bytes(cfg, info.h_shape)

@@ -1,9 +1,9 @@
 """Evaluate stage: the effect matrix of every direction on held-out seeds (the paper's Table I, by machine).
 
 For each direction d and each configured scale gamma, every held-out seed is rendered with
-h_t + gamma * e_{d,t} at every step (mode "both", one batch of B*S rows via
-``HSpaceSampler.sample_edits``) and once unedited; the classifier scores all images. Effects are
-read in the classifier's own units (logit for a binary attribute, value for a continuous one):
+h_t + gamma * e_{d,t} at every step (mode "both") and once unedited; the classifier scores all
+images. Effects are read in the classifier's own units (logit for a binary attribute, value for a
+continuous one):
 
     delta[d, a, gamma] = mean over seeds of (score_a(edited by +gamma) - score_a(unedited))
 
@@ -17,8 +17,17 @@ it is matched to, so its edit has exactly that direction's norm at every step (a
 control: any effect it shows is what an edit of that size does by itself). With ``units: raw``,
 e = v as stored (random baselines already have matched norms).
 
-Work is spread with Ray Data: one row per direction, a callable class holding model, sampler and
-classifier in each actor of the pool.
+Sampler: ``evaluate.sampler`` (default: the build's ``sampler``). Directions live on the build's
+step grid; each evaluation step applies the vector of the nearest build timestep
+(:func:`step_map`), so a coarser grid of the same schedule measures the same edit in fewer U-Net
+passes (the integrated edit of a step grows with its length). ``effects["sampler"]`` records it.
+
+Work: Ray Data, one row per held-out seed, a callable class (:class:`EditScorer`) holding model,
+sampler and classifier in each actor of the pool. A row renders its seed unedited and edited by
+every direction at every scale (1 + D*S images, :func:`seed_rows`) in one sampler call and scores
+them in one classifier pass (:class:`SeedRenderer`); the unedited image is rendered once per seed
+and shared by all directions. Every image's noise comes from its seed's own generator, so the
+effects do not depend on the batch size or on how seeds are spread over actors.
 """
 
 from __future__ import annotations
@@ -39,22 +48,27 @@ from pipeline.ray_runtime import CapacityWatch, actor_demand, iterate_watched
 
 if TYPE_CHECKING:
     from hspace.model import HSpaceModel
-    from pipeline.config import BuildConfig
+    from hspace.sampling import HSpaceSampler
+    from pipeline.config import BuildConfig, SamplerConfig
 
 __all__ = [
     "EFFECTS_SCHEMA",
     "EditScorer",
     "EvaluateResult",
+    "SeedRenderer",
     "edit_vectors",
     "effect_matrix",
     "evaluate",
+    "evaluation_sampler",
     "load_model",
     "own_attribute",
     "own_attributes",
+    "seed_rows",
+    "split_scores",
+    "step_map",
 ]
 
 EFFECTS_SCHEMA = "hspace.effects/1"
-BASE_INDEX = -1  # the row of the unedited renders
 
 
 def load_model(cfg: BuildConfig, device: str | None = None) -> HSpaceModel:
@@ -214,11 +228,93 @@ def _key(g: float) -> str:
 # The Ray Data callable class
 
 
-class EditScorer:
-    """Holds model, sampler and classifier; maps rows ``index`` (direction, or -1 = unedited) to scores.
+def step_map(from_timesteps: Sequence[int], to_timesteps: Sequence[int]) -> list[int]:
+    """For each timestep of the evaluation sampler, the index of the nearest build timestep (the
+    earlier, noisier one on a tie): how a direction found on the build's step grid is applied on
+    another grid. The identity when both grids are equal; a subset when the evaluation grid is a
+    coarser "leading" grid of the same schedule (20 steps 950, 900, .. 0 -> 5 steps 800, .. 0)."""
+    source = np.asarray(list(from_timesteps), dtype=np.int64)
+    if source.size == 0:
+        raise ValueError("step_map: the build sampler has no timesteps")
+    return [int(np.argmin(np.abs(source - int(t)))) for t in to_timesteps]
 
-    Output per row: ``scores`` [B, S, A] float32 (``[B, 1, A]`` for the unedited row) and
-    ``preview`` [P, S, 3, H, W] uint8 (the first P seeds' images).
+
+def seed_rows(n_directions: int, scales: Sequence[float]) -> torch.Tensor:
+    """The per-row scales [1 + D*S, D] of one seed's renders: row 0 unedited, then row
+    ``1 + d*S + j`` edits direction d alone by ``scales[j]``."""
+    s = torch.as_tensor([float(x) for x in scales], dtype=torch.float32)
+    rows = torch.zeros(1 + n_directions * len(s), n_directions)
+    for d in range(n_directions):
+        rows[1 + d * len(s) : 1 + (d + 1) * len(s), d] = s
+    return rows
+
+
+class SeedRenderer:
+    """Renders and scores one held-out seed unedited and edited by every direction at every scale.
+
+    All 1 + D*S images of a seed go through one sampler call (U-Net batches of ``batch_size`` rows)
+    and one classifier call. Every image's noise comes from its seed's own generator, so a seed's
+    scores do not depend on which actor renders it or which other seeds it is rendered with.
+    ``vectors`` [D, T, C, H, W] are the raw edit vectors on the build's step grid
+    (``build_timesteps``); each evaluation step uses the nearest build step (:func:`step_map`).
+    """
+
+    def __init__(
+        self,
+        sampler: HSpaceSampler,
+        classifier: Any,
+        columns: Sequence[int],
+        vectors: np.ndarray | torch.Tensor,
+        build_timesteps: Sequence[int],
+        scales: Sequence[float],
+        *,
+        batch_size: int | None = None,
+        classifier_batch_size: int = 512,
+    ) -> None:
+        steps = step_map(build_timesteps, sampler.timesteps.tolist())
+        v = torch.as_tensor(np.asarray(vectors, dtype=np.float32))[:, steps]
+        self.sampler, self.classifier, self.columns = sampler, classifier, list(columns)
+        self.edits = [Direction(vector=v[i].clone(), name=f"edit{i}") for i in range(v.shape[0])]
+        self.row_scales = seed_rows(len(self.edits), scales)
+        self.batch_size, self.classifier_batch_size = batch_size, classifier_batch_size
+
+    def render(self, seed: int, conditioning: dict[str, Any] | None = None) -> torch.Tensor:
+        """Images [1 + D*S, 3, H, W] in [0, 1] of one seed (row order of :func:`seed_rows`), under
+        the seed's ``conditioning`` (``HSpaceSampler.sample`` keywords for that one seed)."""
+        from hspace.sampling import Edit
+
+        n = self.row_scales.shape[0]
+        edit = Edit(self.edits, scales=self.row_scales, mode="both", units="raw")
+        return self.sampler.sample(
+            [seed] * n, edit=edit, record_h=False, batch_size=self.batch_size, **(conditioning or {})
+        ).images
+
+    def score(self, images: torch.Tensor) -> np.ndarray:
+        """Classifier outputs [N, A] for images [N, 3, H, W] (resized to the classifier's input if needed)."""
+        from hspace.classifier import score_images
+
+        return score_images(self.classifier, images, self.columns, self.classifier_batch_size).numpy()
+
+
+def split_scores(
+    scores: np.ndarray, names: Sequence[str], n_scales: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Per-seed scores [B, 1 + D*S, A] -> unedited [B, A] and {direction: [B, S, A]} for :func:`effect_matrix`."""
+    scores = np.asarray(scores)
+    if scores.ndim != 3 or scores.shape[1] != 1 + len(names) * n_scales:
+        raise ValueError(f"scores have shape {scores.shape}, expected [B, {1 + len(names) * n_scales}, A]")
+    return scores[:, 0], {
+        n: scores[:, 1 + i * n_scales : 1 + (i + 1) * n_scales] for i, n in enumerate(names)
+    }
+
+
+class EditScorer:
+    """The Ray Data callable class: model, evaluation sampler and classifier in each actor; maps
+    rows ``seed`` to that seed's scores (see :class:`SeedRenderer`).
+
+    Output per row: ``scores`` [1 + D*S, A] float32 (row order of :func:`seed_rows`) and
+    ``preview`` [1 + D*S, 3, H, W] uint8 for the first ``n_preview`` seeds (an empty
+    [0, 3, H, W] array for the others).
     """
 
     def __init__(
@@ -232,58 +328,48 @@ class EditScorer:
         from pipeline.config import BuildConfig
 
         cfg = BuildConfig.model_validate(cfg_json)
-        self.cfg = cfg
-        self.model = load_model(cfg)
-        self.sampler = HSpaceSampler(
-            self.model,
+        model = load_model(cfg)
+        build = HSpaceSampler(
+            model,
             sampler=cfg.sampler.kind,
             num_inference_steps=cfg.sampler.num_inference_steps,
             eta=cfg.sampler.eta,
         )
-        self.classifier = load_classifier(
-            resolve_classifier_source(cfg.annotate.classifier),
-            str(self.model.device),
-            cfg.storage.storage_options,
+        spec = evaluation_sampler(cfg)
+        sampler = HSpaceSampler(
+            model, sampler=spec.kind, num_inference_steps=spec.num_inference_steps, eta=spec.eta
         )
-        self.columns = [self.classifier.index(a) for a in attributes]
-        vectors = ray.get(edits_ref[0])  # [D, T, C, H, W] float32
-        self.edits = [
-            Direction(vector=torch.from_numpy(np.array(v)), name=f"edit{i}") for i, v in enumerate(vectors)
-        ]
-        self.seeds, self.n_preview = list(seeds), n_preview
-        self.scales = [float(s) for s in cfg.evaluate.scales]
-        # the held-out seeds are rendered with the conditioning generate gives a seed
-        self.conditioning = cfg.model.conditioning_for(self.seeds)
-        self.conditioning.pop("record_branch")
-
-    def _score(self, images: torch.Tensor) -> np.ndarray:
-        """Classifier outputs for images [N, 3, H, W] (resized to the classifier's input if needed)."""
-        from hspace.classifier import score_images
-
-        return score_images(self.classifier, images, self.columns, self.cfg.annotate.batch_size).numpy()
+        classifier = load_classifier(
+            resolve_classifier_source(cfg.annotate.classifier), str(model.device), cfg.storage.storage_options
+        )
+        self.renderer = SeedRenderer(
+            sampler,
+            classifier,
+            [classifier.index(a) for a in attributes],
+            ray.get(edits_ref[0]),
+            build.timesteps.tolist(),
+            cfg.evaluate.scales,
+            batch_size=cfg.evaluate.batch_size,
+            classifier_batch_size=cfg.annotate.batch_size,
+        )
+        self.preview_seeds = set(list(seeds)[:n_preview])
+        self.model_cfg = cfg.model  # the held-out seeds get the conditioning generate gives a seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         scores, previews = [], []
-        bs = self.cfg.evaluate.batch_size
-        for index in batch["index"]:
-            if int(index) == BASE_INDEX:
-                images = self.sampler.sample(
-                    self.seeds, record_h=False, batch_size=bs, **self.conditioning
-                ).images[:, None]
-            else:
-                images = self.sampler.sample_edits(
-                    self.seeds, self.edits[int(index)], self.scales, units="raw", mode="both", batch_size=bs,
-                    **self.conditioning,
-                )  # fmt: skip
-            b, s = images.shape[:2]
-            scores.append(self._score(images.reshape(b * s, *images.shape[2:])).reshape(b, s, -1))
-            previews.append((images[: self.n_preview] * 255).round().to(torch.uint8).numpy())
-        # rows differ in S (1 for the unedited row): ship ragged arrays as object columns
-        return {
-            "index": np.asarray(batch["index"]),
-            "scores": _objects(scores),
-            "preview": _objects(previews),
-        }
+        for seed in batch["seed"]:
+            conditioning = self.model_cfg.conditioning_for([int(seed)])
+            conditioning.pop("record_branch")
+            images = self.renderer.render(int(seed), conditioning)
+            scores.append(self.renderer.score(images))
+            keep = images if int(seed) in self.preview_seeds else images[:0]
+            previews.append((keep * 255).round().to(torch.uint8).numpy())
+        return {"seed": np.asarray(batch["seed"]), "scores": np.stack(scores), "preview": _objects(previews)}
+
+
+def evaluation_sampler(cfg: BuildConfig) -> SamplerConfig:
+    """The sampler the evaluate stage renders with: ``evaluate.sampler``, or the build's own."""
+    return cfg.evaluate.sampler if cfg.evaluate is not None and cfg.evaluate.sampler else cfg.sampler
 
 
 def _objects(arrays: list[np.ndarray]) -> np.ndarray:
@@ -310,13 +396,13 @@ class EvaluateResult:
 
 
 def _collect(ds: Any, n: int, progress: bool, watch: CapacityWatch) -> dict[int, Any]:
-    """Rows of the evaluate dataset by index, with a progress bar over the directions (+ unedited);
-    fails with CapacityError when no live node can host a scorer for ``watch``'s timeout."""
+    """Rows of the evaluate dataset by seed, with a progress bar over the held-out seeds; fails with
+    CapacityError when no live node can host a scorer for ``watch``'s timeout."""
 
     rows = {}
-    with progress_bar(total=n, desc="evaluate directions", unit="dir", progress=progress) as bar:
+    with progress_bar(total=n, desc="evaluate seeds", unit="seed", progress=progress) as bar:
         for r in iterate_watched(ds, ds.iter_rows(), watch):
-            rows[int(r["index"])] = r
+            rows[int(r["seed"])] = r
             bar.update(1)
     return rows
 
@@ -347,8 +433,7 @@ def evaluate(
     stacked = np.stack([vectors[n].numpy() for n in names])
     seeds = list(range(ev.seed_start, ev.seed_start + ev.n_seeds))
     cfg_json = cfg.model_dump(mode="json")
-    items = [{"index": BASE_INDEX}] + [{"index": i} for i in range(len(names))]
-    ds = ray.data.from_items(items).map_batches(
+    ds = ray.data.from_items([{"seed": seed} for seed in seeds]).map_batches(
         EditScorer,
         fn_constructor_kwargs={
             "cfg_json": cfg_json,
@@ -359,38 +444,42 @@ def evaluate(
         },
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(res.workers, len(items)))),
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(res.workers, len(seeds)))),
         num_cpus=res.num_cpus_per_worker,
         num_gpus=res.num_gpus_per_worker or None,
     )
     watch = CapacityWatch("evaluate", actor_demand(res.num_cpus_per_worker, res.num_gpus_per_worker))
-    rows = _collect(ds, len(items), progress, watch)
-    missing = [i for i in [BASE_INDEX, *range(len(names))] if i not in rows]
+    rows = _collect(ds, len(seeds), progress, watch)
+    missing = [seed for seed in seeds if seed not in rows]
     if missing:
-        raise RuntimeError(f"evaluate: no result for rows {missing}")
-    base = np.asarray(rows[BASE_INDEX]["scores"])[:, 0, :]
-    edited = {n: np.asarray(rows[i]["scores"]) for i, n in enumerate(names)}
+        raise RuntimeError(f"evaluate: no result for seeds {missing}")
+    n_scales = len(ev.scales)
+    scores = np.stack([np.asarray(rows[seed]["scores"]) for seed in seeds])  # [B, 1 + D*S, A]
+    base, edited = split_scores(scores, names, n_scales)
     effects = effect_matrix(
         base, edited, ev.scales, attributes, binary, random_of, {n: d.kind for n, d in directions.items()}
     )
     effects["grades"] = grade_directions(effects, own_attributes(directions))
+    spec = evaluation_sampler(cfg)
     effects |= {
         "units": ev.units,
         "mode": "both",
         "seed_start": ev.seed_start,
+        "sampler": {"kind": spec.kind, "num_inference_steps": spec.num_inference_steps, "eta": spec.eta},
         "note": "delta = mean over held-out seeds of score(edited) - score(unedited), in logits for binary "
         "attributes and values for continuous ones; effect = (plus - minus) / 2; random baselines "
         "use the sigma of the direction they are matched to (equal edit norm)",
     }
     # preview strips: scales sorted, the unedited image inserted at 0
-    order = sorted(range(len(ev.scales)), key=lambda j: ev.scales[j])
+    order = sorted(range(n_scales), key=lambda j: ev.scales[j])
     preview_scales = sorted([*ev.scales, 0.0])
-    base_prev = np.asarray(rows[BASE_INDEX]["preview"])  # [P, 1, 3, H, W]
+    shown = [np.asarray(rows[seed]["preview"]) for seed in seeds[: min(n_preview, len(seeds))]]
+    strips = np.stack(shown) if shown else np.zeros((0, scores.shape[1], 3, 1, 1), np.uint8)
+    cut = sum(1 for s in ev.scales if s < 0)
     previews = {}
     for i, n in enumerate(names):
-        p = np.asarray(rows[i]["preview"])[:, order]
-        cut = sum(1 for s in ev.scales if s < 0)
-        previews[n] = np.concatenate([p[:, :cut], base_prev, p[:, cut:]], axis=1)
+        p = strips[:, 1 + i * n_scales : 1 + (i + 1) * n_scales][:, order]
+        previews[n] = np.concatenate([p[:, :cut], strips[:, :1], p[:, cut:]], axis=1)
     n_images = len(seeds) * (1 + len(names) * len(ev.scales))
     seconds = time.perf_counter() - t0
     if progress:

@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["edit_strip_png", "effect_table_text", "grade_table_text", "render_report", "sorted_by_grade"]
+from hspace.grade import LEAKAGE_THRESHOLD, leakage_text
+
+__all__ = [
+    "edit_strip_png",
+    "effect_table_text",
+    "grade_table_text",
+    "render_report",
+    "sorted_by_grade",
+]
 
 
 def edit_strip_png(images: np.ndarray, *, min_cell: int = 64, gutter: int = 2) -> bytes:
@@ -73,13 +81,13 @@ def _multiple(x: float | None) -> str:
 
 def grade_table_text(grades: Mapping[str, Mapping[str, Any]], *, max_rows: int | None = None) -> str:
     """Grades as fixed-width text, best first: letter, own attribute, effect and its multiple of the
-    random band, share of seeds moved the intended way, largest cross-effect, flags."""
+    random band, share of seeds moved the intended way, largest cross-effect, leakage, flags."""
     names = sorted_by_grade(grades)
     shown = names if max_rows is None else names[:max_rows]
     name_w = max(10, *(len(n) for n in names)) if names else 10
     lines = [
         f"{'direction':<{name_w}}  grade  {'own attribute':<15} {'effect':>8} {'x band':>8}  seeds  "
-        f"{'largest cross-effect':<24}  flags"
+        f"{'largest cross-effect':<24}  {'leakage':<16}  flags"
     ]
     for n in shown:
         g, own, cross = grades[n], grades[n]["own"], grades[n].get("cross") or {}
@@ -87,7 +95,7 @@ def grade_table_text(grades: Mapping[str, Mapping[str, Any]], *, max_rows: int |
         lines.append(
             f"{n:<{name_w}}  {g['letter']:<5}  {own['attribute'][:15]:<15} {_fmt(own['effect']):>8} "
             f"{_multiple(own.get('multiple')):>8}  {own['share']:>5.0%}  {cross_text:<24}  "
-            + (",".join(g["flags"]) or "-")
+            f"{leakage_text(g, short=True):<16}  " + (",".join(g["flags"]) or "-")
         )
     if len(shown) < len(names):
         lines.append(f"... {len(names) - len(shown)} more in the manifest")
@@ -128,8 +136,10 @@ _GRADE_NOTE = (
     "&times; band: own effect divided by the random band, the 95th percentile of |effect| over the "
     "matched-norm random directions. Seeds: share of held-out seeds moved the intended way. "
     "A: &times;3 and 90% of seeds; B: &times;2 and 75%; C: outside the band and 60%; D: outside the band, "
-    "weaker; F: wrong sign or within the random band. <em>entangled</em> (a cross-effect larger than the own "
-    "one, relative to its band) lowers the letter by one. A, B and C pass.</p>"
+    "weaker; F: wrong sign or within the random band. Leakage: the largest effect on another attribute as a "
+    "share of what that attribute's best supervised direction does to it (that direction's effect in "
+    "parentheses). <em>entangled</em> (a cross-effect larger than the own one, relative to its band, or a "
+    f"leakage share above {LEAKAGE_THRESHOLD:.0%}) lowers the letter by one. A, B and C pass.</p>"
 )
 
 
@@ -140,7 +150,7 @@ def _grade_rows(grades: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str
         _GRADE_NOTE,
         "<table class=grades><tr><th class=name>direction</th><th>kind</th><th>grade</th><th>score</th>"
         "<th>own attribute</th><th>effect</th><th>&times; band</th><th>seeds</th>"
-        "<th>largest cross-effect</th><th>flags</th></tr>",
+        "<th>largest cross-effect</th><th>leakage</th><th>flags</th></tr>",
     ]
     for name in sorted_by_grade(grades):
         g, own, cross = grades[name], grades[name]["own"], grades[name].get("cross")
@@ -151,7 +161,7 @@ def _grade_rows(grades: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str
             f"<td>{float(g.get('score', 0)):.2f}</td><td class=name>{e(own['attribute'])}</td>"
             f"<td>{_fmt(own['effect'])}</td><td>{_multiple(own.get('multiple'))}</td>"
             f"<td>{own['share']:.0%}</td><td class=name>{cross_cell}</td>"
-            f"<td class=name>{e(', '.join(g['flags']) or '–')}</td></tr>"
+            f"<td class=name>{e(leakage_text(g))}</td><td class=name>{e(', '.join(g['flags']) or '–')}</td></tr>"
         )
     out.append("</table>")
     return out
