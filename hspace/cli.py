@@ -377,6 +377,31 @@ CaptureOpt = Annotated[
 ]
 
 
+def catalog_conditioning(recorded: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
+    """The conditioning a catalog version was built with, for ``seeds``: seed ``s`` gets entry
+    ``s % len`` of the recorded prompts / class labels, as the build gave them; options given on
+    the command line take precedence."""
+
+    def per_seed(values: Any) -> list | None:
+        if values is None or values == []:
+            return None
+        items = values if isinstance(values, list) else [values]
+        return [items[int(s) % len(items)] for s in seeds]
+
+    out: dict[str, Any] = {}
+    for key, recorded_key in (
+        ("prompt", "prompts"),
+        ("negative_prompt", "negative_prompt"),
+        ("class_labels", "class_labels"),
+    ):
+        values = per_seed(recorded.get(recorded_key))
+        if values is not None:
+            out[key] = values
+    if isinstance(recorded.get("guidance_scale"), (int, float)):
+        out["guidance_scale"] = float(recorded["guidance_scale"])
+    return out
+
+
 def conditioning_options(
     prompt: list[str] | None, negative_prompt: str | None, guidance: float | None, class_labels: str | None
 ) -> dict[str, Any]:
@@ -505,7 +530,9 @@ def _edit_direction(
     version = cat.version(catalog_model, ref)
     typer.echo(f"direction {name!r} from {catalog} model {catalog_model} version {version.version}")
     sampler = version.manifest.get("sampler")
-    return version.direction(name), sampler if isinstance(sampler, dict) else None
+    built_with = dict(sampler) if isinstance(sampler, dict) else {}
+    built_with["conditioning"] = version.conditioning
+    return version.direction(name), built_with
 
 
 @app.command()
@@ -570,6 +597,7 @@ def edit(
         direction, direction_name, catalog, name, catalog_model, ref, options
     )
     built_with = built_with or {}
+    conditioning = {**catalog_conditioning(built_with.get("conditioning") or {}, seed_list), **conditioning}
     kind = sampler.value if sampler is not None else str(built_with.get("kind") or "ddpm")
     if steps is None:
         steps = vector.n_steps or built_with.get("num_inference_steps") or 50

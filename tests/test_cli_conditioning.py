@@ -113,3 +113,16 @@ def test_invert_encodes_with_the_vae_and_inverts_under_the_prompt(tiny_pipeline_
     assert "PSNR" in result.output and "VAE round trip" in result.output
     with safe_open(str(save), "pt") as f:
         assert tuple(f.get_tensor("x_T").shape) == (1, 4, 8, 8)  # a latent, not an image
+
+
+def test_a_catalog_versions_conditioning_is_given_to_each_seed_as_the_build_gave_it():
+    from hspace.cli import catalog_conditioning
+
+    recorded = {"prompts": ["a cat", "a dog", "a hat"], "negative_prompt": ["blurry"], "guidance_scale": 3.0}
+    assert catalog_conditioning(recorded, [4, 5]) == {
+        "prompt": ["a dog", "a hat"],  # seed s got prompts[s % 3]
+        "negative_prompt": ["blurry", "blurry"],
+        "guidance_scale": 3.0,
+    }
+    assert catalog_conditioning({"class_labels": [7, 9]}, [0, 1, 2]) == {"class_labels": [7, 9, 7]}
+    assert catalog_conditioning({}, [0]) == {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -135,3 +136,38 @@ def test_a_catalog_direction_edits_the_model_under_a_prompt(built, tiny_sd_dir):
     assert float((edited - plain).abs().max()) > 1e-3  # the edit changes the images
     again = sampler.sample([5, 6], record_h=False, edit=Edit(direction, scales=0.0), **conditioning).images
     torch.testing.assert_close(again, plain, atol=1e-5, rtol=0)  # scale 0 is no edit
+
+
+def test_edit_from_the_catalog_renders_each_seed_under_the_prompt_the_build_gave_it(
+    built, tiny_sd_dir, tmp_path
+):
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from hspace.cli import GRID_KEY, app
+    from hspace.model import HSpaceModel
+    from hspace.sampling import HSpaceSampler
+
+    _, url, _, _ = built
+    out = tmp_path / "strip.png"
+    args = ["edit", "--catalog", url, "--name", "glasses", "--model", str(tiny_sd_dir), "--seeds", "0-1",
+            "--scales", "0", "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    sampler = HSpaceSampler(
+        HSpaceModel.from_pretrained(tiny_sd_dir), sampler="ddim", num_inference_steps=STEPS
+    )
+    plain = sampler.sample([0, 1], prompt=PROMPTS[:2], negative_prompt="blurry", guidance_scale=3.0).images
+    other = sampler.sample([0, 1], prompt=PROMPTS[1::-1], negative_prompt="blurry", guidance_scale=3.0).images
+    image = Image.open(out)
+    lay = json.loads(image.text[GRID_KEY])
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    (ch, cw), pad, scale = lay["cell"], lay["pad"], lay["scale"]
+    for row in range(2):  # one row per seed, one column (scale 0): the seed's unedited render
+        y, x = lay["top"] + pad + row * (ch + pad), lay["left"] + pad
+        cell = pixels[y : y + ch : scale, x : x + cw : scale]
+        want = (plain[row].permute(1, 2, 0).numpy() * 255).round()
+        assert np.abs(cell - want).max() <= 1, f"seed {row} was not rendered under prompt {PROMPTS[row]!r}"
+        assert np.abs(cell - (other[row].permute(1, 2, 0).numpy() * 255).round()).max() > 1
