@@ -110,7 +110,7 @@ def test_directions_record_the_capture_point_and_are_zero_at_unstored_steps(buil
     assert {"glasses", "hat", "pca_0"} <= set(directions)
     jacobian = [d for d in directions.values() if d.kind == "jacobian"]
     assert len(jacobian) == 2, "the Jacobian at seed 0, step 1 under seed 0's prompt and guidance"
-    assert all(d.provenance.get("prompts") == [PROMPTS[0]] for d in jacobian), jacobian[0].provenance
+    assert all(d.provenance.get("prompt") == PROMPTS[0] for d in jacobian), jacobian[0].provenance
     for d in directions.values():
         assert d.capture == "mid_block"
     glasses = directions["glasses"]
