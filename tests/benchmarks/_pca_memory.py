@@ -6,8 +6,9 @@
 The float32 batches [BATCH, D] (24 planted directions, s_j = 8 * 0.9^j, over noise of std 0.5, and
 an offset) are made first; then the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``)
 and the fit runs, one ``partial_fit`` per batch, 1 thread. Prints one line
-``PEAK_JSON {...}``: the peak RSS of the fit minus the RSS before it, the seconds, and the first
-batch's seconds. The components go to COMPONENTS.npy (float32) when a path is given.
+``PEAK_JSON {...}``: the peak RSS of the fit minus the RSS before it, the wall and CPU seconds
+(the process's, all threads), and the first batch's wall seconds. The components go to
+COMPONENTS.npy (float32) when a path is given.
 """
 
 from __future__ import annotations
@@ -81,12 +82,12 @@ def main(argv: list[str]) -> None:
     else:
         raise SystemExit(f"unknown estimator {estimator!r}: hspace, hspace-float32 or sklearn")
     before = reset_peak()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     first = None
     for x in arrays:
         fit(x)
         first = first if first is not None else time.perf_counter() - t0
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     peak = peak_bytes() - before
     if estimator == "sklearn":
         components = np.asarray(est.components_, dtype=np.float32)
@@ -95,7 +96,8 @@ def main(argv: list[str]) -> None:
     if save_to:
         np.save(save_to, components)
     result = {"estimator": estimator, "d": d, "batch": batch, "batches": n_batches, "k": k,
-              "peak_bytes": peak, "rss_before": before, "seconds": seconds, "first_batch_seconds": first}  # fmt: skip
+              "peak_bytes": peak, "rss_before": before, "seconds": seconds, "cpu_seconds": cpu_seconds,
+              "first_batch_seconds": first}  # fmt: skip
     print("PEAK_JSON " + json.dumps(result), flush=True)
 
 
