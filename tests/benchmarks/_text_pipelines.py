@@ -2,7 +2,8 @@
 
 - :data:`SD15_UNET`, :data:`SD15_VAE`, :data:`SD15_TEXT`: runwayml/stable-diffusion-v1-5's
   ``UNet2DConditionModel`` (859.5 M parameters, 4 x 64 x 64 latents at 512 px, h = 1280 x 8 x 8),
-  its ``AutoencoderKL`` and CLIP ViT-L/14's text encoder, written out; the GPU suite runs these.
+  its ``AutoencoderKL`` (83.7 M) and CLIP ViT-L/14's text encoder layers and widths (with the test
+  tokenizer's vocabulary), written out; the GPU suite runs these.
 - :data:`BENCH_UNET` (with the tests' tiny VAE and text encoder sizes): a small SD that is still
   large enough on the CPU for the denoiser to dominate a sampling call (4 x 32 x 32 latents,
   blocks 32 / 64, h = 64 x 16 x 16).
