@@ -11,11 +11,16 @@ weights: no hub) measures
   ``test_bench_jacobian_accuracy.py`` measures the iterations an accuracy criterion needs on the
   CPU: 9 for Alg. 1, 5 for block Krylov at k = 32 on the toy U-Net);
 - seconds per timestep of the streaming PCA of 8,192 x 32,768 h rows with k = 64, batches of 1,024,
-  on the GPU, Gram solver vs ``torch.svd_lowrank``.
+  on the GPU, Gram solver vs ``torch.svd_lowrank``;
+- Stable Diffusion 1.5 (random weights, its UNet2DConditionModel / AutoencoderKL / CLIP text
+  encoder configs from ``_text_pipelines.py``) at 512 px, batch 16, 25 DDIM steps, guidance 7.5,
+  in float16 and bfloat16: images/s of ``HSpaceSampler.sample(record_h=True)`` against diffusers'
+  ``StableDiffusionPipeline`` on the same components and generators, alternating rounds.
 
-Goals: >= 12 images/s with capture and edits, Jacobian <= 8 s/image, PCA <= 0.2 s/timestep.
+Goals: >= 12 images/s with capture and edits, Jacobian <= 8 s/image, PCA <= 0.2 s/timestep,
+Stable Diffusion with capture >= 0.95x the pipeline's images/s.
 Without CUDA the suite is skipped; ``HSPACE_BENCH_GPU_ON_CPU=1`` runs it on the CPU with the
-tests' tiny U-Net and small sizes (a smoke run of the code, not a measurement).
+tests' tiny U-Net, a small SD and small sizes (a smoke run of the code, not a measurement).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import time
 
 import pytest
 import torch
-from _bench import TINY_UNET, configure_threads, median, table, write_results
+from _bench import TINY_UNET, alternate, configure_threads, median, ratio, table, write_results
 
 SMOKE = os.environ.get("HSPACE_BENCH_GPU_ON_CPU", "") not in ("", "0")
 HAS_CUDA = torch.cuda.is_available()
@@ -70,7 +75,15 @@ BATCH, STEPS = (4, 3) if SMOKE and not HAS_CUDA else (64, 50)
 JAC_K, JAC_IMAGES, JAC_ITERS = (4, 2, 2) if SMOKE and not HAS_CUDA else (32, 4, 20)
 PCA_N, PCA_D, PCA_K, PCA_BATCH = (512, 2048, 8, 128) if SMOKE and not HAS_CUDA else (8192, 32768, 64, 1024)
 SUFFIX = "" if HAS_CUDA else "_cpu_smoke"
-GOALS = {"images_per_s_capture_edit": 12.0, "jacobian_s_per_image": 8.0, "pca_s_per_timestep": 0.2}
+GOALS = {
+    "images_per_s_capture_edit": 12.0,
+    "jacobian_s_per_image": 8.0,
+    "pca_s_per_timestep": 0.2,
+    "sd_capture_over_pipeline": 0.95,
+}
+#: Stable Diffusion: batch, DDIM steps, alternating rounds (after one warm-up round each)
+SD_BATCH, SD_STEPS, SD_ROUNDS = (2, 2, 2) if SMOKE and not HAS_CUDA else (16, 25, 3)
+SD_GUIDANCE = 7.5
 
 
 def _sync() -> None:
@@ -246,3 +259,118 @@ def test_gpu_pca_seconds_per_timestep():
         },
     )
     assert float(cos[: min(16, PCA_K)].min()) > 0.99
+
+
+def _sd_pipeline(dtype: torch.dtype):
+    """SD 1.5's components with random weights (a small SD in the CPU smoke run) on DEVICE in ``dtype``."""
+    from _text_pipelines import (
+        BENCH_UNET,
+        SD15_TEXT,
+        SD15_UNET,
+        SD15_VAE,
+        TINY_TEXT,
+        TINY_VAE,
+        stable_diffusion,
+    )
+
+    if HAS_CUDA:
+        configs = (SD15_UNET, SD15_VAE, SD15_TEXT)
+    else:  # 8 x 8 latents, 16 px images
+        configs = (dict(BENCH_UNET, sample_size=8), dict(TINY_VAE, sample_size=16), TINY_TEXT)
+    pipe = stable_diffusion(*configs).to(DEVICE, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, configs
+
+
+SD_BASE, SD_OURS = "diffusers StableDiffusionPipeline", "HSpaceSampler, capture h"
+
+
+def _sd_round_times(dtype: torch.dtype) -> tuple[dict[str, list[float]], dict]:
+    """Seconds per call of the pipeline and of the capturing sampler in alternating rounds."""
+    from _text_pipelines import NEGATIVE, PROMPTS, generators
+
+    from hspace.model import HSpaceModel
+    from hspace.sampling import HSpaceSampler
+
+    pipe, configs = _sd_pipeline(dtype)
+    model = HSpaceModel.from_pipeline(pipe)
+    sampler = HSpaceSampler(model, sampler="ddim", num_inference_steps=SD_STEPS)
+    seeds = list(range(SD_BATCH))
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in seeds]
+    negative = [NEGATIVE[i % len(NEGATIVE)] for i in seeds]
+
+    def diffusers_pipeline():
+        with torch.no_grad():
+            images = pipe(
+                prompts, negative_prompt=negative, num_inference_steps=SD_STEPS, guidance_scale=SD_GUIDANCE,
+                generator=generators(seeds), output_type="pt",
+            ).images.float().cpu()  # fmt: skip
+        _sync()
+        return images
+
+    def capture():
+        traj = sampler.sample(
+            seeds, prompt=prompts, negative_prompt=negative, guidance_scale=SD_GUIDANCE,
+            batch_size=SD_BATCH, record_h=True,
+        )  # fmt: skip
+        _sync()
+        return traj
+
+    variants = {SD_BASE: diffusers_pipeline, SD_OURS: capture}
+    alternate(variants, {}, reverse=False)  # warm-up (cuDNN autotuning, the h shape probe)
+    times: dict[str, list[float]] = {}
+    for r in range(SD_ROUNDS):
+        results = alternate(variants, times, reverse=bool(r % 2))
+    traj = results[SD_OURS]
+    assert traj.h is not None and tuple(traj.h.shape) == (SD_BATCH, SD_STEPS, *model.h_shape)
+    return times, {
+        "unet": configs[0],
+        "vae": configs[1],
+        "text_encoder": configs[2],
+        "h_shape": model.h_shape,
+    }
+
+
+def test_gpu_stable_diffusion_capture_against_the_pipeline():
+    from diffusers.utils import logging as diffusers_logging
+
+    configure_threads()
+    diffusers_logging.set_verbosity_error()
+    rows, data, configuration = [], {}, {}
+    for dtype_name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        times, configuration = _sd_round_times(dtype)
+        per_s = {name: SD_BATCH / median(t) for name, t in times.items()}
+        speed = 1 / ratio(times, SD_OURS, SD_BASE)  # images/s of the sampler / the pipeline's, per round
+        data[dtype_name] = {"images_per_s": per_s, "capture_over_pipeline": speed, "seconds": times}
+        rows.append([dtype_name, per_s[SD_BASE], per_s[SD_OURS], speed])
+        if HAS_CUDA:
+            torch.cuda.empty_cache()
+    name = "SD 1.5 (random weights), 512 px" if HAS_CUDA else "small SD (CPU smoke run)"
+    text = table(
+        f"Stable Diffusion: {name}, batch {SD_BATCH}, {SD_STEPS} DDIM steps, guidance {SD_GUIDANCE}, on {DEVICE}: "
+        f"images/s (median of {SD_ROUNDS} alternating rounds after a warm-up); ratio = capture / pipeline images/s",
+        ["dtype", "StableDiffusionPipeline", "HSpaceSampler, capture h", "ratio"],
+        rows,
+    )
+    worst = min(d["capture_over_pipeline"] for d in data.values())
+    write_results(
+        "gpu_stable_diffusion" + SUFFIX,
+        {
+            "figure": "images/s of Stable Diffusion sampling with h capture",
+            "baseline": SD_BASE,
+            "ratio": {n: d["capture_over_pipeline"] for n, d in data.items()},
+            "configuration": {
+                **configuration,
+                "batch": SD_BATCH,
+                "steps": SD_STEPS,
+                "sampler": "ddim",
+                "guidance_scale": SD_GUIDANCE,
+                "rounds": SD_ROUNDS,
+                "smoke": SMOKE,
+            },  # fmt: skip
+            "results": data,
+            "goal": GOALS["sd_capture_over_pipeline"],
+            "goal_met": worst >= GOALS["sd_capture_over_pipeline"],
+            "table": text,
+        },
+    )
