@@ -183,6 +183,96 @@ class _Log:
             f.write(json.dumps(rec) + "\n")
 
 
+class _Components:
+    """Everything a checkpoint holds: autoencoder, U-Net, text encoder, their EMA copies, optimisers."""
+
+    def __init__(self, seed: int, lr: float, vae_lr: float):
+        self.vae = build_vae(seed)
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=vae_lr, weight_decay=0.0)
+        self.unet, self.text_encoder = build_denoiser(seed)
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
+        self.params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+
+    def state(self, step: int, with_denoiser: bool) -> dict:
+        state = {"step": step, "vae": self.vae.state_dict(), "vae_opt": self.vae_opt.state_dict()}
+        if with_denoiser:
+            state |= {
+                "unet": self.unet.state_dict(),
+                "text_encoder": self.text_encoder.state_dict(),
+                "ema_unet": self.ema_unet.state_dict(),
+                "ema_text_encoder": self.ema_text.state_dict(),
+                "opt": self.opt.state_dict(),
+            }
+        return state
+
+    def load(self, path: Path) -> int:
+        """Restore from checkpoint ``path`` (``weights_only``); returns its step."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.vae.load_state_dict(state["vae"])
+            self.vae_opt.load_state_dict(state["vae_opt"])
+            if "unet" in state:
+                self.unet.load_state_dict(state["unet"])
+                self.text_encoder.load_state_dict(state["text_encoder"])
+                self.ema_unet.load_state_dict(state["ema_unet"])
+                self.ema_text.load_state_dict(state["ema_text_encoder"])
+                self.opt.load_state_dict(state["opt"])
+            return int(state["step"])
+        except Exception as e:  # unpickling, missing keys, shape mismatches: all name the file
+            raise ValueError(f"corrupt or foreign checkpoint {path}: {e}") from e
+
+
+def _vae_step(c: _Components, images: torch.Tensor, step: int, seed: int, batch_size: int, hp: dict) -> float:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    x = _images_to_model_range(images[torch.randint(0, len(images), (batch_size,), generator=gen)])
+    post = c.vae.encode(x).latent_dist
+    rec = c.vae.decode(post.sample(generator=gen)).sample
+    kl = post.kl() / post.mean[0].numel()  # per latent element
+    loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + hp["kl_weight"] * kl.mean()
+    for g in c.vae_opt.param_groups:
+        g["lr"] = hp["vae_lr"] * min(1.0, (step + 1) / hp["warmup"])
+    c.vae_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(c.vae.parameters(), 1.0)
+    c.vae_opt.step()
+    _check_finite(loss, step)
+    return loss.item()
+
+
+def _denoiser_step(
+    c: _Components, data: dict, step: int, k: int, seed: int, batch_size: int, hp: dict
+) -> float:
+    """One U-Net + text encoder step; ``k`` counts denoiser steps (warm-up and EMA schedule)."""
+    lat_mean, lat_std, scale, alphas = data["mean"], data["std"], data["scale"], data["alphas"]
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    idx = torch.randint(0, len(lat_mean), (batch_size,), generator=gen)
+    z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scale
+    noise = torch.randn(z0.shape, generator=gen)
+    t = torch.randint(0, len(alphas), (batch_size,), generator=gen)
+    rng = np.random.default_rng([seed, step, 0xCA97])
+    captions = [caption_for(data["factors"][int(i)], rng) for i in idx]
+    tok = data["tokenizer"]
+    ids = tok(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+    a = alphas[t].view(-1, 1, 1, 1)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    for g in c.opt.param_groups:
+        g["lr"] = hp["lr"] * min(1.0, (k + 1) / hp["warmup"])
+    pred = c.unet(zt, t, encoder_hidden_states=c.text_encoder(ids.input_ids)[0]).sample
+    per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+    loss = (per_sample * min_snr_weights(a.flatten(), hp["min_snr_gamma"])).mean()
+    c.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(c.params, 1.0)
+    c.opt.step()
+    d = min(hp["ema_decay"], (1 + k) / (10 + k))
+    _ema_update(c.ema_unet, c.unet, d)
+    _ema_update(c.ema_text, c.text_encoder, d)
+    _check_finite(loss, step)
+    return loss.item()
+
+
 def train(
     out: Path,
     steps: int,
@@ -201,11 +291,14 @@ def train(
     log_every: int = 25,
     seed: int = 0,
     threads: int | None = None,
+    stop_after: int | None = None,
 ) -> Path:
     """Train (or resume) the text toy in ``out``; returns the exported pipeline directory.
 
     ``vae_steps`` autoencoder steps come first, then ``steps`` denoiser steps; the checkpoint's
-    step counts both, so ``steps`` can be raised on a later call to train on.
+    step counts both, so ``steps`` can be raised on a later call to train on. ``stop_after``
+    ends the run after that many steps in all (a checkpoint is written there), as an
+    interruption would; the export is then the latest one, if any.
     """
     if steps < 1 or vae_steps < 1:
         raise ValueError(f"steps and vae_steps must be >= 1, got {steps} and {vae_steps}")
@@ -215,113 +308,66 @@ def train(
     ckpt_path, export_dir = out / "checkpoint.pt", out / "pipeline"
     log = _Log(out / "log.jsonl", log_every)
     total = vae_steps + steps
+    end = total if stop_after is None else min(total, stop_after)
+    hp = dict(
+        lr=lr,
+        vae_lr=vae_lr,
+        kl_weight=kl_weight,
+        warmup=warmup,
+        ema_decay=ema_decay,
+        min_snr_gamma=min_snr_gamma,
+    )
 
-    vae = build_vae(seed)
-    vae_opt = torch.optim.AdamW(vae.parameters(), lr=vae_lr, weight_decay=0.0)
-    unet, text_encoder = build_denoiser(seed)
-    ema_unet = copy.deepcopy(unet).requires_grad_(False)
-    ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    start = 0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        vae.load_state_dict(state["vae"])
-        vae_opt.load_state_dict(state["vae_opt"])
-        if "unet" in state:
-            unet.load_state_dict(state["unet"])
-            text_encoder.load_state_dict(state["text_encoder"])
-            ema_unet.load_state_dict(state["ema_unet"])
-            ema_text.load_state_dict(state["ema_text_encoder"])
-            opt.load_state_dict(state["opt"])
-        start = int(state["step"])
+    c = _Components(seed, lr, vae_lr)
+    start = c.load(ckpt_path) if ckpt_path.exists() else 0
+    if start:
         print(f"resumed from step {start}", flush=True)
 
     t0 = time.time()
     seeds = range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + n_images)
     images = torch.from_numpy(make_dataset(seeds)[0])
-    factors = [sample_factors(s) for s in seeds]
     print(f"generated {n_images} training faces in {time.time() - t0:.1f}s", flush=True)
 
-    def checkpoint(step: int) -> None:
-        state = {"step": step, "vae": vae.state_dict(), "vae_opt": vae_opt.state_dict()}
-        if step > vae_steps:
-            state |= {
-                "unet": unet.state_dict(),
-                "text_encoder": text_encoder.state_dict(),
-                "ema_unet": ema_unet.state_dict(),
-                "ema_text_encoder": ema_text.state_dict(),
-                "opt": opt.state_dict(),
-            }
-        _save(ckpt_path, state)
+    def checkpoint_due(step: int) -> bool:
+        return (step + 1) % checkpoint_every == 0 or step + 1 in (vae_steps, end)
 
     # phase 1: the autoencoder
-    vae.train()
-    for step in range(start, vae_steps):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        x = _images_to_model_range(images[torch.randint(0, n_images, (vae_batch_size,), generator=gen)])
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample(generator=gen)).sample
-        kl = post.kl() / post.mean[0].numel()  # per latent element
-        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + kl_weight * kl.mean()
-        for g in vae_opt.param_groups:
-            g["lr"] = vae_lr * min(1.0, (step + 1) / warmup)
-        vae_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        vae_opt.step()
-        _check_finite(loss, step)
-        log("vae", step, loss.item(), force=step + 1 == vae_steps)
-        if (step + 1) % checkpoint_every == 0 or step + 1 == vae_steps:
-            checkpoint(step + 1)
+    c.vae.train()
+    for step in range(start, min(vae_steps, end)):
+        log("vae", step, _vae_step(c, images, step, seed, vae_batch_size, hp), force=step + 1 == vae_steps)
+        if checkpoint_due(step):
+            _save(ckpt_path, c.state(step + 1, with_denoiser=False))
+    if end <= vae_steps:
+        return export_dir
 
     # phase 2: the denoiser and text encoder on the frozen autoencoder's latents
-    vae.eval().requires_grad_(False)
+    c.vae.eval().requires_grad_(False)
     t0 = time.time()
-    lat_mean, lat_std = encode_dataset(vae, images)
+    lat_mean, lat_std = encode_dataset(c.vae, images)
     scale = latent_scaling_factor(lat_mean, lat_std)
-    vae.register_to_config(scaling_factor=scale)
+    c.vae.register_to_config(scaling_factor=scale)
     print(
         f"encoded {n_images} faces in {time.time() - t0:.1f}s; latent scaling factor {scale:.4f}", flush=True
     )
-    tokenizer = load_tokenizer()
-    scheduler = DDPMScheduler(**TEXT_SCHEDULER_CONFIG)
-    alphas = scheduler.alphas_cumprod
-    unet.train()
-    text_encoder.train()
-    for step in range(max(start, vae_steps), total):
+    data = {
+        "mean": lat_mean,
+        "std": lat_std,
+        "scale": scale,
+        "alphas": DDPMScheduler(**TEXT_SCHEDULER_CONFIG).alphas_cumprod,
+        "factors": [sample_factors(s) for s in seeds],
+        "tokenizer": load_tokenizer(),
+    }
+    c.unet.train()
+    c.text_encoder.train()
+    for step in range(max(start, vae_steps), end):
         k = step - vae_steps
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        idx = torch.randint(0, n_images, (batch_size,), generator=gen)
-        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scale
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
-        rng = np.random.default_rng([seed, step, 0xCA97])
-        captions = [caption_for(factors[int(i)], rng) for i in idx]
-        ids = tokenizer(
-            captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
-        )
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (k + 1) / warmup)
-        pred = unet(zt, t, encoder_hidden_states=text_encoder(ids.input_ids)[0]).sample
-        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weights(a.flatten(), min_snr_gamma)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        d = min(ema_decay, (1 + k) / (10 + k))
-        _ema_update(ema_unet, unet, d)
-        _ema_update(ema_text, text_encoder, d)
-        _check_finite(loss, step)
-        log("unet", step, loss.item(), force=step + 1 == total)
-        if (step + 1) % checkpoint_every == 0 or step + 1 == total:
-            checkpoint(step + 1)
+        log("unet", step, _denoiser_step(c, data, step, k, seed, batch_size, hp), force=step + 1 == end)
+        if checkpoint_due(step):
+            _save(ckpt_path, c.state(step + 1, with_denoiser=True))
         if (k + 1) % export_every == 0:
-            export_pipeline(export_dir, vae, ema_unet, ema_text)
-    export_pipeline(export_dir, vae, ema_unet, ema_text)
+            export_pipeline(export_dir, c.vae, c.ema_unet, c.ema_text)
+    if end == total:
+        export_pipeline(export_dir, c.vae, c.ema_unet, c.ema_text)
     return export_dir
 
 
