@@ -34,6 +34,7 @@ test-fast: $(STAMP) browser
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hspace pipeline jobs tests
 	$(VENV)/bin/ruff format --check hspace pipeline jobs tests
+	$(VENV)/bin/lint-imports  # the import contracts in pyproject.toml ([tool.importlinter])
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix hspace pipeline jobs tests

@@ -1,8 +1,9 @@
 """hspace: interpretable directions in the semantic latent space (h-space) of diffusion models.
 
-The core API: :class:`HSpaceModel` (a diffusers UNet2DModel + scheduler config with h-space
-hooks), :class:`HSpaceSampler` (seeded sampling that records h, applies :class:`Edit` s and
-swaps h), :class:`Trajectory` (its result) and :class:`Direction`.
+The core API: :class:`HSpaceModel` (any supported diffusers denoiser -- pixel and latent U-Nets,
+Stable Diffusion, SDXL, class-conditional U-Nets, DiT -- with its scheduler config and the one
+h-space hook at a :class:`CapturePoint`), :class:`HSpaceSampler` (seeded sampling that records h,
+applies :class:`Edit` s and swaps h), :class:`Trajectory` (its result) and :class:`Direction`.
 """
 
 from __future__ import annotations
@@ -15,14 +16,22 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hspace.directions import Direction
-    from hspace.model import HSpaceModel, MidBlockHook, use_forward_ad_safe_attention
+    from hspace.model import (
+        CapturePoint,
+        HSpaceHook,
+        HSpaceModel,
+        MidBlockHook,
+        use_forward_ad_safe_attention,
+    )
     from hspace.sampling import Edit, HSpaceSampler, Trajectory
 
 #: Where each name of the core API lives. They are imported on first use (PEP 562), so that
 #: ``import hspace.io`` or the pipeline's run format does not pay for importing torch.
 _HOMES = {
+    "CapturePoint": "hspace.model",
     "Direction": "hspace.directions",
     "Edit": "hspace.sampling",
+    "HSpaceHook": "hspace.model",
     "HSpaceModel": "hspace.model",
     "HSpaceSampler": "hspace.sampling",
     "MidBlockHook": "hspace.model",
@@ -31,8 +40,10 @@ _HOMES = {
 }
 
 __all__ = [
+    "CapturePoint",
     "Direction",
     "Edit",
+    "HSpaceHook",
     "HSpaceModel",
     "HSpaceSampler",
     "MidBlockHook",

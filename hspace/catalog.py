@@ -99,6 +99,7 @@ __all__ = [
     "model_key",
     "new_version_id",
     "open",
+    "preview_path",
 ]
 
 SCHEMA_VERSION = 1
@@ -204,6 +205,12 @@ def _check_relpath(relpath: Any, field: str = "file path") -> str:
             f"[A-Za-z0-9._+-] starting with a letter or digit (no '..', no absolute paths)"
         )
     return relpath
+
+
+def preview_path(direction: str) -> str:
+    """The file a version holds a direction's edit strip in: ``previews/<name>.png``, the name reduced
+    to the catalog's file-name characters (the publish stage writes it, the explorer reads it)."""
+    return f"previews/{re.sub(r'[^A-Za-z0-9._+-]', '_', direction)}.png"
 
 
 def model_key(model_id: str) -> str:

@@ -8,8 +8,9 @@ attribute (read as a logit) or a continuous one (read as a value), and
 directory with ``config.json`` (the constructor's keyword arguments) and ``model.safetensors``
 (never pickle). :func:`score_images` is the one way images are scored, in mini-batches.
 
-The shipped implementation is the toy world's CNN, :class:`hspace.toy.classifier.AttributeClassifier`;
-the pipeline loads the same layout trained on other data (e.g. CelebA attributes).
+The one implementation is a small CNN, :class:`AttributeClassifier`: the toy world trains it
+(:mod:`hspace.toy.classifier`) and the pipeline loads the same layout trained on other data (e.g.
+CelebA attributes).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from hspace.io import read_json, safetensors_from_bytes
 
 __all__ = [
+    "AttributeClassifier",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "BaseAttributeClassifier",
@@ -126,18 +128,51 @@ class BaseAttributeClassifier(nn.Module):
         return model.to(device).eval()
 
 
+class AttributeClassifier(BaseAttributeClassifier):
+    """A small CNN mapping images [B, 3, H, W] in [0, 1] to scores [B, A]: the architecture of every
+    stored classifier (the toy world's, trained by :mod:`hspace.toy.classifier`, and others).
+
+    Scores are logits for binary attributes (``binary[i]`` true) and values for continuous ones.
+    """
+
+    def __init__(self, attributes: list[str], binary: list[bool], image_size: int = 32, width: int = 32):
+        super().__init__(attributes, binary, image_size)
+        self.width = int(width)
+        w = self.width
+
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
+
+        self.features = nn.Sequential(
+            block(3, w, 1),
+            block(w, w, 1),
+            block(w, 2 * w, 2),
+            block(2 * w, 2 * w, 1),
+            block(2 * w, 4 * w, 2),
+            block(4 * w, 4 * w, 2),
+        )
+        side = image_size // 8
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(4 * w * side * side, 256), nn.SiLU(), nn.Linear(256, len(attributes))
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_images(images)
+        return self.head(self.features(images * 2.0 - 1.0))
+
+    def config(self) -> dict:
+        return super().config() | {"width": self.width}
+
+
 def resolve_classifier_dir(spec: str, storage_options: Mapping[str, Any] | None = None) -> Path:
-    """Local directory of a classifier: ``toy`` (shipped weights), a local dir, or an fsspec URL.
+    """Local directory of a classifier: a local dir or an fsspec URL (the shipped toy classifier's
+    name, ``toy``, is resolved by :func:`hspace.toy.resolve_classifier_source`).
 
     A URL (``s3://bucket/clf``) is fetched on every call into :func:`classifier_cache_dir`, under
     the sha256 of the bytes fetched (see :func:`fetch_classifier`), because
     :meth:`BaseAttributeClassifier.from_pretrained` reads local files: changed remote weights land
     in a new directory and so get a new fingerprint.
     """
-    if spec == "toy":
-        from hspace.toy import TOY_CLASSIFIER_DIR
-
-        return Path(TOY_CLASSIFIER_DIR)
     if "://" not in spec:
         path = Path(spec).expanduser()
         if not path.is_dir():
@@ -251,11 +286,9 @@ def load_classifier(
 ) -> BaseAttributeClassifier:
     """The classifier named by ``spec`` (see :func:`resolve_classifier_dir`), in eval mode on ``device``.
 
-    Every stored classifier uses the shipped CNN architecture
-    (:class:`hspace.toy.classifier.AttributeClassifier`) with its own ``config.json``.
+    Every stored classifier uses the CNN architecture :class:`AttributeClassifier` with its own
+    ``config.json``.
     """
-    from hspace.toy.classifier import AttributeClassifier
-
     return AttributeClassifier.from_pretrained(resolve_classifier_dir(spec, storage_options), device=device)
 
 

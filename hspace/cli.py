@@ -54,6 +54,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 class SamplerKind(str, Enum):
     ddpm = "ddpm"
     ddim = "ddim"
+    dpm = "dpm"
+    euler = "euler"
+    euler_a = "euler_a"
+
+
+class EditBranchesOpt(str, Enum):
+    both = "both"
+    cond = "cond"
+    uncond = "uncond"
 
 
 class Units(str, Enum):
@@ -213,11 +222,14 @@ def _device(name: str) -> str:
     return name
 
 
-def load_model(model: str, *, revision: str | None, device: str, dtype: str) -> HSpaceModel:
+def load_model(
+    model: str, *, revision: str | None, device: str, dtype: str, capture: str | None = None
+) -> HSpaceModel:
     """``toy`` (the shipped weights), a local DDPMPipeline / UNet directory, or a hub id (+ revision)."""
     import torch
 
-    from hspace.model import TOY_MODEL_NAME, HSpaceModel, resolve_model_source
+    from hspace.model import HSpaceModel
+    from hspace.toy import TOY_MODEL_NAME, resolve_model_source
 
     source = resolve_model_source(model)
     if model == TOY_MODEL_NAME:
@@ -228,7 +240,7 @@ def load_model(model: str, *, revision: str | None, device: str, dtype: str) -> 
             )
         revision = None  # the shipped weights have no revisions
     return HSpaceModel.from_pretrained(
-        source, revision=revision, device=_device(device), dtype=getattr(torch, dtype)
+        source, revision=revision, device=_device(device), dtype=getattr(torch, dtype), capture=capture
     )
 
 
@@ -319,11 +331,18 @@ def _progress(flag: bool | None) -> bool:
 # shared options
 ModelOpt = Annotated[
     str,
-    typer.Option("--model", "-m", help="'toy' (shipped weights), a local DDPMPipeline/UNet dir, or a hub id"),
+    typer.Option(
+        "--model",
+        "-m",
+        help="'toy' (shipped weights), a diffusers pipeline dir (DDPM, LDM, Stable Diffusion, SDXL, DiT) "
+        "or UNet dir, or a hub id",
+    ),
 ]
 RevisionOpt = Annotated[str | None, typer.Option(help="hub revision (branch, tag or commit) of --model")]
 SeedsOpt = Annotated[str, typer.Option(help="seeds: ranges and lists, e.g. 0-7, 0,3,5 or 0-3,10")]
-SamplerOpt = Annotated[SamplerKind, typer.Option(help="ddpm (eta = 1) or ddim (eta default 0)")]
+SamplerOpt = Annotated[
+    SamplerKind, typer.Option(help="ddpm (eta = 1), ddim (eta default 0), dpm, euler or euler_a")
+]
 EtaOpt = Annotated[float | None, typer.Option(help="DDIM eta (ddpm: must be 1 or unset)")]
 BatchOpt = Annotated[int | None, typer.Option(help="rows per U-Net batch (default: all at once)")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda, cuda:1, ...")]
@@ -335,6 +354,43 @@ ProgressOpt = Annotated[
 StorageOpt = Annotated[
     str | None, typer.Option(help="fsspec storage options as JSON, e.g. '{\"anon\": true}'")
 ]
+PromptOpt = Annotated[
+    list[str] | None,
+    typer.Option("--prompt", help="text models: the prompt; repeat it for several, cycled over the seeds"),
+]
+NegativePromptOpt = Annotated[
+    str | None, typer.Option("--negative-prompt", help="text models: the negative prompt")
+]
+GuidanceOpt = Annotated[
+    float | None,
+    typer.Option("--guidance", help="classifier-free guidance scale (default: the model's; 1 = none)"),
+]
+ClassLabelsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--class-labels", help="class-conditional models: class ids cycled over the seeds, e.g. 207,360"
+    ),
+]
+CaptureOpt = Annotated[
+    str | None,
+    typer.Option(help="h-space capture point: a module of the denoiser, e.g. mid_block, mid_block:input"),
+]
+
+
+def conditioning_options(
+    prompt: list[str] | None, negative_prompt: str | None, guidance: float | None, class_labels: str | None
+) -> dict[str, Any]:
+    """The sampler's conditioning keywords from the command-line options (only those given)."""
+    options: dict[str, Any] = {}
+    if prompt:
+        options["prompt"] = list(prompt)
+    if negative_prompt is not None:
+        options["negative_prompt"] = negative_prompt
+    if guidance is not None:
+        options["guidance_scale"] = guidance
+    if class_labels is not None:
+        options["class_labels"] = parse_int_list(class_labels, "--class-labels")
+    return options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,15 +414,22 @@ def sample(
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float32,
     progress: ProgressOpt = None,
+    prompt: PromptOpt = None,
+    negative_prompt: NegativePromptOpt = None,
+    guidance: GuidanceOpt = None,
+    class_labels: ClassLabelsOpt = None,
+    capture: CaptureOpt = None,
 ) -> None:
     """Render seeds to a grid PNG (row-major, --cols per row), optionally saving their h."""
     import torch
 
     seed_list = parse_int_list(seeds, "--seeds")
-    hs_model = load_model(model, revision=revision, device=device, dtype=dtype.value)
+    conditioning = conditioning_options(prompt, negative_prompt, guidance, class_labels)
+    hs_model = load_model(model, revision=revision, device=device, dtype=dtype.value, capture=capture)
     hs_sampler = _sampler(hs_model, sampler.value, steps, eta)
     traj = hs_sampler.sample(
         seed_list,
+        **conditioning,
         record_h=save_h is not None,
         h_dtype=getattr(torch, h_dtype.value),
         batch_size=batch_size,
@@ -397,6 +460,14 @@ def sample(
                 "revision": hs_model.revision or "",
                 "model_fingerprint": hs_model.fingerprint,
                 "sampler": {"kind": sampler.value, "num_inference_steps": steps, "eta": hs_sampler.eta},
+                "model": hs_model.describe(),
+                "conditioning": {
+                    "prompts": traj.prompts,
+                    "negative_prompts": traj.negative_prompts,
+                    "class_labels": traj.class_labels,
+                    "guidance_scale": traj.guidance_scale,
+                    "record_branch": traj.record_branch,
+                },
             },
         )
 
@@ -473,16 +544,25 @@ def edit(
         int | None, typer.Option(help="sampler steps (default: the direction's / catalog's, else 50)")
     ] = None,
     sampler: Annotated[
-        SamplerKind | None, typer.Option(help="ddpm or ddim (default: the catalog's, else ddpm)")
+        SamplerKind | None,
+        typer.Option(help="ddpm, ddim, dpm, euler, euler_a (default: the catalog's, else ddpm)"),
     ] = None,
     eta: EtaOpt = None,
     batch_size: BatchOpt = None,
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float32,
     progress: ProgressOpt = None,
+    prompt: PromptOpt = None,
+    negative_prompt: NegativePromptOpt = None,
+    guidance: GuidanceOpt = None,
+    class_labels: ClassLabelsOpt = None,
+    branches: Annotated[
+        EditBranchesOpt, typer.Option(help="under guidance, the branches the edit enters")
+    ] = EditBranchesOpt.both,
 ) -> None:
     """Apply an h-space direction at several scales: a strip with one row per seed, one column per scale."""
     seed_list = parse_int_list(seeds, "--seeds")
+    conditioning = conditioning_options(prompt, negative_prompt, guidance, class_labels)
     scale_list = parse_float_list(scales, "--scales")
     options = parse_storage_options(storage_options)
     step_list = parse_int_list(edit_steps, "--edit-steps") if edit_steps is not None else None
@@ -495,7 +575,7 @@ def edit(
         steps = vector.n_steps or built_with.get("num_inference_steps") or 50
     if eta is None and sampler is None and built_with.get("eta") is not None and kind == "ddim":
         eta = float(built_with["eta"])
-    hs_model = load_model(model, revision=revision, device=device, dtype=dtype.value)
+    hs_model = load_model(model, revision=revision, device=device, dtype=dtype.value, capture=vector.capture)
     hs_sampler = _sampler(hs_model, kind, int(steps), eta)
     images = hs_sampler.sample_edits(
         seed_list,
@@ -504,8 +584,10 @@ def edit(
         mode=mode.value,
         units=units.value,
         steps=step_list,
+        branches=branches.value,
         batch_size=batch_size,
         progress=_progress(progress),
+        **conditioning,
     )
     what = (
         f"{len(seed_list)} seeds x scales {scale_list} of {vector.name!r}, {units.value} units, {mode.value}"
@@ -537,23 +619,34 @@ def swap(
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.float32,
     progress: ProgressOpt = None,
+    prompt: PromptOpt = None,
+    negative_prompt: NegativePromptOpt = None,
+    guidance: GuidanceOpt = None,
+    class_labels: ClassLabelsOpt = None,
+    capture: CaptureOpt = None,
 ) -> None:
-    """h-swap (paper Fig. 2a): render seeds a with the h of seeds b; rows a, b, swapped."""
+    """h-swap (paper Fig. 2a): render seeds a with the h of seeds b; rows a, b, swapped.
+
+    With guidance each branch takes the donor's h of the same branch."""
     import torch
 
+    conditioning = conditioning_options(prompt, negative_prompt, guidance, class_labels)
     list_a, list_b = parse_int_list(seeds_a, "--seeds-a"), parse_int_list(seeds_b, "--seeds-b")
     if len(list_a) != len(list_b):
         raise UsageError(f"--seeds-a has {len(list_a)} seeds but --seeds-b has {len(list_b)}; give as many")
     step_list = parse_int_list(swap_steps, "--swap-steps") if swap_steps is not None else None
-    hs_model = load_model(model, revision=revision, device=device, dtype=dtype.value)
+    hs_model = load_model(model, revision=revision, device=device, dtype=dtype.value, capture=capture)
     hs_sampler = _sampler(hs_model, sampler.value, steps, eta)
     show = _progress(progress)
-    plain_a = hs_sampler.sample(list_a, record_h=False, batch_size=batch_size, progress=show)
-    donor = hs_sampler.sample(list_b, batch_size=batch_size, progress=show)
+    plain_a = hs_sampler.sample(list_a, record_h=False, batch_size=batch_size, progress=show, **conditioning)
+    donor = hs_sampler.sample(
+        list_b, batch_size=batch_size, progress=show, record_branch="both", **conditioning
+    )
     swapped = hs_sampler.sample(
         list_a,
+        **conditioning,
         record_h=False,
-        h_replace=donor.h,
+        h_replace=donor,
         h_replace_steps=step_list,
         batch_size=batch_size,
         progress=show,
@@ -975,12 +1068,10 @@ def explore(
     run(
         catalog,
         model=model,
+        load_model=functools.partial(load_model, revision=revision, device=device, dtype=dtype.value),
         storage_options=parse_storage_options(storage_options),
         host=host,
         port=port,
-        revision=revision,
-        device=device,
-        dtype=dtype.value,
         echo=typer.echo,
     )
 

@@ -61,9 +61,14 @@ class Direction:
     timesteps: Tensor | None = None
     model_fingerprint: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: The capture point h was taken at (``mid_block``, ``transformer_blocks.14``, ...); None when
+    #: unknown (directions made before capture points existed, or by hand): compatible with any.
+    capture: str | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name)
+        if self.capture is not None and (not isinstance(self.capture, str) or not self.capture):
+            raise ValueError(f"Direction {self.name!r}: capture must be a module path string or None")
         self._check_vector()
         if self.kind not in KINDS:
             raise ValueError(f"Direction {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
@@ -203,13 +208,20 @@ class Direction:
         model_h_shape: Sequence[int],
         timesteps: Tensor | Sequence[int] | None = None,
         fingerprint: str | None = None,
+        capture: str | None = None,
     ) -> None:
-        """Raise ValueError naming what does not match a model's h shape, sampler timesteps or fingerprint.
+        """Raise ValueError naming what does not match a model's capture point and h shape, sampler
+        timesteps or fingerprint.
 
-        A direction without stored timesteps (or fingerprint) is compatible with any, as long as a
-        per-step direction has as many steps as ``timesteps``.
+        A direction without stored timesteps (fingerprint, capture point) is compatible with any,
+        as long as a per-step direction has as many steps as ``timesteps``.
         """
         want = tuple(int(s) for s in model_h_shape)
+        if capture is not None and self.capture is not None and capture != self.capture:
+            raise ValueError(
+                f"Direction {self.name!r} was found at capture point {self.capture!r} with h_shape "
+                f"{self.h_shape}; the model captures at {capture!r} with h_shape {want}"
+            )
         if self.h_shape != want:
             raise ValueError(
                 f"Direction {self.name!r}: h_shape {self.h_shape} does not match the model's {want}"
@@ -252,6 +264,7 @@ class Direction:
             "per_step": self.per_step,
             "model_fingerprint": self.model_fingerprint,
             "provenance": self.provenance,
+            **({"capture": self.capture} if self.capture is not None else {}),
         }
 
     def to_safetensors_dict(self) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -296,6 +309,7 @@ class Direction:
             timesteps=tensors.get(f"{name}.timesteps"),
             model_fingerprint=meta.get("model_fingerprint"),
             provenance=meta.get("provenance") or {},
+            capture=meta.get("capture"),
         )
 
     def save(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:

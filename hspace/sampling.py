@@ -15,6 +15,7 @@ second pass for D_t. The h-swap of Fig. 2a renders one seed with another seed's 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import operator
@@ -25,14 +26,23 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from hspace.conditioning import Condition, ConditionRequest, cycle
 from hspace.directions import Direction
-from hspace.model import HSpaceModel
+from hspace.model import SCHEDULERS, HSpaceModel
 
 if TYPE_CHECKING:
     from PIL import Image
 
 EditMode = Literal["both", "asyrp"]
 EditUnits = Literal["raw", "sigma"]
+#: Under classifier-free guidance: which branches an edit enters.
+EditBranches = Literal["both", "cond", "uncond"]
+EDIT_BRANCHES = ("both", "cond", "uncond")
+#: Under classifier-free guidance: whose h a sampler records ("both": h = cond, h_uncond = uncond).
+RecordBranch = Literal["uncond", "cond", "both"]
+RECORD_BRANCHES = ("uncond", "cond", "both")
+#: The paper's code records h from the unconditional call; so does the sampler unless told otherwise.
+DEFAULT_RECORD_BRANCH: RecordBranch = "uncond"
 Steps = int | Iterable[int] | slice | None
 
 
@@ -42,10 +52,14 @@ Steps = int | Iterable[int] | slice | None
 class Trajectory:
     """The result of a sampling run; row b belongs to ``seeds[b]``.
 
-    images [B, 3, H, W] float32 in [0, 1]; x_T [B, 3, H, W] float32; timesteps [T] in sampling
-    order (step 0 is the noisiest); h [B, T, C, H, W] (the h the decoder saw, i.e. after an edit
-    or swap) or None; x_t [B, T, 3, H, W] the U-Net input at each step (``record_x``);
-    mid_input [B, T, C', H', W'] the mid-block input at each step (``record_mid_input``).
+    images [B, C, H, W] float32 in [0, 1] (decoded by the VAE for latent models); x_T
+    [B, *latent_shape] float32 the start noise (times the scheduler's ``init_noise_sigma``);
+    timesteps [T] in sampling order (step 0 is the noisiest); h [B, T, C, H, W] at the capture
+    point (the h the rest of the network saw, i.e. after an edit or swap; under guidance the
+    ``record_branch``'s, the conditional one when both were recorded) or None; h_uncond the
+    unconditional branch's h when ``record_branch="both"``; x_t [B, T, *latent_shape] the denoiser
+    input at each step (``record_x``); mid_input [B, T, C', H', W'] the capture module's input at
+    each step (``record_mid_input``). prompts, negative_prompts, class_labels: per sample, as used.
     """
 
     images: Tensor
@@ -55,6 +69,12 @@ class Trajectory:
     h: Tensor | None = None
     x_t: Tensor | None = None
     mid_input: Tensor | None = None
+    h_uncond: Tensor | None = None
+    prompts: list[str] | None = None
+    negative_prompts: list[str] | None = None
+    class_labels: list[int] | None = None
+    guidance_scale: float = 1.0
+    record_branch: str | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -80,6 +100,8 @@ class Edit:
         eq. 2-5; with scale 0 it equals plain DDIM, and plain DDPM when x0 is not clipped: eq. 2-5
         clip P_t but keep the unclipped eps in D_t, where DDPMScheduler uses the clipped x0 twice).
     units: "raw" (gamma * v_t as stored) or "sigma" (gamma * sigma_t * v_t / ||v_t||).
+    branches: under classifier-free guidance, the branches whose h is edited: "both" (the
+        default, as the paper's code does), "cond" or "uncond". Without guidance there is one.
     """
 
     directions: Direction | Sequence[Direction]
@@ -87,9 +109,12 @@ class Edit:
     steps: Steps = None
     mode: EditMode = "both"
     units: EditUnits = "raw"
+    branches: EditBranches = "both"
     _directions: list[Direction] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.branches not in EDIT_BRANCHES:
+            raise ValueError(f"Edit.branches must be one of {EDIT_BRANCHES}, got {self.branches!r}")
         if self.mode not in ("both", "asyrp"):
             raise ValueError(f"Edit.mode must be 'both' or 'asyrp', got {self.mode!r}")
         if self.units not in ("raw", "sigma"):
@@ -113,6 +138,7 @@ class _EditPlan:
     scales: Tensor  # [N, D] float32
     active: list[bool]  # [T]
     mode: EditMode
+    branches: EditBranches = "both"
 
     def delta(self, step: int, rows: slice) -> Tensor | None:
         """sum_d scale[n, d] * v_{d, step} for the rows, or None where the step is not edited."""
@@ -160,9 +186,12 @@ def _validate_num_steps(num_inference_steps: Any, num_train_timesteps: int) -> i
 
 def _validate_eta(eta: Any, sampler: str) -> float:
     """DDIM eta as a finite float in [0, 1] (above 1 the DDIM update takes the root of a negative
-    number); ``sampler='ddpm'`` has eta = 1. None gives the sampler's default."""
+    number); ``sampler='ddpm'`` has eta = 1; the other samplers take none. None gives the
+    sampler's default."""
     if eta is None:
         return 1.0 if sampler == "ddpm" else 0.0
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"eta applies to the ddim sampler only; sampler={sampler!r} takes none")
     if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta):
         raise ValueError(f"eta must be a finite number in [0, 1], got {eta!r}")
     if not 0 <= eta <= 1:
@@ -224,8 +253,9 @@ def _step_index(i: Any, what: str) -> int:
 
 
 def check_direction(direction: Direction, model: HSpaceModel, timesteps: Tensor) -> None:
-    """Raise ValueError naming what does not match: h shape, number of steps, timesteps, fingerprint."""
-    direction.check_compatible(model.h_shape, timesteps, model.fingerprint)
+    """Raise ValueError naming what does not match: capture point and h shape, number of steps,
+    timesteps, fingerprint."""
+    direction.check_compatible(model.h_shape, timesteps, model.fingerprint, capture=model.capture.spec)
 
 
 def _as_directions(directions: Direction | Sequence[Direction], what: str) -> list[Direction]:
@@ -269,24 +299,27 @@ def _progress(iterable: Iterable, enabled: bool, desc: str) -> Iterable:
 # ---------------------------------------------------------------------------------------------
 # the sampler
 class HSpaceSampler:
-    """Seeded DDPM / DDIM / any-eta sampler over an :class:`HSpaceModel` that records h.
+    """Seeded sampler over an :class:`HSpaceModel` of any kind that records h at its capture point.
 
-    sampler="ddpm": DDPMScheduler (eta = 1, the default); sampler="ddim": DDIMScheduler with
-    ``eta`` (default 0). ``clip_sample`` overrides the scheduler config's x0 clipping (None keeps
-    it; DDIM inversion reconstructs with False).
+    sampler: ``ddpm`` (eta = 1, the default), ``ddim`` (``eta``, default 0), or one of the samplers
+    Stable Diffusion users run: ``dpm`` (DPMSolverMultistepScheduler), ``euler``
+    (EulerDiscreteScheduler), ``euler_a`` (EulerAncestralDiscreteScheduler); every one is built
+    from the model's scheduler config and stepped by its own ``scheduler.step``, with each sample's
+    noise from its own generator. ``clip_sample`` overrides the scheduler config's x0 clipping
+    (None keeps it; DDIM inversion reconstructs with False).
     """
 
     def __init__(
         self,
         model: HSpaceModel,
         *,
-        sampler: Literal["ddpm", "ddim"] = "ddpm",
+        sampler: str = "ddpm",
         num_inference_steps: int = 50,
         eta: float | None = None,
         clip_sample: bool | None = None,
     ) -> None:
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        if sampler not in SCHEDULERS:
+            raise ValueError(f"sampler must be one of {', '.join(SCHEDULERS)}, got {sampler!r}")
         self.eta = _validate_eta(eta, sampler)
         self.num_inference_steps = _validate_num_steps(num_inference_steps, model.num_train_timesteps)
         self.model = model
@@ -310,6 +343,11 @@ class HSpaceSampler:
         self,
         seeds: Sequence[int] | int | None = None,
         *,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        class_labels: int | Sequence[int] | None = None,
+        guidance_scale: float | None = None,
+        record_branch: RecordBranch = DEFAULT_RECORD_BRANCH,
         edit: Edit | None = None,
         record_h: bool = True,
         record_x: bool = False,
@@ -323,41 +361,58 @@ class HSpaceSampler:
     ) -> Trajectory:
         """Render one sample per seed, recording h at every step; see :class:`Trajectory`.
 
-        edit: an :class:`Edit` applied at its steps. h_replace: [B, T, C, H, W] h to use instead
-        of the model's at ``h_replace_steps`` (None = all). x_T: [B, 3, H, W] start noise instead
-        of the seed's (the seed's x_T is still drawn and discarded, so z_t stay the seed's).
-        batch_size: rows per U-Net batch (results do not depend on it; default: see
-        :func:`resolve_batch_size`). h_dtype: storage dtype of
-        h (default the model's; torch.float16 halves the memory).
+        prompt / negative_prompt (text models), class_labels (class-conditional models): one value
+        for every seed, or a list cycled over the seeds. guidance_scale: classifier-free guidance
+        (default: the model's, e.g. 7.5 for Stable Diffusion, 1 = none for unconditional models).
+        record_branch: under guidance, whose h is recorded: ``uncond`` (the default, as the
+        paper's code), ``cond``, or ``both`` (``h`` = cond, ``h_uncond`` = uncond).
+        edit: an :class:`Edit` applied at its steps (to the branches it names). h_replace:
+        [B, T, C, H, W] h to use instead of the model's at ``h_replace_steps`` (None = all) in
+        every branch, or a Trajectory recorded with ``record_branch="both"`` (each branch gets its
+        own). x_T: [B, *latent_shape] start noise instead of the seed's (the seed's x_T is still
+        drawn and discarded, so z_t stay the seed's). batch_size: samples per denoiser batch
+        (results do not depend on it; default: see :func:`resolve_batch_size`). h_dtype: storage
+        dtype of h (default the model's; torch.float16 halves the memory).
         """
         model, num_steps = self.model, self.num_steps
         seeds = self._seed_list(seeds, x_T)
         n = len(seeds)
+        request = self._request(n, prompt, negative_prompt, class_labels, guidance_scale)
+        if record_branch not in RECORD_BRANCHES:
+            raise ValueError(f"record_branch must be one of {RECORD_BRANCHES}, got {record_branch!r}")
         plan = self._plan(edit, n) if edit is not None else None
-        replace_h, replace_mask = self._replacement(h_replace, h_replace_steps, n)
-        if x_T is not None and tuple(x_T.shape) != (n, *model.image_shape):
-            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {(n, *model.image_shape)}")
+        replacement = self._replacement(h_replace, h_replace_steps, n)
+        if x_T is not None and tuple(x_T.shape) != (n, *model.latent_shape):
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {(n, *model.latent_shape)}")
         if x_T is not None:
             _validate_finite(x_T, "x_T")
         batch_size = resolve_batch_size(batch_size, n, model.device)
+        guided = request.guidance_scale > 1 and model.conditioner.supports_guidance
 
         pin = model.device.type == "cuda"
+        h_dtype = h_dtype or model.dtype
+
+        def buffer(shape: tuple[int, ...], dtype: torch.dtype, wanted: bool) -> Tensor | None:
+            return _buffer((n, num_steps, *shape), dtype, pin) if wanted else None
+
         out = Trajectory(
             images=torch.empty(n, *model.image_shape),
-            x_T=torch.empty(n, *model.image_shape),
+            x_T=torch.empty(n, *model.latent_shape),
             timesteps=self.timesteps.clone(),
             seeds=seeds,
-            h=_buffer((n, num_steps, *model.h_shape), h_dtype or model.dtype, pin) if record_h else None,
-            x_t=_buffer((n, num_steps, *model.image_shape), torch.float32, pin) if record_x else None,
-            mid_input=(
-                _buffer((n, num_steps, *model.mid_input_shape), h_dtype or model.dtype, pin)
-                if record_mid_input
-                else None
-            ),
+            h=buffer(model.h_shape, h_dtype, record_h),
+            x_t=buffer(model.latent_shape, torch.float32, record_x),
+            mid_input=buffer(model.mid_input_shape, h_dtype, record_mid_input),
+            h_uncond=buffer(model.h_shape, h_dtype, record_h and guided and record_branch == "both"),
+            prompts=request.prompts,
+            negative_prompts=request.negative_prompts,
+            class_labels=request.class_labels,
+            guidance_scale=request.guidance_scale,
+            record_branch=record_branch if guided else None,
         )
         for start in range(0, n, batch_size):
             rows = slice(start, min(start + batch_size, n))
-            self._run(rows, out, plan, replace_h, replace_mask, x_T, progress)
+            self._run(rows, out, request.rows(rows), plan, replacement, x_T, progress)
         if pin:
             torch.cuda.synchronize(model.device)
         return out
@@ -371,13 +426,16 @@ class HSpaceSampler:
         mode: EditMode = "both",
         units: EditUnits = "raw",
         steps: Steps = None,
+        branches: EditBranches = "both",
         batch_size: int | None = None,
         progress: bool = False,
+        **conditioning: Any,
     ) -> Tensor:
-        """Render every seed at every scale in one batch: images [B, S, 3, H, W].
+        """Render every seed at every scale in one batch: images [B, S, C, H, W].
 
         scales: [S] (the same scale for every direction) or [S, D]. Row (b, s) uses seed b, so
-        column s=j with scale 0 is the unedited sample.
+        column s=j with scale 0 is the unedited sample. ``conditioning``: ``prompt``,
+        ``negative_prompt``, ``class_labels`` (per seed, or one for all) and ``guidance_scale``.
         """
         seeds = self._seed_list(seeds, None)
         dirs = _as_directions(edit_directions, "edit_directions")
@@ -388,8 +446,14 @@ class HSpaceSampler:
         n_seeds, n_scales = len(seeds), s.shape[0]
         row_seeds = [seed for seed in seeds for _ in range(n_scales)]
         row_scales = s.repeat(n_seeds, 1)  # row b*S + j has scale j
-        edit = Edit(dirs, scales=row_scales, steps=steps, mode=mode, units=units)
-        traj = self.sample(row_seeds, edit=edit, record_h=False, batch_size=batch_size, progress=progress)
+        for key in ("prompt", "negative_prompt", "class_labels"):
+            if conditioning.get(key) is not None:
+                per_seed = cycle(conditioning[key], n_seeds, key)
+                conditioning[key] = [v for v in per_seed for _ in range(n_scales)]  # type: ignore[union-attr]
+        edit = Edit(dirs, scales=row_scales, steps=steps, mode=mode, units=units, branches=branches)
+        traj = self.sample(
+            row_seeds, edit=edit, record_h=False, batch_size=batch_size, progress=progress, **conditioning
+        )
         return traj.images.view(n_seeds, n_scales, *self.model.image_shape)
 
     def h_swap(
@@ -400,15 +464,23 @@ class HSpaceSampler:
         *,
         batch_size: int | None = None,
         progress: bool = False,
+        **conditioning: Any,
     ) -> Trajectory:
-        """Render seeds_a with h taken from seeds_b at ``steps`` (None = h_{T:1}, paper Fig. 2a)."""
+        """Render seeds_a with h taken from seeds_b at ``steps`` (None = h_{T:1}, paper Fig. 2a).
+
+        Under guidance each branch gets the donor's h of the same branch. ``conditioning`` (prompt,
+        negative_prompt, class_labels, guidance_scale) applies to both renders.
+        """
         seeds_a, seeds_b = self._seed_list(seeds_a, None), self._seed_list(seeds_b, None)
         if len(seeds_a) != len(seeds_b):
             raise ValueError(f"seeds_a has {len(seeds_a)} seeds but seeds_b has {len(seeds_b)}")
-        donor = self.sample(seeds_b, batch_size=batch_size, progress=progress)
-        return self.sample(
-            seeds_a, h_replace=donor.h, h_replace_steps=steps, batch_size=batch_size, progress=progress
+        donor = self.sample(
+            seeds_b, batch_size=batch_size, progress=progress, record_branch="both", **conditioning
         )
+        return self.sample(
+            seeds_a, h_replace=donor, h_replace_steps=steps, batch_size=batch_size, progress=progress,
+            **conditioning,
+        )  # fmt: skip
 
     # -- the loop -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -416,9 +488,9 @@ class HSpaceSampler:
         self,
         rows: slice,
         out: Trajectory,
+        request: ConditionRequest,
         plan: _EditPlan | None,
-        replace_h: Tensor | None,
-        replace_mask: list[bool],
+        replacement: _Replacement | None,
         x_T: Tensor | None,
         progress: bool,
     ) -> None:
@@ -429,46 +501,50 @@ class HSpaceSampler:
 
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in out.seeds[rows]]
         scheduler = self.make_scheduler()
-        shape = (len(generators), *model.image_shape)
+        n = len(generators)
+        cond = model.conditioner.encode(request, n, device, dtype)
         # x_t and the scheduler arithmetic stay in float32 for half-precision models; only the
-        # U-Net runs in the model's dtype (``_eps``)
-        x = randn_tensor(shape, generator=generators, device=device, dtype=_state_dtype(dtype))
+        # denoiser runs in the model's dtype
+        state_dtype = _state_dtype(dtype)
+        x = randn_tensor((n, *model.latent_shape), generator=generators, device=device, dtype=state_dtype)
+        x = x * scheduler.init_noise_sigma
         if x_T is not None:
-            x = x_T[rows].to(device=device, dtype=_state_dtype(dtype))
+            x = x_T[rows].to(device=device, dtype=state_dtype)
         out.x_T[rows] = x.float().cpu()
         asyrp = plan is not None and plan.mode == "asyrp"
+        step_kwargs = _step_kwargs(scheduler, self.eta, generators)
 
         with model.hooks(capture_h=out.h is not None, capture_input=out.mid_input is not None) as hook:
             for i, t in enumerate(_progress(scheduler.timesteps, progress, f"{self.sampler} sampling")):
                 if out.x_t is not None:
                     out.x_t[rows, i].copy_(x, non_blocking=True)
-                hook.replace = replace_h[rows, i] if replace_h is not None and replace_mask[i] else None
+                x_in = scheduler.scale_model_input(cond.model_input(x), t).to(dtype)
+                hook.replace = replacement.at(i, rows, cond) if replacement is not None else None
                 delta = plan.delta(i, rows) if plan is not None else None
-                hook.delta = delta
-                eps = _eps(model.unet, x, t, dtype)
-                self._record(out, rows, i, hook)
+                hook.delta = _spread(delta, cond, plan.branches) if delta is not None else None  # type: ignore[union-attr]
+                eps = cond.guide(model.predict(x_in, t, cond)).to(x.dtype)
+                self._record(out, rows, i, hook, cond)
                 if asyrp and delta is not None:
                     hook.delta = None
-                    eps_plain = _eps(model.unet, x, t, dtype)
+                    eps_plain = cond.guide(model.predict(x_in, t, cond)).to(x.dtype)
                     x = self._asyrp_step(scheduler, eps, eps_plain, t, x, generators)
                 else:
-                    x = self._step(scheduler, eps, t, x, generators)
+                    x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
 
-        out.images[rows] = (x / 2 + 0.5).clamp(0, 1).float().cpu()
+        out.images[rows] = model.decode(x).cpu()
 
     @staticmethod
-    def _record(out: Trajectory, rows: slice, step: int, hook: Any) -> None:
-        """One copy per step into the preallocated host buffers."""
+    def _record(out: Trajectory, rows: slice, step: int, hook: Any, cond: Condition) -> None:
+        """One copy per step into the preallocated host buffers, from the recorded branch's rows."""
+        branch = out.record_branch or "cond"
         if out.h is not None:
-            out.h[rows, step].copy_(hook.h, non_blocking=True)
+            main = "cond" if branch == "both" else branch
+            out.h[rows, step].copy_(hook.h[cond.branch_rows(main)], non_blocking=True)  # type: ignore[arg-type]
+        if out.h_uncond is not None:
+            out.h_uncond[rows, step].copy_(hook.h[cond.branch_rows("uncond")], non_blocking=True)
         if out.mid_input is not None:
-            out.mid_input[rows, step].copy_(hook.mid_input, non_blocking=True)
-
-    def _step(self, scheduler: Any, eps: Tensor, t: Tensor, x: Tensor, generators: list) -> Tensor:
-        """The scheduler's own update (bit-identical to DDPMPipeline / DDIMPipeline)."""
-        if self.sampler == "ddpm":
-            return scheduler.step(eps, t, x, generator=generators).prev_sample
-        return scheduler.step(eps, t, x, eta=self.eta, generator=generators).prev_sample
+            main = "uncond" if branch == "uncond" else "cond"
+            out.mid_input[rows, step].copy_(hook.mid_input[cond.branch_rows(main)], non_blocking=True)
 
     def _asyrp_step(
         self, scheduler: Any, eps_p: Tensor, eps_d: Tensor, t: Tensor, x: Tensor, generators: list
@@ -477,8 +553,11 @@ class HSpaceSampler:
 
         x_{t-1} = sqrt(a_{t-1}) P_t(eps_p) + sqrt(1 - a_{t-1} - sigma_t^2) eps_d + sigma_t z_t,
         sigma_t = eta sqrt((1 - a_{t-1}) / (1 - a_t)) sqrt(1 - a_t / a_{t-1}), a = alphas_cumprod.
-        z_t is drawn exactly when the scheduler would draw it, from the same generators.
+        z_t is drawn exactly when the scheduler would draw it, from the same generators. Under
+        guidance both eps are the guided ones.
         """
+        if self.sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"asyrp edits need sampler 'ddpm' or 'ddim' (eq. 2-5), got {self.sampler!r}")
         config = scheduler.config
         if config.prediction_type != "epsilon":
             raise ValueError(f"asyrp edits need an epsilon-prediction model, got {config.prediction_type!r}")
@@ -505,6 +584,25 @@ class HSpaceSampler:
         return prev_sample
 
     # -- input handling -----------------------------------------------------------------------
+    def _request(
+        self,
+        n: int,
+        prompt: str | Sequence[str] | None,
+        negative_prompt: str | Sequence[str] | None,
+        class_labels: int | Sequence[int] | None,
+        guidance_scale: float | None,
+    ) -> ConditionRequest:
+        """The conditioning for n samples, checked against what the model takes."""
+        conditioner = self.model.conditioner
+        request = ConditionRequest(
+            prompts=cycle(prompt, n, "prompt"),
+            negative_prompts=cycle(negative_prompt, n, "negative_prompt"),
+            class_labels=cycle(class_labels, n, "class_labels"),
+        )
+        conditioner.check(request)
+        request.guidance_scale = conditioner.resolve_guidance(guidance_scale)
+        return request
+
     @staticmethod
     def _seed_list(seeds: Sequence[int] | int | None, x_T: Tensor | None) -> list[int]:
         if seeds is None:
@@ -537,33 +635,74 @@ class HSpaceSampler:
         vectors = vectors.to(model.device)
         scales = _scales_matrix(edit.scales, n_rows, len(dirs)).to(model.device)
         active = resolve_steps(edit.steps, num_steps, "Edit.steps")
-        return _EditPlan(vectors=vectors, scales=scales, active=active, mode=edit.mode)
+        return _EditPlan(
+            vectors=vectors, scales=scales, active=active, mode=edit.mode, branches=edit.branches
+        )
 
     def _replacement(
         self, h_replace: Tensor | Trajectory | None, steps: Steps, n_rows: int
-    ) -> tuple[Tensor | None, list[bool]]:
+    ) -> _Replacement | None:
         mask = resolve_steps(steps, self.num_steps, "h_replace_steps")
         if h_replace is None:
-            return None, mask
+            return None
+        uncond = None
         if isinstance(h_replace, Trajectory):
             if h_replace.h is None:
                 raise ValueError("h_replace trajectory has no h (it was sampled with record_h=False)")
-            h_replace = h_replace.h
+            h_replace, uncond = h_replace.h, h_replace.h_uncond
         want = (n_rows, self.num_steps, *self.model.h_shape)
-        if tuple(h_replace.shape) != want:
-            raise ValueError(f"h_replace has shape {tuple(h_replace.shape)}, expected {want}")
-        _validate_finite(h_replace, "h_replace")
-        return h_replace, mask
+        for h in (h_replace, uncond):
+            if h is not None and tuple(h.shape) != want:
+                raise ValueError(f"h_replace has shape {tuple(h.shape)}, expected {want}")
+            if h is not None:
+                _validate_finite(h, "h_replace")
+        return _Replacement(cond=h_replace, uncond=uncond, active=mask)
+
+
+@dataclass
+class _Replacement:
+    """h to put in place of the model's: per branch (``uncond`` None = the same h in both)."""
+
+    cond: Tensor
+    uncond: Tensor | None
+    active: list[bool]
+
+    def at(self, step: int, rows: slice, cond: Condition) -> Tensor | None:
+        """The call batch's replacement at ``step``, laid out like the call's branches."""
+        if not self.active[step]:
+            return None
+        h = self.cond[rows, step]
+        if not cond.guided:
+            return h
+        h_uncond = self.uncond[rows, step] if self.uncond is not None else h
+        return torch.cat([h_uncond, h]) if cond.uncond_first else torch.cat([h, h_uncond])
+
+
+def _spread(delta: Tensor, cond: Condition, branches: EditBranches) -> Tensor:
+    """An edit's per-sample delta laid out over the call batch: in the branches it enters, 0 elsewhere."""
+    if not cond.guided:
+        return delta
+    zero = torch.zeros_like(delta)
+    first, second = ("uncond", "cond") if cond.uncond_first else ("cond", "uncond")
+    parts = [delta if branches in ("both", b) else zero for b in (first, second)]
+    return torch.cat(parts)
+
+
+def _step_kwargs(scheduler: Any, eta: float, generators: list) -> dict[str, Any]:
+    """``eta`` and ``generator`` for ``scheduler.step`` where it takes them, as the pipelines'
+    ``prepare_extra_step_kwargs`` does (one generator per sample: per-sample noise)."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generators
+    return kwargs
 
 
 def _state_dtype(model_dtype: torch.dtype) -> torch.dtype:
     """The dtype of x_t and the scheduler update: float32 unless the model is float64."""
     return model_dtype if model_dtype == torch.float64 else torch.float32
-
-
-def _eps(unet: Any, x: Tensor, t: Tensor, dtype: torch.dtype) -> Tensor:
-    """The U-Net's noise prediction for x (cast to the model's dtype), returned in x's dtype."""
-    return unet(x.to(dtype), t).sample.to(x.dtype)
 
 
 def _alpha_prod_prev(scheduler: Any, t: Tensor) -> Tensor:

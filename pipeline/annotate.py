@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from hspace.classifier import classifier_fingerprint, load_classifier, score_images
+from hspace.toy import resolve_classifier_source
 from pipeline.storage import BlockRecord, RunStore, ShardInfo
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class ClassifierScorer:
         device: str,
     ) -> None:
         self.store = RunStore(run_url, storage_options)
-        self.classifier = load_classifier(classifier, device, storage_options)
+        self.classifier = load_classifier(resolve_classifier_source(classifier), device, storage_options)
         self.attributes = list(attributes)
         self.columns = [self.classifier.index(a) for a in self.attributes]
         self.batch_size = batch_size
@@ -207,8 +208,9 @@ def _classifier_facts(
 ) -> tuple[str, list[str], list[bool]]:
     """(fingerprint, attributes to score, whether each is binary) of the configured classifier."""
     try:
-        fingerprint = classifier_fingerprint(spec, storage_options)
-        probe = load_classifier(spec, "cpu", storage_options)
+        source = resolve_classifier_source(spec)
+        fingerprint = classifier_fingerprint(source, storage_options)
+        probe = load_classifier(source, "cpu", storage_options)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"annotate.classifier: {error}") from None
     attributes = select_attributes(probe, wanted)

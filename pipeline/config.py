@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hspace.catalog import _check_name as _catalog_check_name  # the catalog's own name rule
 from hspace.catalog import _check_relpath as _catalog_check_relpath
+from hspace.catalog import preview_path
 
 __all__ = [
     "AggregateConfig",
@@ -46,7 +47,6 @@ __all__ = [
     "load_config",
     "probe_config",
     "load_config_or_exit",
-    "main",
     "validate_config",
 ]
 
@@ -534,7 +534,7 @@ class ModelInfo:
 
 def _toy_model_dir() -> Path:
     try:
-        from hspace.model import resolve_model_source
+        from hspace.toy import resolve_model_source
 
         toy_dir = resolve_model_source("toy")
     except ImportError as e:  # the toy package is part of this project; a broken install is fatal
@@ -748,21 +748,19 @@ def _direction_names(cfg: BuildConfig, attributes: Sequence[str]) -> list[tuple[
 
 
 def _preview_errors(cfg: BuildConfig, attributes: Sequence[str] | None) -> Errors:
-    """Preview files (``pipeline.publish.preview_name``) must be distinct and paths the catalog accepts.
+    """Preview files (``hspace.catalog.preview_path``) must be distinct and paths the catalog accepts.
 
     One error per attribute: the names derived from an attribute already reported are not repeated.
     """
     if cfg.evaluate is None or attributes is None:
         return []
-    from pipeline.publish import preview_name
-
     errors: Errors = []
     seen: dict[str, str] = {}
     reported: set[str] = set()
     for name, field, attribute in _direction_names(cfg, attributes):
         if attribute in reported:
             continue
-        path = preview_name(name)
+        path = preview_path(name)
         if path in seen and seen[path] != name:
             errors.append((field, f"directions {seen[path]!r} and {name!r} would both publish {path}"))
             reported |= {attribute, seen[path]}
@@ -1051,30 +1049,3 @@ def probe_config(
     if errors or clf_errors:
         raise ConfigError(errors + clf_errors, source)
     return notes
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.config CONFIG...``: validate configs and print their dry-run plans (exit 2 if bad)."""
-    import argparse
-
-    from pipeline.plan import plan
-
-    parser = argparse.ArgumentParser(prog="python -m pipeline.config", description=main.__doc__)
-    parser.add_argument("configs", nargs="+", help="YAML build configs")
-    args = parser.parse_args(argv)
-    for path in args.configs:
-        cfg = load_config_or_exit(path)
-        try:
-            notes = probe_config(cfg, source=str(path))
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(CONFIG_ERROR_EXIT_CODE) from None
-        print(f"{path}: ok ({cfg.name})")
-        for note in notes:
-            print(note, file=sys.stderr)
-        print(plan(cfg).summary())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

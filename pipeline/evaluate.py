@@ -58,7 +58,8 @@ BASE_INDEX = -1  # the row of the unedited renders
 
 def load_model(cfg: BuildConfig, device: str | None = None) -> HSpaceModel:
     """The config's model on ``device`` (default: cuda if the workers reserve GPUs and one is visible)."""
-    from hspace.model import HSpaceModel, resolve_model_source
+    from hspace.model import HSpaceModel
+    from hspace.toy import resolve_model_source
 
     if device is None:
         device = "cuda" if cfg.resources.device == "cuda" and torch.cuda.is_available() else "cpu"
@@ -224,6 +225,7 @@ class EditScorer:
 
         from hspace.classifier import load_classifier
         from hspace.sampling import HSpaceSampler
+        from hspace.toy import resolve_classifier_source
         from pipeline.config import BuildConfig
 
         cfg = BuildConfig.model_validate(cfg_json)
@@ -236,7 +238,9 @@ class EditScorer:
             eta=cfg.sampler.eta,
         )
         self.classifier = load_classifier(
-            cfg.annotate.classifier, str(self.model.device), cfg.storage.storage_options
+            resolve_classifier_source(cfg.annotate.classifier),
+            str(self.model.device),
+            cfg.storage.storage_options,
         )
         self.columns = [self.classifier.index(a) for a in attributes]
         vectors = ray.get(edits_ref[0])  # [D, T, C, H, W] float32

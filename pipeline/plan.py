@@ -8,13 +8,22 @@ computed from the config and the model's ``unet/config.json`` without loading we
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, overload
 
-from pipeline.config import BuildConfig, ModelInfo, describe_model
+from pipeline.config import (
+    CONFIG_ERROR_EXIT_CODE,
+    BuildConfig,
+    ConfigError,
+    ModelInfo,
+    describe_model,
+    load_config_or_exit,
+    probe_config,
+)
 
-__all__ = ["Plan", "SeedBlock", "SeedBlocks", "plan", "seed_blocks"]
+__all__ = ["Plan", "SeedBlock", "SeedBlocks", "main", "plan", "seed_blocks"]
 
 
 @dataclass(frozen=True)
@@ -157,3 +166,28 @@ def plan(cfg: BuildConfig, info: ModelInfo | None = None) -> Plan:
         workers=cfg.resources.workers,
         device=cfg.resources.device,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.plan CONFIG...``: validate configs and print their dry-run plans (exit 2 if bad)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.plan", description=main.__doc__)
+    parser.add_argument("configs", nargs="+", help="YAML build configs")
+    args = parser.parse_args(argv)
+    for path in args.configs:
+        cfg = load_config_or_exit(path)
+        try:
+            notes = probe_config(cfg, source=str(path))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(CONFIG_ERROR_EXIT_CODE) from None
+        print(f"{path}: ok ({cfg.name})")
+        for note in notes:
+            print(note, file=sys.stderr)
+        print(plan(cfg).summary())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hspace.catalog import preview_path
 from hspace.directions import Direction
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ __all__ = [
     "config_hash",
     "direction_rows",
     "pca_state",
-    "preview_name",
     "publish",
 ]
 
@@ -83,11 +82,6 @@ def build_inputs(
         "classifier_fingerprint": classifier_fingerprint,
         "n_samples": int(n_samples),
     }
-
-
-def preview_name(direction: str) -> str:
-    """``previews/<name>.png`` with the name reduced to the catalog's allowed file-name characters."""
-    return f"previews/{re.sub(r'[^A-Za-z0-9._+-]', '_', direction)}.png"
 
 
 def direction_rows(directions: Mapping[str, Direction]) -> list[dict[str, Any]]:
@@ -201,7 +195,7 @@ def publish(
     cat = hcatalog.open(cat_cfg.url, cat_cfg.storage_options)
     version = hcatalog.new_version_id()
     effects = None if effects is None else dict(effects) | {"version": version, "model": cat_cfg.model_name}
-    extra: dict[str, bytes] = {preview_name(n): png for n, png in previews.items()}
+    extra: dict[str, bytes] = {preview_path(n): png for n, png in previews.items()}
     extra["report.html"] = render_report(
         title=f"hspace catalog: {cat_cfg.model_name} {version}",
         meta=_report_meta(cfg, version, inputs, run_summary),

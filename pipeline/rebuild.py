@@ -43,14 +43,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def current_inputs(cfg: BuildConfig, n_samples: int) -> dict[str, Any]:
     """The inputs a build of ``cfg`` with ``n_samples`` samples would record (loads the weights to hash them)."""
+    from hspace.toy import resolve_classifier_source
     from pipeline.annotate import classifier_fingerprint
     from pipeline.evaluate import load_model
     from pipeline.publish import build_inputs
 
     fingerprint = load_model(cfg, device="cpu").fingerprint
-    clf = (
-        classifier_fingerprint(cfg.annotate.classifier, cfg.storage.storage_options) if cfg.annotate else None
-    )
+    clf = None
+    if cfg.annotate:
+        source = resolve_classifier_source(cfg.annotate.classifier)
+        clf = classifier_fingerprint(source, cfg.storage.storage_options)
     return build_inputs(cfg, model_fingerprint=fingerprint, classifier_fingerprint=clf, n_samples=n_samples)
 
 

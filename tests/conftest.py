@@ -39,6 +39,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Every supported kind as a tiny pipeline directory (tests/tiny_pipelines.py): text (Stable
+    Diffusion), text-xl (SDXL), latent (LDM), dit, class (class-conditional U-Net)."""
+    pytest.importorskip("transformers")
+    import tiny_pipelines
+
+    root = tmp_path_factory.mktemp("pipelines")
+    return {kind: tiny_pipelines.save(kind, root / kind) for kind in tiny_pipelines.BUILDERS}
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Every test that starts or joins a Ray cluster carries the ``ray`` marker, so that
     ``make test-fast`` (``-m "not slow and not ray"``) can leave them out without a list to keep."""

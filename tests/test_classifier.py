@@ -12,7 +12,7 @@ from hspace.classifier import (
     resolve_classifier_dir,
     score_images,
 )
-from hspace.toy import TOY_CLASSIFIER_DIR
+from hspace.toy import TOY_CLASSIFIER_DIR, resolve_classifier_source
 from hspace.toy.classifier import AttributeClassifier
 
 
@@ -35,7 +35,8 @@ def test_saved_classifier_loads_as_the_same_function_and_is_fingerprinted(tiny):
     before = classifier_fingerprint(str(path))
     AttributeClassifier(["round", "size"], [True, False], image_size=16, width=8).save_pretrained(path)
     assert classifier_fingerprint(str(path)) != before
-    assert resolve_classifier_dir("toy") == TOY_CLASSIFIER_DIR
+    assert resolve_classifier_dir(resolve_classifier_source("toy")) == TOY_CLASSIFIER_DIR
+    assert resolve_classifier_source(str(path)) == str(path)  # a directory or URL is passed on as given
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_classifier_dir(str(path / "missing"))
     with pytest.raises(KeyError, match="unknown attribute 'smile'"):

@@ -14,10 +14,9 @@ from pipeline.config import (
     ConfigError,
     describe_model,
     load_config,
-    main,
     validate_config,
 )
-from pipeline.plan import plan, seed_blocks
+from pipeline.plan import main, plan, seed_blocks
 from tests.config_examples import small_config, with_field
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -40,7 +40,7 @@ def test_from_pretrained_reads_pipeline_layout(model, tiny_model_dir):
     assert isinstance(model.make_scheduler("ddpm"), DDPMScheduler)
     assert isinstance(model.make_scheduler("ddim"), DDIMScheduler)
     with pytest.raises(ValueError, match="kind"):
-        model.make_scheduler("euler")
+        model.make_scheduler("heun")
 
 
 def test_bare_unet_dir_with_scheduler_config(tmp_path):
@@ -148,8 +148,8 @@ def test_forward_ad_safe_attention_keeps_outputs_and_enables_jvp(model):
 
 
 def test_resolve_model_source_maps_only_the_toy_name():
-    from hspace.model import HUB_ID, resolve_model_source
-    from hspace.toy import TOY_MODEL_DIR
+    from hspace.model import HUB_ID
+    from hspace.toy import TOY_MODEL_DIR, resolve_model_source
 
     assert resolve_model_source("toy") == TOY_MODEL_DIR
     assert resolve_model_source("google/ddpm-ema-celebahq-256") == "google/ddpm-ema-celebahq-256"

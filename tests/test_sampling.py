@@ -127,7 +127,7 @@ def test_sampler_arguments_are_validated(model):
     with pytest.raises(ValueError, match="sampler='ddim'"):
         HSpaceSampler(model, sampler="ddpm", eta=0.3)
     with pytest.raises(ValueError, match="sampler"):
-        HSpaceSampler(model, sampler="euler")
+        HSpaceSampler(model, sampler="heun")
     with pytest.raises(ValueError, match="num_inference_steps"):
         HSpaceSampler(model, num_inference_steps=0)
     sampler = HSpaceSampler(model, num_inference_steps=2)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hspace.catalog import preview_path
 from hspace.classifier import score_images
 from hspace.directions import Direction, supervised_direction
 from pipeline.aggregate import (
@@ -32,7 +33,7 @@ from pipeline.aggregate import (
 from pipeline.annotate import decode_pngs, select_attributes
 from pipeline.config import validate_config
 from pipeline.evaluate import edit_vectors, effect_matrix
-from pipeline.publish import config_hash, preview_name
+from pipeline.publish import config_hash
 from pipeline.report import edit_strip_png, effect_table_text, render_report
 from pipeline.storage import BlockRecord, CorruptShardError, RunStore
 from tests.ray_cluster import ray_local  # noqa: F401  (fixture)
@@ -307,7 +308,7 @@ def test_config_hash_ignores_execution_settings_and_sample_count(tmp_path, tiny_
     )
     c = _config(tmp_path, tiny_model_dir, classifier_dir, sampler={"kind": "ddpm", "num_inference_steps": 4})
     assert config_hash(a) == config_hash(b) != config_hash(c)
-    assert preview_name("jac_face/0") == "previews/jac_face_0.png"
+    assert preview_path("jac_face/0") == "previews/jac_face_0.png"
 
 
 # --------------------------------------------------------------------------------------------- annotate (Ray)

@@ -6,10 +6,13 @@ The command-line layer of the explorer, kept here so ``hspace/cli.py`` only decl
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hspace.explore.app import bind_socket, create_app, serve
 from hspace.explore.explorer import Explorer
+
+if TYPE_CHECKING:
+    from hspace.model import HSpaceModel
 
 __all__ = ["default_model", "run"]
 
@@ -47,23 +50,24 @@ def run(
     catalog_url: str,
     *,
     model: str | None,
+    load_model: Callable[[str], HSpaceModel],
     storage_options: dict[str, Any],
     host: str,
     port: int,
-    revision: str | None,
-    device: str,
-    dtype: str,
     echo: Callable[[str], None] = print,
 ) -> None:
-    """Open, load, bind, print the URL, and serve until interrupted."""
+    """Open, load, bind, print the URL, and serve until interrupted.
+
+    ``load_model`` turns the model's name (``--model``, or :func:`default_model`) into the model;
+    the CLI passes its own loader, with the device, dtype and revision it was given.
+    """
     from hspace import catalog as catalog_mod
-    from hspace.cli import load_model
 
     if not 0 <= port <= 65535:
         raise ValueError(f"--port must be in 0..65535 (0: any free port), got {port}")
     cat = catalog_mod.open(catalog_url, storage_options)
     model = model or default_model(cat)
-    hs_model = load_model(model, revision=revision, device=device, dtype=dtype)
+    hs_model = load_model(model)
     explorer = Explorer(cat, hs_model, model_label=model)
     sock = bind_socket(host, port)
     bound_host, bound_port = sock.getsockname()[:2]

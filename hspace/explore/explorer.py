@@ -17,7 +17,6 @@ import base64
 import hashlib
 import io
 import math
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +25,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from hspace.catalog import preview_path
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from hspace.model import HSpaceModel
     from hspace.sampling import HSpaceSampler
 
-__all__ = ["Explorer", "RenderJob", "direction_rows", "png_data_url", "preview_path"]
+__all__ = ["Explorer", "RenderJob", "direction_rows", "png_data_url"]
 
 #: Most seeds one render or swap request may hold (a typo like 0-10000 fails fast instead).
 MAX_SEEDS = 16
@@ -46,12 +47,6 @@ MAX_UPLOAD_BYTES = 8 * 1024 * 1024
 SIGMA_RANGE = 3.0
 #: Default slider half-range in raw units for directions stored in raw h units (mean differences).
 RAW_RANGE = 2.0
-
-
-def preview_path(direction: str) -> str:
-    """The edit strip a catalog version holds for a direction: ``previews/<name>.png`` with the name
-    reduced to the catalog's file-name characters (the publish stage's naming)."""
-    return f"previews/{re.sub(r'[^A-Za-z0-9._+-]', '_', direction)}.png"
 
 
 def png_data_url(image: Tensor, min_size: int = 256) -> str:

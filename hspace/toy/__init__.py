@@ -20,6 +20,29 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 TOY_MODEL_DIR = WEIGHTS_DIR / "ddpm"
 TOY_CLASSIFIER_DIR = WEIGHTS_DIR / "classifier"
 TOY_TEXT_MODEL_DIR = WEIGHTS_DIR / "text"
+#: The name that stands for the shipped toy model (``--model toy``, ``model.source: toy``).
+TOY_MODEL_NAME = "toy"
+#: The name that stands for the shipped toy classifier (``annotate.classifier: toy``).
+TOY_CLASSIFIER_NAME = "toy"
+
+
+def resolve_model_source(source: str | Path) -> str | Path:
+    """``toy`` -> the shipped toy model's directory; a local directory or hub id is returned as given.
+
+    The engine (:mod:`hspace.model`) knows no model names; the CLI and the pipeline resolve this one here.
+    """
+    if isinstance(source, str) and source == TOY_MODEL_NAME:
+        return TOY_MODEL_DIR
+    return source
+
+
+def resolve_classifier_source(spec: str) -> str:
+    """``toy`` -> the shipped classifier's directory; a local directory or URL is returned as given.
+
+    :func:`hspace.classifier.load_classifier` takes directories and URLs only; the pipeline resolves
+    this name here.
+    """
+    return str(TOY_CLASSIFIER_DIR) if spec == TOY_CLASSIFIER_NAME else spec
 
 
 def load_toy_model(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> HSpaceModel:
@@ -52,10 +75,14 @@ def load_toy_text_pipeline(device: str | torch.device = "cpu", dtype: torch.dtyp
 
 
 __all__ = [
-    "TOY_MODEL_DIR",
     "TOY_CLASSIFIER_DIR",
+    "TOY_CLASSIFIER_NAME",
+    "TOY_MODEL_DIR",
+    "TOY_MODEL_NAME",
     "TOY_TEXT_MODEL_DIR",
-    "load_toy_model",
     "load_toy_classifier",
+    "load_toy_model",
     "load_toy_text_pipeline",
+    "resolve_classifier_source",
+    "resolve_model_source",
 ]

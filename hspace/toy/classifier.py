@@ -1,10 +1,10 @@
-"""Attribute classifier of the toy world: one output per generating factor.
+"""Training the toy world's attribute classifier: one output per generating factor.
 
 Binary factors get a logit, continuous ones a regression value in the factor's own units. The
 paper scores samples with pretrained attribute classifiers (Sec. V, "Classifier annotation"); here
 the classifier is trained on generated faces with their exact labels, so its readings can be
-checked against the truth. It implements :class:`hspace.classifier.BaseAttributeClassifier`
-(stored as ``config.json`` + ``model.safetensors``, no pickle).
+checked against the truth. The network is :class:`hspace.classifier.AttributeClassifier` (stored
+as ``config.json`` + ``model.safetensors``, no pickle), re-exported here.
 """
 
 from __future__ import annotations
@@ -16,43 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hspace.classifier import BaseAttributeClassifier, score_images
+from hspace.classifier import AttributeClassifier, score_images
 from hspace.toy.world import BINARY_FACTORS, FACTORS, make_dataset
 
-
-class AttributeClassifier(BaseAttributeClassifier):
-    """A small CNN mapping images [B, 3, H, W] in [0, 1] to scores [B, A].
-
-    Scores are logits for binary attributes (``binary[i]`` true) and values for continuous ones.
-    """
-
-    def __init__(self, attributes: list[str], binary: list[bool], image_size: int = 32, width: int = 32):
-        super().__init__(attributes, binary, image_size)
-        self.width = int(width)
-        w = self.width
-
-        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
-
-        self.features = nn.Sequential(
-            block(3, w, 1),
-            block(w, w, 1),
-            block(w, 2 * w, 2),
-            block(2 * w, 2 * w, 1),
-            block(2 * w, 4 * w, 2),
-            block(4 * w, 4 * w, 2),
-        )
-        side = image_size // 8
-        self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(4 * w * side * side, 256), nn.SiLU(), nn.Linear(256, len(attributes))
-        )
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.check_images(images)
-        return self.head(self.features(images * 2.0 - 1.0))
-
-    def config(self) -> dict:
-        return super().config() | {"width": self.width}
+__all__ = ["AttributeClassifier", "evaluate_classifier", "train_classifier"]
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
