@@ -74,6 +74,15 @@ def load_toy_text_pipeline(device: str | torch.device = "cpu", dtype: torch.dtyp
     return pipe.to(device=device, dtype=dtype)
 
 
+def load_toy_text_model(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> HSpaceModel:
+    """The shipped text-to-image toy as an :class:`~hspace.model.HSpaceModel` (h = 64x8x8 per branch)."""
+    from hspace.model import HSpaceModel
+
+    return HSpaceModel.from_pretrained(TOY_TEXT_MODEL_DIR, device=device, dtype=dtype)
+
+
 __all__ = [
     "TOY_CLASSIFIER_DIR",
     "TOY_CLASSIFIER_NAME",
@@ -82,6 +91,7 @@ __all__ = [
     "TOY_TEXT_MODEL_DIR",
     "load_toy_classifier",
     "load_toy_model",
+    "load_toy_text_model",
     "load_toy_text_pipeline",
     "resolve_classifier_source",
     "resolve_model_source",
