@@ -17,11 +17,11 @@ import pytest
 from hspace.toy import load_toy_classifier, load_toy_text_pipeline
 from hspace.toy.captions import PHRASES
 from hspace.toy.evaluate import image_quality
-from hspace.toy.text_evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS, adherence, generate
+from hspace.toy.text_evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS, adherence, generate_report
 
 pytestmark = pytest.mark.slow
 
-N = 32  # samples per prompt
+N = 20  # samples per prompt: >= 90% means at most 2 misses
 SEEDS = list(range(6_000_000, 6_000_000 + N))
 COMBINED = [
     "grey hair, no glasses, hat",
@@ -34,11 +34,8 @@ SINGLE = [p.text for p in PHRASES]
 @pytest.fixture(scope="module")
 def reports():
     pipe, clf = load_toy_text_pipeline(), load_toy_classifier()
-    out = {}
-    for prompt in SINGLE + COMBINED + [""]:
-        images = generate(pipe, prompt, SEEDS, DEFAULT_GUIDANCE, DEFAULT_STEPS)
-        out[prompt] = adherence(images, prompt, clf) | {"images": images}
-    return out, clf
+    images = generate_report(pipe, SINGLE + COMBINED + [""], SEEDS, DEFAULT_GUIDANCE, DEFAULT_STEPS)
+    return {p: adherence(im, p, clf) | {"images": im} for p, im in images.items()}, clf
 
 
 def _log(title: str, payload) -> None:
@@ -56,16 +53,16 @@ def test_every_named_phrase_reads_true_on_at_least_90_percent_of_samples(reports
 def test_unnamed_binary_factors_keep_the_worlds_rates(reports):
     """Single-phrase prompts: each unnamed binary factor's rate is near the world's (given the phrase).
 
-    n = 32 per prompt gives a binomial standard error up to 0.09; the bound is on the mean absolute
-    gap over all (prompt, factor) pairs (0.10) and on the worst one (0.30).
+    n = 20 per prompt gives a binomial standard error up to 0.11; the bound is on the mean absolute
+    gap over all (prompt, factor) pairs (0.12) and on the worst one (0.35).
     """
     reps, _ = reports
     gaps = {
         f"{p} / {f}": round(v["model"] - v["world"], 3) for p in SINGLE for f, v in reps[p]["unnamed"].items()
     }
     _log("unnamed rate gaps (model - world)", gaps)
-    assert np.mean(np.abs(list(gaps.values()))) <= 0.10
-    assert max(np.abs(list(gaps.values()))) <= 0.30
+    assert np.mean(np.abs(list(gaps.values()))) <= 0.12
+    assert max(np.abs(list(gaps.values()))) <= 0.35
 
 
 def test_the_model_keeps_the_worlds_correlated_pair(reports):
@@ -81,4 +78,4 @@ def test_the_empty_prompt_samples_the_world(reports):
     _log("empty prompt quality", q)
     assert q["confident_fraction"] >= 0.8
     for name, f in q["frequencies"].items():
-        assert abs(f["model"] - f["generator"]) <= 0.25, name  # n = 32: 2.8 standard errors
+        assert abs(f["model"] - f["generator"]) <= 0.3, name  # n = 20: 2.7 standard errors
