@@ -25,7 +25,7 @@ from hspace.toy.captions import named_factors, phrase_holds, phrase_reads_true
 from hspace.toy.world import BINARY_FACTORS, sample_factors
 
 #: Guidance scale at which the shipped text toy is evaluated (and its prompt claims hold).
-DEFAULT_GUIDANCE = 4.0
+DEFAULT_GUIDANCE = 7.5
 #: DDPM steps for evaluation samples (the pipeline's DDPMScheduler, eta = 1).
 DEFAULT_STEPS = 20
 
