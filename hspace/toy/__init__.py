@@ -1,6 +1,7 @@
 """The built-in test bed: procedural faces with known factors, a tiny DDPM and an attribute classifier.
 
-The trained weights ship inside the package (``weights/ddpm`` in ``DDPMPipeline`` layout and
+The trained weights ship inside the package (``weights/ddpm`` in ``DDPMPipeline`` layout,
+``weights/text`` in ``StableDiffusionPipeline`` layout for the captioned faces, and
 ``weights/classifier``), so tests and the quick start never train and never reach a model hub.
 """
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TOY_MODEL_DIR = WEIGHTS_DIR / "ddpm"
 TOY_CLASSIFIER_DIR = WEIGHTS_DIR / "classifier"
+TOY_TEXT_MODEL_DIR = WEIGHTS_DIR / "text"
 #: The name that stands for the shipped toy model (``--model toy``, ``model.source: toy``).
 TOY_MODEL_NAME = "toy"
 #: The name that stands for the shipped toy classifier (``annotate.classifier: toy``).
@@ -57,13 +59,40 @@ def load_toy_classifier(device: str | torch.device = "cpu") -> AttributeClassifi
     return AttributeClassifier.from_pretrained(TOY_CLASSIFIER_DIR, device=device)
 
 
+def load_toy_text_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The shipped text-to-image toy (captioned 32x32 faces) as a diffusers ``StableDiffusionPipeline``.
+
+    Prompts name factors in the phrases of :data:`hspace.toy.captions.PHRASES`, e.g.
+    ``"grey hair, glasses, smiling, facing left"``; the empty prompt samples the whole world.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        TOY_TEXT_MODEL_DIR, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+def load_toy_text_model(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> HSpaceModel:
+    """The shipped text-to-image toy as an :class:`~hspace.model.HSpaceModel` (h = 64x8x8 per branch)."""
+    from hspace.model import HSpaceModel
+
+    return HSpaceModel.from_pretrained(TOY_TEXT_MODEL_DIR, device=device, dtype=dtype)
+
+
 __all__ = [
     "TOY_CLASSIFIER_DIR",
     "TOY_CLASSIFIER_NAME",
     "TOY_MODEL_DIR",
     "TOY_MODEL_NAME",
+    "TOY_TEXT_MODEL_DIR",
     "load_toy_classifier",
     "load_toy_model",
+    "load_toy_text_model",
+    "load_toy_text_pipeline",
     "resolve_classifier_source",
     "resolve_model_source",
 ]

@@ -57,6 +57,7 @@ def edit_effects(
     units: str = "raw",
     batch_size: int | None = None,
     toward_absent: Sequence[str | None] | None = None,
+    conditioning: dict | None = None,
 ) -> EditEffects:
     """Render every seed unedited and edited by each direction at each scale; score all renders.
 
@@ -67,9 +68,13 @@ def edit_effects(
     render already shows it (logit > 0) are edited with negated scales, so every edit points to the
     state the seed lacks. Why: adding glasses to a face that wears them moves a saturated logit by
     noise only, which says nothing about the direction. ``signs`` records the sign per seed.
+
+    ``conditioning`` (``prompt``, ``negative_prompt``, ``class_labels``, ``guidance_scale``) is
+    passed to every render of a conditional model, the unedited one included.
     """
     seeds = list(seeds)
-    base = sampler.sample(seeds, record_h=False, batch_size=batch_size).images
+    cond = dict(conditioning or {})
+    base = sampler.sample(seeds, record_h=False, batch_size=batch_size, **cond).images
     base_scores = score_images(classifier, base)
     targets = list(toward_absent) if toward_absent is not None else [None] * len(directions)
     if len(targets) != len(directions):
@@ -84,11 +89,16 @@ def edit_effects(
             sign = torch.where(base_scores[:, col] > 0, -1.0, 1.0)
         row_scales = (sign[:, None] * torch.tensor([float(s) for s in scales])[None, :]).reshape(-1, 1)
         row_seeds = [seed for seed in seeds for _ in scales]  # row b * S + j: seed b at scale j
+        row_cond = {
+            k: ([v[i] for i in range(len(seeds)) for _ in scales] if isinstance(v, (list, tuple)) else v)
+            for k, v in cond.items()
+        }  # per-seed prompts / labels follow their seed's rows
         imgs = sampler.sample(
             row_seeds,
             edit=Edit(d, scales=row_scales, mode=mode, units=units),
             record_h=False,
             batch_size=batch_size,
+            **row_cond,
         ).images
         scores = score_images(classifier, imgs).view(len(seeds), len(scales), -1)  # [B, S, A]
         deltas.append((scores - base_scores[:, None, :]).permute(1, 0, 2))

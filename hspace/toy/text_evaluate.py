@@ -1,0 +1,172 @@
+"""How well the text toy follows its prompts, judged by the toy attribute classifier.
+
+For a prompt, every factor it names should read true (:func:`hspace.toy.captions.phrase_reads_true`)
+on the samples, and every binary factor it leaves unnamed should keep the world's rate given the
+named ones (:func:`world_rates`: a prompt "grey hair" keeps glasses at 0.8, the world's
+correlated pair). Samples come from diffusers' own ``StableDiffusionPipeline`` call with one
+generator per sample, so a sample is fixed by its seed and does not depend on its batch.
+
+``python -m hspace.toy.text_evaluate --grid samples.png`` prints the adherence table of the
+shipped model and writes a grid of samples (one row per prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hspace.classifier import score_images
+from hspace.toy.captions import named_factors, phrase_holds, phrase_reads_true
+from hspace.toy.world import BINARY_FACTORS, sample_factors
+
+#: Guidance scale at which the shipped text toy is evaluated (and its prompt claims hold).
+DEFAULT_GUIDANCE = 7.5
+#: DDPM steps for evaluation samples (the pipeline's DDPMScheduler, eta = 1).
+DEFAULT_STEPS = 20
+
+#: Prompts of the adherence report: every phrase alone, a few combinations, and the empty prompt.
+REPORT_PROMPTS: tuple[str, ...] = (
+    "grey hair",
+    "dark hair",
+    "glasses",
+    "no glasses",
+    "hat",
+    "no hat",
+    "eyes open",
+    "eyes closed",
+    "smiling",
+    "not smiling",
+    "facing left",
+    "facing forward",
+    "facing right",
+    "light skin",
+    "dark skin",
+    "grey hair, no glasses, hat",
+    "dark hair, glasses, smiling, facing left",
+    "",
+)
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompt: str | Sequence[str],
+    seeds: Sequence[int],
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    num_inference_steps: int = DEFAULT_STEPS,
+    batch_size: int = 128,
+) -> torch.Tensor:
+    """Images [N, 3, H, W] in [0, 1], one ``torch.Generator`` per seed.
+
+    ``prompt``: one for every seed, or one per seed. Rows of several prompts share batches, so
+    a whole report renders in a few large pipeline calls (a sample depends on its seed only).
+    """
+    prompts = [prompt] * len(seeds) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
+    out = []
+    for i in range(0, len(seeds), batch_size):
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch_size]]
+        res = pipe(
+            prompts[i : i + batch_size],
+            generator=gens,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            output_type="pt",
+        )
+        out.append(res.images.float().cpu())
+    return torch.cat(out)
+
+
+def generate_report(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    num_inference_steps: int = DEFAULT_STEPS,
+) -> dict[str, torch.Tensor]:
+    """Images of every prompt on the same seeds, rendered in shared batches: {prompt: [N, 3, H, W]}."""
+    rows = [p for p in prompts for _ in seeds]
+    images = generate(pipe, rows, [s for _ in prompts for s in seeds], guidance_scale, num_inference_steps)
+    return {p: images[i * len(seeds) : (i + 1) * len(seeds)] for i, p in enumerate(prompts)}
+
+
+def world_rates(prompt: str, n: int = 20_000, seed_offset: int = 40_000_000) -> dict[str, float]:
+    """Rate of each binary factor among world faces that fit every phrase the prompt names."""
+    named = named_factors(prompt)
+    rows = []
+    for s in range(seed_offset, seed_offset + n):
+        values = vars(sample_factors(s))
+        if all(phrase_holds(p, values[f]) for f, p in named.items()):
+            rows.append([values[b] for b in BINARY_FACTORS])
+    if not rows:
+        raise ValueError(f"no world face fits {prompt!r}")
+    rates = np.mean(np.asarray(rows, dtype=np.float64), axis=0)
+    return {b: float(r) for b, r in zip(BINARY_FACTORS, rates, strict=True)}
+
+
+def adherence(images: torch.Tensor, prompt: str, classifier) -> dict:
+    """Share of samples on which each named phrase reads true, and binary rates of the unnamed factors.
+
+    Returns ``{"named": {factor: fraction}, "unnamed": {factor: {"model": rate, "world": rate}}}``.
+    """
+    scores = score_images(classifier, images)
+    named = named_factors(prompt)
+    out: dict = {"prompt": prompt, "n": len(images), "named": {}, "unnamed": {}}
+    for factor, phrase in named.items():
+        col = scores[:, classifier.index(factor)]
+        out["named"][factor] = float(np.mean([phrase_reads_true(phrase, v) for v in col.tolist()]))
+    world = world_rates(prompt)
+    for factor in BINARY_FACTORS:
+        if factor not in named:
+            rate = float((scores[:, classifier.index(factor)] > 0).float().mean())
+            out["unnamed"][factor] = {"model": rate, "world": world[factor]}
+    return out
+
+
+def save_grid(rows: Sequence[torch.Tensor], path: str | Path, scale: int = 3) -> Path:
+    """Write image rows (each [N, 3, H, W] in [0, 1]) as one PNG, upscaled ``scale`` times."""
+    from PIL import Image
+
+    grid = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # [3, R*H, N*W]
+    arr = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
+    img.save(path)
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from hspace.toy import TOY_TEXT_MODEL_DIR, load_toy_classifier
+
+    p = argparse.ArgumentParser(description="Prompt adherence of the text toy, read by the toy classifier")
+    p.add_argument("--model", type=Path, default=TOY_TEXT_MODEL_DIR)
+    p.add_argument("--n", type=int, default=32, help="samples per prompt")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument(
+        "--grid", type=Path, default=None, help="write a PNG grid of the first 12 samples per prompt"
+    )
+    p.add_argument("--prompts", nargs="*", default=list(REPORT_PROMPTS))
+    a = p.parse_args(argv)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        a.model, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    clf = load_toy_classifier()
+    seeds = list(range(5_000_000, 5_000_000 + a.n))
+    report = generate_report(pipe, a.prompts, seeds, a.guidance, a.steps)
+    for prompt, images in report.items():
+        print(json.dumps(adherence(images, prompt, clf)), flush=True)
+    if a.grid:
+        print(f"wrote {save_grid([images[:12] for images in report.values()], a.grid)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The text toy's training is seeded and resumes exactly where it stopped, in either phase."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hspace.toy.text_train import latent_scaling_factor, main, train
+
+# a few tiny runs (2 autoencoder + 3 denoiser steps each, the export included) take over 20 s here
+slow = pytest.mark.slow
+
+TINY = dict(vae_steps=2, steps=3, batch_size=2, vae_batch_size=2, n_images=8, warmup=2, checkpoint_every=100)
+COMPONENTS = (
+    "vae/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+)
+
+
+def _weights(export_dir) -> dict[str, torch.Tensor]:
+    return {f"{c}:{k}": v for c in COMPONENTS for k, v in load_file(str(export_dir / c)).items()}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    return _weights(train(tmp_path_factory.mktemp("straight"), **TINY))
+
+
+@slow
+@pytest.mark.parametrize("stop_after", [1, 3], ids=["in_the_autoencoder_phase", "in_the_denoiser_phase"])
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, straight, stop_after):
+    train(tmp_path, stop_after=stop_after, **TINY)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == stop_after
+    resumed = _weights(train(tmp_path, **TINY))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 5
+    assert resumed.keys() == straight.keys()
+    for k in straight:  # all weights, EMA, optimisers and per-step draws resume: equal to rounding
+        torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@slow
+def test_a_different_seed_trains_different_weights(tmp_path, straight):
+    other = _weights(train(tmp_path, seed=1, **TINY))
+    assert any(not torch.equal(other[k], straight[k]) for k in straight)
+
+
+def test_the_latent_scaling_factor_gives_unit_variance_latents():
+    g = torch.Generator().manual_seed(0)
+    mean = 3.0 * torch.randn(2000, 4, 4, 4, generator=g)
+    std = torch.full_like(mean, 4.0)
+    sampled = mean + std * torch.randn(mean.shape, generator=g)
+    assert abs(float(sampled.std()) * latent_scaling_factor(mean, std) - 1.0) < 0.01  # 0.2% sampling error
+
+
+def test_a_corrupt_checkpoint_is_named(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint.pt"):
+        train(tmp_path, **TINY)
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--vae-steps", "--batch-size", "--n-images"])
+def test_the_cli_refuses_a_non_positive_count_before_any_work(tmp_path, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "run"), flag, "0"])
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
