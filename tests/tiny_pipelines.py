@@ -23,20 +23,27 @@ TEXT_LENGTH = 16
 
 
 def write_tokenizer(directory: Path) -> Any:
-    """A CLIPTokenizer over whole words (vocab.json + an empty merges.txt), saved in ``directory``."""
+    """A CLIPTokenizer whose every word in :data:`WORDS` is one token: vocab.json and the BPE merges
+    that assemble each word (hspace.toy.captions builds them), saved in ``directory``."""
     from transformers import CLIPTokenizer
 
+    from hspace.toy.captions import EOS_TOKEN, build_vocabulary
+
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for word in WORDS:
-        vocab.setdefault(f"{word}</w>", len(vocab))
+    vocab, merges = build_vocabulary(tuple(WORDS))
     (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     tokenizer = CLIPTokenizer(
         str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=TEXT_LENGTH
     )
-    tokenizer.pad_token = "!"
+    tokenizer.pad_token = EOS_TOKEN
     return tokenizer
+
+
+def vocabulary_size() -> int:
+    from hspace.toy.captions import build_vocabulary
+
+    return len(build_vocabulary(tuple(WORDS))[0])
 
 
 def _text_encoder(with_projection: bool = False, hidden: int = 32) -> Any:
@@ -45,12 +52,12 @@ def _text_encoder(with_projection: bool = False, hidden: int = 32) -> Any:
     config = CLIPTextConfig(
         bos_token_id=0,
         eos_token_id=1,
-        pad_token_id=2,
+        pad_token_id=1,
         hidden_size=hidden,
         intermediate_size=37,
         num_attention_heads=4,
         num_hidden_layers=2,
-        vocab_size=len(WORDS) + 3,
+        vocab_size=vocabulary_size(),
         max_position_embeddings=TEXT_LENGTH,
         projection_dim=32,
         hidden_act="gelu",
