@@ -23,7 +23,7 @@ run: $(STAMP)
 	$(PY) jobs/build_catalog.py --config $(CONFIG)
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+	$(PY) -m pytest -q tests --durations=25; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
 	$(PY) -m pytest -q -s -rs tests/benchmarks -p no:cacheprovider
