@@ -269,12 +269,14 @@ class Direction:
 
     def to_safetensors_dict(self) -> tuple[dict[str, Tensor], dict[str, str]]:
         """Tensors (keys ``<name>``, ``<name>.sigma``, ``<name>.timesteps``) and string metadata
-        (key ``<name>``, a JSON object); several directions' dicts can be merged into one file."""
-        tensors = {self.name: self.vector.detach().cpu().contiguous()}
+        (key ``<name>``, a JSON object); several directions' dicts can be merged into one file.
+        Each tensor is its own copy: directions made with one sampler share its timesteps tensor,
+        and safetensors refuses to write tensors that share memory."""
+        tensors = {self.name: self.vector.detach().cpu().clone().contiguous()}
         if self.sigma is not None:
-            tensors[f"{self.name}.sigma"] = self.sigma.contiguous()
+            tensors[f"{self.name}.sigma"] = self.sigma.clone().contiguous()
         if self.timesteps is not None:
-            tensors[f"{self.name}.timesteps"] = self.timesteps.contiguous()
+            tensors[f"{self.name}.timesteps"] = self.timesteps.clone().contiguous()
         return tensors, {self.name: json.dumps(self.metadata(), sort_keys=True)}
 
     @classmethod

@@ -281,3 +281,13 @@ def test_in_units_gives_raw_vectors_or_sigma_scaled_unit_vectors():
         _direction(steps=None, sigma=sigma).in_units("sigma", 4)
     with pytest.raises(ValueError, match="units must be 'raw' or 'sigma'"):
         d.in_units("unit", 3)
+
+
+def test_directions_that_share_one_timesteps_tensor_save_to_one_file(tmp_path):
+    from hspace.directions import load_directions, save_directions
+
+    timesteps = torch.tensor([999, 500, 0])
+    dirs = [Direction(torch.randn(3, 2, 2, 2), name=n, timesteps=timesteps) for n in ("a", "b")]
+    save_directions(dirs, str(tmp_path / "two.safetensors"))
+    loaded = load_directions(str(tmp_path / "two.safetensors"))
+    assert set(loaded) == {"a", "b"} and torch.equal(loaded["b"].timesteps, timesteps)
