@@ -41,6 +41,7 @@ from hspace.explore.render_queue import SUPERSEDED, RenderCancelled, RenderQueue
 from hspace.grade import LETTERS
 from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.explore_catalog import MODEL, build_explore_catalog
+from tests.explore_server import start_explorer
 
 try:  # `python -m pytest` puts the repo root on sys.path; bare `pytest` only puts tests/ there
     from tests.s3_server import s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
@@ -69,23 +70,6 @@ def catalog(tmp_path_factory, one_torch_thread) -> dict:
     return {"path": path, **build_explore_catalog(str(path), steps=STEPS, n_samples=32)}
 
 
-def _start_server(explorer) -> tuple[str, object, threading.Thread]:
-    import uvicorn
-
-    from hspace.explore.app import bind_socket, create_app
-
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(explorer), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the explorer did not start"
-        time.sleep(0.02)
-    host, port = sock.getsockname()[:2]
-    return f"http://{host}:{port}", server, thread
-
-
 @pytest.fixture(scope="module")
 def server(catalog):
     """The explorer on a free loopback port, in a thread of this process."""
@@ -94,7 +78,7 @@ def server(catalog):
     from hspace.toy import load_toy_model
 
     explorer = Explorer(hcat.open(str(catalog["path"])), load_toy_model(), model_label="toy")
-    url, srv, thread = _start_server(explorer)
+    url, srv, thread = start_explorer(explorer)
     yield {"url": url, "explorer": explorer}
     srv.should_exit = True  # type: ignore[attr-defined]
     thread.join(10)

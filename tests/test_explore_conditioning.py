@@ -7,16 +7,16 @@ import base64
 import io
 import json
 import os
-import threading
-import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
 import torch
-from browser import CHROMIUM, CHROMIUM_ARGS
 from PIL import Image
+
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.explore_server import start_explorer
 
 pytest.importorskip("transformers")
 
@@ -42,23 +42,6 @@ def publish_one_direction(url: str, model) -> str:
     return hcat.open(url).publish("tiny", [d], metadata=meta)
 
 
-def start(explorer):
-    import uvicorn
-
-    from hspace.explore.app import bind_socket, create_app
-
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(explorer), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.02)
-    host, port = sock.getsockname()[:2]
-    return f"http://{host}:{port}", server, thread
-
-
 @pytest.fixture(scope="module", params=["text", "class"])
 def served(request, tiny_pipeline_dirs, tmp_path_factory):
     from hspace import HSpaceModel
@@ -69,7 +52,7 @@ def served(request, tiny_pipeline_dirs, tmp_path_factory):
     url = str(tmp_path_factory.mktemp("explore-cond") / "catalog")
     version = publish_one_direction(url, model)
     explorer = Explorer(hcat.open(url), model, model_label=request.param)
-    base, server, thread = start(explorer)
+    base, server, thread = start_explorer(explorer)
     yield {"kind": request.param, "url": base, "version": version, "explorer": explorer}
     server.should_exit = True
     thread.join(10)
