@@ -27,16 +27,6 @@ H_SHAPE = (32, 4, 4)  # the tiny model's h shape
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on the shared 2-core machine, two threads waiting for each other made the
-    tiny model's sampling about 50x slower than one (measured: swap 70 s vs 1.4 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 

@@ -54,16 +54,6 @@ STEPS = 10  # the test catalog's sampler steps (the explorer renders with a vers
 
 
 # ------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two threads waiting for each other are far
-    slower than one (see tests/test_cli.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory, one_torch_thread) -> dict:
     path = tmp_path_factory.mktemp("explore") / "catalog"

@@ -55,15 +55,6 @@ SEEDS = [0, 1, 2, 3, 4, 5]
 T = 500
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny kernels on a shared machine run much faster on one thread (no OpenMP spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models():
     return {kind: HSpaceModel.from_pipeline(build()) for kind, build in tiny_pipelines.BUILDERS.items()}

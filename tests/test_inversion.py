@@ -20,16 +20,6 @@ from hspace.inversion import (
 STEPS = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two CPU cores are shared with other jobs: one thread avoids oversubscribed OpenMP
-    spinning, which made a tiny forward 10-50x slower here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model() -> HSpaceModel:
     """The conftest tiny U-Net (random weights) with a milder noise schedule (beta_end 0.005).

@@ -21,15 +21,6 @@ T = 500
 K = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny kernels on a shared 2-core machine run much faster on one thread (no OpenMP spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def unet():
     return build_tiny_unet()

@@ -14,16 +14,6 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from hspace.model import HSpaceModel, use_forward_ad_safe_attention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two CPU cores are shared with other jobs: oversubscribed OpenMP threads made one tiny
-    forward 10-50x slower (measured 0.49 s vs 0.028 s at batch 8), so these tests use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_model_dir) -> HSpaceModel:
     return HSpaceModel.from_pretrained(tiny_model_dir)

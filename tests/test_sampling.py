@@ -15,16 +15,6 @@ SEEDS = list(range(8))
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two CPU cores are shared with other jobs: one thread avoids oversubscribed OpenMP
-    spinning, which made a tiny forward 10-50x slower here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_model_dir) -> HSpaceModel:
     return HSpaceModel.from_pretrained(tiny_model_dir)
