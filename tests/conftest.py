@@ -38,6 +38,18 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def all_torch_threads(one_torch_thread):
+    """Every core for a module of batch-bound work on the real toy models (the acceptance tests):
+    there, two threads sample the toy model about 1.9x faster than one on an idle 2-core machine
+    (64 samples x 10 DDPM steps: 4.1-4.8 s against 7.7-10.4 s)."""
+    import os
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random tiny DDPM saved in DDPMPipeline layout (unet/ + scheduler/)."""

@@ -27,7 +27,7 @@ from hspace.toy.evaluate import edit_effects, image_quality, with_step_norms
 from hspace.toy.figures import heatmap
 from hspace.toy.world import FACE_REGIONS, make_dataset, region_mask
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("all_torch_threads")]
 
 STEPS = 20  # DDPM steps (eta = 1, the paper's default sampler)
 N_TRAIN = 512  # annotated model samples for PCA and supervised directions

@@ -21,7 +21,7 @@ from hspace.sampling import HSpaceSampler
 from hspace.toy import load_toy_classifier, load_toy_text_model
 from hspace.toy.evaluate import edit_effects, with_step_norms
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("all_torch_threads")]
 
 STEPS = 20  # DDPM steps (eta = 1)
 N_TRAIN = 256  # annotated samples for PCA and supervised directions

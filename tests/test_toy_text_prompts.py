@@ -22,7 +22,7 @@ from hspace.toy.captions import PHRASES, named_factors
 from hspace.toy.evaluate import image_quality
 from hspace.toy.text_evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS, adherence, generate_report
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("all_torch_threads")]
 
 N = 20  # samples per prompt: >= 90% means at most 2 misses
 SEEDS = list(range(5_000_000, 5_000_000 + N))  # the seeds of `python -m hspace.toy.text_evaluate`
