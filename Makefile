@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/quickstart.yaml
 
-.PHONY: setup browser run test test-fast bench lint format clean
+.PHONY: setup browser run run-text test test-fast bench lint format clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ browser:
 
 run: $(STAMP)
 	$(PY) jobs/build_catalog.py --config $(CONFIG)
+
+# The text toy's quick start: a graded catalog in catalog-text/ (explore it with `hspace explore catalog-text`).
+run-text: $(STAMP)
+	$(PY) jobs/build_catalog.py --config configs/quickstart-text.yaml
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests --durations=25; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc

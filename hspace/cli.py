@@ -225,14 +225,15 @@ def _device(name: str) -> str:
 def load_model(
     model: str, *, revision: str | None, device: str, dtype: str, capture: str | None = None
 ) -> HSpaceModel:
-    """``toy`` (the shipped weights), a local DDPMPipeline / UNet directory, or a hub id (+ revision)."""
+    """``toy`` / ``toy-text`` (the shipped weights), a local pipeline / UNet directory, or a hub id
+    (+ revision)."""
     import torch
 
     from hspace.model import HSpaceModel
-    from hspace.toy import TOY_MODEL_NAME, resolve_model_source
+    from hspace.toy import TOY_MODEL_DIRS, resolve_model_source
 
     source = resolve_model_source(model)
-    if model == TOY_MODEL_NAME:
+    if model in TOY_MODEL_DIRS:
         if not (Path(source) / "unet" / "config.json").is_file():
             raise FileNotFoundError(
                 f"the toy model is not installed ({source} has no unet/config.json); "
@@ -334,8 +335,8 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="'toy' (shipped weights), a diffusers pipeline dir (DDPM, LDM, Stable Diffusion, SDXL, DiT) "
-        "or UNet dir, or a hub id",
+        help="'toy' or 'toy-text' (shipped weights), a diffusers pipeline dir (DDPM, LDM, Stable Diffusion, "
+        "SDXL, DiT) or UNet dir, or a hub id",
     ),
 ]
 RevisionOpt = Annotated[str | None, typer.Option(help="hub revision (branch, tag or commit) of --model")]
@@ -1092,7 +1093,10 @@ def explore(
     model: Annotated[
         str | None,
         typer.Option(
-            "--model", "-m", help="'toy', a local model dir or a hub id (default: toy for toy catalogs)"
+            "--model",
+            "-m",
+            help="'toy', 'toy-text', a local model dir or a hub id "
+            "(default: the toy model a toy catalog was built from)",
         ),
     ] = None,
     storage_options: StorageOpt = None,

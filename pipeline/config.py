@@ -170,8 +170,8 @@ def _int_list(v: Any) -> Any:
 
 
 class ModelConfig(_Strict):
-    """Which diffusion model: ``toy`` (the shipped toy model), a local directory or a hub id, and
-    what it is conditioned on.
+    """Which diffusion model: ``toy`` (the shipped toy model), ``toy-text`` (the shipped
+    text-to-image toy), a local directory or a hub id, and what it is conditioned on.
 
     Conditioning (``prompts``, ``negative_prompt``, ``class_labels``) is one value or a list:
     generation seed ``s`` gets entry ``s % len(list)``, in every stage (generate, evaluate), so a
@@ -720,16 +720,26 @@ class ModelInfo:
     num_classes: int | None = None
 
 
-def _toy_model_dir() -> Path:
+def _toy_model_dir(name: str) -> Path:
+    """The shipped model that ``name`` (``toy`` / ``toy-text``) stands for."""
     try:
         from hspace.toy import resolve_model_source
 
-        toy_dir = resolve_model_source("toy")
+        toy_dir = resolve_model_source(name)
     except ImportError as e:  # the toy package is part of this project; a broken install is fatal
         raise ConfigError(
-            [("model.source", f"'toy' needs hspace.toy.TOY_MODEL_DIR, which failed to import: {e}")]
+            [
+                (
+                    "model.source",
+                    f"{name!r} needs the shipped weights of hspace.toy, which failed to import: {e}",
+                )
+            ]
         ) from e
     return Path(toy_dir)
+
+
+#: The names that stand for the shipped models (``hspace.toy.TOY_MODEL_DIRS``).
+TOY_MODEL_NAMES = ("toy", "toy-text")
 
 
 def _looks_like_path(source: str) -> bool:
@@ -862,8 +872,8 @@ def _model_files(model: ModelConfig) -> tuple[dict[str, dict[str, Any] | None], 
     """``(config files, location, is_local)`` of ``model.source``; ConfigError naming
     ``model.source`` for a missing directory or one without a denoiser config."""
     source = model.source
-    if source == "toy":
-        root = _toy_model_dir()
+    if source in TOY_MODEL_NAMES:
+        root = _toy_model_dir(source)
         files = _local_config_files(root)
         if files["denoiser"] is None:
             raise ConfigError(

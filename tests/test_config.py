@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from hspace.toy import TOY_TEXT_MODEL_DIR
 from pipeline.config import (
     ConfigError,
     describe_model,
@@ -76,6 +77,31 @@ def test_quickstart_config_schema_is_valid_without_the_model():
     cfg = load_config(CONFIGS / "quickstart.yaml", check_model=False)
     assert cfg.model.source == "toy" and cfg.generate.n_samples == 256
     assert cfg.resources.num_gpus_per_worker == 0
+
+
+def test_text_quickstart_config_plans_on_the_shipped_text_toy():
+    cfg = load_config(CONFIGS / "quickstart-text.yaml")
+    info = describe_model(cfg.model)
+    assert info.is_local and info.kind == "text" and Path(info.location) == Path(TOY_TEXT_MODEL_DIR)
+    p = plan(cfg)
+    assert (p.h_shape, p.latent_shape, p.image_shape) == ((64, 8, 8), (4, 16, 16), (3, 32, 32))
+    assert p.device == "cpu" and p.rows == cfg.generate.n_samples * cfg.sampler.num_inference_steps
+    assert cfg.model.conditioning_for([0, 1]) == {"prompt": ["", ""], "guidance_scale": 1.0,
+                                                  "record_branch": "uncond"}  # fmt: skip
+    assert cfg.annotate.classifier == "toy" and cfg.aggregate.random_baselines > 0
+
+
+def test_the_dry_run_plans_the_text_quickstart(capsys):
+    assert main([str(CONFIGS / "quickstart-text.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "quickstart-text.yaml: ok" in out and "model:              text" in out
+
+
+def test_every_shipped_config_is_valid_without_its_model():
+    names = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+    assert "quickstart-text.yaml" in names
+    for name in names:
+        load_config(CONFIGS / name, check_model=False)
 
 
 def test_h_shape_is_read_from_the_unet_config_without_weights(base, tiny_model_dir):

@@ -137,11 +137,23 @@ def test_forward_ad_safe_attention_keeps_outputs_and_enables_jvp(model):
     assert (jvp.double() - fd).abs().max() <= 1e-4
 
 
-def test_resolve_model_source_maps_only_the_toy_name():
+def test_resolve_model_source_maps_only_the_toy_names():
     from hspace.model import HUB_ID
-    from hspace.toy import TOY_MODEL_DIR, resolve_model_source
+    from hspace.toy import TOY_MODEL_DIR, TOY_TEXT_MODEL_DIR, resolve_model_source
 
     assert resolve_model_source("toy") == TOY_MODEL_DIR
+    assert resolve_model_source("toy-text") == TOY_TEXT_MODEL_DIR
+    assert resolve_model_source("toy_text") == "toy_text"  # only the exact names
     assert resolve_model_source("google/ddpm-ema-celebahq-256") == "google/ddpm-ema-celebahq-256"
     assert resolve_model_source(Path("toy")) == Path("toy")  # a local directory named toy stays one
     assert HUB_ID.match("google/ddpm-ema-celebahq-256") and not HUB_ID.match("./models/ddpm")
+
+
+def test_toy_model_name_reads_the_name_or_the_shipped_directory_back():
+    from hspace.toy import TOY_MODEL_DIR, TOY_TEXT_MODEL_DIR, toy_model_name
+
+    assert toy_model_name("toy") == "toy" and toy_model_name("toy-text") == "toy-text"
+    assert toy_model_name(str(TOY_MODEL_DIR)) == "toy"
+    assert toy_model_name(TOY_TEXT_MODEL_DIR / ".." / "text") == "toy-text"
+    assert toy_model_name(str(TOY_MODEL_DIR.parent)) is None  # the weights folder is no model
+    assert toy_model_name("google/ddpm-ema-celebahq-256") is None and toy_model_name(None) is None

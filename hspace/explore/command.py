@@ -24,8 +24,11 @@ __all__ = ["default_model", "run", "shown_url"]
 
 
 def default_model(catalog: Any) -> str:
-    """``toy`` when every model in the catalog was built from the shipped toy model; else a
-    ValueError asking for ``--model`` (the explorer cannot guess another model's weights)."""
+    """``toy`` (``toy-text``) when every model in the catalog was built from the shipped toy model
+    (the shipped text toy); else a ValueError asking for ``--model`` (the explorer cannot guess
+    another model's weights, nor serve two different models at once)."""
+    from hspace.toy import toy_model_name
+
     sources = {}
     for name in catalog.models():
         versions = catalog.versions(name)
@@ -33,23 +36,11 @@ def default_model(catalog: Any) -> str:
         sources[name] = (manifest.get("model") or {}).get("id")
     if not sources:
         raise FileNotFoundError(f"catalog {catalog.url} has no models (no complete versions)")
-    if all(_is_toy(source) for source in sources.values()):
-        return "toy"
+    toys = {toy_model_name(source) for source in sources.values()}
+    if len(toys) == 1 and None not in toys:
+        return toys.pop()
     listed = ", ".join(f"{name} (built from {source})" for name, source in sorted(sources.items()))
-    raise ValueError(f"--model is required: the catalog's models are not the toy model: {listed}")
-
-
-def _is_toy(source: Any) -> bool:
-    if source == "toy":
-        return True
-    from pathlib import Path
-
-    from hspace.toy import TOY_MODEL_DIR
-
-    try:
-        return isinstance(source, str) and Path(source).resolve() == TOY_MODEL_DIR.resolve()
-    except OSError:
-        return False
+    raise ValueError(f"--model is required: the catalog's models are not one toy model: {listed}")
 
 
 def shown_url(bound_host: str, port: int, token: str | None) -> str:

@@ -22,18 +22,37 @@ TOY_CLASSIFIER_DIR = WEIGHTS_DIR / "classifier"
 TOY_TEXT_MODEL_DIR = WEIGHTS_DIR / "text"
 #: The name that stands for the shipped toy model (``--model toy``, ``model.source: toy``).
 TOY_MODEL_NAME = "toy"
+#: The name that stands for the shipped text-to-image toy (``--model toy-text``, ``model.source: toy-text``).
+TOY_TEXT_MODEL_NAME = "toy-text"
+#: Every shipped model by the name that stands for it.
+TOY_MODEL_DIRS = {TOY_MODEL_NAME: TOY_MODEL_DIR, TOY_TEXT_MODEL_NAME: TOY_TEXT_MODEL_DIR}
 #: The name that stands for the shipped toy classifier (``annotate.classifier: toy``).
 TOY_CLASSIFIER_NAME = "toy"
 
 
 def resolve_model_source(source: str | Path) -> str | Path:
-    """``toy`` -> the shipped toy model's directory; a local directory or hub id is returned as given.
+    """``toy`` / ``toy-text`` -> the shipped toy model's / text toy's directory; a local directory or
+    hub id is returned as given.
 
-    The engine (:mod:`hspace.model`) knows no model names; the CLI and the pipeline resolve this one here.
+    The engine (:mod:`hspace.model`) knows no model names; the CLI and the pipeline resolve these here.
     """
-    if isinstance(source, str) and source == TOY_MODEL_NAME:
-        return TOY_MODEL_DIR
+    if isinstance(source, str) and source in TOY_MODEL_DIRS:
+        return TOY_MODEL_DIRS[source]
     return source
+
+
+def toy_model_name(source: object) -> str | None:
+    """The shipped model's name (``toy`` / ``toy-text``) that ``source`` stands for: the name itself
+    or the shipped directory's path; None for any other model."""
+    if not isinstance(source, (str, Path)):
+        return None
+    if isinstance(source, str) and source in TOY_MODEL_DIRS:
+        return source
+    try:
+        resolved = Path(source).resolve()
+    except (OSError, RuntimeError):
+        return None
+    return next((name for name, path in TOY_MODEL_DIRS.items() if path.resolve() == resolved), None)
 
 
 def resolve_classifier_source(spec: str) -> str:
@@ -87,12 +106,15 @@ __all__ = [
     "TOY_CLASSIFIER_DIR",
     "TOY_CLASSIFIER_NAME",
     "TOY_MODEL_DIR",
+    "TOY_MODEL_DIRS",
     "TOY_MODEL_NAME",
     "TOY_TEXT_MODEL_DIR",
+    "TOY_TEXT_MODEL_NAME",
     "load_toy_classifier",
     "load_toy_model",
     "load_toy_text_model",
     "load_toy_text_pipeline",
     "resolve_classifier_source",
     "resolve_model_source",
+    "toy_model_name",
 ]
