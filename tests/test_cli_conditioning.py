@@ -126,3 +126,21 @@ def test_a_catalog_versions_conditioning_is_given_to_each_seed_as_the_build_gave
     }
     assert catalog_conditioning({"class_labels": [7, 9]}, [0, 1, 2]) == {"class_labels": [7, 9, 7]}
     assert catalog_conditioning({}, [0]) == {}
+
+
+def test_model_toy_text_names_the_shipped_text_toy(tmp_path):
+    from hspace.toy import TOY_TEXT_MODEL_DIR
+
+    h = tmp_path / "h.safetensors"
+    args = ["--seeds", "0", "--steps", STEPS, "--prompt", "grey hair", "--guidance", "1"]
+    result = invoke("sample", "--model", "toy-text", *args, "--out", tmp_path / "a.png", "--save-h", h)
+    assert result.exit_code == 0, result.output
+    by_path = tmp_path / "b.safetensors"
+    result = invoke(
+        "sample", "--model", TOY_TEXT_MODEL_DIR, *args, "--out", tmp_path / "b.png", "--save-h", by_path
+    )
+    assert result.exit_code == 0, result.output
+    with safe_open(str(h), "pt") as a, safe_open(str(by_path), "pt") as b:
+        assert json.loads(a.metadata()["conditioning"])["prompts"] == ["grey hair"]  # a text model
+        assert tuple(a.get_tensor("h").shape) == (1, 2, 64, 8, 8)
+        torch.testing.assert_close(a.get_tensor("h"), b.get_tensor("h"), rtol=0, atol=0)  # the same model
