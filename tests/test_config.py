@@ -73,6 +73,25 @@ def test_quickstart_config_matches_the_toy_model():
     assert p.estimated_bytes == p.rows * 2 * p.h_shape[0] * p.h_shape[1] * p.h_shape[2]
 
 
+@pytest.mark.skipif(not _toy_ready(), reason="toy model weights (hspace/toy/weights) not built yet")
+def test_quickstart_evaluates_on_a_coarser_grid_of_the_builds_own_steps():
+    """The quick start grades with fewer sampler steps than it builds with; every evaluation step
+    applies a different build step's vector, the last (cleanest) one included."""
+    from hspace.sampling import HSpaceSampler
+    from hspace.toy import load_toy_model
+    from pipeline.evaluate import evaluation_sampler, step_map
+
+    cfg = load_config(CONFIGS / "quickstart.yaml")
+    spec = evaluation_sampler(cfg)
+    assert spec.num_inference_steps < cfg.sampler.num_inference_steps
+    model = load_toy_model()
+    build = HSpaceSampler(model, sampler=cfg.sampler.kind, num_inference_steps=cfg.sampler.num_inference_steps)
+    coarse = HSpaceSampler(model, sampler=spec.kind, num_inference_steps=spec.num_inference_steps)
+    steps = step_map(build.timesteps.tolist(), coarse.timesteps.tolist())
+    assert steps == sorted(set(steps)) and len(steps) == spec.num_inference_steps
+    assert steps[-1] == cfg.sampler.num_inference_steps - 1
+
+
 def test_quickstart_config_schema_is_valid_without_the_model():
     cfg = load_config(CONFIGS / "quickstart.yaml", check_model=False)
     assert cfg.model.source == "toy" and cfg.generate.n_samples == 256
