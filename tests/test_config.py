@@ -85,7 +85,9 @@ def test_quickstart_evaluates_on_a_coarser_grid_of_the_builds_own_steps():
     spec = evaluation_sampler(cfg)
     assert spec.num_inference_steps < cfg.sampler.num_inference_steps
     model = load_toy_model()
-    build = HSpaceSampler(model, sampler=cfg.sampler.kind, num_inference_steps=cfg.sampler.num_inference_steps)
+    build = HSpaceSampler(
+        model, sampler=cfg.sampler.kind, num_inference_steps=cfg.sampler.num_inference_steps
+    )
     coarse = HSpaceSampler(model, sampler=spec.kind, num_inference_steps=spec.num_inference_steps)
     steps = step_map(build.timesteps.tolist(), coarse.timesteps.tolist())
     assert steps == sorted(set(steps)) and len(steps) == spec.num_inference_steps
