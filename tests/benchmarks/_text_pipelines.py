@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from tests.tiny_pipelines import WORDS, write_tokenizer
+from tests.tiny_pipelines import WORDS, vocabulary_size, write_tokenizer
 
 #: runwayml/stable-diffusion-v1-5 unet/config.json (the keys that differ from diffusers' defaults).
 SD15_UNET: dict[str, Any] = dict(
@@ -103,7 +103,7 @@ TINY_TEXT: dict[str, Any] = dict(
 )
 
 #: Prompts and negative prompts in the test tokenizer's words, each within its 16-token context
-#: (the whole-word vocabulary has no merges, so the tokenizer spells words out in unknown-letter tokens).
+#: (the tokenizer's vocabulary and merges are the tests' own: ``tests/tiny_pipelines.py``).
 PROMPTS = ["a red cat", "grey hair", "smiling face", "a dog"]
 NEGATIVE = ["blurry", "ugly"]
 assert all(w in WORDS for p in PROMPTS + NEGATIVE for w in p.split()), "prompts use unknown words"
@@ -123,7 +123,7 @@ def stable_diffusion(
 
     torch.manual_seed(seed)
     text_config = CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=2, vocab_size=len(WORDS) + 3, **dict(text)
+        bos_token_id=0, eos_token_id=1, pad_token_id=2, vocab_size=vocabulary_size(), **dict(text)
     )
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = write_tokenizer(Path(tmp))
