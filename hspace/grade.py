@@ -117,7 +117,12 @@ def leakage_references(
             continue
         k = attributes.index(b)
         x = float(effect[r, k])
-        if math.isfinite(x) and x >= REFERENCE_MULTIPLE * band[k] and (b not in out or x > out[b][1]):
+        if (
+            math.isfinite(x)
+            and x > 0
+            and x >= REFERENCE_MULTIPLE * band[k]
+            and (b not in out or x > out[b][1])
+        ):
             out[b] = (name, x)
     return out
 

@@ -252,6 +252,27 @@ def test_leakage_references_skip_attributes_whose_best_direction_is_under_three_
     assert g["leakage"]["share"] == pytest.approx(0.8) and g["leakage"]["reference_direction"] == "a"
 
 
+def test_an_attribute_that_nothing_moves_has_no_leakage_reference():
+    """A zero band (no random edit moved the attribute) and a zero own effect are no reference:
+    a share against it would divide by zero."""
+    effect = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
+    band = np.array([0.0, 0.5])
+    own = {"a": "glasses", "b": None, "c": "grey_hair"}
+    refs = leakage_references(effect, band, ["a", "b", "c"], ["glasses", "grey_hair"], own)
+    assert refs == {"grey_hair": ("c", 2.0)}
+    grades = [
+        grade_one(row, (np.ones(2), np.zeros(2)), band, ["glasses", "grey_hair"], own[n], refs)
+        for n, row in zip("abc", effect, strict=True)
+    ]
+    assert grades[1]["leakage"] == {
+        "attribute": "grey_hair",
+        "share": 0.0,
+        "effect": 0.0,
+        "reference": 2.0,
+        "reference_direction": "c",
+    }
+
+
 def test_leakage_of_a_cross_effect_inside_its_band_does_not_flag():
     """A share above the threshold from an effect the random edits also reach is noise, not leakage."""
     band = np.array([1.0, 1.0])
