@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/quickstart.yaml
+# pytest-xdist workers for make test: Ray tests share one of them (tests/conftest.py).
+TEST_WORKERS ?= 2
 
 .PHONY: setup browser run run-text test test-fast bench lint format clean
 
@@ -27,7 +29,7 @@ run-text: $(STAMP)
 	$(PY) jobs/build_catalog.py --config configs/quickstart-text.yaml
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q tests --durations=25; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+	$(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile --durations=25; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
 	$(PY) -m pytest -q -s -rs tests/benchmarks -p no:cacheprovider

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -38,14 +41,18 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def _cores_per_worker() -> int:
+    """The machine's cores shared among the pytest-xdist workers (all of them without xdist)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
 @pytest.fixture(scope="module")
 def all_torch_threads(one_torch_thread):
     """Every core for a module of batch-bound work on the real toy models (the acceptance tests):
     there, two threads sample the toy model about 1.9x faster than one on an idle 2-core machine
     (64 samples x 10 DDPM steps: 4.1-4.8 s against 7.7-10.4 s)."""
-    import os
-
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(_cores_per_worker())
     yield
     torch.set_num_threads(1)
 
@@ -75,7 +82,52 @@ def tiny_pipeline_dirs(tmp_path_factory) -> dict[str, Path]:
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Every test that starts or joins a Ray cluster carries the ``ray`` marker, so that
-    ``make test-fast`` (``-m "not slow and not ray"``) can leave them out without a list to keep."""
+    ``make test-fast`` (``-m "not slow and not ray"``) can leave them out without a list to keep.
+
+    Modules run longest first: those that start Ray, then those with slow acceptance tests, then
+    the rest (a stable sort: each module stays whole and in order). Under xdist the Ray modules
+    and the acceptance modules then start together in the two workers, and the many short
+    modules fill in behind them instead of one long module running alone at the end."""
+    slow_modules = set()
     for item in items:
         if {"ray_local", "ray_head"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+        if item.get_closest_marker("slow") is not None:
+            slow_modules.add(item.nodeid.split("::", 1)[0])
+
+    def weight(item) -> int:
+        module = item.nodeid.split("::", 1)[0]
+        return 0 if _starts_ray(str(config.rootpath / module)) else 1 if module in slow_modules else 2
+
+    items.sort(key=weight)
+
+
+#: How the xdist controller (which collects nothing) tells a module that starts Ray: it names one
+#: of the Ray fixtures, the marker or the private multi-node cluster.
+_STARTS_RAY = re.compile(r"\b(ray_local|ray_head|multinode_cluster)\b|pytest\.mark\.ray\b")
+
+
+@functools.cache
+def _starts_ray(module: str) -> bool:
+    path = Path(module)
+    return path.suffix == ".py" and path.is_file() and bool(_STARTS_RAY.search(path.read_text()))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` (``make test`` runs ``-n 2 --dist loadfile``) with one change: every
+    module that starts Ray is in one scope. Each module runs whole in one worker, so its
+    module-scoped fixtures are built once; the Ray modules run one after another in one worker,
+    sharing its session cluster and never starting two clusters at once on a 2-core machine,
+    while the other worker runs the single-threaded rest of the suite beside them."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False  # keep the collection's longest-first module order
+
+    class RayModulesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "ray" if _starts_ray(str(config.rootpath / module)) else module
+
+    return RayModulesTogether(config, log)
