@@ -888,9 +888,10 @@ def catalog_show(
     as_json: Annotated[bool, typer.Option("--json", help="print the whole manifest as JSON")] = False,
     verify: Annotated[bool, typer.Option(help="check the size and sha256 of every file")] = False,
 ) -> None:
-    """Summarise one version's manifest: model, sampler, files and directions (with grade and leakage:
-    the largest effect on another attribute as a share of that attribute's own best direction)."""
-    from hspace.grade import leakage_text
+    """Summarise one version's manifest: model, sampler, files and directions (with grade, its
+    confidence, and leakage: the largest effect on another attribute as a share of that attribute's
+    own best direction)."""
+    from hspace.grade import confidence_text, leakage_text
 
     cat = _open_catalog(url, storage_options)
     version = cat.version(model, ref)
@@ -928,12 +929,15 @@ def catalog_show(
             "yes" if d.get("has_sigma") else "no",
             f"{d['norm']:.4g}" if isinstance(d.get("norm"), (int, float)) else "?",
             _grade_text(d.get("grade")),
+            confidence_text(d.get("grade")),
             leakage_text(d.get("grade"), short=True),
         ]
         for d in m["directions"]
     ]
     typer.echo(f"directions  {len(rows)}")
-    typer.echo(_table(rows, ["name", "kind", "shape", "units", "sigma", "norm", "grade", "leakage"]))
+    typer.echo(
+        _table(rows, ["name", "kind", "shape", "units", "sigma", "norm", "grade", "confidence", "leakage"])
+    )
 
 
 def _verify_version(version: Any) -> list[str]:

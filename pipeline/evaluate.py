@@ -63,6 +63,7 @@ __all__ = [
     "load_model",
     "own_attribute",
     "own_attributes",
+    "seed_effects",
     "seed_rows",
     "split_scores",
     "step_map",
@@ -171,7 +172,7 @@ def effect_matrix(
         plus[r] = mean[i_plus]
         if i_minus is not None:
             minus[r] = mean[i_minus]
-        per_seed = (d[:, i_plus] - d[:, i_minus]) / 2 if i_minus is not None else d[:, i_plus]  # [B, A]
+        per_seed = _symmetric(d, i_plus, i_minus)
         share_up[r], share_down[r] = (per_seed > 0).mean(0), (per_seed < 0).mean(0)
     effect = (plus - minus) / 2 if i_minus is not None else plus
     randoms = [r for r, n in enumerate(names) if n in random_of]
@@ -218,6 +219,22 @@ def effect_matrix(
         "stderr": stderr,
         "random_baseline": baseline,
     }
+
+
+def _symmetric(d: np.ndarray, i_plus: int, i_minus: int | None) -> np.ndarray:
+    """Per-seed effect [B, A] from score changes d [B, S, A]: (d(+gamma) - d(-gamma)) / 2, or d(+gamma)."""
+    return (d[:, i_plus] - d[:, i_minus]) / 2 if i_minus is not None else d[:, i_plus]
+
+
+def seed_effects(base: np.ndarray, edited: Mapping[str, np.ndarray], scales: Sequence[float]) -> np.ndarray:
+    """Every held-out seed's own effect [D, B, A] (directions in ``edited`` order): the per-seed
+    terms whose mean is :func:`effect_matrix`'s ``effect``; what ``hspace.grade`` resamples for a
+    grade's confidence."""
+    scales = [float(s) for s in scales]
+    gamma = max(s for s in scales if s > 0)
+    i_plus, i_minus = scales.index(gamma), (scales.index(-gamma) if -gamma in scales else None)
+    b = np.asarray(base, np.float64)[:, None, :]
+    return np.stack([_symmetric(np.asarray(s, np.float64) - b, i_plus, i_minus) for s in edited.values()])
 
 
 def _key(g: float) -> str:
@@ -459,7 +476,9 @@ def evaluate(
     effects = effect_matrix(
         base, edited, ev.scales, attributes, binary, random_of, {n: d.kind for n, d in directions.items()}
     )
-    effects["grades"] = grade_directions(effects, own_attributes(directions))
+    effects["grades"] = grade_directions(
+        effects, own_attributes(directions), seed_effect=seed_effects(base, edited, ev.scales)
+    )
     spec = evaluation_sampler(cfg)
     effects |= {
         "units": ev.units,

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hspace.grade import LEAKAGE_THRESHOLD, leakage_text
+from hspace.grade import LEAKAGE_THRESHOLD, RESAMPLES, confidence_text, leakage_text
 
 __all__ = [
     "edit_strip_png",
@@ -80,21 +80,22 @@ def _multiple(x: float | None) -> str:
 
 
 def grade_table_text(grades: Mapping[str, Mapping[str, Any]], *, max_rows: int | None = None) -> str:
-    """Grades as fixed-width text, best first: letter, own attribute, effect and its multiple of the
-    random band, share of seeds moved the intended way, largest cross-effect, leakage, flags."""
+    """Grades as fixed-width text, best first: letter, its confidence, own attribute, effect and its
+    multiple of the random band, share of seeds moved the intended way, largest cross-effect,
+    leakage, flags."""
     names = sorted_by_grade(grades)
     shown = names if max_rows is None else names[:max_rows]
     name_w = max(10, *(len(n) for n in names)) if names else 10
     lines = [
-        f"{'direction':<{name_w}}  grade  {'own attribute':<15} {'effect':>8} {'x band':>8}  seeds  "
+        f"{'direction':<{name_w}}  grade  conf  {'own attribute':<15} {'effect':>8} {'x band':>8}  seeds  "
         f"{'largest cross-effect':<24}  {'leakage':<16}  flags"
     ]
     for n in shown:
         g, own, cross = grades[n], grades[n]["own"], grades[n].get("cross") or {}
         cross_text = f"{cross['attribute'][:15]} {_fmt(cross.get('effect'))}" if cross else "-"
         lines.append(
-            f"{n:<{name_w}}  {g['letter']:<5}  {own['attribute'][:15]:<15} {_fmt(own['effect']):>8} "
-            f"{_multiple(own.get('multiple')):>8}  {own['share']:>5.0%}  {cross_text:<24}  "
+            f"{n:<{name_w}}  {g['letter']:<5}  {confidence_text(g):>4}  {own['attribute'][:15]:<15} "
+            f"{_fmt(own['effect']):>8} {_multiple(own.get('multiple')):>8}  {own['share']:>5.0%}  {cross_text:<24}  "
             f"{leakage_text(g, short=True):<16}  " + (",".join(g["flags"]) or "-")
         )
     if len(shown) < len(names):
@@ -139,7 +140,9 @@ _GRADE_NOTE = (
     "weaker; F: wrong sign or within the random band. Leakage: the largest effect on another attribute as a "
     "share of what that attribute's best supervised direction does to it (that direction's effect in "
     "parentheses). <em>entangled</em> (a cross-effect larger than the own one, relative to its band, or a "
-    f"leakage share above {LEAKAGE_THRESHOLD:.0%}) lowers the letter by one. A, B and C pass.</p>"
+    f"leakage share above {LEAKAGE_THRESHOLD:.0%}) lowers the letter by one. A, B and C pass. "
+    f"Confidence: the share of {RESAMPLES} bootstrap resamples of the held-out seeds that give the same "
+    "letter; a letter under 90% may well come out one letter off on other seeds.</p>"
 )
 
 
@@ -148,7 +151,8 @@ def _grade_rows(grades: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str
     e = html.escape
     out = [
         _GRADE_NOTE,
-        "<table class=grades><tr><th class=name>direction</th><th>kind</th><th>grade</th><th>score</th>"
+        "<table class=grades><tr><th class=name>direction</th><th>kind</th><th>grade</th><th>confidence</th>"
+        "<th>score</th>"
         "<th>own attribute</th><th>effect</th><th>&times; band</th><th>seeds</th>"
         "<th>largest cross-effect</th><th>leakage</th><th>flags</th></tr>",
     ]
@@ -158,6 +162,7 @@ def _grade_rows(grades: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str
         out.append(
             f"<tr class=grade-{e(str(g['letter']))}><td class=name>{e(name)}</td>"
             f"<td class=kind>{e(kinds.get(name, ''))}</td><td><b>{e(str(g['letter']))}</b></td>"
+            f"<td>{e(confidence_text(g))}</td>"
             f"<td>{float(g.get('score', 0)):.2f}</td><td class=name>{e(own['attribute'])}</td>"
             f"<td>{_fmt(own['effect'])}</td><td>{_multiple(own.get('multiple'))}</td>"
             f"<td>{own['share']:.0%}</td><td class=name>{cross_cell}</td>"

@@ -35,7 +35,7 @@ def build_explore_catalog(
     from hspace.grade import grade_directions
     from hspace.pca import PerTimestepPCA
     from hspace.toy import load_toy_classifier, load_toy_model
-    from pipeline.evaluate import effect_matrix, own_attributes
+    from pipeline.evaluate import effect_matrix, own_attributes, seed_effects
     from pipeline.report import edit_strip_png
 
     model = load_toy_model()
@@ -91,7 +91,8 @@ def build_explore_catalog(
     # what each supervised direction was built from (the pipeline records it in its provenance)
     own = own_attributes({d.name: d for d in [*directions, baseline]})
     own |= {a: a for a in ATTRIBUTES} | {clean.name: "glasses"}
-    grades = grade_directions(effects, own)
+    base_scores = base.numpy().astype(np.float64)
+    grades = grade_directions(effects, own, seed_effect=seed_effects(base_scores, edited, [-2.0, 2.0]))
     add_leakage(grades, effects, {a: supervised[a].name for a in ATTRIBUTES}, skip={baseline.name})
 
     cat = hcat.open(url, storage_options)

@@ -38,7 +38,7 @@ from hspace.cli import app as cli_app
 from hspace.explore.command import default_model
 from hspace.explore.explorer import direction_rows
 from hspace.explore.render_queue import SUPERSEDED, RenderCancelled, RenderQueue
-from hspace.grade import LETTERS
+from hspace.grade import CONFIDENT, LETTERS
 from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.explore_catalog import MODEL, build_explore_catalog
 from tests.explore_server import start_explorer
@@ -225,6 +225,8 @@ def test_grade_column_shows_letter_flags_band_multiple_and_leakage(page, catalog
             assert abs(int(match.group(1)) - 100 * leak["share"]) <= 0.5 + 1e-9
             assert leak["reference_direction"] in title  # the numbers behind it, on hover
         assert g["own"]["attribute"] in title and f"score {g['score']:g}" in title
+        assert f"confidence {round(100 * g['confidence'])}%" in title, (name, title)
+        assert ("unsure" in text) == (g["confidence"] < CONFIDENT), (name, text)
     random_text = dict((n, t) for n, t, _ in cells)["glasses_random7"]
     assert random_text.startswith("F") and "within_random" in random_text  # the baseline's own band
 
@@ -258,13 +260,20 @@ def test_grade_header_sorts_rows_by_letter_then_score_and_back(page, catalog):
     # mixed letters, flags and grades without leakage or without a letter, in one table
     mixed = {
         "pca_0": {"letter": "C", "score": 0.3, "flags": ["entangled"], "own": {"multiple": 2.44}},
-        "pca_1": {"letter": "F", "score": 0.0, "flags": ["wrong_sign"], "own": {"multiple": -1.3}},
+        "pca_1": {
+            "letter": "F",
+            "score": 0.0,
+            "flags": ["wrong_sign"],
+            "own": {"multiple": -1.3},
+            "confidence": 0.95,
+        },
         "pca_2": {
             "letter": "C",
             "score": 0.5,
             "flags": [],
             "own": {"multiple": 12.0},
             "leakage": {"attribute": "glasses", "share": 0.95, "effect": 1.0, "reference": 1.05},
+            "confidence": 0.62,
         },
         "glasses": {"score": "A", "by": "an older format"},
     }
@@ -281,6 +290,7 @@ def test_grade_header_sorts_rows_by_letter_then_score_and_back(page, catalog):
     assert text("pca_1").split() == ["F", "-1.3×", "band", "wrong_sign"]
     assert "entangled" in text("pca_0") and "2.4× band" in text("pca_0")
     assert "12× band" in text("pca_2") and "leaks 95% into glasses" in text("pca_2")
+    assert "unsure (62%)" in text("pca_2") and "unsure" not in text("pca_0")  # pca_0: no confidence
     assert text("glasses").strip() == "?" and text("grey_hair").strip() == "–"
 
 

@@ -14,13 +14,14 @@ from hspace.grade import (
     LEAKAGE_THRESHOLD,
     LETTERS,
     REFERENCE_MULTIPLE,
+    confidence_text,
     grade_at_least,
     grade_directions,
     grade_one,
     leakage_references,
     leakage_text,
 )
-from pipeline.evaluate import effect_matrix, own_attributes
+from pipeline.evaluate import effect_matrix, own_attributes, seed_effects
 from pipeline.report import grade_table_text, render_report, sorted_by_grade
 
 ATTRS = ["eyes_open", "smile"]
@@ -52,11 +53,10 @@ def effects() -> dict:
     kinds = {
         n: ("random" if n in random_of else "pca" if n.startswith("pca") else "supervised") for n in edited
     }
-    eff = effect_matrix(
-        np.zeros((N_SEEDS, len(ATTRS))), edited, [-2.0, 2.0], ATTRS, [True, True], random_of, kinds
-    )
+    base = np.zeros((N_SEEDS, len(ATTRS)))
+    eff = effect_matrix(base, edited, [-2.0, 2.0], ATTRS, [True, True], random_of, kinds)
     own = {"eyes_open": "eyes_open", "eyes_open_boundary": "eyes_open", "smile": "smile"}
-    eff["grades"] = grade_directions(eff, own)
+    eff["grades"] = grade_directions(eff, own, seed_effect=seed_effects(base, edited, [-2.0, 2.0]))
     return eff
 
 
@@ -90,6 +90,55 @@ def test_no_random_rows_means_no_grades():
     assert grade_directions(eff, {}) == {}
 
 
+def _with_seeds(per_seed: dict[str, np.ndarray], random_of: dict[str, str]) -> tuple[dict, np.ndarray]:
+    """effects.json content and seed effects [D, B, A] from each direction's per-seed effect [B, A]
+    (edited scores +-e around unedited zeros, so every seed's symmetric effect is exactly e)."""
+    edited = {n: np.stack([-e, e], axis=1) for n, e in per_seed.items()}
+    n_seeds = next(iter(per_seed.values())).shape[0]
+    kinds = {n: "random" if n in random_of else "supervised" for n in per_seed}
+    base = np.zeros((n_seeds, len(ATTRS)))
+    eff = effect_matrix(base, edited, [-2.0, 2.0], ATTRS, [True, True], random_of, kinds)
+    return eff, seed_effects(base, edited, [-2.0, 2.0])
+
+
+def test_seed_effects_average_to_the_effect_matrix():
+    rng = np.random.default_rng(3)
+    edited = {"a": rng.standard_normal((7, 2, 2)), "b": rng.standard_normal((7, 2, 2))}
+    base = rng.standard_normal((7, 2))
+    eff = effect_matrix(base, edited, [-1.0, 1.0], ATTRS, [True, True], {}, {"a": "pca", "b": "pca"})
+    per_seed = seed_effects(base, edited, [-1.0, 1.0])
+    assert per_seed.shape == (2, 7, 2)
+    np.testing.assert_allclose(per_seed.mean(1), np.array(eff["matrix"]["effect"]), rtol=0, atol=1e-12)
+    np.testing.assert_allclose((per_seed > 0).mean(1), np.array(eff["matrix"]["share_up"]))
+
+
+def test_confidence_is_the_share_of_seed_resamples_that_keep_the_letter():
+    """A direction far outside the band on every seed keeps its letter in every resample; one whose
+    share of seeds sits on the A/B threshold (18 of 20 = 0.9) keeps it in only some."""
+    rng = np.random.default_rng(0)
+    own = np.zeros((N_SEEDS, 2))
+    clear, edge = own.copy(), own.copy()
+    clear[:, 0] = 5.0 + 0.1 * rng.standard_normal(N_SEEDS)
+    edge[:, 0] = np.where(np.arange(N_SEEDS) < 18, 5.0, -1.0)
+    per_seed = {"clear": clear, "edge": edge}
+    random_of = {}
+    for i in range(8):
+        per_seed[f"random_{i}"] = 0.3 * rng.standard_normal((N_SEEDS, 2))
+        random_of[f"random_{i}"] = "eyes_open"
+    eff, seeds = _with_seeds(per_seed, random_of)
+    own_of = {"clear": "eyes_open", "edge": "eyes_open"}
+    grades = grade_directions(eff, own_of, seed_effect=seeds)
+    assert grades["clear"]["letter"] == "A" and grades["clear"]["confidence"] == 1.0
+    assert grades["edge"]["letter"] == "A" and grades["edge"]["own"]["share"] == pytest.approx(0.9)
+    assert 0.2 < grades["edge"]["confidence"] < 0.9  # about half the resamples draw fewer than 18 of 20
+    assert confidence_text(grades["edge"]).endswith("%") and confidence_text({"letter": "A"}) == "-"
+    again = grade_directions(eff, own_of, seed_effect=seeds)
+    assert {n: g["confidence"] for n, g in again.items()} == {n: g["confidence"] for n, g in grades.items()}
+    assert "confidence" not in grade_directions(eff, own_of)["clear"]  # no seeds, no confidence
+    with pytest.raises(ValueError, match="seed_effect has shape"):
+        grade_directions(eff, own_of, seed_effect=seeds[:, :, :1])
+
+
 def test_entangled_direction_is_lowered_one_letter():
     band = np.array([0.1, 0.1])
     up, down = np.array([1.0, 0.5]), np.array([0.0, 0.5])
@@ -110,6 +159,9 @@ def test_grade_order_and_min_grade_check(effects):
         grade_at_least({"letter": "A"}, "E")
     text = grade_table_text(effects["grades"])
     assert text.splitlines()[1].startswith(order[0]) and "wrong_sign" in text
+    header, first = text.splitlines()[:2]
+    assert header.split()[1:3] == ["grade", "conf"]
+    assert first.split()[2] == confidence_text(effects["grades"][order[0]])
 
 
 def test_report_shows_grades_and_methods_side_by_side(effects):
@@ -170,9 +222,12 @@ def test_catalog_filters_directions_by_grade(tmp_path, effects):
         if line.split()[:1] and line.split()[0] in names
     }
     assert res.exit_code == 0, res.output
-    assert rows["eyes_open"].split()[-3:] == ["F", "(wrong_sign)", "-"]  # grade, then leakage: none
+    confidence = confidence_text(grades["eyes_open"])
+    assert confidence.endswith("%")
+    # grade, confidence, then leakage: none
+    assert rows["eyes_open"].split()[-4:] == ["F", "(wrong_sign)", confidence, "-"]
     assert rows["smile"].split()[-2:] == ["eyes_open", "25%"]
-    assert rows["ungraded"].split()[-2:] == ["-", "-"]
+    assert rows["ungraded"].split()[-3:] == ["-", "-", "-"]
     with pytest.raises(ValueError, match="not published"):
         cat.publish("m", dirs[:1], metadata={}, grades={"nope": grades["smile"]})
 

@@ -1,17 +1,20 @@
 """Do a catalog's grade letters reproduce on other held-out seeds, and under a coarser sampler?
 
 Renders every direction of a published version (unedited and at each of the config's evaluate
-scales) on ``--seeds`` held-out seeds with each sampler asked for, keeps every seed's classifier
-scores, and grades disjoint halves of the seeds with the evaluate stage's own code
-(``effect_matrix`` + ``hspace.grade``). It prints, per sampler and seed count, how many of the
-non-random directions get the same letter on
+scales) on ``--seeds`` held-out seeds with each sampler asked for (or reads them back from
+``--load``), keeps every seed's classifier scores, cuts the seeds into disjoint sets of
+``--set-size`` and grades each set with the evaluate stage's own code (``effect_matrix``,
+``seed_effects`` + ``hspace.grade``). It prints, over the non-random directions:
 
-- ``retest``: two disjoint seed sets under the same sampler (the grades' own sampling noise);
-- ``vs reference``: each set against the reference sampler's letters on the *other* half's seeds
-  (independent seeds, so agreement is not inflated by shared seeds).
+- ``retest``: letters equal (and within one letter) between every pair of sets under one sampler:
+  the grades' own sampling noise;
+- ``vs reference``: each set against the reference sampler's (the first) letters on every other
+  set (independent seeds, so agreement is not inflated by shared seeds);
+- ``confidence``: how often a letter of a given confidence (``hspace.grade``: the share of seed
+  resamples keeping it) is the same on another set of the same sampler.
 
-    python tests/benchmarks/grade_retest.py --config configs/quickstart.yaml --catalog catalog \\
-        --model toy-faces --seeds 32 --samplers ddpm:20 ddim:5 --out /tmp/retest.npz
+    python tests/benchmarks/grade_retest.py --config configs/quickstart.yaml --catalog catalog \
+        --model toy-faces --seeds 32 --samplers ddpm:20 ddim:3 --out /tmp/retest.npz
 
 A measurement tool (minutes to hours on a CPU), not a test. Results: docs/benchmarks.md.
 """
@@ -19,6 +22,7 @@ A measurement tool (minutes to hours on a CPU), not a test. Results: docs/benchm
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import numpy as np
@@ -26,7 +30,7 @@ import torch
 
 from hspace.catalog import open as open_catalog
 from hspace.classifier import load_classifier
-from hspace.grade import grade_directions
+from hspace.grade import LETTERS, grade_directions
 from hspace.sampling import HSpaceSampler
 from hspace.toy import resolve_classifier_source
 from pipeline.config import load_config
@@ -36,6 +40,7 @@ from pipeline.evaluate import (
     effect_matrix,
     load_model,
     own_attributes,
+    seed_effects,
     split_scores,
 )
 
@@ -70,8 +75,8 @@ def per_seed_scores(cfg, version, spec: str, seeds: list[int]) -> np.ndarray:
     return np.stack(out)
 
 
-def letters(version, scores: np.ndarray) -> dict[str, str]:
-    """The evaluate stage's letter of every non-random direction from per-seed scores."""
+def graded(version, scores: np.ndarray) -> dict[str, dict]:
+    """The evaluate stage's grade (letter and confidence) of every non-random direction."""
     effects = version.effects()
     names, random_of = list(effects["directions"]), effects["baseline_of"]
     base, edited = split_scores(scores, names, len(effects["scales"]))
@@ -79,12 +84,21 @@ def letters(version, scores: np.ndarray) -> dict[str, str]:
     matrix = effect_matrix(
         base, edited, effects["scales"], effects["attributes"], binary, random_of, effects["kinds"]
     )
-    grades = grade_directions(matrix, own_attributes(version.directions()))
-    return {n: grades[n]["letter"] for n in names if n not in random_of}
+    grades = grade_directions(
+        matrix,
+        own_attributes(version.directions()),
+        seed_effect=seed_effects(base, edited, effects["scales"]),
+    )
+    return {n: grades[n] for n in names if n not in random_of}
 
 
-def same(a: dict[str, str], b: dict[str, str]) -> int:
-    return sum(a[n] == b[n] for n in a)
+def agreement(a: dict[str, dict], b: dict[str, dict]) -> tuple[int, int]:
+    """(letters equal, letters at most one apart)."""
+    gap = [abs(LETTERS.index(a[n]["letter"]) - LETTERS.index(b[n]["letter"])) for n in a]
+    return sum(g == 0 for g in gap), sum(g <= 1 for g in gap)
+
+
+BINS = ((0.0, 0.5), (0.5, 0.7), (0.7, 0.9), (0.9, 1.01))
 
 
 def main() -> None:
@@ -93,33 +107,70 @@ def main() -> None:
     p.add_argument("--catalog", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--ref", default="latest")
-    p.add_argument("--seeds", type=int, default=32, help="held-out seeds (even; split in two halves)")
+    p.add_argument("--seeds", type=int, default=32, help="held-out seeds rendered per sampler")
+    p.add_argument("--set-size", type=int, default=16, help="seeds per disjoint set")
     p.add_argument(
         "--samplers", nargs="+", default=["ddpm:20", "ddim:5"], help="kind:steps; the first is the reference"
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="save every sampler's per-seed scores here (.npz)")
+    p.add_argument("--load", nargs="*", default=[], help="kind:steps=FILE.npz: scores saved by --out")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     cfg = load_config(a.config)
     version = open_catalog(a.catalog).version(a.model, a.ref)
     seeds = list(range(cfg.evaluate.seed_start, cfg.evaluate.seed_start + a.seeds))
-    scores = {spec: per_seed_scores(cfg, version, spec, seeds) for spec in a.samplers}
+    loaded = dict(item.split("=", 1) for item in a.load)
+    scores = {
+        spec: np.load(loaded[spec])[spec.replace(":", "_")]
+        if spec in loaded
+        else per_seed_scores(cfg, version, spec, seeds)
+        for spec in a.samplers
+    }
     if a.out:
         np.savez(a.out, seeds=np.asarray(seeds), **{k.replace(":", "_"): v for k, v in scores.items()})
-    half, reference = a.seeds // 2, a.samplers[0]
-    print(f"\n{version.version}: letters equal, of the non-random directions")
-    print("| sampler | seeds per set | retest (disjoint sets) | vs reference on the other set |")
+    k, reference = a.set_size, a.samplers[0]
+    sets = {
+        spec: [graded(version, s[i : i + k]) for i in range(0, len(s) - k + 1, k)]
+        for spec, s in scores.items()
+    }
+    n = len(next(iter(sets.values()))[0])
+    print(f"\n{version.version}: {n} non-random directions, sets of {k} seeds")
+    print(
+        "| sampler | sets | retest: equal, within one letter | vs reference on other sets: equal, within one |"
+    )
     print("|---|---:|---:|---:|")
-    for spec, s in scores.items():
-        for k in sorted({half, half // 2, half * 3 // 4}):
-            one, two = letters(version, s[:k]), letters(version, s[half : half + k])
-            ref_one = letters(version, scores[reference][:half])
-            ref_two = letters(version, scores[reference][half:])
+    for spec, graded_sets in sets.items():
+        pairs = list(itertools.combinations(range(len(graded_sets)), 2))
+        retest = [agreement(graded_sets[i], graded_sets[j]) for i, j in pairs]
+        cross = [
+            agreement(graded_sets[i], sets[reference][j])
+            for i in range(len(graded_sets))
+            for j in range(len(sets[reference]))
+            if i != j
+        ]
+        print(f"| {spec} | {len(graded_sets)} | {_mean(retest)} | {_mean(cross)} |")
+    print("\n| sampler | confidence | letters | same letter on another set |")
+    print("|---|---|---:|---:|")
+    for spec, graded_sets in sets.items():
+        for lo, hi in BINS:
+            same = [
+                graded_sets[i][d]["letter"] == graded_sets[j][d]["letter"]
+                for i, j in itertools.permutations(range(len(graded_sets)), 2)
+                for d in graded_sets[i]
+                if lo <= graded_sets[i][d]["confidence"] < hi
+            ]
+            rate = f"{np.mean(same):.0%}" if same else "-"
             print(
-                f"| {spec} | {k} | {same(one, two)} / {len(one)} | "
-                f"{same(one, ref_two)}, {same(two, ref_one)} / {len(one)} |"
+                f"| {spec} | [{lo:.1f}, {min(hi, 1.0):.1f}{']' if hi > 1 else ')'} | {len(same)} | {rate} |"
             )
+
+
+def _mean(pairs: list[tuple[int, int]]) -> str:
+    if not pairs:
+        return "-"
+    equal, near = np.mean([p[0] for p in pairs]), np.mean([p[1] for p in pairs])
+    return f"{equal:.1f}, {near:.1f}"
 
 
 if __name__ == "__main__":
