@@ -113,6 +113,7 @@ def _starts_ray(module: str) -> bool:
     return path.suffix == ".py" and path.is_file() and bool(_STARTS_RAY.search(path.read_text()))
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown, and unused, without it
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile`` (``make test`` runs ``-n 2 --dist loadfile``) with one change: every
     module that starts Ray is in one scope. Each module runs whole in one worker, so its
