@@ -35,7 +35,7 @@ bench: $(STAMP)
 	$(PY) -m pytest -q -s -rs tests/benchmarks -p no:cacheprovider
 
 test-fast: $(STAMP) browser
-	$(PY) -m pytest -q tests -m "not slow and not ray" -x; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+	$(PY) -m pytest -q tests -m "not slow and not ray" -x -n $(TEST_WORKERS) --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hspace pipeline jobs tests
