@@ -60,6 +60,7 @@ __all__ = [
     "effect_matrix",
     "evaluate",
     "evaluation_sampler",
+    "graded_effects",
     "load_model",
     "own_attribute",
     "own_attributes",
@@ -235,6 +236,24 @@ def seed_effects(base: np.ndarray, edited: Mapping[str, np.ndarray], scales: Seq
     i_plus, i_minus = scales.index(gamma), (scales.index(-gamma) if -gamma in scales else None)
     b = np.asarray(base, np.float64)[:, None, :]
     return np.stack([_symmetric(np.asarray(s, np.float64) - b, i_plus, i_minus) for s in edited.values()])
+
+
+def graded_effects(
+    scores: np.ndarray,
+    names: Sequence[str],
+    scales: Sequence[float],
+    attributes: Sequence[str],
+    binary: Sequence[bool],
+    random_of: Mapping[str, str],
+    kinds: Mapping[str, str],
+    own: Mapping[str, str | None],
+) -> dict[str, Any]:
+    """effects.json content with ``grades`` (each with its confidence) from every held-out seed's
+    scores [B, 1 + D*S, A] (rows in :func:`seed_rows` order, directions in ``names`` order)."""
+    base, edited = split_scores(scores, list(names), len(scales))
+    effects = effect_matrix(base, edited, scales, attributes, binary, random_of, kinds)
+    effects["grades"] = grade_directions(effects, own, seed_effect=seed_effects(base, edited, scales))
+    return effects
 
 
 def _key(g: float) -> str:
@@ -472,12 +491,15 @@ def evaluate(
         raise RuntimeError(f"evaluate: no result for seeds {missing}")
     n_scales = len(ev.scales)
     scores = np.stack([np.asarray(rows[seed]["scores"]) for seed in seeds])  # [B, 1 + D*S, A]
-    base, edited = split_scores(scores, names, n_scales)
-    effects = effect_matrix(
-        base, edited, ev.scales, attributes, binary, random_of, {n: d.kind for n, d in directions.items()}
-    )
-    effects["grades"] = grade_directions(
-        effects, own_attributes(directions), seed_effect=seed_effects(base, edited, ev.scales)
+    effects = graded_effects(
+        scores,
+        names,
+        ev.scales,
+        attributes,
+        binary,
+        random_of,
+        {n: d.kind for n, d in directions.items()},
+        own_attributes(directions),
     )
     spec = evaluation_sampler(cfg)
     effects |= {

@@ -30,18 +30,16 @@ import torch
 
 from hspace.catalog import open as open_catalog
 from hspace.classifier import load_classifier
-from hspace.grade import LETTERS, grade_directions
+from hspace.grade import LETTERS
 from hspace.sampling import HSpaceSampler
 from hspace.toy import resolve_classifier_source
 from pipeline.config import load_config
 from pipeline.evaluate import (
     SeedRenderer,
     edit_vectors,
-    effect_matrix,
+    graded_effects,
     load_model,
     own_attributes,
-    seed_effects,
-    split_scores,
 )
 
 
@@ -79,17 +77,12 @@ def graded(version, scores: np.ndarray) -> dict[str, dict]:
     """The evaluate stage's grade (letter and confidence) of every non-random direction."""
     effects = version.effects()
     names, random_of = list(effects["directions"]), effects["baseline_of"]
-    base, edited = split_scores(scores, names, len(effects["scales"]))
     binary = [effects["score_units"][a] == "logit" for a in effects["attributes"]]
-    matrix = effect_matrix(
-        base, edited, effects["scales"], effects["attributes"], binary, random_of, effects["kinds"]
+    own = own_attributes(version.directions())
+    matrix = graded_effects(
+        scores, names, effects["scales"], effects["attributes"], binary, random_of, effects["kinds"], own
     )
-    grades = grade_directions(
-        matrix,
-        own_attributes(version.directions()),
-        seed_effect=seed_effects(base, edited, effects["scales"]),
-    )
-    return {n: grades[n] for n in names if n not in random_of}
+    return {n: matrix["grades"][n] for n in names if n not in random_of}
 
 
 def agreement(a: dict[str, dict], b: dict[str, dict]) -> tuple[int, int]:
