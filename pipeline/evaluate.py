@@ -22,16 +22,22 @@ step grid; each evaluation step applies the vector of the nearest build timestep
 (:func:`step_map`), so a coarser grid of the same schedule measures the same edit in fewer U-Net
 passes (the integrated edit of a step grows with its length). ``effects["sampler"]`` records it.
 
-Work: Ray Data, one row per held-out seed, a callable class (:class:`EditScorer`) holding model,
-sampler and classifier in each actor of the pool. A row renders its seed unedited and edited by
-every direction at every scale (1 + D*S images, :func:`seed_rows`) in one sampler call and scores
-them in one classifier pass (:class:`SeedRenderer`); the unedited image is rendered once per seed
-and shared by all directions. Every image's noise comes from its seed's own generator, so the
-effects do not depend on the batch size or on how seeds are spread over actors.
+Work: one Ray task per held-out seed (:func:`score_seed`, ``resources.workers`` in flight). Tasks,
+not an actor pool: they run in the worker processes the aggregate stage's tasks already warmed
+(torch and diffusers imported), and each process builds its :class:`EditScorer` (model, sampler,
+classifier) once and keeps it for the seeds that follow, so the stage starts rendering at once
+instead of spawning and importing fresh actors (docs/benchmarks.md). A task renders its seed
+unedited and edited by every direction at every scale (1 + D*S images, :func:`seed_rows`) in one
+sampler call and scores them in one classifier pass (:class:`SeedRenderer`); the unedited image is
+rendered once per seed and shared by all directions. Every image's noise comes from its seed's own
+generator, so the effects do not depend on the batch size or on how seeds are spread over
+workers. Ray retries a task whose node died; :func:`~pipeline.ray_runtime.map_tasks_watched`
+fails the stage when no node can host a task any more.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -44,7 +50,7 @@ import torch
 from hspace.directions import Direction
 from hspace.grade import grade_directions
 from pipeline.progress import progress_bar
-from pipeline.ray_runtime import CapacityWatch, actor_demand, iterate_watched
+from pipeline.ray_runtime import CapacityWatch, actor_demand, map_tasks_watched
 
 if TYPE_CHECKING:
     from hspace.model import HSpaceModel
@@ -64,6 +70,7 @@ __all__ = [
     "load_model",
     "own_attribute",
     "own_attributes",
+    "score_seed",
     "seed_effects",
     "seed_rows",
     "split_scores",
@@ -308,7 +315,9 @@ class SeedRenderer:
         classifier_batch_size: int = 512,
     ) -> None:
         steps = step_map(build_timesteps, sampler.timesteps.tolist())
-        v = torch.as_tensor(np.asarray(vectors, dtype=np.float32))[:, steps]
+        v = torch.as_tensor(
+            np.asarray(vectors, dtype=np.float32)[:, steps]
+        )  # a copy (the input may be read-only)
         self.sampler, self.classifier, self.columns = sampler, classifier, list(columns)
         self.edits = [Direction(vector=v[i].clone(), name=f"edit{i}") for i in range(v.shape[0])]
         self.row_scales = seed_rows(len(self.edits), scales)
@@ -345,19 +354,15 @@ def split_scores(
 
 
 class EditScorer:
-    """The Ray Data callable class: model, evaluation sampler and classifier in each actor; maps
-    rows ``seed`` to that seed's scores (see :class:`SeedRenderer`).
+    """Model, evaluation sampler and classifier of one worker process; maps a held-out seed to its
+    scores (see :class:`SeedRenderer`). Built once per process by :func:`_scorer` and kept for the
+    stage's next seeds.
 
-    Output per row: ``scores`` [1 + D*S, A] float32 (row order of :func:`seed_rows`) and
-    ``preview`` [1 + D*S, 3, H, W] uint8 for the first ``n_preview`` seeds (an empty
-    [0, 3, H, W] array for the others).
+    A seed's result: ``scores`` [1 + D*S, A] float32 (row order of :func:`seed_rows`) and
+    ``preview`` [1 + D*S, 3, H, W] uint8 when asked for (an empty [0, 3, H, W] array otherwise).
     """
 
-    def __init__(
-        self, cfg_json: dict, attributes: list[str], edits_ref: list, seeds: list[int], n_preview: int
-    ) -> None:
-        import ray
-
+    def __init__(self, cfg_json: dict, attributes: list[str], vectors: np.ndarray) -> None:
         from hspace.classifier import load_classifier
         from hspace.sampling import HSpaceSampler
         from hspace.toy import resolve_classifier_source
@@ -382,25 +387,53 @@ class EditScorer:
             sampler,
             classifier,
             [classifier.index(a) for a in attributes],
-            ray.get(edits_ref[0]),
+            vectors,
             build.timesteps.tolist(),
             cfg.evaluate.scales,
             batch_size=cfg.evaluate.batch_size,
             classifier_batch_size=cfg.annotate.batch_size,
         )
-        self.preview_seeds = set(list(seeds)[:n_preview])
         self.model_cfg = cfg.model  # the held-out seeds get the conditioning generate gives a seed
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        scores, previews = [], []
-        for seed in batch["seed"]:
-            conditioning = self.model_cfg.conditioning_for([int(seed)])
-            conditioning.pop("record_branch")
-            images = self.renderer.render(int(seed), conditioning)
-            scores.append(self.renderer.score(images))
-            keep = images if int(seed) in self.preview_seeds else images[:0]
-            previews.append((keep * 255).round().to(torch.uint8).numpy())
-        return {"seed": np.asarray(batch["seed"]), "scores": np.stack(scores), "preview": _objects(previews)}
+    def __call__(self, seed: int, preview: bool) -> dict[str, Any]:
+        conditioning = self.model_cfg.conditioning_for([int(seed)])
+        conditioning.pop("record_branch")
+        images = self.renderer.render(int(seed), conditioning)
+        keep = images if preview else images[:0]
+        return {
+            "seed": int(seed),
+            "scores": self.renderer.score(images),
+            "preview": (keep * 255).round().to(torch.uint8).numpy(),
+        }
+
+
+#: This worker process's scorer and the key it was built for (see :func:`_scorer`).
+_PROCESS_SCORER: tuple[str, EditScorer] | None = None
+
+
+def _scorer(cfg_json: dict, attributes: list[str], edits_ref: list) -> EditScorer:
+    """The :class:`EditScorer` of this process for (config, attributes, edit vectors), built on
+    first use and kept: every later seed of the stage that lands on this worker reuses it (only
+    the latest is kept, so a worker never holds an earlier build's model)."""
+    global _PROCESS_SCORER
+    import ray
+
+    key = json.dumps([cfg_json, attributes, edits_ref[0].hex()], sort_keys=True)
+    if _PROCESS_SCORER is None or _PROCESS_SCORER[0] != key:
+        _PROCESS_SCORER = None  # release the previous model before loading the next
+        _PROCESS_SCORER = (key, EditScorer(cfg_json, attributes, ray.get(edits_ref[0])))
+    return _PROCESS_SCORER[1]
+
+
+def score_seed(
+    cfg_json: dict, attributes: list[str], edits_ref: list, seed: int, preview: bool
+) -> dict[str, Any]:
+    """The evaluate stage's Ray task: one held-out seed's scores (and preview images if asked).
+
+    ``edits_ref`` is ``[ObjectRef]`` of the stacked edit vectors (in a list, so Ray passes the
+    reference and a warm worker does not fetch the vectors again).
+    """
+    return _scorer(cfg_json, attributes, edits_ref)(seed, preview)
 
 
 def evaluation_sampler(cfg: BuildConfig) -> SamplerConfig:
@@ -431,18 +464,6 @@ class EvaluateResult:
     seconds: float
 
 
-def _collect(ds: Any, n: int, progress: bool, watch: CapacityWatch) -> dict[int, Any]:
-    """Rows of the evaluate dataset by seed, with a progress bar over the held-out seeds; fails with
-    CapacityError when no live node can host a scorer for ``watch``'s timeout."""
-
-    rows = {}
-    with progress_bar(total=n, desc="evaluate seeds", unit="seed", progress=progress) as bar:
-        for r in iterate_watched(ds, ds.iter_rows(), watch):
-            rows[int(r["seed"])] = r
-            bar.update(1)
-    return rows
-
-
 def evaluate(
     cfg: BuildConfig,
     directions: Mapping[str, Direction],
@@ -469,23 +490,31 @@ def evaluate(
     stacked = np.stack([vectors[n].numpy() for n in names])
     seeds = list(range(ev.seed_start, ev.seed_start + ev.n_seeds))
     cfg_json = cfg.model_dump(mode="json")
-    ds = ray.data.from_items([{"seed": seed} for seed in seeds]).map_batches(
-        EditScorer,
-        fn_constructor_kwargs={
-            "cfg_json": cfg_json,
-            "attributes": list(attributes),
-            "edits_ref": [ray.put(stacked)],
-            "seeds": seeds,
-            "n_preview": min(n_preview, len(seeds)),
-        },
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(res.workers, len(seeds)))),
+    edits_ref = [ray.put(stacked)]
+    previewed = set(seeds[: min(n_preview, len(seeds))])
+    task = ray.remote(score_seed).options(
         num_cpus=res.num_cpus_per_worker,
-        num_gpus=res.num_gpus_per_worker or None,
+        num_gpus=res.num_gpus_per_worker or 0,
+        name="evaluate-seed",
+        max_retries=3,  # a task whose node or worker process died runs again elsewhere
     )
-    watch = CapacityWatch("evaluate", actor_demand(res.num_cpus_per_worker, res.num_gpus_per_worker))
-    rows = _collect(ds, len(seeds), progress, watch)
+    watch = CapacityWatch(
+        "evaluate", actor_demand(res.num_cpus_per_worker, res.num_gpus_per_worker), unit="a seed's task"
+    )
+    rows: dict[int, dict[str, Any]] = {}
+    with progress_bar(total=len(seeds), desc="evaluate seeds", unit="seed", progress=progress) as bar:
+
+        def keep(seed: int, row: dict[str, Any]) -> None:
+            rows[seed] = row
+            bar.update(1)
+
+        map_tasks_watched(
+            lambda seed: task.remote(cfg_json, list(attributes), edits_ref, seed, seed in previewed),
+            seeds,
+            watch,
+            in_flight=max(1, min(res.workers, len(seeds))),
+            on_result=keep,
+        )
     missing = [seed for seed in seeds if seed not in rows]
     if missing:
         raise RuntimeError(f"evaluate: no result for seeds {missing}")

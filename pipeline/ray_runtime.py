@@ -7,7 +7,7 @@ a private local one. It is a no-op when Ray is already initialised (a driver tha
 :class:`CapacityWatch` is how a stage that runs actors notices that the cluster lost the capacity
 to host them (every node big enough for one actor is gone): after :func:`capacity_timeout_s` it
 raises :class:`~pipeline.failure.CapacityError` instead of waiting forever; :func:`iterate_watched`
-applies it to a Ray Data stage's output.
+applies it to a Ray Data stage's output and :func:`map_tasks_watched` to a stage of plain tasks.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -34,6 +34,7 @@ __all__ = [
     "capacity_timeout_s",
     "init_ray",
     "iterate_watched",
+    "map_tasks_watched",
     "verbose_default",
 ]
 
@@ -137,7 +138,7 @@ def actor_demand(num_cpus: float, num_gpus: float = 0.0) -> dict[str, float]:
 
 class CapacityWatch:
     """Raises :class:`~pipeline.failure.CapacityError` once no live node of the cluster has had
-    the total resources for one actor of ``stage`` for ``timeout`` seconds.
+    the total resources for one actor (or task: ``unit``) of ``stage`` for ``timeout`` seconds.
 
     Total, not free, resources: a node whose resources are only in use will free them when the
     work on it ends; a cluster where no node is big enough (all nodes that could were lost) never
@@ -145,9 +146,15 @@ class CapacityWatch:
     """
 
     def __init__(
-        self, stage: str, demand: dict[str, float], timeout: float | None = None, poll_s: float = 1.0
+        self,
+        stage: str,
+        demand: dict[str, float],
+        timeout: float | None = None,
+        poll_s: float = 1.0,
+        unit: str = "an actor",
     ) -> None:
         self.stage = stage
+        self.unit = unit
         self.demand = dict(demand)
         self.timeout = capacity_timeout_s() if timeout is None else timeout
         self.poll_s = poll_s
@@ -183,7 +190,7 @@ class CapacityWatch:
                     total[k] = total.get(k, 0.0) + v
             per_node = ", ".join(describe_resources(n) for n in nodes) or "none"
             raise CapacityError(
-                f"{self.stage}: no node can host an actor needing {describe_resources(self.demand)} after "
+                f"{self.stage}: no node can host {self.unit} needing {describe_resources(self.demand)} after "
                 f"{self.timeout:g} s; the cluster has {describe_resources(total)} on {len(nodes)} live "
                 f"node(s) ({per_node})"
             )
@@ -271,4 +278,43 @@ def iterate_watched(dataset: Any, rows: Iterable[T], watch: CapacityWatch) -> It
         stop.set()
         current = getattr(dataset, "_current_executor", None)
         _shut_down([*executors, *([current] if current is not None else [])])
+        raise
+
+
+def map_tasks_watched(
+    submit: Callable[[T], Any],
+    items: Sequence[T],
+    watch: CapacityWatch,
+    *,
+    in_flight: int,
+    on_result: Callable[[T, Any], None],
+) -> None:
+    """Run ``submit(item)`` (a Ray task's ObjectRef) for every item, at most ``in_flight`` at a
+    time, handing each result to ``on_result`` as it finishes (in any order).
+
+    Plain tasks run in the cluster's pooled worker processes, so a stage of tasks starts on the
+    workers the previous stage warmed (modules imported) instead of spawning actors; Ray retries a
+    task whose node died. While no result arrives ``watch.check()`` runs; when it raises (no node
+    can host a task any more), the tasks still pending are cancelled and the error propagates.
+    """
+    import ray
+
+    if in_flight < 1:
+        raise ValueError(f"in_flight must be >= 1, got {in_flight}")
+    queue_ = list(items)
+    pending: dict[Any, T] = {}
+    try:
+        while queue_ or pending:
+            while queue_ and len(pending) < in_flight:
+                item = queue_.pop(0)
+                pending[submit(item)] = item
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=watch.poll_s)
+            if not done:
+                watch.check()
+                continue
+            for ref in done:
+                on_result(pending.pop(ref), ray.get(ref))
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=False)
         raise

@@ -1,6 +1,6 @@
-"""A cluster that lost capacity never hangs the build: each stage that runs actors (generate's and
-annotate's and evaluate's Ray Data actor pools, the PCA stage's group actors) finishes on the
-nodes that remain, or fails within the capacity timeout naming the resources it lacks.
+"""A cluster that lost capacity never hangs the build: each stage that runs on workers (generate's
+and annotate's Ray Data actor pools, the PCA stage's group actors, evaluate's tasks) finishes on
+the nodes that remain, or fails within the capacity timeout naming the resources it lacks.
 
 Cluster: a head without CPUs and two 1-CPU worker nodes (``tests.ray_cluster.multinode_cluster``);
 ``remove_node(..., allow_graceful=False)`` kills a whole node and no replacement is added unless
@@ -55,7 +55,12 @@ WAIT_S = 600.0
 
 
 def _cfg(
-    model_dir: Path, run_url: str, classifier_dir: Path | None = None, cpus: float = 1, **storage_options
+    model_dir: Path,
+    run_url: str,
+    classifier_dir: Path | None = None,
+    cpus: float = 1,
+    n_seeds: int = 2,
+    **storage_options,
 ):
     data = {
         "name": "capacity-test",
@@ -69,7 +74,7 @@ def _cfg(
     }
     if classifier_dir is not None:
         data["annotate"] = {"classifier": str(classifier_dir), "batch_size": 8}
-        data["evaluate"] = {"seed_start": 1000, "n_seeds": 2, "scales": [-2.0, 2.0], "batch_size": 4}
+        data["evaluate"] = {"seed_start": 1000, "n_seeds": n_seeds, "scales": [-2.0, 2.0], "batch_size": 4}
     return validate_config(data)
 
 
@@ -211,14 +216,14 @@ def test_annotate_fails_naming_the_missing_resources_when_no_node_can_host_a_sco
     print(f"annotate: failed after {time.monotonic() - started:.1f} s")
 
 
-@pytest.mark.usefixtures("short_capacity_timeout")
+@pytest.mark.usefixtures("cluster", "short_capacity_timeout")
 def test_evaluate_fails_naming_the_missing_resources_when_no_node_can_host_a_scorer(
     tiny_model_dir, classifier_dir, tmp_path
 ):
     cfg = _cfg(tiny_model_dir, str(tmp_path / "run"), classifier_dir, cpus=2)
     started = time.monotonic()
     with pytest.raises(
-        CapacityError, match=r"^evaluate: no node can host an actor needing \{CPU: 2\} after 3 s"
+        CapacityError, match=r"^evaluate: no node can host a seed's task needing \{CPU: 2\} after 3 s"
     ):
         evaluate(cfg, _directions(1), RANDOM_OF, attributes=["round"], binary=[True], progress=False)
     print(f"evaluate: failed after {time.monotonic() - started:.1f} s")
@@ -243,12 +248,16 @@ def test_annotate_scores_every_seed_when_a_node_is_lost(
 def test_evaluate_scores_every_direction_when_a_node_is_lost(
     cluster, tiny_model_dir, classifier_dir, tmp_path, replacement
 ):
-    cfg = _cfg(tiny_model_dir, str(tmp_path / "run"), classifier_dir)
+    # 8 seeds, two tasks in flight: the killed node is one running a seed's task (its CPU in use)
+    cfg = _cfg(tiny_model_dir, str(tmp_path / "run"), classifier_dir, n_seeds=8)
     directions = _directions(3)
     join = _in_thread(
         evaluate, cfg, directions, RANDOM_OF, attributes=["round"], binary=[True], progress=False
     )
-    _lose_a_node_hosting(cluster, "EditScorer))", replacement)
+    _wait_for(lambda: _busy_worker_node(cluster) is not None, "a node running a seed's task", timeout=WAIT_S)
+    cluster.remove_node(_busy_worker_node(cluster), allow_graceful=False)
+    if replacement:
+        add_worker(cluster)
     effects = join(timeout=WAIT_S).effects
     assert effects["directions"] == list(directions)
     assert all(v is not None and np.isfinite(v) for row in effects["matrix"]["effect"] for v in row)
@@ -278,6 +287,16 @@ def _lose_a_node_hosting(cluster, class_suffix: str, replacement: bool) -> None:
     cluster.remove_node(node_hosting_actor(cluster, class_suffix), allow_graceful=False)
     if replacement:
         add_worker(cluster)
+
+
+def _busy_worker_node(cluster):
+    """A worker node whose CPU is in use (by the one stage running), or None."""
+    import ray._private.state
+
+    free = ray._private.state.available_resources_per_node()
+    # a node's entry leaves out a resource none of which is free
+    busy = [n for n in worker_nodes(cluster) if n.node_id in free and free[n.node_id].get("CPU", 0.0) < 1.0]
+    return busy[0] if busy else None
 
 
 def _has_live_actor(class_part: str) -> bool:

@@ -118,7 +118,7 @@ def test_a_seeds_scores_do_not_depend_on_the_batch_size(tiny_model_dir, tiny_cla
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
 def test_effects_do_not_depend_on_worker_count_or_batch_size(tmp_path, tiny_model_dir, tiny_classifier_dir):
-    """One actor with U-Net batches of 16 against two actors with batches of 2: the same effects
+    """One task in flight with U-Net batches of 16 against two with batches of 2: the same effects
     (to 1e-4, float rounding of differently sized batches) and the same grades."""
     model = HSpaceModel.from_pretrained(str(tiny_model_dir))
     dirs = _directions(model, 4)
@@ -168,3 +168,56 @@ def test_an_evaluation_sampler_is_checked_like_the_build_sampler(
             tiny_classifier_dir,
             sampler={"kind": "ddim", "num_inference_steps": 5000},
         )
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_worker_process_builds_its_scorer_once_per_stage(tmp_path, tiny_model_dir, tiny_classifier_dir):
+    """The seeds a worker renders share one scorer (model and classifier loaded once); another
+    stage's vectors get a new one, and its scores equal a scorer built directly."""
+    import ray
+
+    from pipeline import evaluate as ev_module
+
+    model = HSpaceModel.from_pretrained(str(tiny_model_dir))
+    vectors = np.stack([d.vector.numpy() for d in _directions(model).values()])
+    cfg_json = _config(tmp_path, tiny_model_dir, tiny_classifier_dir).model_dump(mode="json")
+    ref = [ray.put(vectors)]
+    first = ev_module._scorer(cfg_json, ["round"], ref)
+    assert ev_module._scorer(cfg_json, ["round"], ref) is first
+    out = ev_module.score_seed(cfg_json, ["round"], ref, 9, True)
+    assert out["scores"].shape == (1 + 3 * 2, 1) and out["preview"].shape == (7, 3, IMG, IMG)
+    assert ev_module.score_seed(cfg_json, ["round"], ref, 9, False)["preview"].shape == (0, 3, IMG, IMG)
+    other = ev_module._scorer(cfg_json, ["round"], [ray.put(vectors * 2)])
+    assert (
+        other is not first and ev_module._scorer(cfg_json, ["round"], ref) is not first
+    )  # only the latest kept
+    direct = ev_module.EditScorer(cfg_json, ["round"], vectors)(9, False)
+    np.testing.assert_array_equal(direct["scores"], out["scores"])
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_map_tasks_watched_bounds_the_tasks_in_flight_and_cancels_on_error():
+    import ray
+
+    from pipeline.ray_runtime import CapacityWatch, map_tasks_watched
+
+    @ray.remote(num_cpus=0)
+    def square(x: int) -> int:
+        if x == 13:
+            raise ValueError("thirteen")
+        return x * x
+
+    submitted, results = [], {}
+
+    def submit(x: int):
+        submitted.append(x)
+        assert len(submitted) - len(results) <= 2, "more than in_flight tasks pending"
+        return square.remote(x)
+
+    watch = CapacityWatch("test", {"CPU": 0.0})
+    map_tasks_watched(submit, list(range(7)), watch, in_flight=2, on_result=results.__setitem__)
+    assert results == {x: x * x for x in range(7)}
+    with pytest.raises(ValueError, match="thirteen"):
+        map_tasks_watched(square.remote, [12, 13, 14], watch, in_flight=1, on_result=lambda *_: None)
+    with pytest.raises(ValueError, match="in_flight"):
+        map_tasks_watched(square.remote, [1], watch, in_flight=0, on_result=lambda *_: None)
