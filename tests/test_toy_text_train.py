@@ -67,3 +67,30 @@ def test_the_cli_refuses_a_non_positive_count_before_any_work(tmp_path, flag, ca
     assert e.value.code == 2
     assert flag in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@slow
+def test_a_run_from_an_export_trains_the_denoiser_only_and_resumes(tmp_path, straight, tmp_path_factory):
+    """``init``: no autoencoder phase, the export's autoencoder and scaling factor kept, the text
+    path at its own learning rate; interrupted and resumed, it ends with the weights of a straight run."""
+    from diffusers import AutoencoderKL
+
+    init = train(tmp_path_factory.mktemp("init"), **TINY)
+    tiny = {k: v for k, v in TINY.items() if k != "vae_steps"}
+    straight_from_init = _weights(train(tmp_path / "a", init=init, text_lr=1e-2, **tiny))
+    assert torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["step"] == 3
+    before = _weights(init)
+    vae = [k for k in before if k.startswith("vae/")]
+    assert all(torch.equal(straight_from_init[k], before[k]) for k in vae)  # the autoencoder stays frozen
+    assert any(not torch.equal(straight_from_init[k], before[k]) for k in before if "attn2" in k)
+    scale = AutoencoderKL.load_config(init / "vae")["scaling_factor"]
+    assert AutoencoderKL.load_config(tmp_path / "a" / "pipeline" / "vae")["scaling_factor"] == scale
+    train(tmp_path / "b", init=init, text_lr=1e-2, stop_after=2, **tiny)
+    resumed = _weights(train(tmp_path / "b", init=init, text_lr=1e-2, **tiny))
+    for k in straight_from_init:
+        torch.testing.assert_close(resumed[k], straight_from_init[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_run_from_a_directory_that_is_not_an_export_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="not an exported pipeline"):
+        train(tmp_path / "run", init=tmp_path, **TINY)

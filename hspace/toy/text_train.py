@@ -186,14 +186,31 @@ class _Log:
 class _Components:
     """Everything a checkpoint holds: autoencoder, U-Net, text encoder, their EMA copies, optimisers."""
 
-    def __init__(self, seed: int, lr: float, vae_lr: float):
-        self.vae = build_vae(seed)
+    def __init__(
+        self, seed: int, lr: float, vae_lr: float, text_lr: float | None = None, init: Path | None = None
+    ):
+        if init is None:
+            self.vae = build_vae(seed)
+            self.unet, self.text_encoder = build_denoiser(seed)
+        else:  # an exported pipeline's weights (its autoencoder is kept frozen)
+            self.vae = AutoencoderKL.from_pretrained(init / "vae")
+            self.unet = UNet2DConditionModel.from_pretrained(init / "unet")
+            self.text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder")
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=vae_lr, weight_decay=0.0)
-        self.unet, self.text_encoder = build_denoiser(seed)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
         self.params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
-        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        if text_lr is None:
+            groups = [{"params": self.params, "lr": lr, "base_lr": lr}]
+        else:  # the text path: the text encoder and the U-Net's cross-attention
+            cross = [p for n, p in self.unet.named_parameters() if ".attn2." in n]
+            rest = [p for p in self.unet.parameters() if all(p is not q for q in cross)]
+            text_path = list(self.text_encoder.parameters()) + cross
+            groups = [
+                {"params": text_path, "lr": text_lr, "base_lr": text_lr},
+                {"params": rest, "lr": lr, "base_lr": lr},
+            ]
+        self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
 
     def state(self, step: int, with_denoiser: bool) -> dict:
         state = {"step": step, "vae": self.vae.state_dict(), "vae_opt": self.vae_opt.state_dict()}
@@ -258,7 +275,7 @@ def _denoiser_step(
     a = alphas[t].view(-1, 1, 1, 1)
     zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
     for g in c.opt.param_groups:
-        g["lr"] = hp["lr"] * min(1.0, (k + 1) / hp["warmup"])
+        g["lr"] = g.get("base_lr", hp["lr"]) * min(1.0, (k + 1) / hp["warmup"])
     pred = c.unet(zt, t, encoder_hidden_states=c.text_encoder(ids.input_ids)[0]).sample
     per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
     loss = (per_sample * min_snr_weights(a.flatten(), hp["min_snr_gamma"])).mean()
@@ -271,6 +288,19 @@ def _denoiser_step(
     _ema_update(c.ema_text, c.text_encoder, d)
     _check_finite(loss, step)
     return loss.item()
+
+
+def _autoencoder_steps(init: Path | None, steps: int, vae_steps: int) -> int:
+    """The run's autoencoder steps (none when it starts from ``init``), after checking the arguments."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if init is not None:
+        if not (Path(init) / "model_index.json").is_file():
+            raise ValueError(f"--init {init}: not an exported pipeline directory (no model_index.json)")
+        return 0
+    if vae_steps < 1:
+        raise ValueError(f"vae_steps must be >= 1, got {vae_steps}")
+    return vae_steps
 
 
 def train(
@@ -292,16 +322,23 @@ def train(
     seed: int = 0,
     threads: int | None = None,
     stop_after: int | None = None,
+    init: Path | None = None,
+    text_lr: float | None = None,
 ) -> Path:
     """Train (or resume) the text toy in ``out``; returns the exported pipeline directory.
+
+    ``init``: an exported pipeline directory to train on from instead of from scratch (a second
+    run): its autoencoder is kept frozen with its latent scaling factor, there is no autoencoder
+    phase (``vae_steps`` is ignored) and the ``steps`` denoiser steps start from its U-Net and
+    text encoder. ``text_lr``: the learning rate of the text path (the text encoder and the U-Net's
+    cross-attention layers; default ``lr``), the rest of the U-Net keeping ``lr``.
 
     ``vae_steps`` autoencoder steps come first, then ``steps`` denoiser steps; the checkpoint's
     step counts both, so ``steps`` can be raised on a later call to train on. ``stop_after``
     ends the run after that many steps in all (a checkpoint is written there), as an
     interruption would; the export is then the latest one, if any.
     """
-    if steps < 1 or vae_steps < 1:
-        raise ValueError(f"steps and vae_steps must be >= 1, got {steps} and {vae_steps}")
+    vae_steps = _autoencoder_steps(init, steps, vae_steps)
     if threads:
         torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -318,7 +355,7 @@ def train(
         min_snr_gamma=min_snr_gamma,
     )
 
-    c = _Components(seed, lr, vae_lr)
+    c = _Components(seed, lr, vae_lr, text_lr=text_lr, init=None if init is None else Path(init))
     start = c.load(ckpt_path) if ckpt_path.exists() else 0
     if start:
         print(f"resumed from step {start}", flush=True)
@@ -344,8 +381,9 @@ def train(
     c.vae.eval().requires_grad_(False)
     t0 = time.time()
     lat_mean, lat_std = encode_dataset(c.vae, images)
-    scale = latent_scaling_factor(lat_mean, lat_std)
-    c.vae.register_to_config(scaling_factor=scale)
+    if init is None:
+        c.vae.register_to_config(scaling_factor=latent_scaling_factor(lat_mean, lat_std))
+    scale = float(c.vae.config.scaling_factor)  # kept from ``init``: its U-Net learnt latents of that scale
     print(
         f"encoded {n_images} faces in {time.time() - t0:.1f}s; latent scaling factor {scale:.4f}", flush=True
     )
@@ -384,6 +422,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--vae-batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--text-lr",
+        type=float,
+        default=None,
+        help="learning rate of the text encoder and the U-Net's cross-attention (default: --lr)",
+    )
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="an exported pipeline to train on from (no autoencoder phase; its autoencoder stays frozen)",
+    )
+    p.add_argument("--warmup", type=int, default=100, help="denoiser warm-up steps")
+    p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--n-images", type=int, default=20_000)
     p.add_argument("--checkpoint-every", type=int, default=50)
@@ -391,7 +443,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    for name in ("steps", "vae_steps", "batch_size", "vae_batch_size", "n_images", "checkpoint_every"):
+    for name in (
+        "steps",
+        "vae_steps",
+        "batch_size",
+        "vae_batch_size",
+        "n_images",
+        "checkpoint_every",
+        "warmup",
+    ):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     path = train(
@@ -407,6 +467,10 @@ def main(argv: list[str] | None = None) -> None:
         export_every=a.export_every,
         seed=a.seed,
         threads=a.threads,
+        init=a.init,
+        text_lr=a.text_lr,
+        warmup=a.warmup,
+        ema_decay=a.ema_decay,
     )
     print(f"exported {path}")
 
