@@ -1,7 +1,8 @@
 """The README's pictures of the toy model: sample grids, edit strips and effect-matrix heatmaps (PIL only).
 
 Kept apart from the math (GANSpace keeps its viewer apart from its estimators). ``python -m
-hspace.toy.figures --out docs/images`` renders the README's figures from the shipped toy model.
+hspace.toy.figures --out docs/images`` renders the README's figures from the shipped toy model;
+``--text`` renders the text toy's edit strips instead (:func:`render_text_figures`).
 """
 
 from __future__ import annotations
@@ -158,12 +159,58 @@ def render_jacobian_figure(
     image_grid(torch.stack(rows), upscale=UPSCALE, row_labels=labels).save(path)
 
 
+#: The text toy's edit strips: attributes, held-out seeds, sigma scales and the prompt they are shown under.
+TEXT_EDIT_ATTRIBUTES = ("hat", "glasses")
+TEXT_EDIT_SEEDS = (7, 8, 9)
+TEXT_EDIT_SCALES = (-1.5, 0.0, 1.5)
+TEXT_EDIT_PROMPT = "dark hair"
+
+
+def render_text_figures(out: Path, steps: int = 20, n_train: int = 128) -> dict:
+    """Edit strips of the shipped text toy: supervised mean-difference directions of
+    :data:`TEXT_EDIT_ATTRIBUTES` found from ``n_train`` samples under the empty prompt (no guidance),
+    applied in sigma units under :data:`TEXT_EDIT_PROMPT` at the default guidance (both branches)."""
+    from hspace.classifier import score_images
+    from hspace.directions import supervised_direction
+    from hspace.sampling import HSpaceSampler
+    from hspace.toy import load_toy_classifier, load_toy_text_model
+    from hspace.toy.text_evaluate import DEFAULT_GUIDANCE
+
+    out.mkdir(parents=True, exist_ok=True)
+    model, clf = load_toy_text_model(), load_toy_classifier()
+    sampler = HSpaceSampler(model, sampler="ddpm", num_inference_steps=steps)
+    traj = sampler.sample(list(range(1_000_000, 1_000_000 + n_train)), prompt="", guidance_scale=1.0)
+    scores = score_images(clf, traj.images)
+    written = {}
+    for a in TEXT_EDIT_ATTRIBUTES:
+        d = supervised_direction(traj.h, scores[:, clf.index(a)], 0.2, a, timesteps=sampler.timesteps)
+        strips = sampler.sample_edits(
+            list(TEXT_EDIT_SEEDS),
+            d,
+            list(TEXT_EDIT_SCALES),
+            units="sigma",
+            prompt=TEXT_EDIT_PROMPT,
+            guidance_scale=DEFAULT_GUIDANCE,
+        )
+        path = out / f"text_edit_{a}.png"
+        image_grid(
+            strips,
+            min_cell=128,
+            row_labels=[f"seed {s}" for s in TEXT_EDIT_SEEDS],
+            col_labels=[f"{g:+g}" for g in TEXT_EDIT_SCALES],
+        ).save(path)
+        written[a] = str(path)
+    return written
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="Render the README figures from the shipped toy model")
     p.add_argument("--out", type=Path, default=Path("docs/images"))
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--text", action="store_true", help="the text toy's edit strips instead")
     a = p.parse_args()
-    print(json.dumps(render_readme_figures(a.out, a.steps), indent=2))
+    result = render_text_figures(a.out, a.steps) if a.text else render_readme_figures(a.out, a.steps)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
