@@ -315,9 +315,8 @@ class SeedRenderer:
         classifier_batch_size: int = 512,
     ) -> None:
         steps = step_map(build_timesteps, sampler.timesteps.tolist())
-        v = torch.as_tensor(
-            np.asarray(vectors, dtype=np.float32)[:, steps]
-        )  # a copy (the input may be read-only)
+        # indexing copies: the input may be a read-only array (a Ray object)
+        v = torch.as_tensor(np.asarray(vectors, dtype=np.float32)[:, steps])
         self.sampler, self.classifier, self.columns = sampler, classifier, list(columns)
         self.edits = [Direction(vector=v[i].clone(), name=f"edit{i}") for i in range(v.shape[0])]
         self.row_scales = seed_rows(len(self.edits), scales)
@@ -439,13 +438,6 @@ def score_seed(
 def evaluation_sampler(cfg: BuildConfig) -> SamplerConfig:
     """The sampler the evaluate stage renders with: ``evaluate.sampler``, or the build's own."""
     return cfg.evaluate.sampler if cfg.evaluate is not None and cfg.evaluate.sampler else cfg.sampler
-
-
-def _objects(arrays: list[np.ndarray]) -> np.ndarray:
-    out = np.empty(len(arrays), dtype=object)
-    for i, a in enumerate(arrays):
-        out[i] = a
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ applies it to a Ray Data stage's output and :func:`map_tasks_watched` to a stage
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -301,12 +302,12 @@ def map_tasks_watched(
 
     if in_flight < 1:
         raise ValueError(f"in_flight must be >= 1, got {in_flight}")
-    queue_ = list(items)
+    waiting = collections.deque(items)
     pending: dict[Any, T] = {}
     try:
-        while queue_ or pending:
-            while queue_ and len(pending) < in_flight:
-                item = queue_.pop(0)
+        while waiting or pending:
+            while waiting and len(pending) < in_flight:
+                item = waiting.popleft()
                 pending[submit(item)] = item
             done, _ = ray.wait(list(pending), num_returns=1, timeout=watch.poll_s)
             if not done:
