@@ -136,3 +136,14 @@ def node_hosting_actor(c, class_suffix: str):
         f"no live {class_suffix} actor on a worker node: {[(a['ActorClassName'], a['State']) for a in actors]}"
     )
     return nodes[0]
+
+
+def busy_worker_node(c):
+    """A worker node of ``c`` whose CPU is in use (by whatever runs there: in a fault test, the one
+    stage running), or None; the node of a running task, which the GCS actor table does not list."""
+    import ray._private.state
+
+    free = ray._private.state.available_resources_per_node()
+    # a node's entry leaves out a resource none of which is free
+    busy = [n for n in worker_nodes(c) if n.node_id in free and free[n.node_id].get("CPU", 0.0) < 1.0]
+    return busy[0] if busy else None

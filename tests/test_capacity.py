@@ -30,7 +30,13 @@ from pipeline.pca_stage import load_stage_pca, pca_stage
 from pipeline.plan import seed_blocks
 from pipeline.ray_runtime import CAPACITY_TIMEOUT_ENV
 from pipeline.storage import RunStore
-from tests.ray_cluster import add_worker, multinode_cluster, node_hosting_actor, worker_nodes
+from tests.ray_cluster import (
+    add_worker,
+    busy_worker_node,
+    multinode_cluster,
+    node_hosting_actor,
+    worker_nodes,
+)
 from tests.test_faults import (
     N_SAMPLES,
     PER_BLOCK,
@@ -254,8 +260,8 @@ def test_evaluate_scores_every_direction_when_a_node_is_lost(
     join = _in_thread(
         evaluate, cfg, directions, RANDOM_OF, attributes=["round"], binary=[True], progress=False
     )
-    _wait_for(lambda: _busy_worker_node(cluster) is not None, "a node running a seed's task", timeout=WAIT_S)
-    cluster.remove_node(_busy_worker_node(cluster), allow_graceful=False)
+    _wait_for(lambda: busy_worker_node(cluster) is not None, "a node running a seed's task", timeout=WAIT_S)
+    cluster.remove_node(busy_worker_node(cluster), allow_graceful=False)
     if replacement:
         add_worker(cluster)
     effects = join(timeout=WAIT_S).effects
@@ -287,16 +293,6 @@ def _lose_a_node_hosting(cluster, class_suffix: str, replacement: bool) -> None:
     cluster.remove_node(node_hosting_actor(cluster, class_suffix), allow_graceful=False)
     if replacement:
         add_worker(cluster)
-
-
-def _busy_worker_node(cluster):
-    """A worker node whose CPU is in use (by the one stage running), or None."""
-    import ray._private.state
-
-    free = ray._private.state.available_resources_per_node()
-    # a node's entry leaves out a resource none of which is free
-    busy = [n for n in worker_nodes(cluster) if n.node_id in free and free[n.node_id].get("CPU", 0.0) < 1.0]
-    return busy[0] if busy else None
 
 
 def _has_live_actor(class_part: str) -> bool:

@@ -204,7 +204,8 @@ class _Components:
             groups = [{"params": self.params, "lr": lr, "base_lr": lr}]
         else:  # the text path: the text encoder and the U-Net's cross-attention
             cross = [p for n, p in self.unet.named_parameters() if ".attn2." in n]
-            rest = [p for p in self.unet.parameters() if all(p is not q for q in cross)]
+            cross_ids = {id(p) for p in cross}
+            rest = [p for p in self.unet.parameters() if id(p) not in cross_ids]
             text_path = list(self.text_encoder.parameters()) + cross
             groups = [
                 {"params": text_path, "lr": text_lr, "base_lr": text_lr},
