@@ -97,3 +97,16 @@ def test_the_autoencoder_keeps_every_binary_factor_and_unit_variance_latents(pip
         assert agree >= 0.95, (name, agree)
     z = post.sample(torch.Generator().manual_seed(0)) * pipe.vae.config.scaling_factor
     assert 0.8 < float(z.std()) < 1.25
+
+
+def test_phrase_signal_is_zero_for_a_phrase_against_itself_and_leaves_no_hooks(pipe):
+    from hspace.toy.text_evaluate import OPPOSITE_PHRASES, phrase_signal
+
+    assert ("hat", "no hat") in OPPOSITE_PHRASES and ("facing left", "facing right") in OPPOSITE_PHRASES
+    assert len(OPPOSITE_PHRASES) == 9  # 7 factors; pose has three phrases, so three pairs
+    res = phrase_signal(pipe, [("glasses", "glasses"), ("glasses", "no glasses")], n=4)
+    assert res["layers"] == [n for n, _ in pipe.unet.named_modules() if n.endswith("attn2")]
+    assert res["signal"]["glasses / glasses"] == [0.0] * len(res["layers"])
+    assert min(res["signal"]["glasses / no glasses"]) > 0.0
+    assert all(res["uniform_weight"] <= w <= 1.0 for w in res["largest_weight"])
+    assert all(not m._forward_pre_hooks for m in pipe.unet.modules())

@@ -7,7 +7,9 @@ correlated pair). Samples come from diffusers' own ``StableDiffusionPipeline`` c
 generator per sample, so a sample is fixed by its seed and does not depend on its batch.
 
 ``python -m hspace.toy.text_evaluate --grid samples.png`` prints the adherence table of the
-shipped model and writes a grid of samples (one row per prompt).
+shipped model and writes a grid of samples (one row per prompt); ``--phrase-signal`` prints, without
+sampling, how much each pair of opposite phrases changes what the U-Net's cross-attention layers
+return (:func:`phrase_signal`): a phrase whose change there is small is one the model cannot follow.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from hspace.classifier import score_images
-from hspace.toy.captions import named_factors, phrase_holds, phrase_reads_true
+from hspace.toy.captions import PHRASES, named_factors, phrase_holds, phrase_reads_true
 from hspace.toy.world import BINARY_FACTORS, sample_factors
 
 #: Guidance scale at which the shipped text toy is evaluated (and its prompt claims hold).
@@ -129,6 +131,81 @@ def adherence(images: torch.Tensor, prompt: str, classifier) -> dict:
     return out
 
 
+#: Every pair of phrases that name the same factor ("hat" / "no hat", "facing left" / "facing right", ...).
+OPPOSITE_PHRASES: tuple[tuple[str, str], ...] = tuple(
+    (a.text, b.text) for i, a in enumerate(PHRASES) for b in PHRASES[i + 1 :] if a.factor == b.factor
+)
+
+
+@torch.no_grad()
+def phrase_signal(
+    pipe,
+    pairs: Sequence[tuple[str, str]] = OPPOSITE_PHRASES,
+    timestep: int = 700,
+    n: int = 16,
+    seed: int = 0,
+) -> dict:
+    """How much of each phrase pair's difference reaches the U-Net, per cross-attention layer.
+
+    The U-Net is run once on ``n`` noise latents at ``timestep`` under the empty prompt, recording
+    what enters every cross-attention layer (``attn2``); each layer is then called on those inputs
+    with the encodings of phrase a and of phrase b. The signal of a pair at a layer is the mean norm
+    of the difference of the two outputs over the mean norm of the layer's input: 0 when the U-Net
+    cannot tell the phrases apart there, whatever the text encoder does. Also returned per layer:
+    the mean largest attention weight of a query under the empty prompt (1 / positions is uniform
+    attention, which reads only the average of the prompt's positions).
+
+    Returns ``{"layers": [...], "uniform_weight": float, "largest_weight": [...], "signal": {"a / b":
+    [...]}}``.
+    """
+    unet, tokenizer, text_encoder = pipe.unet, pipe.tokenizer, pipe.text_encoder
+    layers = {name: m for name, m in unet.named_modules() if name.endswith("attn2")}
+    if not layers:
+        raise ValueError("the U-Net has no cross-attention layers (attn2)")
+    device = next(unet.parameters()).device
+
+    def encode(prompt: str) -> torch.Tensor:
+        ids = tokenizer(
+            [prompt] * n, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
+        return text_encoder(ids.to(device))[0]
+
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0]))
+        for name, m in layers.items()
+    ]
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        shape = (n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        empty = encode("")
+        unet(torch.randn(shape, generator=gen).to(device), torch.full((n,), timestep, device=device), empty)
+    finally:
+        for h in hooks:
+            h.remove()
+    largest = []
+    for name, m in layers.items():
+        q = m.head_to_batch_dim(m.to_q(inputs[name]))
+        k = m.head_to_batch_dim(m.to_k(empty))
+        largest.append(float(m.get_attention_scores(q, k).max(-1).values.mean()))
+    signal = {}
+    for a, b in pairs:
+        ea, eb = encode(a), encode(b)
+        signal[f"{a} / {b}"] = [
+            float(
+                (m(inputs[name], ea) - m(inputs[name], eb)).norm(dim=-1).mean()
+                / inputs[name].norm(dim=-1).mean()
+            )
+            for name, m in layers.items()
+        ]
+    return {
+        "layers": list(layers),
+        "uniform_weight": 1.0 / empty.shape[1],
+        "largest_weight": largest,
+        "signal": signal,
+    }
+
+
 def save_grid(rows: Sequence[torch.Tensor], path: str | Path, scale: int = 3) -> Path:
     """Write image rows (each [N, 3, H, W] in [0, 1]) as one PNG, upscaled ``scale`` times."""
     from PIL import Image
@@ -154,11 +231,25 @@ def main(argv: list[str] | None = None) -> None:
         "--grid", type=Path, default=None, help="write a PNG grid of the first 12 samples per prompt"
     )
     p.add_argument("--prompts", nargs="*", default=list(REPORT_PROMPTS))
+    p.add_argument(
+        "--phrase-signal",
+        action="store_true",
+        help="print how much each pair of opposite phrases reaches the U-Net (no sampling) and exit",
+    )
     a = p.parse_args(argv)
     pipe = StableDiffusionPipeline.from_pretrained(
         a.model, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
+    if a.phrase_signal:
+        res = phrase_signal(pipe)
+        print(
+            f"largest attention weight per layer (uniform {res['uniform_weight']:.3f}): "
+            + " ".join(f"{w:.3f}" for w in res["largest_weight"])
+        )
+        for pair, values in res["signal"].items():
+            print(f"{pair:32s} max {max(values):.3f}  per layer " + " ".join(f"{v:.3f}" for v in values))
+        return
     clf = load_toy_classifier()
     seeds = list(range(5_000_000, 5_000_000 + a.n))
     report = generate_report(pipe, a.prompts, seeds, a.guidance, a.steps)
