@@ -14,7 +14,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# --no-compile: byte-compiling every installed file (torch, ray) takes half the install; Python
+	# compiles what a run imports, on first import
+	$(PY) -m pip install --quiet --no-compile -e ".[dev]"
 	touch $(STAMP)
 
 # Debian's chromium for the explorer's browser tests (Playwright drives it; no browser downloads).
