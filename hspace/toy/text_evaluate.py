@@ -165,10 +165,11 @@ def phrase_signal(
     device = next(unet.parameters()).device
 
     def encode(prompt: str) -> torch.Tensor:
+        """The prompt's encoding once, repeated for the ``n`` latents."""
         ids = tokenizer(
-            [prompt] * n, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+            prompt, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
         ).input_ids
-        return text_encoder(ids.to(device))[0]
+        return text_encoder(ids.to(device))[0].expand(n, -1, -1)
 
     inputs: dict[str, torch.Tensor] = {}
     hooks = [
