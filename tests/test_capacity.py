@@ -53,7 +53,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 #: The capacity timeout of these tests, in seconds.
 TIMEOUT_S = 3.0
 #: How long a stage may take to fail once no node can host its actors: Ray marks a killed node
-#: dead after its missed health checks (~30 s by default), then the timeout runs.
+#: dead after its missed health checks (~3 s in this cluster, tests.ray_cluster), then the timeout runs.
 FAIL_WITHIN_S = 300.0
 #: How long a test waits for a stage to reach the point of the fault, or to finish after it (a
 #: generous bound: a machine shared with other jobs can be many times slower than an idle one).
