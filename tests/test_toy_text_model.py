@@ -108,5 +108,7 @@ def test_phrase_signal_is_zero_for_a_phrase_against_itself_and_leaves_no_hooks(p
     assert res["layers"] == [n for n, _ in pipe.unet.named_modules() if n.endswith("attn2")]
     assert res["signal"]["glasses / glasses"] == [0.0] * len(res["layers"])
     assert min(res["signal"]["glasses / no glasses"]) > 0.0
+    assert res["encoding_difference"]["glasses / glasses"] == 0.0
+    assert res["encoding_difference"]["glasses / no glasses"] > 0.0
     assert all(res["uniform_weight"] <= w <= 1.0 for w in res["largest_weight"])
     assert all(not m._forward_pre_hooks for m in pipe.unet.modules())

@@ -153,10 +153,12 @@ def phrase_signal(
     of the difference of the two outputs over the mean norm of the layer's input: 0 when the U-Net
     cannot tell the phrases apart there, whatever the text encoder does. Also returned per layer:
     the mean largest attention weight of a query under the empty prompt (1 / positions is uniform
-    attention, which reads only the average of the prompt's positions).
+    attention, which reads only the average of the prompt's positions); and per pair, the text
+    encoder's side of it: the norm of the difference of the two encodings averaged over the
+    positions, over the norm of one such average (what uniform attention reads of the pair).
 
     Returns ``{"layers": [...], "uniform_weight": float, "largest_weight": [...], "signal": {"a / b":
-    [...]}}``.
+    [...]}, "encoding_difference": {"a / b": float}}``.
     """
     unet, tokenizer, text_encoder = pipe.unet, pipe.tokenizer, pipe.text_encoder
     layers = {name: m for name, m in unet.named_modules() if name.endswith("attn2")}
@@ -189,9 +191,11 @@ def phrase_signal(
         q = m.head_to_batch_dim(m.to_q(inputs[name]))
         k = m.head_to_batch_dim(m.to_k(empty))
         largest.append(float(m.get_attention_scores(q, k).max(-1).values.mean()))
-    signal = {}
+    signal, encoding_difference = {}, {}
     for a, b in pairs:
         ea, eb = encode(a), encode(b)
+        mean_a, mean_b = ea[0].mean(0), eb[0].mean(0)
+        encoding_difference[f"{a} / {b}"] = float((mean_a - mean_b).norm() / mean_a.norm())
         signal[f"{a} / {b}"] = [
             float(
                 (m(inputs[name], ea) - m(inputs[name], eb)).norm(dim=-1).mean()
@@ -204,6 +208,7 @@ def phrase_signal(
         "uniform_weight": 1.0 / empty.shape[1],
         "largest_weight": largest,
         "signal": signal,
+        "encoding_difference": encoding_difference,
     }
 
 
@@ -249,7 +254,11 @@ def main(argv: list[str] | None = None) -> None:
             + " ".join(f"{w:.3f}" for w in res["largest_weight"])
         )
         for pair, values in res["signal"].items():
-            print(f"{pair:32s} max {max(values):.3f}  per layer " + " ".join(f"{v:.3f}" for v in values))
+            print(
+                f"{pair:32s} max {max(values):.3f}  per layer "
+                + " ".join(f"{v:.3f}" for v in values)
+                + f"  encoding difference {res['encoding_difference'][pair]:.3f}"
+            )
         return
     clf = load_toy_classifier()
     seeds = list(range(5_000_000, 5_000_000 + a.n))
