@@ -42,6 +42,8 @@ EXCLUDES = [
     "*.egg-info",
 ]
 JOB_TIMEOUT_S = 600  # a loaded 2-core machine; the build itself takes ~1 minute
+HEAD_START_ATTEMPTS = 5  # a failed start costs about a minute (the deadline, then the stop)
+HEAD_RETRY_PAUSE_S = 15.0
 
 
 def _free_ports(n: int) -> list[int]:
@@ -94,8 +96,9 @@ def _stop_head(proc: subprocess.Popen) -> None:
 def ray_head(tmp_path_factory):
     """A local Ray head (2 CPUs, token auth, free ports); yields (gcs address, dashboard URL, env).
 
-    On a heavily loaded machine the raylet may give up waiting for its agents (a fixed ~30 s
-    in Ray 2.60); the start is then retried with fresh ports, up to 3 times.
+    On a heavily loaded machine the head may miss Ray's fixed 30 s start-up deadline (its raylet
+    not registered with the GCS in time); the start is then retried with fresh ports, after a
+    pause that lets a burst of load from the tests beside it pass, up to HEAD_START_ATTEMPTS times.
     """
     env = dict(os.environ)
     env.update(
@@ -111,7 +114,9 @@ def ray_head(tmp_path_factory):
     env.pop("PYTHONPATH", None)  # jobs must import the project from their uploaded working_dir alone
     logs = tmp_path_factory.mktemp("ray_head")
     failures = []
-    for attempt in range(3):
+    for attempt in range(HEAD_START_ATTEMPTS):
+        if attempt:
+            time.sleep(HEAD_RETRY_PAUSE_S)
         log = logs / f"head-{attempt}.log"
         proc, gcs, url = _start_head(env, log)
         try:
