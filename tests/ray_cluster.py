@@ -62,7 +62,7 @@ def _init_with_retries(ray, attempts: int = 3) -> None:
 #: Object store of each node of the multi-node cluster (the tiny test runs need a few MB).
 NODE_OBJECT_STORE = 100 * 2**20
 #: The GCS checks each node every 0.5 s instead of every 3 s: a killed node is marked dead after
-#: ~3 s instead of ~15 s (measured), which is most of the wait in every node-fault test. A live node
+#: ~3 s instead of ~15 s (measured), which every node-fault test waits for. A live node
 #: is still only marked dead after 5 checks in a row time out at Ray's 10 s each, so a slow node on
 #: a loaded machine is not mistaken for a dead one.
 NODE_HEALTH_CHECKS = {"health_check_period_ms": 500}
