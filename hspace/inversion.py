@@ -34,6 +34,7 @@ from hspace.sampling import (
     _alpha_prod_prev,
     _buffer,
     _progress,
+    epsilon_from_prediction,
     resolve_batch_size,
 )
 
@@ -238,7 +239,7 @@ def ddim_invert(
                 alpha_cur = _alpha_prod_prev(scheduler, t)  # the level x is at now
                 x_in = scheduler.scale_model_input(cond.model_input(x), t).to(model.dtype)
                 out = cond.guide(model.predict(x_in, t, cond)).float()
-                eps = _as_epsilon(out, x, alpha_cur, prediction_type)
+                eps = epsilon_from_prediction(out, x, alpha_cur, prediction_type)
                 if h_buf is not None:
                     h_buf[rows, i].copy_(hook.h[cond.branch_rows(record_branch)], non_blocking=True)
                 pred_x0 = (x - (1 - alpha_cur) ** 0.5 * eps) / alpha_cur**0.5
@@ -260,15 +261,6 @@ def ddim_invert(
         class_labels=request.class_labels,
         guidance_scale=float(request.guidance_scale),
     )
-
-
-def _as_epsilon(output: Tensor, x: Tensor, alpha: Tensor, prediction_type: str) -> Tensor:
-    """The noise the denoiser's output implies at x of noise level ``alpha`` (alphas_cumprod)."""
-    if prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1 - a) x0
-        return alpha**0.5 * output + (1 - alpha) ** 0.5 * x
-    if prediction_type == "sample":
-        return (x - alpha**0.5 * output) / (1 - alpha) ** 0.5
-    return output
 
 
 def reconstruct(

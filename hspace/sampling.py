@@ -551,6 +551,9 @@ class HSpaceSampler:
     ) -> Tensor:
         """Paper eq. 2-5 with P_t from the edited eps and D_t from the unedited one.
 
+        ``eps_p`` and ``eps_d`` are the denoiser's (guided) outputs; a v- or sample-prediction
+        model's are turned into the noise they imply at ``x`` first.
+
         x_{t-1} = sqrt(a_{t-1}) P_t(eps_p) + sqrt(1 - a_{t-1} - sigma_t^2) eps_d + sigma_t z_t,
         sigma_t = eta sqrt((1 - a_{t-1}) / (1 - a_t)) sqrt(1 - a_t / a_{t-1}), a = alphas_cumprod.
         z_t is drawn exactly when the scheduler would draw it, from the same generators. Under
@@ -559,11 +562,11 @@ class HSpaceSampler:
         if self.sampler not in ("ddpm", "ddim"):
             raise ValueError(f"asyrp edits need sampler 'ddpm' or 'ddim' (eq. 2-5), got {self.sampler!r}")
         config = scheduler.config
-        if config.prediction_type != "epsilon":
-            raise ValueError(f"asyrp edits need an epsilon-prediction model, got {config.prediction_type!r}")
         if getattr(config, "thresholding", False):
             raise ValueError("asyrp edits do not support a scheduler with thresholding=True")
         alpha_prod_t = scheduler.alphas_cumprod[t]
+        eps_p = epsilon_from_prediction(eps_p, x, alpha_prod_t, config.prediction_type)
+        eps_d = epsilon_from_prediction(eps_d, x, alpha_prod_t, config.prediction_type)
         alpha_prod_t_prev = _alpha_prod_prev(scheduler, t)
         beta_prod_t = 1 - alpha_prod_t
         pred_original_sample = (x - beta_prod_t ** (0.5) * eps_p) / alpha_prod_t ** (0.5)  # P_t, eq. 3
@@ -703,6 +706,21 @@ def _step_kwargs(scheduler: Any, eta: float, generators: list) -> dict[str, Any]
 def _state_dtype(model_dtype: torch.dtype) -> torch.dtype:
     """The dtype of x_t and the scheduler update: float32 unless the model is float64."""
     return model_dtype if model_dtype == torch.float64 else torch.float32
+
+
+def epsilon_from_prediction(output: Tensor, x: Tensor, alpha_prod: Tensor, prediction_type: str) -> Tensor:
+    """The noise a denoiser's ``output`` implies at ``x`` of noise level ``alpha_prod`` (alphas_cumprod).
+
+    ``prediction_type`` is the scheduler's: ``epsilon`` (returned as it is), ``v_prediction``
+    (v = sqrt(a) eps - sqrt(1 - a) x_0) or ``sample`` (x_0).
+    """
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return alpha_prod**0.5 * output + (1 - alpha_prod) ** 0.5 * x
+    if prediction_type == "sample":
+        return (x - alpha_prod**0.5 * output) / (1 - alpha_prod) ** 0.5
+    raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon, v_prediction, sample)")
 
 
 def _alpha_prod_prev(scheduler: Any, t: Tensor) -> Tensor:

@@ -267,6 +267,25 @@ def test_asyrp_with_guidance_at_scale_zero_is_plain_ddim(models):
     assert (plain - moved.images).abs().max() > 1e-3
 
 
+def test_asyrp_on_a_v_prediction_model_at_scale_zero_is_plain_ddim(tmp_path):
+    """asyrp turns a v-prediction model's outputs into noise for P_t and D_t (eq. 2-5)."""
+    path = tmp_path / "sd-v"
+    tiny_pipelines.stable_diffusion(prediction_type="v_prediction").save_pretrained(path)
+    model = HSpaceModel.from_pretrained(path)
+    sampler = HSpaceSampler(model, sampler="ddim", num_inference_steps=STEPS)
+    plain = sampler.sample(SEEDS, prompt=PROMPTS, guidance_scale=3.0).images
+    zero = sampler.sample(
+        SEEDS, prompt=PROMPTS, guidance_scale=3.0, edit=Edit(_direction(model), 0.0, mode="asyrp")
+    )
+    assert (plain - zero.images).abs().max() <= TOL
+    both = sampler.sample(SEEDS, prompt=PROMPTS, guidance_scale=3.0, edit=Edit(_direction(model), 5.0))
+    moved = sampler.sample(
+        SEEDS, prompt=PROMPTS, guidance_scale=3.0, edit=Edit(_direction(model), 5.0, mode="asyrp")
+    )
+    assert (plain - moved.images).abs().max() > 1e-3
+    assert (both.images - moved.images).abs().max() > 1e-3
+
+
 def test_h_swap_under_guidance_takes_each_branch_from_the_donor(models):
     model = models["text"]
     sampler = HSpaceSampler(model, sampler="ddim", num_inference_steps=STEPS)

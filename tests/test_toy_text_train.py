@@ -6,7 +6,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hspace.toy.text_train import latent_scaling_factor, main, train
+from hspace.sampling import epsilon_from_prediction
+from hspace.toy.text_train import (
+    latent_scaling_factor,
+    main,
+    prediction_target,
+    scheduler_config,
+    train,
+    v_loss_weights,
+)
+from hspace.toy.train import min_snr_weights
 
 # a few tiny runs (2 autoencoder + 3 denoiser steps each, the export included) take over 20 s here
 slow = pytest.mark.slow
@@ -94,3 +103,55 @@ def test_a_run_from_an_export_trains_the_denoiser_only_and_resumes(tmp_path, str
 def test_a_run_from_a_directory_that_is_not_an_export_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not an exported pipeline"):
         train(tmp_path / "run", init=tmp_path, **TINY)
+
+
+def test_the_v_target_is_the_noise_the_library_reads_back():
+    """Training's v target, turned back into noise by the sampler's conversion, is the noise drawn."""
+    g = torch.Generator().manual_seed(0)
+    latent, noise = torch.randn(6, 4, 4, 4, generator=g), torch.randn(6, 4, 4, 4, generator=g)
+    alpha_bar = torch.tensor([0.9999, 0.9, 0.5, 0.1, 1e-2, 1e-4]).view(-1, 1, 1, 1)
+    noisy = alpha_bar.sqrt() * latent + (1 - alpha_bar).sqrt() * noise
+    v = prediction_target(noise, latent, alpha_bar, "v_prediction")
+    torch.testing.assert_close(epsilon_from_prediction(v, noisy, alpha_bar, "v_prediction"), noise)
+    assert torch.equal(prediction_target(noise, latent, alpha_bar, "epsilon"), noise)
+
+
+def test_the_v_weights_keep_the_high_noise_steps_where_min_snr_drops_them():
+    """In terms of the clean latent's error, Min-SNR weighs a step by min(SNR, gamma), which
+    vanishes at high noise; the v weights by min(SNR + 1, gamma), at least 1."""
+    alpha_bar = torch.tensor([1e-4, 1e-2, 0.5, 0.99, 0.9999])
+    snr = alpha_bar / (1 - alpha_bar)
+    clean_weight_v = v_loss_weights(alpha_bar, 5.0) * (snr + 1)
+    clean_weight_eps = min_snr_weights(alpha_bar, 5.0) * snr
+    torch.testing.assert_close(clean_weight_v, torch.minimum(snr + 1, torch.tensor(5.0)))
+    assert clean_weight_v.min() >= 1.0 - 1e-6 and clean_weight_v.max() <= 5.0 + 1e-4
+    assert clean_weight_eps[0] < 1e-3
+    assert torch.equal(v_loss_weights(alpha_bar, 0.0), torch.ones(5))
+
+
+@slow
+def test_a_v_prediction_run_exports_a_v_prediction_pipeline_that_diffusers_runs(tmp_path, tmp_path_factory):
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    init = train(tmp_path_factory.mktemp("init-eps"), **TINY)
+    tiny = {k: v for k, v in TINY.items() if k != "vae_steps"}
+    export = train(tmp_path / "v", init=init, prediction_type="v_prediction", **tiny)
+    assert DDPMScheduler.load_config(export / "scheduler")["prediction_type"] == "v_prediction"
+    pipe = StableDiffusionPipeline.from_pretrained(
+        export, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    image = pipe("hat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert image.images.shape == (1, 3, 32, 32) and torch.isfinite(image.images).all()
+
+
+def test_an_unknown_prediction_type_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "run"), "--prediction-type", "sample"])
+    assert e.value.code == 2
+    assert "--prediction-type" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="prediction_type"):
+        train(tmp_path / "run", prediction_type="x0", **TINY)
+    assert not (tmp_path / "run").exists()
+    assert scheduler_config("v_prediction")["prediction_type"] == "v_prediction"

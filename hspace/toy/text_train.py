@@ -4,7 +4,8 @@ Two phases in one resumable run. Steps ``[0, vae_steps)`` train the ``Autoencode
 a 4 x 16 x 16 latent; L1 + MSE reconstruction and a small KL term); then the autoencoder is frozen,
 every training face is encoded once (posterior mean and standard deviation), the latent scaling
 factor is set to one over the latents' standard deviation, and the next ``steps`` steps train the
-``UNet2DConditionModel`` and the ``CLIPTextModel`` together on noise prediction (Min-SNR weighted),
+``UNet2DConditionModel`` and the ``CLIPTextModel`` together on noise (epsilon) prediction, Min-SNR
+weighted, or on v-prediction weighted so that the high-noise steps keep their weight,
 with a fresh random caption per face and step (:func:`hspace.toy.captions.caption_for`; 15% of
 them empty, the caption dropout that classifier-free guidance needs).
 
@@ -35,6 +36,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from hspace.toy.captions import MAX_TOKENS, build_vocabulary, caption_for, load_tokenizer, tokenizer_files
 from hspace.toy.train import TRAIN_SEED_OFFSET, min_snr_weights
 from hspace.toy.world import make_dataset, sample_factors
+
+#: What the denoiser predicts: the noise, or v = sqrt(a) * noise - sqrt(1 - a) * latent.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 #: Autoencoder: 32 x 32 x 3 <-> 16 x 16 x 4, no attention (flat-coloured faces need none).
 TEXT_VAE_CONFIG: dict = dict(
@@ -130,8 +134,43 @@ def latent_scaling_factor(mean: torch.Tensor, std: torch.Tensor) -> float:
     return float(1.0 / var.sqrt())
 
 
+def v_loss_weights(alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample weights min(SNR + 1, gamma) / (SNR + 1) of the v-prediction loss; ones if gamma <= 0.
+
+    The v loss is (SNR + 1) times the loss on the predicted clean latent. These weights cap that
+    factor at ``gamma``, so the nearly clean steps do not dominate (as Min-SNR does), but keep it
+    at least 1 at high noise, where Min-SNR's factor min(SNR, gamma) vanishes: at high noise the
+    best prediction is the mean face of the caption, which is where a caption's global factors
+    (a hat, the pose) are decided.
+    """
+    if gamma <= 0:
+        return torch.ones_like(alpha_bar)
+    snr_plus_one = 1 / (1 - alpha_bar)
+    return snr_plus_one.clamp(max=gamma) / snr_plus_one
+
+
+def prediction_target(
+    noise: torch.Tensor, latent: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """What the denoiser learns to output for ``latent`` noised with ``noise`` to level ``alpha_bar``."""
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latent
+    return noise
+
+
+def scheduler_config(prediction_type: str = "epsilon") -> dict:
+    """The export's ``DDPMScheduler`` configuration for a denoiser trained on ``prediction_type``."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return TEXT_SCHEDULER_CONFIG | {"prediction_type": prediction_type}
+
+
 def export_pipeline(
-    directory: Path, vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel
+    directory: Path,
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    prediction_type: str = "epsilon",
 ) -> Path:
     """Save the components as a ``StableDiffusionPipeline`` directory with the caption tokenizer."""
     pipe = StableDiffusionPipeline(
@@ -139,7 +178,7 @@ def export_pipeline(
         text_encoder=text_encoder,
         tokenizer=load_tokenizer(),
         unet=unet,
-        scheduler=DDPMScheduler(**TEXT_SCHEDULER_CONFIG),
+        scheduler=DDPMScheduler(**scheduler_config(prediction_type)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -278,8 +317,13 @@ def _denoiser_step(
     for g in c.opt.param_groups:
         g["lr"] = g.get("base_lr", hp["lr"]) * min(1.0, (k + 1) / hp["warmup"])
     pred = c.unet(zt, t, encoder_hidden_states=c.text_encoder(ids.input_ids)[0]).sample
-    per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-    loss = (per_sample * min_snr_weights(a.flatten(), hp["min_snr_gamma"])).mean()
+    if hp["prediction_type"] == "v_prediction":
+        weights = v_loss_weights(a.flatten(), hp["min_snr_gamma"])
+    else:
+        weights = min_snr_weights(a.flatten(), hp["min_snr_gamma"])
+    target = prediction_target(noise, z0, a, hp["prediction_type"])
+    per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
+    loss = (per_sample * weights).mean()
     c.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(c.params, 1.0)
@@ -325,6 +369,7 @@ def train(
     stop_after: int | None = None,
     init: Path | None = None,
     text_lr: float | None = None,
+    prediction_type: str = "epsilon",
 ) -> Path:
     """Train (or resume) the text toy in ``out``; returns the exported pipeline directory.
 
@@ -333,6 +378,9 @@ def train(
     phase (``vae_steps`` is ignored) and the ``steps`` denoiser steps start from its U-Net and
     text encoder. ``text_lr``: the learning rate of the text path (the text encoder and the U-Net's
     cross-attention layers; default ``lr``), the rest of the U-Net keeping ``lr``.
+    ``prediction_type``: ``"epsilon"`` (Min-SNR-``min_snr_gamma`` weighted noise loss) or
+    ``"v_prediction"`` (:func:`v_loss_weights`); a run from ``init`` may change it, and the
+    export's scheduler says which it is.
 
     ``vae_steps`` autoencoder steps come first, then ``steps`` denoiser steps; the checkpoint's
     step counts both, so ``steps`` can be raised on a later call to train on. ``stop_after``
@@ -340,6 +388,7 @@ def train(
     interruption would; the export is then the latest one, if any.
     """
     vae_steps = _autoencoder_steps(init, steps, vae_steps)
+    scheduler_config(prediction_type)  # validates it before any work
     if threads:
         torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -354,6 +403,7 @@ def train(
         warmup=warmup,
         ema_decay=ema_decay,
         min_snr_gamma=min_snr_gamma,
+        prediction_type=prediction_type,
     )
 
     c = _Components(seed, lr, vae_lr, text_lr=text_lr, init=None if init is None else Path(init))
@@ -404,9 +454,9 @@ def train(
         if checkpoint_due(step):
             _save(ckpt_path, c.state(step + 1, with_denoiser=True))
         if (k + 1) % export_every == 0:
-            export_pipeline(export_dir, c.vae, c.ema_unet, c.ema_text)
+            export_pipeline(export_dir, c.vae, c.ema_unet, c.ema_text, prediction_type)
     if end == total:
-        export_pipeline(export_dir, c.vae, c.ema_unet, c.ema_text)
+        export_pipeline(export_dir, c.vae, c.ema_unet, c.ema_text, prediction_type)
     return export_dir
 
 
@@ -436,6 +486,13 @@ def main(argv: list[str] | None = None) -> None:
         help="an exported pipeline to train on from (no autoencoder phase; its autoencoder stays frozen)",
     )
     p.add_argument("--warmup", type=int, default=100, help="denoiser warm-up steps")
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="epsilon")
+    p.add_argument(
+        "--min-snr-gamma",
+        type=float,
+        default=5.0,
+        help="loss weight cap (Min-SNR for epsilon, min(SNR + 1, gamma) / (SNR + 1) for v); <= 0: none",
+    )
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--n-images", type=int, default=20_000)
@@ -472,6 +529,8 @@ def main(argv: list[str] | None = None) -> None:
         text_lr=a.text_lr,
         warmup=a.warmup,
         ema_decay=a.ema_decay,
+        prediction_type=a.prediction_type,
+        min_snr_gamma=a.min_snr_gamma,
     )
     print(f"exported {path}")
 
