@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline
 from hspace.classifier import score_images
 from hspace.toy import TOY_TEXT_MODEL_DIR, load_toy_classifier, load_toy_text_model, load_toy_text_pipeline
 from hspace.toy.captions import tokenizer_files
-from hspace.toy.text_train import TEXT_SCHEDULER_CONFIG, _images_to_model_range
+from hspace.toy.text_train import PREDICTION_TYPES, _images_to_model_range, scheduler_config
 from hspace.toy.world import BINARY_FACTORS, make_dataset
 
 SIZE_BUDGET = 15 * 2**20  # bytes, every file of the directory
@@ -72,7 +72,8 @@ def test_the_shipped_tokenizer_files_are_the_caption_vocabulary(tmp_path):
 
 def test_the_scheduler_is_ddpm_with_1000_linear_training_steps(pipe):
     config = pipe.scheduler.config
-    for key, value in TEXT_SCHEDULER_CONFIG.items():
+    assert config["prediction_type"] in PREDICTION_TYPES
+    for key, value in scheduler_config(config["prediction_type"]).items():
         assert config[key] == value, key
 
 

@@ -8,6 +8,8 @@ from safetensors.torch import load_file
 
 from hspace.sampling import epsilon_from_prediction
 from hspace.toy.text_train import (
+    add_pooled_text,
+    build_denoiser,
     latent_scaling_factor,
     main,
     prediction_target,
@@ -155,3 +157,49 @@ def test_an_unknown_prediction_type_is_refused_before_any_work(tmp_path, capsys)
         train(tmp_path / "run", prediction_type="x0", **TINY)
     assert not (tmp_path / "run").exists()
     assert scheduler_config("v_prediction")["prediction_type"] == "v_prediction"
+
+
+def test_adding_the_pooled_caption_path_changes_nothing_until_it_is_trained():
+    unet, _ = build_denoiser(seed=3)
+    grown = add_pooled_text(unet)
+    assert grown.config.addition_embed_type == "text"
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 32, 64, generator=g)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        before = unet(x, t, encoder_hidden_states=text).sample
+        after = grown(x, t, encoder_hidden_states=text).sample
+    assert torch.equal(before, after)
+    with torch.no_grad():  # once the path is open, the caption reaches the timestep embedding
+        grown.add_embedding.norm2.weight.fill_(1.0)
+        assert not torch.equal(grown(x, t, encoder_hidden_states=text).sample, before)
+    with pytest.raises(ValueError, match="addition_embed_type"):
+        add_pooled_text(grown)
+
+
+@slow
+def test_a_pooled_caption_run_from_an_export_without_it_resumes_and_hspace_loads_it(
+    tmp_path, tmp_path_factory
+):
+    from diffusers import UNet2DConditionModel
+
+    from hspace import HSpaceModel, HSpaceSampler
+
+    init = train(tmp_path_factory.mktemp("init-plain"), **TINY)
+    tiny = {k: v for k, v in TINY.items() if k != "vae_steps"}
+    kw = dict(init=init, pooled_text=True, prediction_type="v_prediction", text_lr=1e-2, **tiny)
+    straight = _weights(train(tmp_path / "a", **kw))
+    assert any(k.startswith("unet/diffusion_pytorch_model.safetensors:add_embedding.") for k in straight)
+    assert (
+        UNet2DConditionModel.load_config(tmp_path / "a" / "pipeline" / "unet")["addition_embed_type"]
+        == "text"
+    )
+    train(tmp_path / "b", stop_after=2, **kw)
+    resumed = _weights(train(tmp_path / "b", **kw))
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-6, msg=k)
+    model = HSpaceModel.from_pretrained(tmp_path / "a" / "pipeline")
+    out = HSpaceSampler(model, sampler="ddim", num_inference_steps=2).sample(
+        [0], prompt="hat", guidance_scale=2.0
+    )
+    assert out.h.shape == (1, 2, 64, 8, 8) and torch.isfinite(out.images).all()

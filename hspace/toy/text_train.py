@@ -68,6 +68,11 @@ TEXT_UNET_CONFIG: dict = dict(
     norm_num_groups=8,
 )
 
+#: The U-Net option that also adds the caption to the timestep embedding (diffusers' ``TextTimeEmbedding``:
+#: attention pooling over the text encoder's outputs), so the caption modulates every ResNet block
+#: as the timestep does, at every resolution, besides the cross-attention at 8 x 8.
+POOLED_TEXT_CONFIG: dict = dict(addition_embed_type="text", addition_embed_type_num_heads=4)
+
 #: Scheduler: 1000 training steps, linear betas 1e-4 .. 0.02 (the DDPM paper's), epsilon prediction.
 TEXT_SCHEDULER_CONFIG: dict = dict(
     num_train_timesteps=1000,
@@ -102,12 +107,32 @@ def build_vae(seed: int = 0) -> AutoencoderKL:
     return AutoencoderKL(**TEXT_VAE_CONFIG)
 
 
-def build_denoiser(seed: int = 0) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+def build_denoiser(seed: int = 0, pooled_text: bool = False) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """Freshly initialised U-Net and text encoder (deterministic from ``seed``)."""
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(**TEXT_UNET_CONFIG)
+    unet = UNet2DConditionModel(**TEXT_UNET_CONFIG, **(POOLED_TEXT_CONFIG if pooled_text else {}))
     text_encoder = CLIPTextModel(text_encoder_config())
     return unet, text_encoder
+
+
+def add_pooled_text(unet: UNet2DConditionModel, seed: int = 0) -> UNet2DConditionModel:
+    """``unet`` with the pooled-caption path added, computing exactly what ``unet`` computes.
+
+    Every weight is ``unet``'s; the new ``add_embedding`` ends in a LayerNorm whose scale and bias
+    start at zero, so the U-Net's output is unchanged until training opens the path.
+    """
+    if unet.config.addition_embed_type is not None:
+        raise ValueError(f"the U-Net already has addition_embed_type={unet.config.addition_embed_type!r}")
+    torch.manual_seed(seed + 2)
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}  # "_use_default_values"
+    grown = UNet2DConditionModel(**(config | POOLED_TEXT_CONFIG))  # would reset what it names
+    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("add_embedding.") for k in missing):
+        raise ValueError(f"cannot add the pooled-caption path: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        grown.add_embedding.norm2.weight.zero_()
+        grown.add_embedding.norm2.bias.zero_()
+    return grown
 
 
 def _images_to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -226,23 +251,33 @@ class _Components:
     """Everything a checkpoint holds: autoencoder, U-Net, text encoder, their EMA copies, optimisers."""
 
     def __init__(
-        self, seed: int, lr: float, vae_lr: float, text_lr: float | None = None, init: Path | None = None
+        self,
+        seed: int,
+        lr: float,
+        vae_lr: float,
+        text_lr: float | None = None,
+        init: Path | None = None,
+        pooled_text: bool = False,
     ):
         if init is None:
             self.vae = build_vae(seed)
-            self.unet, self.text_encoder = build_denoiser(seed)
+            self.unet, self.text_encoder = build_denoiser(seed, pooled_text)
         else:  # an exported pipeline's weights (its autoencoder is kept frozen)
             self.vae = AutoencoderKL.from_pretrained(init / "vae")
             self.unet = UNet2DConditionModel.from_pretrained(init / "unet")
             self.text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder")
+            if pooled_text and self.unet.config.addition_embed_type is None:
+                self.unet = add_pooled_text(self.unet, seed)
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=vae_lr, weight_decay=0.0)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
         self.params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         if text_lr is None:
             groups = [{"params": self.params, "lr": lr, "base_lr": lr}]
-        else:  # the text path: the text encoder and the U-Net's cross-attention
-            cross = [p for n, p in self.unet.named_parameters() if ".attn2." in n]
+        else:  # the text path: the text encoder, the U-Net's cross-attention and pooled-caption path
+            cross = [
+                p for n, p in self.unet.named_parameters() if ".attn2." in n or n.startswith("add_embedding.")
+            ]
             cross_ids = {id(p) for p in cross}
             rest = [p for p in self.unet.parameters() if id(p) not in cross_ids]
             text_path = list(self.text_encoder.parameters()) + cross
@@ -370,6 +405,7 @@ def train(
     init: Path | None = None,
     text_lr: float | None = None,
     prediction_type: str = "epsilon",
+    pooled_text: bool = False,
 ) -> Path:
     """Train (or resume) the text toy in ``out``; returns the exported pipeline directory.
 
@@ -380,7 +416,9 @@ def train(
     cross-attention layers; default ``lr``), the rest of the U-Net keeping ``lr``.
     ``prediction_type``: ``"epsilon"`` (Min-SNR-``min_snr_gamma`` weighted noise loss) or
     ``"v_prediction"`` (:func:`v_loss_weights`); a run from ``init`` may change it, and the
-    export's scheduler says which it is.
+    export's scheduler says which it is. ``pooled_text``: the U-Net also adds the caption to its
+    timestep embedding (:data:`POOLED_TEXT_CONFIG`); from an ``init`` without that path, the path
+    is added (:func:`add_pooled_text`) and the rest starts from ``init``'s weights.
 
     ``vae_steps`` autoencoder steps come first, then ``steps`` denoiser steps; the checkpoint's
     step counts both, so ``steps`` can be raised on a later call to train on. ``stop_after``
@@ -406,7 +444,9 @@ def train(
         prediction_type=prediction_type,
     )
 
-    c = _Components(seed, lr, vae_lr, text_lr=text_lr, init=None if init is None else Path(init))
+    c = _Components(
+        seed, lr, vae_lr, text_lr=text_lr, init=None if init is None else Path(init), pooled_text=pooled_text
+    )
     start = c.load(ckpt_path) if ckpt_path.exists() else 0
     if start:
         print(f"resumed from step {start}", flush=True)
@@ -488,6 +528,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=100, help="denoiser warm-up steps")
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="epsilon")
     p.add_argument(
+        "--pooled-text",
+        action="store_true",
+        help="also add the pooled caption to the U-Net's timestep embedding (added to an --init U-Net)",
+    )
+    p.add_argument(
         "--min-snr-gamma",
         type=float,
         default=5.0,
@@ -531,6 +576,7 @@ def main(argv: list[str] | None = None) -> None:
         ema_decay=a.ema_decay,
         prediction_type=a.prediction_type,
         min_snr_gamma=a.min_snr_gamma,
+        pooled_text=a.pooled_text,
     )
     print(f"exported {path}")
 
