@@ -64,6 +64,11 @@ def test_diffusers_loads_it_offline_and_renders_one_image_per_generator(monkeypa
     np.testing.assert_allclose(alone[0], images[1], atol=1e-4)  # a sample is its seed's, not its batch's
 
 
+def test_the_shipped_configurations_name_no_local_folder():
+    for config in TOY_TEXT_MODEL_DIR.glob("*/*config*.json"):
+        assert "_name_or_path" not in json.loads(config.read_text()), config
+
+
 def test_the_shipped_tokenizer_files_are_the_caption_vocabulary(tmp_path):
     fresh = tokenizer_files(tmp_path)
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):

@@ -96,6 +96,8 @@ def test_a_run_from_an_export_trains_the_denoiser_only_and_resumes(tmp_path, str
     assert any(not torch.equal(straight_from_init[k], before[k]) for k in before if "attn2" in k)
     scale = AutoencoderKL.load_config(init / "vae")["scaling_factor"]
     assert AutoencoderKL.load_config(tmp_path / "a" / "pipeline" / "vae")["scaling_factor"] == scale
+    for part in ("vae", "unet"):  # the export names no local folder it was trained from
+        assert "_name_or_path" not in (tmp_path / "a" / "pipeline" / part / "config.json").read_text(), part
     train(tmp_path / "b", init=init, text_lr=1e-2, stop_after=2, **tiny)
     resumed = _weights(train(tmp_path / "b", init=init, text_lr=1e-2, **tiny))
     for k in straight_from_init:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from hspace.toy.captions import MAX_TOKENS, build_vocabulary, caption_for, load_tokenizer, tokenizer_files
@@ -247,6 +248,17 @@ class _Log:
             f.write(json.dumps(rec) + "\n")
 
 
+def _from_export(cls, directory: Path):
+    """A diffusers model from an export's subfolder, with only that folder's configuration.
+
+    Unlike ``from_pretrained``, which records the folder as ``_name_or_path`` and would write it
+    into the next export's configuration.
+    """
+    model = cls.from_config(cls.load_config(directory))
+    model.load_state_dict(load_file(str(directory / "diffusion_pytorch_model.safetensors")))
+    return model
+
+
 class _Components:
     """Everything a checkpoint holds: autoencoder, U-Net, text encoder, their EMA copies, optimisers."""
 
@@ -263,8 +275,8 @@ class _Components:
             self.vae = build_vae(seed)
             self.unet, self.text_encoder = build_denoiser(seed, pooled_text)
         else:  # an exported pipeline's weights (its autoencoder is kept frozen)
-            self.vae = AutoencoderKL.from_pretrained(init / "vae")
-            self.unet = UNet2DConditionModel.from_pretrained(init / "unet")
+            self.vae = _from_export(AutoencoderKL, init / "vae")
+            self.unet = _from_export(UNet2DConditionModel, init / "unet")
             self.text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder")
             if pooled_text and self.unet.config.addition_embed_type is None:
                 self.unet = add_pooled_text(self.unet, seed)
