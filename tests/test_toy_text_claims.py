@@ -151,8 +151,8 @@ def test_supervised_directions_move_their_attribute_on_90_percent_of_seeds(super
 # ---------------------------------------------------------------------------------------------
 # beyond the empty prompt: every render below is a paired difference (same seed, same noise)
 HELD_OUT = list(range(2_300_000, 2_300_016))  # held-out seeds of the transfer and Table I renders
-#: prompts that name none of STRONG (followed at the default guidance on 0.40, 0.90 and 1.00 of
-#: samples: tests/test_toy_text_prompts.py)
+#: prompts that name none of STRONG (each followed on every sample at the default guidance:
+#: tests/test_toy_text_prompts.py)
 TRANSFER_PROMPTS = ["smiling", "dark skin", "eyes closed"]
 TRANSFER_SHARE_FLOOR = 0.5  # claimed: under such a prompt a direction keeps half its effect or more
 
