@@ -118,3 +118,11 @@ def test_phrase_signal_is_zero_for_a_phrase_against_itself_and_leaves_no_hooks(p
     assert res["encoding_difference"]["glasses / no glasses"] > 0.0
     assert all(res["uniform_weight"] <= w <= 1.0 for w in res["largest_weight"])
     assert all(not m._forward_pre_hooks for m in pipe.unet.modules())
+
+
+def test_the_evaluation_command_reports_a_prompt_on_the_seeds_it_is_given(capsys):
+    from hspace.toy.text_evaluate import main
+
+    main(["--n", "2", "--steps", "2", "--prompts", "hat", "--first-seed", "6000000"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["prompt"] == "hat" and report["n"] == 2 and set(report["named"]) == {"hat"}

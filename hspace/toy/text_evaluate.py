@@ -238,6 +238,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--prompts", nargs="*", default=list(REPORT_PROMPTS))
     p.add_argument(
+        "--first-seed",
+        type=int,
+        default=5_000_000,
+        help="seeds first-seed .. first-seed + n - 1 (default: the prompt tests' seeds; "
+        "6000000 was used to choose the shipped weights' training steps)",
+    )
+    p.add_argument(
         "--phrase-signal",
         action="store_true",
         help="print how much each pair of opposite phrases reaches the U-Net (no sampling) and exit",
@@ -261,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         return
     clf = load_toy_classifier()
-    seeds = list(range(5_000_000, 5_000_000 + a.n))
+    seeds = list(range(a.first_seed, a.first_seed + a.n))
     report = generate_report(pipe, a.prompts, seeds, a.guidance, a.steps)
     for prompt, images in report.items():
         print(json.dumps(adherence(images, prompt, clf)), flush=True)
