@@ -424,8 +424,9 @@ def train(
     ``init``: an exported pipeline directory to train on from instead of from scratch (a second
     run): its autoencoder is kept frozen with its latent scaling factor, there is no autoencoder
     phase (``vae_steps`` is ignored) and the ``steps`` denoiser steps start from its U-Net and
-    text encoder. ``text_lr``: the learning rate of the text path (the text encoder and the U-Net's
-    cross-attention layers; default ``lr``), the rest of the U-Net keeping ``lr``.
+    text encoder. ``text_lr``: the learning rate of the text path (the text encoder, the U-Net's
+    cross-attention layers and its pooled-caption path if any; default ``lr``), the rest of the
+    U-Net keeping ``lr``.
     ``prediction_type``: ``"epsilon"`` (Min-SNR-``min_snr_gamma`` weighted noise loss) or
     ``"v_prediction"`` (:func:`v_loss_weights`); a run from ``init`` may change it, and the
     export's scheduler says which it is. ``pooled_text``: the U-Net also adds the caption to its
@@ -529,7 +530,8 @@ def main(argv: list[str] | None = None) -> None:
         "--text-lr",
         type=float,
         default=None,
-        help="learning rate of the text encoder and the U-Net's cross-attention (default: --lr)",
+        help="learning rate of the text encoder, the U-Net's cross-attention and pooled-caption path "
+        "(default: --lr)",
     )
     p.add_argument(
         "--init",
