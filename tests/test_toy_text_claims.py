@@ -114,23 +114,28 @@ def supervised(world) -> dict[str, Direction]:
 
 
 #: attributes whose supervised direction misses the 90% bar on the shipped weights (measured share)
-SUPERVISED_NOT_YET = {"glasses": 0.875}
+SUPERVISED_NOT_YET = {"glasses": 0.893}
 
 
 SUPERVISED_SCALES = [1.0, 2.0]  # the mean difference (the claim) and twice it (the dose it takes)
+#: held-out seeds of claim 2: a share near the 90% bar needs hundreds (standard error 1.3 points
+#: at 512 seeds, 5.3 at 32)
+SUPERVISED_SEEDS = list(range(2_600_000, 2_600_512))
+SUPERVISED_RANDOM_SEEDS = SUPERVISED_SEEDS[:64]  # enough for the random baselines' mean effect
 
 
 @pytest.fixture(scope="module")
 def supervised_report(world, supervised) -> dict:
-    """Per STRONG attribute and scale: the share of seeds moved toward the absent state, the mean
-    move, and the largest |mean move| of two matched-norm random directions at the same scale."""
+    """Per STRONG attribute and scale: the share of SUPERVISED_SEEDS moved toward the absent state,
+    the mean move, and the largest |mean move| of two matched-norm random directions at the same
+    scale (on SUPERVISED_RANDOM_SEEDS)."""
     clf, sampler = world["clf"], world["sampler"]
     dirs = [supervised[a] for a in STRONG]
     eff = edit_effects(
-        sampler, clf, dirs, EVAL_SEEDS, SUPERVISED_SCALES, toward_absent=STRONG, conditioning=EMPTY
+        sampler, clf, dirs, SUPERVISED_SEEDS, SUPERVISED_SCALES, toward_absent=STRONG, conditioning=EMPTY
     )
     rnd_dirs = [random_like(d, seed=17 + r, name=f"{d.name}_random{r}") for d in dirs for r in range(2)]
-    rnd = edit_effects(sampler, clf, rnd_dirs, EVAL_SEEDS, SUPERVISED_SCALES, conditioning=EMPTY)
+    rnd = edit_effects(sampler, clf, rnd_dirs, SUPERVISED_RANDOM_SEEDS, SUPERVISED_SCALES, conditioning=EMPTY)
     report = {}
     for i, a in enumerate(STRONG):
         c = clf.index(a)
@@ -139,6 +144,7 @@ def supervised_report(world, supervised) -> dict:
             rnd_mean = rnd.deltas[2 * i : 2 * i + 2, j, :, c].mean(1).abs().max()
             report.setdefault(a, {})[f"{scale:g}x"] = {
                 "frac_intended": float((d > 0).float().mean()),
+                "n_seeds": len(d),
                 "mean": float(d.mean()),
                 "random_abs_mean": float(rnd_mean),
                 "ratio": float(d.mean() / rnd_mean.clamp_min(1e-6)),
@@ -356,7 +362,7 @@ def test_projection_cuts_the_correlated_pairs_cross_effect_and_keeps_the_own(wor
 # h against the prompt: prompt -> (attribute, the prompt that says the opposite, guidances)
 AGAINST = {
     "hat": ("hat", "no hat", [1.0, 4.0, DEFAULT_GUIDANCE]),
-    "glasses": ("glasses", "no glasses", [DEFAULT_GUIDANCE]),
+    "glasses": ("glasses", "no glasses", [1.0, 4.0, DEFAULT_GUIDANCE]),
 }
 # the edit in both guidance branches (the library's default) and, at the default guidance, in
 # the conditional branch only
@@ -458,6 +464,20 @@ def test_h_edit_against_the_prompt_goes_further_with_scale(against_table, prompt
     assert both[f"{AGAINST_SCALES[-1]:g}sigma"]["removed"] >= AGAINST_REMOVED_FLOOR, both
     for s in AGAINST_SCALES:
         assert cond[f"{s:g}sigma"]["removed"] >= both[f"{s:g}sigma"]["removed"], (s, cond, both)
+
+
+def test_without_guidance_the_edit_against_the_prompt_goes_further_with_scale(against_table):
+    """Claim 4 at guidance 1 (the conditional branch alone, nothing extrapolated): for every
+    prompt, glasses included, the default edit's share of the gap grows with the scale and at
+    4 sigma it removes the attribute on some samples. What guidance adds is measured above."""
+    report = {}
+    for prompt in AGAINST:
+        row = against_table[(prompt, 1.0, "both")]
+        shares = [row[f"{s:g}sigma"]["share_of_gap"] for s in AGAINST_SCALES]
+        report[prompt] = {"shares": shares, "removed_4sigma": row[f"{AGAINST_SCALES[-1]:g}sigma"]["removed"]}
+        assert shares == sorted(shares) and shares[-1] > 0, (prompt, row)
+        assert report[prompt]["removed_4sigma"] > 0, (prompt, row)
+    log("against the prompt at guidance 1", report)
 
 
 def test_h_edit_against_the_prompt_wins_where_the_opposite_prompts_h_does(against_table):
