@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("all_torch_threads")]
 
 STEPS = 20  # DDPM steps (eta = 1)
 N_TRAIN = 256  # annotated samples for PCA and supervised directions
-N_EVAL = 32  # held-out seeds per effect
+N_EVAL = 32  # held-out seeds per PCA effect (claim 2 has SUPERVISED_SEEDS)
 N_RANDOM = 4  # random draws per baseline
 TRAIN_SEEDS = list(range(1_100_000, 1_100_000 + N_TRAIN))
 EVAL_SEEDS = list(range(2_100_000, 2_100_000 + N_EVAL))
