@@ -24,14 +24,14 @@ from hspace.pca import PerTimestepPCA
 from hspace.sampling import DEFAULT_RECORD_BRANCH, Edit, HSpaceSampler
 from hspace.toy import load_toy_classifier, load_toy_text_model
 from hspace.toy.captions import caption_seed
-from hspace.toy.evaluate import edit_effects, with_step_norms
+from hspace.toy.evaluate import confident_reads, edit_effects, with_step_norms
 from hspace.toy.text_evaluate import DEFAULT_GUIDANCE
 from pipeline.config import ModelConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("all_torch_threads")]
 
 STEPS = 20  # DDPM steps (eta = 1)
-N_TRAIN = 256  # annotated samples for PCA and supervised directions
+N_TRAIN = 512  # annotated samples for PCA and supervised directions (as the unconditional toy)
 N_EVAL = 32  # held-out seeds per PCA effect (claim 2 has SUPERVISED_SEEDS)
 N_RANDOM = 4  # random draws per baseline
 TRAIN_SEEDS = list(range(1_100_000, 1_100_000 + N_TRAIN))
@@ -114,7 +114,7 @@ def supervised(world) -> dict[str, Direction]:
 
 
 #: attributes whose supervised direction misses the 90% bar on the shipped weights (measured share)
-SUPERVISED_NOT_YET = {"glasses": 0.893}
+SUPERVISED_NOT_YET: dict[str, float] = {}
 
 
 SUPERVISED_SCALES = [1.0, 2.0]  # the mean difference (the claim) and twice it (the dose it takes)
@@ -374,7 +374,7 @@ AGAINST_REMOVED_FLOOR = 0.5  # claimed: at 4 sigma and the default guidance, rem
 
 
 #: prompts whose attribute the edit does not remove at 4 sigma on the shipped weights (measured share removed)
-AGAINST_NOT_YET = {"glasses": 0.083}
+AGAINST_NOT_YET = {"glasses": 0.0}
 
 
 def opposite_h_swap(sampler, clf, seeds: list[int], prompt: str, opposite: str, g: float, c: int) -> dict:
@@ -400,7 +400,8 @@ def against_table(world, supervised) -> dict:
     """Claim 4's measurements: minus the empty-prompt direction of the prompt's own attribute.
 
     Per (prompt, guidance, branches the edit enters), on the pool samples whose unedited render
-    shows the attribute: the fraction on which it is gone (logit < 0) and the mean logit change
+    shows the attribute: the fraction on which it is gone (logit < 0), the fraction the classifier
+    reads confidently (``confident_reads``: a large edit can break the face) and the mean logit change
     as a share of the gap between those samples' mean logit and the opposite prompt's mean logit
     (1 = as far as the prompt "no hat" goes), at 1, 2 and 4 sigma.
     """
@@ -423,15 +424,19 @@ def against_table(world, supervised) -> dict:
                     kept = base[base > 0]
                     scales = -torch.tensor(AGAINST_SCALES).view(1, -1, 1).expand(len(present), -1, 1)
                     cond = {"prompt": prompt, "guidance_scale": g}
-                    edited = scores_of(
+                    edited_all = scores_of(
                         sampler, clf, present, cond, [d], scales, units="sigma", branches=branches
-                    )[:, :, c]
+                    )
+                    edited = edited_all[:, :, c]
                     gap = float(kept.mean() - ref.mean())
                     branch_row["present_mean_logit"] = round(float(kept.mean()), 3)
                     for j, s in enumerate(AGAINST_SCALES):
                         change = float((edited[:, j] - kept).mean())
                         branch_row[f"{s:g}sigma"] = {
                             "removed": round(float((edited[:, j] < 0).float().mean()), 3),
+                            "confident": round(
+                                float(confident_reads(edited_all[:, j], clf).float().mean()), 3
+                            ),
                             "logit_change": round(change, 3),
                             "share_of_gap": round(-change / gap, 3) if gap > 0 else None,
                         }
@@ -482,17 +487,26 @@ def test_without_guidance_the_edit_against_the_prompt_goes_further_with_scale(ag
 
 def test_h_edit_against_the_prompt_wins_where_the_opposite_prompts_h_does(against_table):
     """Claim 4, by what h carries under the prompt: the seeds' own h from the opposite prompt
-    (``h_swap`` above) either removes the attribute (on >= 90%: h carries it there, and the default
-    edit at 4 sigma removes it on at least AGAINST_REMOVED_FLOOR) or keeps it (removed on < 50%:
-    the prompt sets it past h, and no edit of the table removes it on more than half)."""
+    (``h_swap`` above, both branches) either removes the attribute (on >= 90%: h carries it there,
+    and the default edit at 4 sigma removes it on at least AGAINST_REMOVED_FLOOR) or keeps it
+    (removed on < 50%: the prompt sets it past h, and no default edit of the table removes it on
+    more than half). The default edit enters the branches the swap replaces; the edit in the
+    conditional branch alone is multiplied by the guidance scale, past any h a sample has, and is
+    not covered (its largest removal is logged)."""
     verdicts = {}
     for prompt in AGAINST:
         rows = {b: row for (p, g, b), row in against_table.items() if p == prompt and g == DEFAULT_GUIDANCE}
         swap = rows["both"]["h_swap"]
         assert swap["donor_absent"] >= 0.9, (prompt, swap)  # the donors do lack the attribute
-        best = max(row[f"{s:g}sigma"]["removed"] for row in rows.values() for s in AGAINST_SCALES)
+        best = max(rows["both"][f"{s:g}sigma"]["removed"] for s in AGAINST_SCALES)
         edit = rows["both"][f"{AGAINST_SCALES[-1]:g}sigma"]["removed"]
-        verdicts[prompt] = {"swap_removed": swap["removed"], "edit_removed_4sigma": edit, "best_edit": best}
+        cond_best = max(rows["cond"][f"{s:g}sigma"]["removed"] for s in AGAINST_SCALES)
+        verdicts[prompt] = {
+            "swap_removed": swap["removed"],
+            "edit_removed_4sigma": edit,
+            "best_default_edit": best,
+            "best_cond_only_edit": cond_best,
+        }
         if swap["removed"] >= 0.9:
             assert edit >= AGAINST_REMOVED_FLOOR, (prompt, verdicts[prompt])
         else:

@@ -145,6 +145,19 @@ def sample_quality(
     return image_quality(images, classifier, margin)
 
 
+def confident_reads(
+    scores: torch.Tensor, classifier: AttributeClassifier, margin: float = 2.0
+) -> torch.Tensor:
+    """[N] bool: renders whose every binary logit in ``scores`` [N, A] is at least ``margin`` from 0.
+
+    The classifier reads such a render unambiguously: a face of the toy world. A broken render
+    (an edit pushed far off the faces) reads near 0 on some factor, so a logit past 0 on it is no
+    evidence that the factor changed.
+    """
+    binary_cols = [i for i, b in enumerate(classifier.binary) if b]
+    return (scores[..., binary_cols].abs() >= margin).all(-1)
+
+
 @torch.no_grad()
 def image_quality(images: torch.Tensor, classifier: AttributeClassifier, margin: float = 2.0) -> dict:
     """How world-like model samples ``images`` [N, 3, H, W] are, judged by the classifier.
@@ -161,8 +174,7 @@ def image_quality(images: torch.Tensor, classifier: AttributeClassifier, margin:
     real_t = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 255.0
     out: dict = {"n": n, "margin": margin, "frequencies": {}}
     binary_cols = [i for i, b in enumerate(classifier.binary) if b]
-    confident = (scores[:, binary_cols].abs() >= margin).all(1)
-    out["confident_fraction"] = float(confident.float().mean())
+    out["confident_fraction"] = float(confident_reads(scores, classifier, margin).float().mean())
     for i in binary_cols:
         name = classifier.attributes[i]
         out["frequencies"][name] = {
