@@ -120,3 +120,19 @@ def test_sample_quality_reads_the_models_samples_of_the_given_seeds():
     assert q["n"] == 4 and set(q["frequencies"]) == {"eyes_open", "glasses", "hat", "grey_hair"}
     assert 0.0 <= q["confident_fraction"] <= 1.0
     assert set(q["background"]) == {"saturation", "value"}
+
+
+def test_a_confident_read_needs_every_binary_logit_past_the_margin():
+    from hspace.toy.evaluate import confident_reads
+
+    clf = load_toy_classifier()
+    binary = [i for i, b in enumerate(clf.binary) if b]
+    continuous = [i for i, b in enumerate(clf.binary) if not b]
+    scores = torch.full((3, 2, len(clf.attributes)), 5.0)
+    scores[0, 1, binary[-1]] = -1.9  # one binary factor within the margin: not a confident read
+    scores[1, 0, binary[0]] = -2.0  # exactly at the margin counts, whatever the sign
+    scores[2, :, continuous[0]] = 0.0  # continuous factors (regressed values) are not judged
+    reads = confident_reads(scores, clf)
+    assert reads.shape == (3, 2)
+    assert reads.tolist() == [[True, False], [True, True], [True, True]]
+    assert not confident_reads(scores, clf, margin=6.0).any()

@@ -148,7 +148,7 @@ def sample_quality(
 def confident_reads(
     scores: torch.Tensor, classifier: AttributeClassifier, margin: float = 2.0
 ) -> torch.Tensor:
-    """[N] bool: renders whose every binary logit in ``scores`` [N, A] is at least ``margin`` from 0.
+    """[...] bool: renders whose every binary logit in ``scores`` [..., A] is at least ``margin`` from 0.
 
     The classifier reads such a render unambiguously: a face of the toy world. A broken render
     (an edit pushed far off the faces) reads near 0 on some factor, so a logit past 0 on it is no
