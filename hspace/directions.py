@@ -415,6 +415,28 @@ def mean_difference(h_pos: Tensor, h_neg: Tensor) -> Tensor:
     return v.to(out_dtype)
 
 
+def mean_difference_noise(h_pos: Tensor, h_neg: Tensor) -> Tensor:
+    """How much of ``mean_difference(h_pos, h_neg)`` is sampling noise, per step.
+
+    Each element of a difference of two group means has standard error
+    sqrt(var_pos / n_pos + var_neg / n_neg); the noise's expected norm is the root of the summed
+    squares over a step's elements. Returned over the norm of the estimate itself: [T] for h
+    [N, T, C, H, W] (one value per step), a 0-d tensor for one latent per sample [N, C, H, W].
+    The noise is a random part of every edit along the direction: near 1 the estimate is mostly
+    noise, and halving it takes four times the samples. Needs two samples per group (float64).
+    """
+    mean_difference(h_pos, h_neg)  # the same shape checks
+    if h_pos.shape[0] < 2 or h_neg.shape[0] < 2:
+        raise ValueError(
+            f"the noise of a mean difference needs two samples per group, got {h_pos.shape[0]} and {h_neg.shape[0]}"
+        )
+    start = 2 if h_pos.ndim == 5 else 1
+    var_pos, mean_pos = torch.var_mean(h_pos.to(torch.float64).flatten(start), dim=0)
+    var_neg, mean_neg = torch.var_mean(h_neg.to(torch.float64).flatten(start), dim=0)
+    noise = (var_pos / h_pos.shape[0] + var_neg / h_neg.shape[0]).sum(-1).sqrt()
+    return noise / (mean_pos - mean_neg).norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+
+
 def select_quantiles(scores: Tensor | Sequence[float], q: float) -> tuple[Tensor, Tensor]:
     """Indices of the top and bottom ``q`` fraction of ``scores`` [N]: (pos_idx, neg_idx).
 
@@ -526,16 +548,22 @@ def supervised_direction(
 
     ``capture``: the capture point the latents were recorded at (``model.capture.spec``), stored
     on the direction so that a model capturing elsewhere refuses it.
+
+    ``provenance["noise_fraction"]``: :func:`mean_difference_noise` averaged over the steps, how
+    much of the direction is sampling noise (unconditional only, two samples per group or more).
     """
     if latents.ndim not in (4, 5):
         raise ValueError(f"latents must be [N,T,C,H,W] or [N,C,H,W], got shape {tuple(latents.shape)}")
     s = torch.as_tensor(scores).reshape(-1)
     if s.shape[0] != latents.shape[0]:
         raise ValueError(f"scores has {s.shape[0]} entries but latents has {latents.shape[0]} samples")
+    noise_fraction = None
     if condition_on is None:
         pos, neg = select_quantiles(s, q)
         v = mean_difference(latents[pos], latents[neg]).to(torch.float32)
         strata_sizes = None
+        if pos.numel() >= 2 and neg.numel() >= 2:
+            noise_fraction = float(mean_difference_noise(latents[pos], latents[neg]).mean())
     else:
         v, pos, neg, strata_sizes = conditional_mean_difference(latents, s, q, condition_on)
     # sigma only for per-step h: a [C,H,W] direction is used at every step, where its spread differs.
@@ -551,6 +579,8 @@ def supervised_direction(
         "score_pos_mean": float(s64[pos].mean()),
         "score_neg_mean": float(s64[neg].mean()),
     }
+    if noise_fraction is not None:
+        prov["noise_fraction"] = noise_fraction
     if strata_sizes is not None:
         prov["method"] = "conditional_mean_difference"
         prov["strata_sizes"] = strata_sizes

@@ -38,6 +38,7 @@ from hspace.directions import (
     conditional_quantiles,
     disentangle,
     mean_difference,
+    mean_difference_noise,
     random_like,
     select_quantiles,
 )
@@ -142,7 +143,13 @@ def _supervised_pair(
     timesteps: torch.Tensor | None,
     model_fingerprint: str | None,
     provenance: dict[str, Any] | None,
+    noise: Sequence[float] = (),
 ) -> tuple[Direction, Direction, dict[str, Any]]:
+    """The mean-difference and boundary directions of one attribute, with their provenance.
+
+    ``noise``: :func:`hspace.directions.mean_difference_noise` of each stored step (empty when a
+    group has fewer than two samples); its mean is the mean difference's ``noise_fraction``.
+    """
     cos = torch.nn.functional.cosine_similarity(md.flatten(1).double(), boundary.flatten(1).double(), dim=1)
     stats = {
         "n_pos": int(len(scores_pos)),
@@ -171,7 +178,8 @@ def _supervised_pair(
             "equation": "paper eq. 11",
             "score_pos_mean": stats["score_pos_mean"],
             "score_neg_mean": stats["score_neg_mean"],
-        },
+        }
+        | ({"noise_fraction": float(np.mean(noise))} if len(noise) else {}),
     )
     b_dir = Direction(
         vector=boundary.to(torch.float32),
@@ -216,6 +224,7 @@ def attribute_directions(
         )
     pos, neg = select_quantiles(torch.from_numpy(scores), q)
     md, boundary, accs = mean_difference_and_boundary(h[pos], h[neg])
+    noise = _step_noise(h[pos], h[neg])
     return _supervised_pair(
         name,
         md,
@@ -227,7 +236,15 @@ def attribute_directions(
         timesteps,
         model_fingerprint,
         provenance,
+        noise,
     )
+
+
+def _step_noise(h_pos: torch.Tensor, h_neg: torch.Tensor) -> list[float]:
+    """Per-step noise fraction of the groups' mean difference; empty below two samples a group."""
+    if h_pos.shape[0] < 2 or h_neg.shape[0] < 2:
+        return []
+    return mean_difference_noise(h_pos, h_neg).tolist()
 
 
 def random_baselines(references: Sequence[Direction], n: int) -> tuple[list[Direction], dict[str, str]]:
@@ -379,13 +396,14 @@ def _attribute_task(
     scores = np.array(scores, np.float64)  # a writable copy (Ray hands out read-only arrays)
     pos, neg = (i.numpy() for i in select_quantiles(torch.from_numpy(scores), q))
     seeds = np.asarray(seeds)
-    md_parts, b_parts, accs = [], [], []
+    md_parts, b_parts, accs, noise = [], [], [], []
     stored = list(range(n_steps)) if stored_steps is None else list(stored_steps)
     for steps in _step_chunks(store, seeds[np.concatenate([pos, neg])], stored):
         h = torch.from_numpy(
             store.read_h(seeds[np.concatenate([pos, neg])], steps=steps)
         )  # one read for both groups
         md, boundary, acc = mean_difference_and_boundary(h[: len(pos)], h[len(pos) :])
+        noise += _step_noise(h[: len(pos)], h[len(pos) :])
         md_parts.append(md)
         b_parts.append(boundary)
         accs += acc
@@ -401,6 +419,7 @@ def _attribute_task(
         ts,
         model_fingerprint,
         provenance,
+        noise,
     )
     return _to_wire(md_dir), _to_wire(b_dir), stats
 

@@ -172,6 +172,9 @@ def test_attribute_task_reads_back_only_the_quantile_seeds_and_matches_in_memory
     torch.testing.assert_close(b.vector, ref_b.vector, rtol=1e-4, atol=1e-5)
     assert md.timesteps.tolist() == [900, 600, 300] and md.model_fingerprint == "fp"
     assert stats["n_pos"] == 10
+    # the noise fraction of the mean difference, read back step chunk by step chunk, is the in-memory one
+    assert md.provenance["noise_fraction"] == pytest.approx(ref_md.provenance["noise_fraction"], rel=1e-6)
+    assert "noise_fraction" not in b.provenance
 
 
 def test_conditional_task_reads_back_the_within_stratum_quantiles_and_matches_in_memory(tmp_path):
