@@ -423,7 +423,8 @@ def mean_difference_noise(h_pos: Tensor, h_neg: Tensor) -> Tensor:
     squares over a step's elements. Returned over the norm of the estimate itself: [T] for h
     [N, T, C, H, W] (one value per step), a 0-d tensor for one latent per sample [N, C, H, W].
     The noise is a random part of every edit along the direction: near 1 the estimate is mostly
-    noise, and halving it takes four times the samples. Needs two samples per group (float64).
+    noise, and halving it takes four times the samples. Needs two samples per group (float64);
+    inf or nan where the estimate is exactly 0.
     """
     mean_difference(h_pos, h_neg)  # the same shape checks
     if h_pos.shape[0] < 2 or h_neg.shape[0] < 2:
@@ -434,7 +435,7 @@ def mean_difference_noise(h_pos: Tensor, h_neg: Tensor) -> Tensor:
     var_pos, mean_pos = torch.var_mean(h_pos.to(torch.float64).flatten(start), dim=0)
     var_neg, mean_neg = torch.var_mean(h_neg.to(torch.float64).flatten(start), dim=0)
     noise = (var_pos / h_pos.shape[0] + var_neg / h_neg.shape[0]).sum(-1).sqrt()
-    return noise / (mean_pos - mean_neg).norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+    return noise / (mean_pos - mean_neg).norm(dim=-1)  # inf (or nan) where the estimate is 0
 
 
 def select_quantiles(scores: Tensor | Sequence[float], q: float) -> tuple[Tensor, Tensor]:
@@ -550,7 +551,8 @@ def supervised_direction(
     on the direction so that a model capturing elsewhere refuses it.
 
     ``provenance["noise_fraction"]``: :func:`mean_difference_noise` averaged over the steps, how
-    much of the direction is sampling noise (unconditional only, two samples per group or more).
+    much of the direction is sampling noise (unconditional only, two samples per group or more,
+    and only where it is finite).
     """
     if latents.ndim not in (4, 5):
         raise ValueError(f"latents must be [N,T,C,H,W] or [N,C,H,W], got shape {tuple(latents.shape)}")
@@ -564,6 +566,7 @@ def supervised_direction(
         strata_sizes = None
         if pos.numel() >= 2 and neg.numel() >= 2:
             noise_fraction = float(mean_difference_noise(latents[pos], latents[neg]).mean())
+            noise_fraction = noise_fraction if math.isfinite(noise_fraction) else None  # JSON holds no inf
     else:
         v, pos, neg, strata_sizes = conditional_mean_difference(latents, s, q, condition_on)
     # sigma only for per-step h: a [C,H,W] direction is used at every step, where its spread differs.

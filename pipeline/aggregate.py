@@ -179,7 +179,7 @@ def _supervised_pair(
             "score_pos_mean": stats["score_pos_mean"],
             "score_neg_mean": stats["score_neg_mean"],
         }
-        | ({"noise_fraction": float(np.mean(noise))} if len(noise) else {}),
+        | ({"noise_fraction": float(np.mean(noise))} if len(noise) and np.isfinite(noise).all() else {}),
     )
     b_dir = Direction(
         vector=boundary.to(torch.float32),

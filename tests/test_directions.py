@@ -227,6 +227,10 @@ def test_supervised_direction_records_how_much_of_it_is_noise():
     assert "noise_fraction" not in supervised_direction(h, attr, 0.2, "c", condition_on=strata).provenance
     # one sample a group has no variance to read
     assert "noise_fraction" not in supervised_direction(h[:6], attr[:6], 0.2, "tiny").provenance
+    # groups with equal means: the ratio is undefined, and a manifest holds no inf or nan
+    flat = torch.zeros(10, 2, *H_SHAPE)
+    assert mean_difference_noise(flat[:5], flat[5:]).isnan().all()
+    assert "noise_fraction" not in supervised_direction(flat, torch.arange(10.0), 0.2, "flat").provenance
 
 
 def _correlated_pair(n: int = 2000, steps: int = 2):
