@@ -394,12 +394,8 @@ def load_directions(url: str, storage_options: Mapping[str, Any] | None = None) 
 
 
 # ---------------------------------------------------------------------- supervised directions (eq. 11)
-def mean_difference(h_pos: Tensor, h_neg: Tensor) -> Tensor:
-    """v = mean(h_pos) - mean(h_neg) over the first axis (paper eq. 11), accumulated in float64.
-
-    ``h_pos`` [N+, ...] and ``h_neg`` [N-, ...] must agree beyond the first axis; the result has
-    that shape and the inputs' dtype (at least float32).
-    """
+def _check_groups(h_pos: Tensor, h_neg: Tensor) -> None:
+    """Two groups [N+, ...] and [N-, ...] that agree beyond the first axis, one sample each or more."""
     if h_pos.ndim < 2 or h_neg.ndim < 2:
         raise ValueError(
             f"h_pos and h_neg must be [N, ...], got {tuple(h_pos.shape)} and {tuple(h_neg.shape)}"
@@ -410,6 +406,15 @@ def mean_difference(h_pos: Tensor, h_neg: Tensor) -> Tensor:
         )
     if h_pos.shape[0] == 0 or h_neg.shape[0] == 0:
         raise ValueError("h_pos and h_neg need at least one sample each")
+
+
+def mean_difference(h_pos: Tensor, h_neg: Tensor) -> Tensor:
+    """v = mean(h_pos) - mean(h_neg) over the first axis (paper eq. 11), accumulated in float64.
+
+    ``h_pos`` [N+, ...] and ``h_neg`` [N-, ...] must agree beyond the first axis; the result has
+    that shape and the inputs' dtype (at least float32).
+    """
+    _check_groups(h_pos, h_neg)
     out_dtype = torch.promote_types(torch.promote_types(h_pos.dtype, h_neg.dtype), torch.float32)
     v = h_pos.to(torch.float64).mean(0) - h_neg.to(torch.float64).mean(0)
     return v.to(out_dtype)
@@ -426,7 +431,7 @@ def mean_difference_noise(h_pos: Tensor, h_neg: Tensor) -> Tensor:
     noise, and halving it takes four times the samples. Needs two samples per group (float64);
     inf or nan where the estimate is exactly 0.
     """
-    mean_difference(h_pos, h_neg)  # the same shape checks
+    _check_groups(h_pos, h_neg)
     if h_pos.shape[0] < 2 or h_neg.shape[0] < 2:
         raise ValueError(
             f"the noise of a mean difference needs two samples per group, got {h_pos.shape[0]} and {h_neg.shape[0]}"
